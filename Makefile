@@ -1,0 +1,31 @@
+# Two commands matter: `make serve` (tiny LLaVA on CPU, OpenAI API on 127.0.0.1:$(PORT)) and
+# `make test`. Both build the virtual environment on first use (scripts/ensure_venv.sh).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PORT ?= 8000
+FIXTURE ?= llava
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint serve fixtures clean
+
+venv:
+	@bash scripts/ensure_venv.sh >/dev/null
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+fixtures: venv
+	$(PY) -m vllm_halluguard.testing.tiny_models --check
+
+# Small CPU settings: fp32, eager, short context, 256 MiB of KV cache.
+serve: venv
+	$(PY) -m server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
+	  --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
+	  --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}'
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""The vLLM entry point: declared, idempotent, version-gated, traceable."""
+
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+
+from vllm_halluguard import plugin
+
+
+@pytest.fixture
+def fresh_plugin(monkeypatch):
+    monkeypatch.setattr(plugin, "_registered", False)
+    return plugin
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("halluguard") == "vllm_halluguard.plugin:register"
+
+
+def test_register_is_idempotent_and_traced(fresh_plugin, monkeypatch, tmp_path, caplog):
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(plugin.TRACE_ENV, str(trace))
+    with caplog.at_level(logging.INFO, logger="vllm.plugins.halluguard"):
+        assert fresh_plugin.register() is True
+        assert fresh_plugin.register() is True
+    assert fresh_plugin.is_registered()
+    assert len(trace.read_text().splitlines()) == 1, "a second register() must be a no-op"
+    assert sum("vllm-halluguard plugin registered" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("found", ["0.31.2", "0.33.0", None])
+def test_register_refuses_other_vllm_versions(fresh_plugin, monkeypatch, caplog, found):
+    monkeypatch.setattr(plugin, "vllm_version", lambda: found)
+    with caplog.at_level(logging.ERROR, logger="vllm.plugins.halluguard"):
+        assert fresh_plugin.register() is False
+    assert not fresh_plugin.is_registered()
+    assert any("NOT loaded" in r.message and str(found) in r.message for r in caplog.records)
+
+
+def test_installed_vllm_is_supported():
+    assert plugin.vllm_version().startswith(plugin.SUPPORTED_VLLM)

@@ -1,0 +1,96 @@
+"""`make serve` for real: the OpenAI server on 127.0.0.1 answers an image chat from `openai`.
+
+The server runs vLLM's normal multi-process layout (API server, engine core, worker); the plugin's
+trace file proves that ``register()`` ran inside those processes, not in this test process.
+"""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from openai import OpenAI
+
+from vllm_halluguard.plugin import TRACE_ENV
+from vllm_halluguard.testing.tiny_models import make_image
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    port, trace, log = _free_port(), tmp / "trace", tmp / "server.log"
+    env = {**os.environ, TRACE_ENV: str(trace), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["make", "-s", "serve", f"PORT={port}"], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base, trace, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _data_url(seed: int) -> str:
+    buf = io.BytesIO()
+    make_image(seed).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_completion_with_base64_image(served):
+    base, *_ = served
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-llava"]
+    content = [
+        {"type": "image_url", "image_url": {"url": _data_url(0)}},
+        {"type": "text", "text": "Describe the image."},
+    ]
+    reply = client.chat.completions.create(
+        model="tiny-llava", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens > 64, "the 64 image tokens must be in the prompt"
+    assert reply.choices[0].message.content
+
+
+def test_plugin_registered_inside_server_processes(served):
+    _, trace, log = served
+    pids = {int(line.split()[0]) for line in trace.read_text().splitlines()}
+    assert os.getpid() not in pids
+    # API server, engine core and its worker each load the plugin once.
+    assert len(pids) >= 3, trace.read_text()
+    assert "vllm-halluguard plugin registered" in log.read_text()

@@ -1,0 +1,1 @@
+"""Training-free hallucination mitigation for VLMs inside vLLM."""

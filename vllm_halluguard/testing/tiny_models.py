@@ -1,0 +1,422 @@
+"""Tiny, real vision-language checkpoints built offline and deterministically.
+
+Two architectures are provided, both small enough for a 2-core CPU and loadable by HF transformers
+*and* vLLM 0.32 with real safetensors weights (no ``load_format="dummy"``):
+
+* ``llava``: LLaVA-1.5 architecture. CLIP vision tower (2 layers, patch 14 on 112 px images, so an
+  8x8 row-major grid of 64 image tokens after dropping CLS), 2-layer MLP projector, Llama text model
+  (4 layers, hidden 128, 4 query heads and 2 KV heads of size 32). The prompt's ``<image>`` token is
+  expanded to 64 tokens as LLaVA does.
+* ``qwen2_vl``: Qwen2-VL architecture. Its own vision tower with 2x2 patch merge, M-RoPE text
+  model (4 layers, hidden 128, 4 heads / 2 KV heads of size 32). A 112x112 image gives grid
+  (1, 8, 8), i.e. 16 merged image tokens on a 4x4 grid; other sizes are resized dynamically.
+
+Each checkpoint carries a byte-level BPE tokenizer trained here with ``tokenizers`` on a built-in
+corpus, whose size equals the model's vocabulary (every id decodes), its image processor, processor
+and chat template. Weights are drawn from a seeded generator with std 0.1 (norm weights 1 ± 0.1) so
+that logits are spread and greedy decoding is not dominated by near-ties; ``check_fixture`` measures
+that (see ``main``).
+
+Usage::
+
+    path = ensure_fixture("llava")            # builds once into the cache folder
+    python -m vllm_halluguard.testing.tiny_models --out DIR [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+FixtureName = Literal["llava", "qwen2_vl"]
+FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
+# Bump when anything below changes the files written; it keys the cache folder.
+FIXTURE_VERSION = 1
+VOCAB_SIZE = 512
+IMAGE_SIZE = 112
+INIT_STD = 0.1
+SEED = 1234
+
+_WORDS = (
+    "a an the this that is are was were of on in under over near next to with and or but there "
+    "here image picture photo scene shows show see seen left right top bottom middle front "
+    "behind small large big tiny red green blue yellow black white orange purple pink brown "
+    "gray round square circle triangle star cat dog person man woman child car bus truck "
+    "bicycle boat bird horse sheep cow elephant bear zebra giraffe umbrella bag tie bottle cup "
+    "fork knife spoon bowl banana apple sandwich pizza cake chair couch bed table tv laptop "
+    "phone book clock vase kite ball bench tree sky grass road water wall window door street "
+    "room field beach sitting standing walking eating holding playing riding looking parked "
+    "flying describe detail what color how many yes no one two three four five it its they "
+    "their he she his her we you i do does can could would should"
+).split()
+
+
+def _corpus(n_sentences: int = 3000, seed: int = SEED) -> list[str]:
+    """Deterministic pseudo-English text to train the tokenizer on."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", "?", "!", ","])
+        if rng.random() < 0.2:
+            sentence += f" {rng.randint(0, 999)}"
+        out.append(sentence)
+    return out
+
+
+def _train_tokenizer(special_tokens: list[str], vocab_size: int):
+    """Byte-level BPE with ``special_tokens`` first (ids 0..n-1), padded to exactly ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    missing = vocab_size - len(fast)
+    if missing > 0:  # the corpus ran out of merges: fill with reserved tokens so every id decodes
+        fast.add_special_tokens({"additional_special_tokens": [f"<|reserved_{i}|>" for i in range(missing)]})
+    if len(fast) != vocab_size:
+        raise RuntimeError(f"tokenizer has {len(fast)} tokens, expected {vocab_size}")
+    for i, t in enumerate(special_tokens):
+        assert fast.convert_tokens_to_ids(t) == i, (t, i)
+    return fast
+
+
+def _init_weights(model: torch.nn.Module, seed: int) -> None:
+    """Seeded re-initialisation: norms 1 + 0.1·N(0,1), biases 0.1·N(0,1), the rest INIT_STD·N(0,1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(INIT_STD * noise)
+
+
+# --------------------------------------------------------------------------------------------- LLaVA
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}\n"
+    "{% else %}{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '\n' if message['role'] == 'user' else '</s>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _build_llava(out: Path) -> None:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tokenizer = _train_tokenizer(specials, VOCAB_SIZE)
+    tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = specials[:4]
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=14,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=4,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.pad_token_id = 3
+    model = LlavaForConditionalGeneration(config).eval()
+    _init_weights(model, SEED)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5.19 writes the CLIP tower as ``vision_tower.*``; vLLM 0.32's LLaVA loader wants
+    # ``vision_tower.vision_model.*`` (and transformers accepts both), so store the common form.
+    _rename_keys(
+        out,
+        lambda k: (
+            k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+            else k
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------ Qwen2-VL
+
+QWEN2VL_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen2_vl(out: Path) -> None:
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+            use_sliding_window=False,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            hidden_size=128,
+            num_heads=4,
+            mlp_ratio=2,
+            hidden_act="quick_gelu",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=12,
+        video_token_id=13,
+        vision_start_token_id=9,
+        vision_end_token_id=10,
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 2, 0
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 1)
+    pixels = dict(min_pixels=56 * 56, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}
+
+
+def _rename_keys(folder: Path, rename: Callable[[str], str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({rename(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _strip_volatile(folder: Path) -> None:
+    """Drop fields that would make two builds differ (none expected today; kept as a guard)."""
+    for f in folder.glob("*.json"):
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "transformers_version" in data:
+            data.pop("transformers_version")
+            f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def build_fixture(name: FixtureName, out: Path) -> Path:
+    """Build fixture ``name`` into the empty or missing folder ``out`` and return it."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown fixture {name!r}; choose from {FIXTURES}")
+    torch.manual_seed(SEED)
+    out.mkdir(parents=True, exist_ok=True)
+    _BUILDERS[name](out)
+    _strip_volatile(out)
+    logger.info("built tiny %s fixture in %s", name, out)
+    return out
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("HALLUGUARD_FIXTURES")
+    return Path(env) if env else Path.home() / ".cache" / "vllm-halluguard" / "fixtures"
+
+
+def ensure_fixture(name: FixtureName, cache_dir: Path | None = None) -> Path:
+    """Return the folder of fixture ``name``, building it atomically on first use."""
+    cache_dir = cache_dir or default_cache_dir()
+    import transformers
+
+    tag = hashlib.sha256(f"{FIXTURE_VERSION}-{transformers.__version__}".encode()).hexdigest()[:8]
+    final = cache_dir / f"tiny-{name}-{tag}"
+    if (final / "model.safetensors").exists():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{name}-", dir=cache_dir))
+    try:
+        build_fixture(name, tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def make_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+    """A deterministic RGB test image: a colour gradient plus a few seeded rectangles."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(0, 255, size=3)
+    img = np.stack([base[0] * xx, base[1] * yy, base[2] * (1 - xx * yy)], axis=-1)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, size - 16, size=2)
+        w, h = rng.integers(8, size // 2, size=2)
+        img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255, size=3)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def load_hf(name: FixtureName, attn_implementation: str = "eager") -> tuple[Any, Any]:
+    """Load fixture ``name`` with HF transformers (fp32, eval mode): ``(model, processor)``."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    path = ensure_fixture(name)
+    cls = LlavaForConditionalGeneration if name == "llava" else Qwen2VLForConditionalGeneration
+    model = cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def check_fixture(name: FixtureName, n_images: int = 4, max_new_tokens: int = 32) -> dict[str, float]:
+    """Greedy-decode a few images with HF and report how far decoding is from ties.
+
+    Returns the smallest top-1/top-2 logit gap over all steps, the share of distinct tokens, and
+    whether different images lead to different generations.
+    """
+    from vllm_halluguard.testing.parity import Case, hf_generate
+
+    model, processor = load_hf(name)
+    gaps, outputs = [], []
+    for seed in range(n_images):
+        res = hf_generate(model, processor, Case(name, seed, max_tokens=max_new_tokens))
+        gaps.append(res.min_top2_gap)
+        outputs.append(tuple(res.token_ids))
+    tokens = [t for o in outputs for t in o]
+    return {
+        "min_top1_top2_gap": float(min(gaps)),
+        "distinct_token_share": len(set(tokens)) / len(tokens),
+        "distinct_generations": len(set(outputs)) / len(outputs),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: write the fixtures to a folder (default: the cache) and optionally check them."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="folder to write into (default: cache)")
+    parser.add_argument("--only", choices=FIXTURES, action="append", help="build only this fixture")
+    parser.add_argument("--check", action="store_true", help="report logit gaps of greedy decoding")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in args.only or FIXTURES:
+        path = build_fixture(name, args.out / name) if args.out else ensure_fixture(name)
+        logger.info("%s: %s", name, path)
+        if args.check:
+            logger.info("%s check: %s", name, json.dumps(check_fixture(name)))
+
+
+if __name__ == "__main__":
+    main()
