@@ -1,8 +1,9 @@
 """vLLM general-plugin entry point (``vllm.general_plugins: halluguard``).
 
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers), so it
-must be idempotent and cheap. It checks the vLLM version and installs the plugin's hooks; on an
-unsupported version it logs why and installs nothing, leaving vLLM untouched.
+must be idempotent and cheap. It checks the vLLM version and installs the plugin's hooks
+(:mod:`vllm_halluguard.engine.hooks`); on an unsupported version it logs why and installs nothing,
+leaving vLLM untouched.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def register() -> bool:
             SUPPORTED_VLLM,
             found,
         )
+        return False
+    try:
+        from vllm_halluguard.engine.hooks import install_all
+
+        install_all()
+    except Exception:  # vLLM does not guard general plugins: never take the engine down
+        logger.exception("vllm-halluguard failed to install its hooks: plugin NOT loaded")
         return False
     _registered = True
     trace = os.environ.get(TRACE_ENV)

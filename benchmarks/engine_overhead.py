@@ -1,0 +1,118 @@
+"""Per-method overhead inside the vLLM engine, measured in one run against plain vLLM.
+
+For each concurrency (requests submitted together to one ``LLM``) and method, the script times
+``max_tokens=1`` (prefill + first token, i.e. TTFT of the batch) and ``max_tokens=1+N`` with
+``ignore_eos`` and derives TPOT = (T(1+N) - T(1)) / N and throughput = requests·(1+N) / T(1+N).
+Every configuration is warmed up once and timed ``--repeats`` times (median). The same measurement
+of plain requests is also run in a subprocess with the plugin disabled (``VLLM_PLUGINS``), which
+gives the plugin's idle overhead. Ratios are printed as a Markdown table (and ``--json`` writes all).
+
+    python benchmarks/engine_overhead.py                    # tiny LLaVA on CPU, concurrency 1 and 16
+    python benchmarks/engine_overhead.py --fixture qwen2_vl --concurrency 1 4 16 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+METHODS: dict[str, Any] = {
+    "plain": None,
+    "kvsmooth": "kvsmooth",
+    "farsight-B": {"method": "farsight", "mode": "B"},
+    "farsight-C": {"method": "farsight", "mode": "C"},
+}
+
+
+def measure(fixture: str, methods: dict[str, Any], concurrency: list[int], new_tokens: int, repeats: int):
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+    from vllm_halluguard.testing.parity import Case, engine, run_vllm
+
+    rows = []
+    with engine(fixture, max_num_seqs=max(concurrency), enable_prefix_caching=False) as llm:
+        for n in concurrency:
+            for name, spec in methods.items():
+                extra = None if spec is None else {EXTRA_ARGS_KEY: spec}
+                timings = {}
+                for max_tokens in (1, 1 + new_tokens):
+                    cases = [Case(fixture, i, max_tokens=max_tokens, extra_args=extra) for i in range(n)]
+                    run_vllm(llm, cases)  # warm-up
+                    samples = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        run_vllm(llm, cases)
+                        samples.append(time.perf_counter() - start)
+                    timings[max_tokens] = statistics.median(samples)
+                total = timings[1 + new_tokens]
+                rows.append(
+                    {
+                        "concurrency": n,
+                        "method": name,
+                        "ttft_s": timings[1],
+                        "tpot_ms": 1000 * (total - timings[1]) / new_tokens,
+                        "throughput_tok_s": n * (1 + new_tokens) / total,
+                    }
+                )
+    return rows
+
+
+def _without_plugin(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--child-plain", *sys.argv[1:]]
+    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
+    """Markdown: every row with its TPOT and throughput ratios against plain vLLM in the same run."""
+    plain = {r["concurrency"]: r for r in rows if r["method"] == "plain"}
+    lines = [
+        "| concurrency | method | TTFT (s) | TPOT (ms) | tok/s | TPOT / plain | tok/s / plain |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    labelled = [(b, "plain, plugin disabled") for b in baseline] + [(r, r["method"]) for r in rows]
+    for r, label in sorted(labelled, key=lambda x: x[0]["concurrency"]):
+        ref = plain[r["concurrency"]]
+        tpot_ratio = r["tpot_ms"] / ref["tpot_ms"]
+        tput_ratio = r["throughput_tok_s"] / ref["throughput_tok_s"]
+        lines.append(
+            f"| {r['concurrency']} | {label} | {r['ttft_s']:.3f} | {r['tpot_ms']:.2f} "
+            f"| {r['throughput_tok_s']:.0f} | {tpot_ratio:.3f} | {tput_ratio:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fixture", default="llava", choices=("llava", "qwen2_vl"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write all measurements to this file")
+    parser.add_argument("--child-plain", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_plain:
+        rows = measure(args.fixture, {"plain": None}, args.concurrency, args.new_tokens, args.repeats)
+        print(json.dumps(rows))
+        return
+    baseline = _without_plugin(args)
+    rows = measure(args.fixture, METHODS, args.concurrency, args.new_tokens, args.repeats)
+    print(f"# engine overhead: {args.fixture}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; CPU numbers are indicative"
+    )
+    print(table(rows, baseline))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "no_plugin": baseline, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

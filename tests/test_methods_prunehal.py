@@ -1,0 +1,116 @@
+"""PruneHal math: statistics, vote, top-r keep set, history, and the 576 -> 230 -> 92 -> 36 schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_halluguard.methods.prunehal import (
+    history_mean,
+    keep_topr,
+    prune_schedule,
+    should_prune,
+    update_history,
+    visual_attention_stats,
+)
+
+
+def test_visual_attention_stats() -> None:
+    # [B=1, L=1, H=2, Nv=4]
+    probs = torch.tensor([[[[0.1, 0.2, 0.3, 0.0], [0.3, 0.0, 0.1, 0.2]]]])
+    keep = torch.tensor([[[True, True, False, True]]])
+    A, scores = visual_attention_stats(probs, keep)
+    torch.testing.assert_close(scores, torch.tensor([[[0.2, 0.1, 0.2, 0.1]]]))
+    assert A.item() == pytest.approx((0.2 + 0.1 + 0.1) / 3)
+    mass, _ = visual_attention_stats(probs, keep, statistic="mass")
+    assert mass.item() == pytest.approx(0.4)
+
+
+def test_keep_topr_floor_ties_and_prior_mask() -> None:
+    scores = torch.tensor([[0.5, 0.9, 0.1, 0.9, 0.7, 0.3, 0.8]])
+    keep = torch.tensor([[True, True, True, True, True, True, False]])  # index 6 already pruned
+    new = keep_topr(scores, keep, r=0.5)  # floor(0.5 * 6) = 3
+    # top-3 among kept: 0.9 (idx 1), 0.9 (idx 3), 0.7 (idx 4); idx 6 (0.8) stays pruned.
+    assert new.tolist() == [[False, True, False, True, True, False, False]]
+    tie = keep_topr(torch.zeros(1, 5), torch.ones(1, 5, dtype=torch.bool), r=0.4)
+    assert tie.tolist() == [[True, True, False, False, False]]  # ties: lower index first
+    assert keep_topr(scores, keep, r=1.0).tolist() == keep.tolist()
+
+
+def test_should_prune_rules() -> None:
+    count = torch.zeros(1, dtype=torch.long)
+    hist = torch.ones(1, 4)
+    thr = math.sqrt(0.4)
+    two_votes = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # 0.5 < 0.632: exactly half the layers vote
+    one_vote = torch.tensor([[0.5, 1.0, 1.0, 1.0]])
+    just_above = torch.full((1, 4), thr + 1e-6)
+    assert should_prune(3, count, two_votes, hist, 0.4, 3).item()
+    assert not should_prune(3, count, one_vote, hist, 0.4, 3).item()
+    assert not should_prune(3, count, just_above, hist, 0.4, 3).item()
+    assert not should_prune(3, count, two_votes, hist, 0.4, 3, vote_frac=0.75).item()
+    # Forced at step 2 regardless of the vote; no pruning before it.
+    assert should_prune(2, count, just_above, hist, 0.4, 3).item()
+    assert not should_prune(1, count, two_votes, hist, 0.4, 3).item()
+    # Budget t exhausted.
+    assert not should_prune(2, torch.tensor([3]), two_votes, hist, 0.4, 3).item()
+    # No history (NaN) -> no vote; forced prune off -> votes decide from any step.
+    nan_hist = torch.full((1, 4), math.nan)
+    assert not should_prune(5, count, two_votes, nan_hist, 0.4, 3).item()
+    assert should_prune(1, count, two_votes, hist, 0.4, 3, force_step=None).item()
+    # Batched.
+    both = should_prune(3, torch.tensor([0, 3]), torch.cat([two_votes, two_votes]), hist.expand(2, 4), 0.4, 3)
+    assert both.tolist() == [True, False]
+
+
+def test_history_running_mean_and_reset() -> None:
+    s, n = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    assert torch.isnan(history_mean(s, n)).all()
+    no = torch.tensor([False])
+    for a in ([1.0, 4.0], [2.0, 5.0], [3.0, 6.0]):
+        s, n = update_history(s, n, torch.tensor([a]), no)
+    assert history_mean(s, n).tolist() == [[2.0, 5.0]]
+    s, n = update_history(s, n, torch.tensor([[10.0, 20.0]]), torch.tensor([True]))
+    assert history_mean(s, n).tolist() == [[10.0, 20.0]]  # re-initialised at the prune to that step
+    s2, n2 = update_history(
+        torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), torch.tensor([[7.0]]), no, "first_step"
+    )
+    s2, n2 = update_history(s2, n2, torch.tensor([[1.0]]), torch.tensor([True]), "first_step")
+    assert history_mean(s2, n2).item() == 7.0
+
+
+def test_schedule_floor() -> None:
+    assert prune_schedule(576, 0.4, 3) == [576, 230, 92, 36]
+    assert prune_schedule(32, 0.7, 2) == [32, 22, 15]
+    assert prune_schedule(256, 0.9, 4) == [256, 230, 207, 186, 167]
+
+
+def test_synthetic_trace_576_230_92_36() -> None:
+    """Drive the decision loop with a synthetic attention trace (32 layers, 8 heads, 576 visual tokens)."""
+    g = torch.Generator().manual_seed(0)
+    n_layers, heads, nv, r, t = 32, 8, 576, 0.4, 3
+    base = torch.rand(1, n_layers, heads, nv, generator=g) / nv
+    # Per-step scale of the visual attention: drops at steps 4, 6 and 7 (votes), flat otherwise.
+    scale = {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.1, 5: 0.1, 6: 0.001, 7: 1e-6, 8: 1e-6}
+    keep = torch.ones(1, n_layers, nv, dtype=torch.bool)
+    count = torch.zeros(1, dtype=torch.long)
+    hs, hn = torch.zeros(1, n_layers), torch.zeros(1, dtype=torch.long)
+    kept, fired_at = [], []
+    for step in range(1, 9):
+        probs = base * scale[step] * keep[:, :, None, :]  # pruned keys get no attention
+        A, scores = visual_attention_stats(probs, keep)
+        fire = should_prune(step, count, A, history_mean(hs, hn), r, t)
+        if fire.item():
+            fired_at.append(step)
+            expected_top = torch.argsort(-scores[0, 5].masked_fill(~keep[0, 5], -1.0), stable=True)
+            n_keep = math.floor(r * int(keep[0, 5].sum()))
+            new = keep_topr(scores, keep, r)
+            assert set(torch.nonzero(new[0, 5]).flatten().tolist()) == set(expected_top[:n_keep].tolist())
+            keep = new
+        count = count + fire.long()
+        hs, hn = update_history(hs, hn, A, fire)
+        kept.append(int(keep[0, 0].sum()))
+        assert bool((keep.sum(-1) == kept[-1]).all())  # every layer keeps the same number
+    assert fired_at == [2, 4, 6]  # forced at 2, then two votes; step 7 would vote but t = 3 is used up
+    assert kept == [576, 230, 230, 92, 92, 36, 36, 36]

@@ -1,0 +1,102 @@
+"""PruneHal reference on the tiny fixtures: masking equals slicing, schedule, forced step-2 prune."""
+
+from __future__ import annotations
+
+import torch
+from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
+from transformers import DynamicCache
+
+N = 12
+
+
+def test_masking_equals_slicing_with_explicit_positions() -> None:
+    """Re-run the masked generation with pruned K/V rows physically removed from each layer's cache."""
+    model, processor = tiny("llava")
+    inputs = inputs_for(processor, (0,), PROMPTS[:1])
+    ids = inputs["input_ids"]
+    prompt_len = ids.shape[1]
+    run = greedy(model, inputs, N, {"method": "prunehal", "r": 0.4, "t": 3})
+    vis = torch.nonzero(ids[0] == model.config.image_token_id).flatten()
+    n_layers = len(model.model.language_model.layers)
+    keeps = [rec["keep"][0] for rec in run.ref.trace]  # keep mask after decode step m (index m - 1)
+    assert any(not bool(k.all()) for k in keeps), "nothing was pruned"
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.get_text_config())
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        logits = [out.logits[0, -1]]
+        # Original sequence positions currently held by each layer's cache.
+        held = [torch.arange(prompt_len) for _ in range(n_layers)]
+        for step in range(1, N):
+            if step >= 2:  # apply the decision taken after step - 1
+                keep = keeps[step - 2]
+                for layer in range(n_layers):
+                    pruned = set(vis[~keep[layer]].tolist())
+                    rows = torch.tensor([i for i, p in enumerate(held[layer].tolist()) if p not in pruned])
+                    lyr = cache.layers[layer]
+                    lyr.keys, lyr.values = lyr.keys[:, :, rows], lyr.values[:, :, rows]
+                    held[layer] = held[layer][rows]
+            token = run.sequences[:, step - 1 : step]
+            pos = prompt_len + step - 1  # absolute position: the cache is shorter than the sequence now
+            out = model(
+                input_ids=token,
+                position_ids=torch.tensor([[pos]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits.append(out.logits[0, -1])
+            for layer in range(n_layers):
+                held[layer] = torch.cat([held[layer], torch.tensor([pos])])
+    assert cache.layers[0].keys.shape[2] < prompt_len + N - 1  # really sliced
+    sliced = torch.stack(logits)
+    torch.testing.assert_close(sliced, run.logits[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(sliced.argmax(-1), run.sequences[0])
+
+
+def test_schedule_and_forced_prune_on_fixture(family: str) -> None:  # noqa: F811
+    model, processor = tiny(family)
+    inputs = inputs_for(processor, (0, 1), PROMPTS)
+    nv = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    r, t = 0.4, 3
+    expected = [nv]
+    for _ in range(t):
+        expected.append(int(r * expected[-1] + 1e-9))
+    base = greedy(model, inputs, N)
+    run = greedy(model, inputs, N, {"method": "prunehal", "r": r, "t": t})
+    trace = run.ref.trace
+    assert [rec["step"] for rec in trace] == list(range(1, N))
+    assert not bool(trace[0]["fired"].any()) and bool(trace[1]["fired"].all())  # forced at decode step 2
+    for rec in trace:
+        kept = rec["kept"]
+        assert bool((kept == kept[:, :1]).all())  # all layers keep the same count
+        assert set(kept[:, 0].tolist()) <= set(expected)
+    assert trace[1]["kept"][:, 0].tolist() == [expected[1]] * 2
+    fired = torch.stack([rec["fired"] for rec in trace]).sum(0)
+    assert bool((fired <= t).all())
+    # The decision at step 2 applies from step 3: generated tokens 1-3 are untouched.
+    assert torch.equal(run.logits[:, :3], base.logits[:, :3])
+    assert not torch.equal(run.logits[:, 3], base.logits[:, 3])
+
+
+def test_pruned_keys_get_no_attention() -> None:
+    model, processor = tiny("llava")
+    inputs = inputs_for(processor, (4,), PROMPTS[:1])
+    vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    rows: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, output):
+        if output[1].shape[2] == 1:
+            rows.append(output[1][0, :, 0, vis].clone())  # [H, Nv] on decode steps
+
+    layer0 = model.model.language_model.layers[0].self_attn
+    handle = layer0.register_forward_hook(hook, with_kwargs=True)
+    try:
+        run = greedy(model, inputs, 6, {"method": "prunehal", "r": 0.4, "t": 1})
+    finally:
+        handle.remove()
+    keep = run.ref.trace[1]["keep"][0, 0]  # layer 0 after the forced prune at step 2
+    assert int(keep.sum()) == 25
+    for step_rows in rows[2:]:  # steps 3.. use the pruned cache
+        assert bool((step_rows[:, ~keep] == 0).all())
+        assert bool((step_rows[:, keep] > 0).all())
+    assert bool((rows[1] > 0).all())  # step 2 still saw every visual token

@@ -1,0 +1,1 @@
+"""Engine glue: per-request state, attention backends and vLLM hooks (method math lives in methods/)."""

@@ -1,0 +1,88 @@
+"""Reading and writing vLLM's CPU paged KV cache from torch.
+
+The CPU backend stores each layer's cache as ``[num_blocks, num_kv_heads, 2 * block_size, head_size]``
+(K rows of the block, then V rows) but packs the inside of each page for its SIMD kernels (with the
+``vec`` ISA the K half is head-dim-major). Rather than hard-coding each ISA's packing, the layout is
+*learned* once by writing probe values through vLLM's own ``cpu_attn_reshape_and_cache`` op; writes
+always go through that op, so the packing stays vLLM's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Flat offsets, inside one (block, kv-head) page half, of token ``t`` and dim ``d``: ``[bs, hs]``."""
+
+    k_index: torch.Tensor
+    v_index: torch.Tensor
+
+
+def _write(key, value, kv_cache, slots, isa: str, kv_cache_dtype: str = "auto") -> None:
+    from vllm import _custom_ops as ops
+
+    nb, hkv, bs, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, slots, isa, kv_cache_dtype=kv_cache_dtype
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def learn_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PageLayout:
+    """Probe the packing of ``isa`` with token and dim indices (exact in any float dtype up to 256)."""
+    if max(block_size, head_size) > 256 and dtype != torch.float32:
+        raise NotImplementedError(f"layout probe needs block and head size <= 256 for {dtype}")
+    cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+    slots = torch.arange(block_size, dtype=torch.int64)
+    indices = []
+    for axis in (0, 1):  # 0: which token, 1: which dim
+        grid = (
+            torch.arange(1, block_size + 1)[:, None] if axis == 0 else torch.arange(1, head_size + 1)[None, :]
+        )
+        probe = grid.expand(block_size, head_size).to(dtype).unsqueeze(1).contiguous()
+        cache.zero_()
+        _write(probe, probe, cache, slots, isa)
+        halves = cache.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        indices.append([h.reshape(-1).round().long() - 1 for h in halves])
+    (k_tok, v_tok), (k_dim, v_dim) = indices
+    out = []
+    for tok, dim in ((k_tok, k_dim), (v_tok, v_dim)):
+        index = torch.full((block_size, head_size), -1, dtype=torch.long)
+        index[tok, dim] = torch.arange(tok.numel())
+        if (index < 0).any():
+            raise RuntimeError(f"could not learn the {isa} KV page layout")
+        out.append(index)
+    return PageLayout(*out)
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, layout: PageLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence's first ``seq_len`` positions: ``[seq_len, num_kv_heads, head_size]`` each."""
+    hkv, bs = kv_cache.shape[1:3]
+    hs = layout.k_index.shape[1]
+    n_blocks = -(-seq_len // bs)
+    pages = kv_cache[block_ids[:n_blocks].long()].view(n_blocks, hkv, 2, bs * hs)
+    k = pages[:, :, 0][..., layout.k_index.flatten()].view(n_blocks, hkv, bs, hs)
+    v = pages[:, :, 1][..., layout.v_index.flatten()].view(n_blocks, hkv, bs, hs)
+    k = k.permute(0, 2, 1, 3).reshape(n_blocks * bs, hkv, hs)[:seq_len]
+    v = v.permute(0, 2, 1, 3).reshape(n_blocks * bs, hkv, hs)[:seq_len]
+    return k, v
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    isa: str,
+    kv_cache_dtype="auto",
+) -> None:
+    """Write ``key, value [n, num_kv_heads, head_size]`` into ``slots [n]`` with vLLM's packing op."""
+    _write(key.contiguous(), value.contiguous(), kv_cache, slots.to(torch.int64), isa, kv_cache_dtype)

@@ -1,0 +1,45 @@
+"""FarSight in the engine: modes B (per-head sink on every row) and C (sink on prompt rows only).
+
+Both are attention with a per-row, per-head sink logit ``log R``; the math is
+:mod:`vllm_halluguard.methods.farsight`, the attention the shared torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.runtime import Row
+from vllm_halluguard.kernels.reference import attention_rows
+from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_logits
+
+
+def row_sinks(
+    cfg: FarSightConfig, positions: torch.Tensor, prompt_len: int, num_heads: int
+) -> torch.Tensor | None:
+    """Sink logits ``[n, H]`` for tokens at ``positions`` of a request, or ``None`` if none applies."""
+    if cfg.is_noop():
+        return None
+    if cfg.mode == "B":
+        return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c).expand(len(positions), -1)
+    prompt = positions < prompt_len  # mode C: registers over the prompt, for prompt rows only
+    if not bool(prompt.any()):
+        return None
+    length = torch.full_like(positions, prompt_len)
+    log_r = row_log_r(positions, length, num_heads, cfg.sigma, cfg.alibi, cfg.progressive).T  # [n, H]
+    return torch.where(prompt[:, None], log_r, torch.full_like(log_r, float("-inf")))
+
+
+def apply(call: LayerCall, row: Row) -> None:
+    """Recompute this row's attention output with its FarSight sinks (in place in ``call.output``)."""
+    cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+    if cfg.layers is not None and call.layer not in cfg.layers:
+        return
+    start, end, seq_len = call.span(row)
+    positions = call.positions(row)
+    sinks = row_sinks(cfg, positions, row.request.prompt_len, call.query.shape[1])
+    if sinks is None:
+        return
+    k, v = call.gather(row.index, seq_len)
+    out, _, _ = attention_rows(call.query[start:end], k, v, call.scale, positions, sinks)
+    call.output[start:end] = out

@@ -1,0 +1,131 @@
+"""The few places where the plugin hooks into vLLM, each installed once per process.
+
+* attention backend: our CPU backend is registered over ``CPU_ATTN`` (:func:`install_backends`);
+* model runner: after vLLM updates its persistent batch, the runtime syncs its request table
+  (:func:`ensure_runner_hook`, installed lazily by our metadata builders, i.e. in workers only);
+* admission: ``InputProcessor.process_inputs`` first validates the request's method spec, so a bad
+  spec fails that request with a clear error (:func:`install_admission`);
+* prefix cache: a request's canonical method config is mixed into its first block's hash, so
+  requests with different methods never share KV blocks (:func:`install_cache_salt`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CPU_BACKEND = "vllm_halluguard.engine.cpu_backend.HGCPUAttentionBackend"
+
+
+def install_backends() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+
+
+@functools.cache
+def ensure_runner_hook() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_halluguard.engine.runtime import Runtime, set_current
+
+    original = GPUModelRunner._update_states
+
+    @functools.wraps(original)
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        runtime = self.__dict__.get("_halluguard_runtime")
+        if runtime is None:
+            runtime = self._halluguard_runtime = Runtime(self.vllm_config)
+        set_current(runtime)
+        runtime.update(scheduler_output, self.input_batch, self.requests)
+        return result
+
+    GPUModelRunner._update_states = _update_states
+
+
+def install_admission() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, resolve, spec_of
+
+    original = InputProcessor.process_inputs
+
+    @functools.wraps(original)
+    def process_inputs(
+        self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        spec = spec_of(getattr(params, "extra_args", None))
+        if spec is not None:
+            try:
+                resolve(spec, self.model_config.hf_config, self.vllm_config.cache_config.cache_dtype)
+            except ValueError as e:
+                _forget_rendered_items(self, prompt)
+                msg = f"invalid {EXTRA_ARGS_KEY} method: {e}"
+                raise VLLMValidationError(msg, parameter=EXTRA_ARGS_KEY) from e
+        return original(self, request_id, prompt, params, *args, **kwargs)
+
+    InputProcessor.process_inputs = process_inputs
+
+
+def _forget_rendered_items(input_processor: Any, prompt: Any) -> None:
+    """Drop a rejected request's images from the P0 multimodal cache.
+
+    vLLM renders (and caches on the sending side) a prompt's images before it validates the request;
+    a request rejected afterwards never reaches the engine core, so the next request with the same
+    image would be sent as a bare cache hash that the engine core never received.
+    """
+    cache = getattr(getattr(input_processor, "renderer", None), "mm_processor_cache", None)
+    if cache is None or not isinstance(prompt, dict):
+        return
+    decoder = prompt.get("decoder_prompt", prompt) if prompt.get("type") == "enc_dec" else prompt
+    for hashes in (decoder.get("mm_hashes") or {}).values():
+        for mm_hash in hashes:
+            cache.invalidate(mm_hash)
+
+
+def method_salt(request: Any) -> str | None:
+    """Canonical method config of an engine-core request (``None`` for plain requests), memoised."""
+    cached = request.__dict__.get("_halluguard_salt", False)
+    if cached is not False:
+        return cached
+    from vllm_halluguard.engine.requests import spec_of
+    from vllm_halluguard.methods import parse
+
+    params = getattr(request, "sampling_params", None)
+    try:
+        cfg = parse(spec_of(getattr(params, "extra_args", None)))
+    except ValueError:
+        cfg = None  # rejected at admission; never scheduled
+    salt = cfg.canonical() if cfg is not None else None
+    request.__dict__["_halluguard_salt"] = salt
+    return salt
+
+
+def install_cache_salt() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.generate_block_hash_extra_keys
+
+    @functools.wraps(original)
+    def generate_block_hash_extra_keys(
+        request: Any, start_token_idx: int, end_token_idx: int, start_mm_idx: int
+    ):
+        keys, next_mm = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        if start_token_idx == 0:
+            salt = method_salt(request)
+            if salt is not None:
+                keys = (*(keys or ()), ("halluguard", salt))
+        return keys, next_mm
+
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+
+
+def install_all() -> None:
+    install_backends()
+    install_admission()
+    install_cache_salt()

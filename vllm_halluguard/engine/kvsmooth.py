@@ -1,0 +1,44 @@
+"""KVSmooth in the engine: after a decode step's attention, EMA the new token's cached K and V.
+
+Per mitigated decode row and smoothed layer: the current token's attention-row entropy (exact, from
+the row's logits over the paged cache), a push into the request's FIFO for that layer, the rank
+lambda, and an in-place overwrite of the token's cache slot with the EMA of the previous slot. The
+math is :mod:`vllm_halluguard.methods.kvsmooth`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.runtime import Row
+from vllm_halluguard.kernels.reference import attention_logits
+from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, head_entropy, update_lambda
+
+
+def apply(call: LayerCall, row: Row) -> None:
+    state = row.request
+    cfg: KVSmoothConfig = state.config  # type: ignore[assignment]
+    start, end, seq_len = call.span(row)
+    pos = seq_len - 1
+    if end - start != 1 or pos < state.prompt_len or call.layer not in (cfg.layers or ()):
+        return  # prompt rows (prefill, or a chunk's last token) are never smoothed
+    k, v = call.gather(row.index, seq_len)
+    logits = attention_logits(call.query[start:end], k, call.scale, torch.tensor([pos]))[0]  # [Hq, S]
+    z = head_entropy(torch.softmax(logits, dim=-1), cfg.head_reduce).reshape(1)
+    rt, slot, m = call.runtime, state.slot, cfg.window
+    lam, queue, count = update_lambda(
+        rt.kvs_queue[slot, call.layer, :m][None], rt.kvs_count[slot, call.layer][None], z, cfg
+    )
+    rt.kvs_queue[slot, call.layer, :m], rt.kvs_count[slot, call.layer] = queue[0], count[0]
+    if pos == state.prompt_len and not cfg.smooth_first_token:
+        lam = torch.zeros_like(lam)
+    cur_k, cur_v = k[pos].clone(), v[pos].clone()
+    if cfg.recursive:
+        prev_k, prev_v = k[pos - 1], v[pos - 1]
+    else:  # 2-tap filter on the raw previous K/V (the prompt's last token is raw anyway)
+        raw = state.scratch.setdefault("raw_prev", {})
+        prev_k, prev_v = raw.get(call.layer, (k[pos - 1], v[pos - 1]))
+        raw[call.layer] = (cur_k, cur_v)
+    new_k, new_v = ema(prev_k[None], cur_k[None], lam), ema(prev_v[None], cur_v[None], lam)
+    call.write(call.slot_mapping[start : start + 1], new_k, new_v)

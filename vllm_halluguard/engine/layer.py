@@ -1,0 +1,39 @@
+"""What a method sees of one attention layer call, independent of the backend that made it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_halluguard.engine.runtime import Row, Runtime
+
+
+@dataclass
+class LayerCall:
+    """One decoder layer's attention call in one engine step (flat varlen batch).
+
+    ``gather(row, seq_len)`` returns that row's K and V ``[seq_len, Hkv, D]`` from the paged cache;
+    ``write(slots, k, v)`` stores K/V rows ``[n, Hkv, D]`` at cache slots ``[n]``.
+    """
+
+    layer: int
+    scale: float
+    query: torch.Tensor  # [T, Hq, D]
+    output: torch.Tensor  # [T, Hq, D], already holding the backend's plain attention
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    slot_mapping: torch.Tensor  # [T]
+    runtime: Runtime
+    gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+    write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+    def span(self, row: Row) -> tuple[int, int, int]:
+        """``(first token, end token, seq_len)`` of a row in the flat batch."""
+        i = row.index
+        return self.query_start_loc[i], self.query_start_loc[i + 1], self.seq_lens[i]
+
+    def positions(self, row: Row) -> torch.Tensor:
+        start, end, seq_len = self.span(row)
+        return torch.arange(seq_len - (end - start), seq_len)

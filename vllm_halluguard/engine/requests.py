@@ -1,0 +1,70 @@
+"""Per-request method selection: the ``extra_args`` key, validation and resolution for a model.
+
+A request selects a method with ``SamplingParams(extra_args={"halluguard": spec})`` where ``spec`` is
+what :func:`vllm_halluguard.methods.parse` accepts (``"kvsmooth"``, ``{"method": "farsight", ...}``).
+The same :func:`resolve` runs at admission (API/LLM process: invalid specs are rejected there, for
+that request only) and in the worker (to build the request's state), so both see one config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_halluguard.methods import FarSightConfig, MethodConfig, ModelFamily, parse
+
+EXTRA_ARGS_KEY = "halluguard"
+#: Methods the engine runs today; the others exist in the dense reference only.
+ENGINE_METHODS = frozenset({"kvsmooth", "farsight"})
+#: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
+MAX_KVSMOOTH_WINDOW = 64
+
+_FAMILIES: dict[str, ModelFamily] = {"llava": "llava", "qwen2_vl": "qwen2_vl"}
+
+
+def model_family(hf_config: Any) -> ModelFamily | None:
+    """The method-preset family of a HF config (``None`` for models without presets)."""
+    return _FAMILIES.get(getattr(hf_config, "model_type", ""))
+
+
+def spec_of(extra_args: Mapping[str, Any] | None) -> Any:
+    return None if not extra_args else extra_args.get(EXTRA_ARGS_KEY)
+
+
+def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodConfig | None:
+    """Validate ``spec`` for this model and fill its presets; ``None`` = plain request.
+
+    Raises ``ValueError`` with a message naming the problem.
+    """
+    cfg = parse(spec)
+    if cfg is None:
+        return None
+    if cfg.name not in ENGINE_METHODS:
+        raise ValueError(
+            f"method {cfg.name!r} is not available in the engine yet (engine methods: "
+            f"{', '.join(sorted(ENGINE_METHODS))}); it runs in the HF reference (vllm_halluguard.reference)"
+        )
+    if isinstance(cfg, FarSightConfig):
+        explicit_mode = isinstance(spec, Mapping | FarSightConfig) and (
+            "mode" in spec if isinstance(spec, Mapping) else "mode" in spec.model_fields_set
+        )
+        if not explicit_mode:
+            cfg = cfg.model_copy(update={"mode": "B"})
+        if cfg.mode == "A":
+            raise ValueError(
+                "farsight mode 'A' recomputes the whole sequence at every step and exists in the HF "
+                "reference only; the engine runs mode 'B' (per-head sink, default) or 'C' (prompt rows)"
+            )
+    family = model_family(hf_config)
+    if family is None:
+        raise ValueError(
+            f"mitigation methods have presets for LLaVA-1.5 and Qwen2-VL only, not for model type "
+            f"{getattr(hf_config, 'model_type', None)!r}"
+        )
+    if kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"mitigation methods need an unquantized KV cache, not {kv_cache_dtype!r}")
+    num_layers = hf_config.get_text_config().num_hidden_layers
+    cfg = cfg.for_model(family, num_layers)
+    if getattr(cfg, "window", 0) > MAX_KVSMOOTH_WINDOW:
+        raise ValueError(f"kvsmooth.window: the engine keeps at most {MAX_KVSMOOTH_WINDOW} entries")
+    return cfg

@@ -1,0 +1,1 @@
+"""Attention kernels: a torch reference and Triton implementations with the same contracts."""

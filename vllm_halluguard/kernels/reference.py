@@ -1,0 +1,54 @@
+"""Dense torch attention for a few rows, with what the methods need beyond the output.
+
+Every engine path is tested against this: for query rows at absolute positions ``q_pos`` over keys
+``0..S-1`` it returns the attention output, the row log-sum-exp and the row entropy, with an
+optional per-row, per-head *sink logit* (a key with logit ``sink`` and a zero value vector: it takes
+softmax mass that is then dropped, which is FarSight's register mass ``R = exp(sink)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float, q_pos: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 causal logits ``[T, Hq, S]`` of ``q [T, Hq, D]`` on ``k [S, Hkv, D]``; masked keys ``-inf``."""
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    qf = q.float().reshape(t, hkv, hq // hkv, d)
+    logits = torch.einsum("tkgd,skd->tkgs", qf, k.float()).reshape(t, hq, s) * scale
+    allowed = torch.arange(s, device=q.device)[None, :] <= q_pos[:, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[None, :]
+    return logits.masked_fill(~allowed[:, None, :], float("-inf"))
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor,
+    sink: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q [T, Hq, D]`` over ``k, v [S, Hkv, D]`` (GQA by head grouping).
+
+    ``q_pos [T]``: each row attends to keys ``0..q_pos``. ``sink [T, Hq]`` (``-inf`` = none) adds
+    a dropped-mass logit per row and head. ``key_mask [S]`` (bool) removes keys (PruneHal).
+    Returns ``out [T, Hq, D]`` (input dtype; scaled down by the sink's share of the mass), and the
+    fp32 ``lse [T, Hq]`` and ``entropy [T, Hq]`` of the plain row (real keys only, no sink).
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    logits = attention_logits(q, k, scale, q_pos, key_mask)
+    lse = torch.logsumexp(logits, dim=-1)  # plain row normaliser
+    probs = torch.exp(logits - lse[..., None])
+    entropy = -(probs * torch.where(probs > 0, logits - lse[..., None], 0.0)).sum(-1)
+    if sink is not None:
+        total = torch.logaddexp(lse, sink.float())
+        probs = probs * torch.exp(lse - total)[..., None]
+    out = torch.einsum("tkgs,skd->tkgd", probs.reshape(t, hkv, hq // hkv, -1), v.float()).reshape(t, hq, d)
+    return out.to(q.dtype), lse, entropy

@@ -1,0 +1,130 @@
+"""Shared pieces of every method config: the pydantic base class, layer specs and depth scaling.
+
+A method config is model-agnostic: fields left at ``None`` mean "the paper's value for this model" and are
+filled by :meth:`MethodConfig.for_model`, which also checks layer indices against the model's depth. The
+resolved config is what the reference and the engine run, and its :meth:`canonical` JSON is what goes into
+cache salts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+ModelFamily = Literal["llava", "qwen2_vl"]
+MODEL_FAMILIES: tuple[ModelFamily, ...] = ("llava", "qwen2_vl")
+
+#: Decoder depth of the models the papers' layer ranges were tuned on: LLaVA-1.5-7B and Qwen2-VL-7B.
+REFERENCE_DEPTH: dict[ModelFamily, int] = {"llava": 32, "qwen2_vl": 28}
+
+LayerSpec = tuple[int, ...]
+
+
+def scale_layer_range(start: int, stop: int, ref_depth: int, depth: int) -> LayerSpec:
+    """Map the half-open layer range ``[start, stop)`` of a ``ref_depth``-layer model to ``depth`` layers.
+
+    The layers the paper leaves out on either side are scaled proportionally and rounded *up*
+    (``ceil(start * depth / ref_depth)`` skipped at the front,
+    ``ceil((ref_depth - stop) * depth / ref_depth)`` at the back), so an exclusion never disappears on a
+    shallow model: KVSmooth's "skip 0-2 and the last of 32" becomes layers 1..2 of 4. At
+    ``depth == ref_depth`` the range is unchanged. The result always holds at least one layer.
+    """
+    if not 0 <= start < stop <= ref_depth:
+        raise ValueError(f"bad layer range [{start}, {stop}) for a {ref_depth}-layer reference model")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    new_start = min(-(-start * depth // ref_depth), depth - 1)
+    new_stop = depth - (-(-(ref_depth - stop) * depth // ref_depth))
+    new_stop = max(new_stop, new_start + 1)
+    return tuple(range(new_start, new_stop))
+
+
+def parse_layer_spec(value: Any) -> LayerSpec | None:
+    """Accept ``None``, an iterable of ints, a ``range`` or a ``"start:stop"`` string (slice semantics)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"layer string must look like 'start:stop', got {value!r}")
+        try:
+            start, stop = int(parts[0]), int(parts[1])
+        except ValueError as e:
+            raise ValueError(f"layer string must look like 'start:stop', got {value!r}") from e
+        value = range(start, stop)
+    if isinstance(value, bool | int | float):
+        raise ValueError(f"layers must be a list of indices or 'start:stop', got {value!r}")
+    layers = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"layer indices must be ints, got {v!r}")
+        layers.append(v)
+    if any(v < 0 for v in layers):
+        raise ValueError(f"layer indices must be >= 0, got {layers}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"duplicate layer indices in {layers}")
+    return tuple(sorted(layers))
+
+
+def check_layers(layers: LayerSpec, num_layers: int, field: str) -> None:
+    """Raise ``ValueError`` if any index in ``layers`` is outside a ``num_layers``-layer decoder."""
+    bad = [layer for layer in layers if layer >= num_layers]
+    if bad:
+        raise ValueError(f"{field}: layer indices {bad} do not exist in a {num_layers}-layer decoder")
+
+
+class MethodConfig(BaseModel):
+    """Base class of the method configs (frozen, unknown keys rejected).
+
+    Subclasses set ``name``, list their layer fields in ``layer_fields`` and implement :meth:`preset`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+
+    name: ClassVar[str]
+    #: Fields holding layer indices (validated against the model depth in :meth:`for_model`).
+    layer_fields: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nan(cls, v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            raise ValueError("NaN is not a valid value")
+        return v
+
+    @classmethod
+    def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
+        """The paper's setting for ``model_family``, with layer ranges scaled to ``num_layers``."""
+        raise NotImplementedError
+
+    def for_model(self, model_family: ModelFamily, num_layers: int) -> Self:
+        """Fill every ``None`` field from :meth:`preset` and check layer indices against ``num_layers``."""
+        if model_family not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model family {model_family!r}; expected one of {MODEL_FAMILIES}")
+        preset = self.preset(model_family, num_layers)
+        filled = {k: getattr(preset, k) for k, v in self if v is None}
+        resolved = self.model_copy(update=filled)
+        # model_copy skips validation: re-validate the merged values.
+        resolved = type(self).model_validate(resolved.model_dump())
+        for field in self.layer_fields:
+            layers = getattr(resolved, field)
+            if layers is not None:
+                check_layers(layers, num_layers, f"{self.name}.{field}")
+        return resolved
+
+    def is_resolved(self) -> bool:
+        """True when no field is left to the preset."""
+        return all(v is not None for _, v in self)
+
+    def canonical(self) -> str:
+        """Stable JSON (sorted keys, no spaces, method name included) for cache salts and logs."""
+        # model_dump_json writes +-inf as "Infinity" strings (standard JSON, distinct from null).
+        payload = {"method": self.name, **json.loads(self.model_dump_json())}
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def is_noop(self) -> bool:
+        """True when the parameters make the method an exact identity (e.g. lambda=0, r=1, K=0)."""
+        return False

@@ -1,0 +1,176 @@
+"""FarSight (arXiv 2505.16652, official code ``Shell/farsight_patch.py``): attention registers.
+
+The official patch lets every causal row ``i`` of a length-``L`` sequence also put softmax mass on the
+masked upper triangle, with purely positional logits ``-a_{h,i} * (j - i)`` for ``j > i``, and then drops that
+mass, so rows sum to less than one. The slope is ``a_{h,i} = sigma * (1 - 0.25 * i / (L - 1)) + m_h``
+(half a plain decay plus half a "progressive" decay, plus per-head ALiBi slopes ``m_h = 2^(-8(h+1)/H)``).
+
+Because the register logits ignore content, a row's register mass is the closed form
+``R = sum_{d=1..n} exp(-a d)`` with ``n = L - 1 - i`` future positions, and FarSight is exactly standard
+attention rescaled per row: ``out = out_std * sigmoid(LSE - log R)`` (``R = 0`` leaves the row unchanged).
+
+Modes (all share these functions):
+
+* ``A``: official semantics, registers over the current length, every row recomputed at every step.
+* ``B``: steady state; every row (prefill and decode) gets ``R_inf(h)`` with ``a_h = sigma * c + m_h``.
+  This is an attention sink logit ``log R_inf(h)`` per head with a zero value vector.
+* ``C``: prompt rows get the mode-A ``R`` for the prompt length; generated rows get none.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal, Self
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from .base import LayerSpec, MethodConfig, ModelFamily, parse_layer_spec
+
+#: Official default decay: ln 256 / ln 1024 = 0.8.
+DEFAULT_SIGMA = math.log(256) / math.log(1024)
+
+FarSightMode = Literal["A", "B", "C"]
+
+
+class FarSightConfig(MethodConfig):
+    """FarSight hyperparameters (official-code defaults)."""
+
+    name: ClassVar[str] = "farsight"
+    layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
+
+    mode: FarSightMode = Field(default="A", description="A: official recompute; B: sink; C: prompt rows")
+    sigma: float = Field(default=DEFAULT_SIGMA, ge=0.0, description="register decay; inf disables")
+    alibi: bool = Field(default=True, description="add per-head ALiBi slopes 2^(-8(h+1)/H)")
+    progressive: bool = Field(default=True, description="row-progressive decay term (modes A and C)")
+    progressive_c: float = Field(default=1.0, gt=0.0, le=1.0, description="mode B: a_h = sigma * c + m_h")
+    layers: LayerSpec | None = Field(default=None, description="patched decoder layers; None = all")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _parse_layers(cls, v: object) -> LayerSpec | None:
+        return parse_layer_spec(v)
+
+    @model_validator(mode="after")
+    def _decay_positive(self) -> Self:
+        if self.sigma == 0.0 and not self.alibi:
+            raise ValueError("sigma=0 without alibi gives registers that never decay (infinite mass)")
+        return self
+
+    @classmethod
+    def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
+        """Official code: every decoder layer, sigma = ln256/ln1024, ALiBi and progressive term on."""
+        del model_family  # same setting for every family
+        return cls(layers=tuple(range(num_layers)))
+
+    def is_noop(self) -> bool:
+        return math.isinf(self.sigma) or self.layers == ()
+
+    @property
+    def needs_recompute(self) -> bool:
+        """Mode A changes every row at every step, so it cannot reuse a KV cache."""
+        return self.mode == "A"
+
+
+def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-head slopes ``m_h = 2^(-8 (h + 1) / H)``, fp32 ``[H]``."""
+    h = torch.arange(num_heads, dtype=torch.float64, device=device)
+    return torch.pow(2.0, -8.0 * (h + 1) / num_heads).float()
+
+
+def _head_slopes(num_heads: int, alibi: bool, device: torch.device | str | None) -> torch.Tensor:
+    if alibi:
+        return alibi_slopes(num_heads, device)
+    return torch.zeros(num_heads, device=device)
+
+
+def register_slope(
+    row: torch.Tensor,
+    length: torch.Tensor,
+    num_heads: int,
+    sigma: float,
+    alibi: bool = True,
+    progressive: bool = True,
+) -> torch.Tensor:
+    """Mode-A register slope ``a[H, ...] = sigma * (1 - 0.25 * i / (L - 1)) + m_h``.
+
+    ``row`` (``i``) and ``length`` (``L``) broadcast together (shape ``[...]``); ``L - 1`` is floored at 1 as
+    in the official code. Without ``progressive`` the factor is 1.
+    """
+    row = row.double()
+    length = length.double()
+    if progressive:
+        factor = 1.0 - 0.25 * row / torch.clamp(length - 1.0, min=1.0)
+    else:
+        factor = torch.ones_like(row + length)
+    m = _head_slopes(num_heads, alibi, row.device).double()
+    sig = torch.as_tensor(sigma, dtype=torch.float64, device=row.device)
+    decay = torch.where(torch.isinf(sig), torch.full_like(factor, math.inf), sig * factor)
+    return decay.unsqueeze(0) + m.reshape((num_heads,) + (1,) * factor.dim())
+
+
+def log_register_mass(a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``log R`` with ``R = sum_{d=1..n} exp(-a d) = e^-a (1 - e^(-a n)) / (1 - e^-a)``; ``n = inf`` gives
+    ``R_inf = e^-a / (1 - e^-a)``. Returns ``-inf`` where ``n <= 0`` or ``a = inf``. Computed in fp64.
+    """
+    a = a.double()
+    n = torch.as_tensor(n, device=a.device).double()
+    a, n = torch.broadcast_tensors(a, n)
+    live = (n > 0) & torch.isfinite(a)
+    a_s = torch.where(live, a, torch.ones_like(a))
+    n_s = torch.where(live, n, torch.ones_like(n))
+    num = torch.where(torch.isinf(n_s), torch.zeros_like(a_s), torch.log(-torch.expm1(-a_s * n_s)))
+    small = a_s < 1e-12
+    den = torch.log(-torch.expm1(-a_s.clamp(min=1e-300)))
+    # a -> 0 limit: R -> n (finite n only; validation forbids a = 0 with n = inf).
+    out = torch.where(small, torch.log(n_s), -a_s + num - den)
+    return torch.where(live, out, torch.full_like(out, -math.inf))
+
+
+def register_mass(a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Closed-form register mass ``R`` (see :func:`log_register_mass`)."""
+    return torch.exp(log_register_mass(a, n))
+
+
+def sink_logits(
+    num_heads: int,
+    sigma: float,
+    alibi: bool = True,
+    progressive_c: float = 1.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Mode B: per-head sink logit ``log R_inf(h)`` with ``a_h = sigma * c + m_h``; fp32 ``[H]``."""
+    m = _head_slopes(num_heads, alibi, device).double()
+    a = m + (math.inf if math.isinf(sigma) else sigma * progressive_c)
+    return log_register_mass(a, torch.full_like(a, math.inf)).float()
+
+
+def row_log_r(
+    row: torch.Tensor,
+    length: torch.Tensor,
+    num_heads: int,
+    sigma: float,
+    alibi: bool = True,
+    progressive: bool = True,
+) -> torch.Tensor:
+    """Mode A (and mode C with ``length`` = prompt length): ``log R[H, ...]`` of row ``i`` among ``L``
+    positions, ``n = L - 1 - i`` registers. Rows at or past the end get ``-inf`` (no registers).
+    """
+    a = register_slope(row, length, num_heads, sigma, alibi, progressive)
+    n = (length.double() - 1.0 - row.double()).unsqueeze(0)
+    return log_register_mass(a, n).float()
+
+
+def rescale_factor(lse: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """Kept softmax mass of a row: ``sigmoid(LSE - log R) = 1 / (1 + R e^-LSE)``; exactly 1 when ``R = 0``."""
+    return torch.sigmoid(lse.float() - log_r.float())
+
+
+def rescale(out: torch.Tensor, lse: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """FarSight from standard attention: ``out * sigmoid(LSE - log R)``.
+
+    ``out[..., d]``, ``lse[...]`` and ``log_r`` broadcastable to ``lse``. Rows with ``log_r = -inf`` are
+    returned unchanged (bit-exact).
+    """
+    factor = rescale_factor(lse, log_r)
+    return (out.float() * factor.unsqueeze(-1)).to(out.dtype)

@@ -1,0 +1,173 @@
+"""PruneHal (arXiv 2510.19183): adaptive pruning of low-attention visual KV entries during decoding.
+
+Decode step ``m`` (1-based: step 1 is the forward that consumes the first generated token) measures, per
+layer, the last query's head-averaged attention on the still-kept visual tokens: a per-token score and its
+mean ``A_l``. A prune fires at ``m == force_step`` and afterwards whenever at least ``vote_frac`` of the
+layers have ``A_l < sqrt(r) * history_l``, at most ``t`` times. A prune keeps, per layer, the
+``floor(r * |S_l|)`` kept tokens with the highest score at that step; it takes effect from the next forward.
+Pruned keys are masked (additive -inf), which equals slicing them out of the cache as long as the remaining
+keys keep their RoPE positions (tested). Text and generated tokens are never pruned.
+
+History (best reading, spec 4.7.1): ``history_l`` is the mean of ``A_l`` over the decode steps since the last
+prune (since step 1 before any prune), re-initialised at a prune to the value measured at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal, Self
+
+import torch
+from pydantic import Field, field_validator
+
+from .base import LayerSpec, MethodConfig, ModelFamily, parse_layer_spec
+
+#: (r, t) of the paper: LLaVA-1.5 (0.4, 3); Qwen-VL-7B (0.9, 4), reused for Qwen2-VL.
+PRESET_RT: dict[ModelFamily, tuple[float, int]] = {"llava": (0.4, 3), "qwen2_vl": (0.9, 4)}
+
+_EPS = 1e-9
+
+
+class PruneHalConfig(MethodConfig):
+    """PruneHal hyperparameters (paper defaults; ``None`` = preset for the model)."""
+
+    name: ClassVar[str] = "prunehal"
+    layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
+
+    r: float | None = Field(default=None, gt=0.0, le=1.0, description="fraction of kept visual tokens kept")
+    t: int | None = Field(default=None, ge=0, le=64, description="maximum number of prunes")
+    vote_frac: float = Field(default=0.5, gt=0.0, le=1.0, description="fraction of layers that must vote")
+    vote_threshold: float | None = Field(
+        default=None, gt=0.0, description="a layer votes if A < threshold * history; None = sqrt(r)"
+    )
+    force_step: int | None = Field(default=2, ge=1, description="decode step of the forced prune; None = off")
+    history: Literal["running_mean", "first_step"] = "running_mean"
+    statistic: Literal["mean", "mass"] = Field(
+        default="mean", description="A_l as per-token mean or total visual attention mass"
+    )
+    layers: LayerSpec | None = Field(default=None, description="voting and pruned layers; None = all")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _parse_layers(cls, v: object) -> LayerSpec | None:
+        return parse_layer_spec(v)
+
+    @classmethod
+    def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
+        """Paper (r, t) for the family; all decoder layers."""
+        r, t = PRESET_RT[model_family]
+        return cls(r=r, t=t, layers=tuple(range(num_layers)))
+
+    def threshold(self) -> float:
+        """The vote threshold: ``vote_threshold`` or ``sqrt(r)``."""
+        if self.vote_threshold is not None:
+            return self.vote_threshold
+        if self.r is None:
+            raise ValueError("PruneHalConfig.r is unresolved; call cfg.for_model(...) first")
+        return math.sqrt(self.r)
+
+    def is_noop(self) -> bool:
+        return self.r == 1.0 or self.t == 0 or self.layers == ()
+
+
+def keep_count(n: torch.Tensor | int, r: float) -> torch.Tensor | int:
+    """``floor(r * n)`` with a tiny epsilon so that e.g. 0.4 * 230 = 92 exactly."""
+    if isinstance(n, torch.Tensor):
+        return torch.floor(n.double() * r + _EPS).to(n.dtype)
+    return math.floor(n * r + _EPS)
+
+
+def visual_attention_stats(
+    probs_on_visual: torch.Tensor,
+    keep_mask: torch.Tensor,
+    statistic: Literal["mean", "mass"] = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer visual-attention statistic and per-token scores of the last query row.
+
+    ``probs_on_visual[..., H, Nv]``: softmax probabilities of the last row on the visual keys (full-row
+    normalisation); ``keep_mask[..., Nv]`` bool. Returns ``(A[...], scores[..., Nv])`` where
+    ``scores = mean_h p`` and ``A`` is the mean (or sum, ``statistic="mass"``) of the scores over kept tokens.
+    """
+    scores = probs_on_visual.float().mean(-2)
+    keep = keep_mask.to(scores.dtype)
+    total = (scores * keep).sum(-1)
+    if statistic == "mass":
+        return total, scores
+    return total / keep.sum(-1).clamp(min=1.0), scores
+
+
+def should_prune(
+    step: int | torch.Tensor,
+    count: torch.Tensor,
+    A: torch.Tensor,
+    history: torch.Tensor,
+    r: float,
+    t: int,
+    vote_frac: float = 0.5,
+    force_step: int | None = 2,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Whether each request prunes after this step. Returns bool ``[B]``.
+
+    ``count[B]``: prunes so far; ``A[B, L]``: this step's statistic on the voting layers; ``history[B, L]``:
+    the reference value per layer (NaN where there is none yet: such layers never vote). A layer votes when
+    ``A < threshold * history`` (``threshold`` defaults to ``sqrt(r)``); the request prunes when
+    ``count < t`` and either ``step == force_step`` or, for ``step > force_step`` (any step when the forced
+    prune is off), the voting fraction is ``>= vote_frac``.
+    """
+    thr = math.sqrt(r) if threshold is None else threshold
+    step_t = torch.as_tensor(step, device=A.device)
+    votes = (thr * history > A).float().mean(-1)
+    majority = votes >= vote_frac - _EPS
+    if force_step is not None:
+        majority = (step_t == force_step) | ((step_t > force_step) & majority)
+    return majority & (count < t)
+
+
+def keep_topr(scores: torch.Tensor, keep_mask: torch.Tensor, r: float) -> torch.Tensor:
+    """New keep mask: per row of ``[..., Nv]``, the ``floor(r * |S|)`` kept tokens with the highest score.
+
+    Ties break towards the lower index. Tokens outside ``keep_mask`` stay pruned.
+    """
+    n_keep = keep_count(keep_mask.sum(-1), r)
+    masked = torch.where(keep_mask, scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return keep_mask & (ranks < n_keep.unsqueeze(-1))
+
+
+def update_history(
+    hist_sum: torch.Tensor,
+    hist_n: torch.Tensor,
+    A: torch.Tensor,
+    pruned: torch.Tensor,
+    mode: Literal["running_mean", "first_step"] = "running_mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """History after a step: ``(sum[B, L], n[B])``; :func:`history_mean` turns it into the reference value.
+
+    ``running_mean``: add ``A`` (``n += 1``), or restart from ``A`` (``n = 1``) for requests that pruned.
+    ``first_step``: keep the first measured value forever.
+    """
+    A = A.float()
+    if mode == "first_step":
+        first = hist_n == 0
+        return torch.where(first.unsqueeze(-1), A, hist_sum), torch.where(first, 1, hist_n)
+    restart = pruned.unsqueeze(-1)
+    new_sum = torch.where(restart, A, hist_sum + A)
+    new_n = torch.where(pruned, torch.ones_like(hist_n), hist_n + 1)
+    return new_sum, new_n
+
+
+def history_mean(hist_sum: torch.Tensor, hist_n: torch.Tensor) -> torch.Tensor:
+    """``sum / n`` per layer, NaN where no step has been recorded."""
+    n = hist_n.float().unsqueeze(-1)
+    return torch.where(n > 0, hist_sum / n.clamp(min=1.0), torch.full_like(hist_sum, math.nan))
+
+
+def prune_schedule(num_visual: int, r: float, t: int) -> list[int]:
+    """Visual-token counts after 0..t prunes with floor rounding, e.g. 576 -> 230 -> 92 -> 36."""
+    counts = [num_visual]
+    for _ in range(t):
+        counts.append(int(keep_count(counts[-1], r)))
+    return counts

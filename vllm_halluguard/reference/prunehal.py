@@ -1,0 +1,99 @@
+"""PruneHal reference: per-layer keep masks over the visual keys, decided after each decode step."""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods.prunehal import (
+    PruneHalConfig,
+    history_mean,
+    keep_topr,
+    should_prune,
+    update_history,
+    visual_attention_stats,
+)
+from .base import ReferenceMethod, RequestInfo
+
+
+class PruneHalReference(ReferenceMethod):
+    """Pruned visual keys get ``-inf`` logits (equal to slicing them out; positions are unchanged).
+
+    ``trace`` gets one record per decode step: ``{"step", "fired": [B], "kept": [B, n_layers],
+    "keep": [B, n_layers, Nv]}`` (the keep mask *after* the step's decision).
+    """
+
+    config_cls = PruneHalConfig
+    needs_visual = True
+    needs_cache = True
+    config: PruneHalConfig
+
+    def reset(self, request: RequestInfo) -> None:
+        layers = self.config.layers or ()
+        self._slot = {layer: i for i, layer in enumerate(layers)}
+        vis = request.visual_idx
+        assert vis is not None
+        b, nv, n = request.batch_size, vis.shape[1], len(layers)
+        device = vis.device
+        self._vis = vis
+        self._keep = torch.ones(b, n, nv, dtype=torch.bool, device=device)
+        self._count = torch.zeros(b, dtype=torch.long, device=device)
+        self._hist_sum = torch.zeros(b, n, device=device)
+        self._hist_n = torch.zeros(b, dtype=torch.long, device=device)
+        self._A = torch.zeros(b, n, device=device)
+        self._scores = torch.zeros(b, n, nv, device=device)
+        self._seen = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def key_mask(self, layer: int) -> torch.Tensor | None:
+        if self.phase != "decode" or layer not in self._slot:
+            return None
+        pruned = ~self._keep[:, self._slot[layer]]
+        if not bool(pruned.any()):
+            return None
+        kv_len = self.fwd.past_len + self.fwd.q_len
+        drop = torch.zeros(self.fwd.batch_size, kv_len, dtype=torch.bool, device=pruned.device)
+        return drop.scatter(1, self._vis, pruned)
+
+    def post_attention(self, layer, query, key, logits, probs, out):
+        if self.phase == "decode" and layer in self._slot:
+            i = self._slot[layer]
+            b, h = probs.shape[:2]
+            idx = self._vis[:, None, :].expand(b, h, -1)
+            on_vis = probs[:, :, -1, :].gather(-1, idx)
+            self._A[:, i], self._scores[:, i] = visual_attention_stats(
+                on_vis, self._keep[:, i], self.config.statistic
+            )
+            self._seen[i] = True
+        return out, probs
+
+    def after_forward(self) -> None:
+        if self.phase != "decode" or not self._slot:
+            return
+        if not bool(self._seen.all()):
+            raise RuntimeError("PruneHal did not see every configured layer in this decode step")
+        self._seen.zero_()
+        cfg = self.config
+        fired = should_prune(
+            self.fwd.step,
+            self._count,
+            self._A,
+            history_mean(self._hist_sum, self._hist_n),
+            cfg.r,
+            cfg.t,
+            vote_frac=cfg.vote_frac,
+            force_step=cfg.force_step,
+            threshold=cfg.threshold(),
+        )
+        new_keep = keep_topr(self._scores, self._keep, cfg.r)
+        self._keep = torch.where(fired[:, None, None], new_keep, self._keep)
+        self._count = self._count + fired.long()
+        self._hist_sum, self._hist_n = update_history(
+            self._hist_sum, self._hist_n, self._A, fired, cfg.history
+        )
+        self.trace.append(
+            {
+                "step": self.fwd.step,
+                "fired": fired.clone(),
+                "kept": self._keep.sum(-1),
+                "keep": self._keep.clone(),
+            }
+        )
