@@ -1,6 +1,7 @@
 """The vLLM entry point: declared, idempotent, version-gated, traceable."""
 
 import logging
+import os
 from importlib.metadata import entry_points
 
 import pytest
@@ -41,3 +42,27 @@ def test_register_refuses_other_vllm_versions(fresh_plugin, monkeypatch, caplog,
 
 def test_installed_vllm_is_supported():
     assert plugin.vllm_version().startswith(plugin.SUPPORTED_VLLM)
+
+
+def test_register_pins_the_v1_runner_unless_chosen(fresh_plugin, monkeypatch):
+    from vllm_halluguard.engine.hooks import RUNNER_ENV
+
+    monkeypatch.delenv(RUNNER_ENV, raising=False)
+    assert fresh_plugin.register()
+    assert os.environ[RUNNER_ENV] == "0"
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setenv(RUNNER_ENV, "1")
+    assert fresh_plugin.register()
+    assert os.environ[RUNNER_ENV] == "1", "an explicit user choice is kept (and mitigations are refused)"
+
+
+def test_hooks_are_installed_once(fresh_plugin):
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    for _ in range(2):
+        plugin._registered = False
+        assert fresh_plugin.register()
+    for hooked in (InputProcessor.process_inputs, kv_cache_utils.generate_block_hash_extra_keys):
+        assert hasattr(hooked, "__wrapped__"), "hook not installed"
+        assert not hasattr(hooked.__wrapped__, "__wrapped__"), "hook installed twice"

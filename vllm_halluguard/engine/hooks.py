@@ -1,10 +1,12 @@
 """The few places where the plugin hooks into vLLM, each installed once per process.
 
-* attention backend: our CPU backend is registered over ``CPU_ATTN`` (:func:`install_backends`);
+* attention backend: on CPU ours replaces ``CPU_ATTN`` (or, in test mode, the Triton backend does);
+  on GPU the Triton backend is registered as ``CUSTOM`` (:func:`install_backends`);
 * model runner: after vLLM updates its persistent batch, the runtime syncs its request table
   (:func:`ensure_runner_hook`, installed lazily by our metadata builders, i.e. in workers only);
 * admission: ``InputProcessor.process_inputs`` first validates the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
+* runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
 * prefix cache: a request's canonical method config is mixed into its first block's hash, so
   requests with different methods never share KV blocks (:func:`install_cache_salt`).
 """
@@ -13,17 +15,29 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 CPU_BACKEND = "vllm_halluguard.engine.cpu_backend.HGCPUAttentionBackend"
+TRITON_BACKEND = "vllm_halluguard.engine.triton_backend.HGTritonBackend"
+#: ``triton`` makes the CPU engine run the GPU backend in Triton's interpreter (with TRITON_INTERPRET=1).
+ATTENTION_ENV = "HALLUGUARD_ATTENTION"
 
 
 def install_backends() -> None:
+    """CPU: our backend replaces ``CPU_ATTN``. GPU: our Triton backend is ``--attention-backend CUSTOM``."""
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    if not current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CUSTOM, TRITON_BACKEND)
+        return
+    choice = os.environ.get(ATTENTION_ENV, "native")
+    if choice not in ("native", "triton"):
+        raise ValueError(f"{ATTENTION_ENV} must be 'native' or 'triton', got {choice!r}")
+    register_backend(AttentionBackendEnum.CPU_ATTN, TRITON_BACKEND if choice == "triton" else CPU_BACKEND)
 
 
 @functools.cache
@@ -47,6 +61,7 @@ def ensure_runner_hook() -> None:
     GPUModelRunner._update_states = _update_states
 
 
+@functools.cache
 def install_admission() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
@@ -62,6 +77,10 @@ def install_admission() -> None:
         spec = spec_of(getattr(params, "extra_args", None))
         if spec is not None:
             try:
+                if self.vllm_config.use_v2_model_runner:
+                    raise ValueError(
+                        "mitigation methods need vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+                    )
                 resolve(spec, self.model_config.hf_config, self.vllm_config.cache_config.cache_dtype)
             except ValueError as e:
                 _forget_rendered_items(self, prompt)
@@ -106,6 +125,7 @@ def method_salt(request: Any) -> str | None:
     return salt
 
 
+@functools.cache
 def install_cache_salt() -> None:
     from vllm.v1.core import kv_cache_utils
 
@@ -125,7 +145,22 @@ def install_cache_salt() -> None:
     kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
 
 
+#: The runner whose batch updates :func:`ensure_runner_hook` follows (CPU uses it anyway; GPUs
+#: default to V2 in vLLM 0.32, so the plugin pins V1 unless the user chose explicitly).
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def pin_v1_runner() -> None:
+    if RUNNER_ENV not in os.environ:
+        os.environ[RUNNER_ENV] = "0"
+    elif os.environ[RUNNER_ENV] not in ("0", "false", "False"):
+        logger.warning(
+            "%s=%s: requests with a mitigation method will be rejected", RUNNER_ENV, os.environ[RUNNER_ENV]
+        )
+
+
 def install_all() -> None:
+    pin_v1_runner()
     install_backends()
     install_admission()
     install_cache_salt()

@@ -1,0 +1,46 @@
+"""The GPU backend (Triton kernel + builder + impl) inside the CPU engine, interpreted, vs the reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_halluguard import reference
+from vllm_halluguard.engine.hooks import TRITON_BACKEND
+from vllm_halluguard.testing.parity import Case, Generation, compare, hf_generate
+from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.testing.triton_mode import CASES, MAX_TOKENS
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def triton_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "gens.json"
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "vllm_halluguard.testing.triton_mode", "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_triton_backend_matches_reference(triton_run, fixture):
+    run = triton_run[fixture]
+    assert run["backends"] == [TRITON_BACKEND], "the engine must have run the Triton backend"
+    model, processor = load_hf(fixture)
+    for (seed, spec), got in zip(CASES, run["gens"], strict=True):
+        extra = None if spec is None else {"halluguard": spec}
+        case = Case(fixture, seed, max_tokens=MAX_TOKENS, extra_args=extra)
+        gen = Generation(got["token_ids"], [{int(k): v for k, v in s.items()} for s in got["logprobs"]])
+
+        def ctx(spec=spec):
+            return reference.apply(model, spec)
+
+        ref = hf_generate(model, processor, case, force=gen.token_ids, context=ctx if spec else None)
+        report = compare(gen, ref)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-3, f"{spec}: {report}"
+        free = hf_generate(model, processor, case, context=ctx if spec else None)
+        assert free.token_ids == gen.token_ids, f"{spec}: greedy tokens differ from the reference"
