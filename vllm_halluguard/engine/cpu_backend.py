@@ -39,6 +39,8 @@ class HGCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         runtime = rt.current()
         meta.hg = runtime.view_for(common_attn_metadata.num_reqs) if runtime is not None else None
+        if meta.hg is not None:  # host-side spans, once per step rather than once per layer
+            meta.hg_spans = (meta.query_start_loc.tolist(), meta.seq_lens.tolist())
         return meta
 
 
@@ -64,8 +66,8 @@ class HGCPUAttentionImpl(CPUAttentionBackendImpl):
             scale=self.scale,
             query=query[:n],
             output=output[:n].view(n, self.num_heads, self.head_size),
-            query_start_loc=attn_metadata.query_start_loc.tolist(),
-            seq_lens=attn_metadata.seq_lens.tolist(),
+            query_start_loc=attn_metadata.hg_spans[0],
+            seq_lens=attn_metadata.hg_spans[1],
             slot_mapping=attn_metadata.slot_mapping[:n],
             runtime=rt.current(),
             gather=gather,

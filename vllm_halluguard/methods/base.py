@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 ModelFamily = Literal["llava", "qwen2_vl"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("llava", "qwen2_vl")
@@ -90,9 +90,12 @@ class MethodConfig(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_nan(cls, v: Any) -> Any:
+    def _check_value(cls, v: Any, info: ValidationInfo) -> Any:
+        """Reject NaN everywhere; parse the fields named in ``layer_fields`` as layer specs."""
         if isinstance(v, float) and math.isnan(v):
             raise ValueError("NaN is not a valid value")
+        if info.field_name in cls.layer_fields:
+            return parse_layer_spec(v)
         return v
 
     @classmethod

@@ -23,9 +23,9 @@ import math
 from typing import ClassVar, Literal, Self
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from .base import LayerSpec, MethodConfig, ModelFamily, parse_layer_spec
+from .base import LayerSpec, MethodConfig, ModelFamily
 
 #: Official default decay: ln 256 / ln 1024 = 0.8.
 DEFAULT_SIGMA = math.log(256) / math.log(1024)
@@ -45,11 +45,6 @@ class FarSightConfig(MethodConfig):
     progressive: bool = Field(default=True, description="row-progressive decay term (modes A and C)")
     progressive_c: float = Field(default=1.0, gt=0.0, le=1.0, description="mode B: a_h = sigma * c + m_h")
     layers: LayerSpec | None = Field(default=None, description="patched decoder layers; None = all")
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _parse_layers(cls, v: object) -> LayerSpec | None:
-        return parse_layer_spec(v)
 
     @model_validator(mode="after")
     def _decay_positive(self) -> Self:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Self
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, parse_layer_spec, scale_layer_range
+from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_layer_range
 
 #: lambda_ref of the paper per model family. The paper has no Qwen2-VL value; LLaVA-1.5's is reused.
 LAMBDA_REF: dict[ModelFamily, float] = {"llava": 0.9, "qwen2_vl": 0.9}
@@ -40,11 +40,6 @@ class KVSmoothConfig(MethodConfig):
     rank_divisor: Literal["window", "filled"] = "window"
     recursive: bool = Field(default=True, description="EMA against the smoothed (True) or raw previous slot")
     smooth_first_token: bool = Field(default=True, description="smooth the first generated token too")
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _parse_layers(cls, v: object) -> LayerSpec | None:
-        return parse_layer_spec(v)
 
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:

@@ -18,9 +18,9 @@ import math
 from typing import ClassVar, Literal, Self
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .base import LayerSpec, MethodConfig, ModelFamily, parse_layer_spec
+from .base import LayerSpec, MethodConfig, ModelFamily
 
 #: (r, t) of the paper: LLaVA-1.5 (0.4, 3); Qwen-VL-7B (0.9, 4), reused for Qwen2-VL.
 PRESET_RT: dict[ModelFamily, tuple[float, int]] = {"llava": (0.4, 3), "qwen2_vl": (0.9, 4)}
@@ -46,11 +46,6 @@ class PruneHalConfig(MethodConfig):
         default="mean", description="A_l as per-token mean or total visual attention mass"
     )
     layers: LayerSpec | None = Field(default=None, description="voting and pruned layers; None = all")
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _parse_layers(cls, v: object) -> LayerSpec | None:
-        return parse_layer_spec(v)
 
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:

@@ -22,9 +22,9 @@ import math
 from typing import ClassVar, Literal, NamedTuple, Self
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, parse_layer_spec, scale_layer_range
+from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_layer_range
 
 Grid = tuple[int, int, int]
 
@@ -48,11 +48,6 @@ class SCRConfig(MethodConfig):
     )
     diag_layers: LayerSpec | None = Field(default=None, description="layers averaged in the diagnostic")
     layers: LayerSpec | None = Field(default=None, description="intervention layers (residual after each)")
-
-    @field_validator("diag_layers", "layers", mode="before")
-    @classmethod
-    def _parse_layers(cls, v: object) -> LayerSpec | None:
-        return parse_layer_spec(v)
 
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:

@@ -51,6 +51,17 @@ VOCAB_SIZE = 512
 IMAGE_SIZE = 112
 INIT_STD = 0.1
 SEED = 1234
+#: Text-model sizes shared by both fixtures: 4 query heads and 2 KV heads of size 32.
+TEXT_DIMS = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 
 _WORDS = (
     "a an the this that is are was were of on in under over near next to with and or but there "
@@ -161,19 +172,12 @@ def _build_llava(out: Path) -> None:
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TEXT_DIMS,
         head_dim=32,
-        max_position_embeddings=1024,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        tie_word_embeddings=False,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -251,20 +255,13 @@ def _build_qwen2_vl(out: Path) -> None:
     tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
+            **TEXT_DIMS,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
             use_sliding_window=False,
             bos_token_id=0,
             eos_token_id=2,
             pad_token_id=0,
-            tie_word_embeddings=False,
         ),
         vision_config=dict(
             depth=2,
