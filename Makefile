@@ -15,8 +15,9 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest workers, one per core; a test file's tests stay on one worker (shared engines).
 test: lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 fixtures: venv
 	$(PY) -m vllm_halluguard.testing.tiny_models --check

@@ -7,11 +7,49 @@ real multi-process server, which also proves the plugin loads in vLLM's engine p
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (``make test`` runs two workers), pin each worker's in-process engines to its own
+# core; vLLM's automatic binding would put both on core 0 and reserve core 1 for an API process.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(_worker[2:]) % (os.cpu_count() or 1))
+
 # Without a GPU, our Triton kernels run in Triton's interpreter; the variable must be set before
 # any module decorates a kernel (vLLM's own Triton is disabled on its CPU build either way).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+from vllm_halluguard.testing.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
+
+#: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
+#: block boundaries (the methods edit and read the paged cache across them).
+SHARED_ENGINE = {"block_size": 32}
+
+
+class EnginePool:
+    """One in-process vLLM engine per tiny fixture, shared by every test module of the session."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, object] = {}
+
+    def get(self, fixture: str):
+        if fixture not in self._engines:
+            self._engines[fixture] = make_llm(fixture, **SHARED_ENGINE)
+        return self._engines[fixture]
+
+    def close(self) -> None:
+        for llm in self._engines.values():
+            shutdown_llm(llm)
+        self._engines.clear()
+
+
+@pytest.fixture(scope="session")
+def engines():
+    pool = EnginePool()
+    yield pool
+    pool.close()

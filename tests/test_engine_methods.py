@@ -19,7 +19,6 @@ from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 pytestmark = pytest.mark.engine
 
 METHOD_ATOL = 1e-3  # issue bound for method parity (fp32); observed ~5e-6
-ENGINE = dict(block_size=32)  # smallest CPU block: prompts and generations cross block boundaries
 SPECS = {
     "kvsmooth": "kvsmooth",
     "farsight_b": {"method": "farsight", "mode": "B"},
@@ -34,10 +33,8 @@ def _case(fixture, seed, spec, prompt="Describe the image."):
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
-def setup(request):
-    fixture = request.param
-    with engine(fixture, **ENGINE) as llm:
-        yield fixture, llm
+def setup(request, engines):
+    return request.param, engines.get(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +131,7 @@ def test_prefix_cache_is_isolated_per_method_config(setup):
         ({"method": "kvsmooth", "window": 0}, "window"),
         ({"method": "kvsmooth", "lam_ref": "high"}, "lam_ref"),
         ({"method": "farsight", "mode": "A"}, "mode 'A'"),
-        ("prunehal", "not available in the engine yet"),
+        ("scr", "not available in the engine yet"),
         ({"method": "kvsmooth", "layers": [99]}, "do not exist"),
     ],
 )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_halluguard.testing.parity import Case, compare, engine, hf_generate, run_vllm
+from vllm_halluguard.testing.parity import Case, compare, hf_generate, run_vllm
 from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
@@ -20,9 +20,9 @@ def runs(request):
     """Per architecture: the 4 cases in one vLLM batch, the same 4 solo, and the HF model."""
     name = request.param
     cases = _cases(name)
-    with engine(name) as llm:
-        batch = run_vllm(llm, cases)
-        solo = [run_vllm(llm, [c])[0] for c in cases]
+    llm = request.getfixturevalue("engines").get(name)
+    batch = run_vllm(llm, cases)
+    solo = [run_vllm(llm, [c])[0] for c in cases]
     model, processor = load_hf(name)
     return cases, batch, solo, model, processor
 
