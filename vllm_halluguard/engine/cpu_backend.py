@@ -7,6 +7,7 @@ torch path over the paged cache (:mod:`vllm_halluguard.engine.cpu_cache`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from vllm_halluguard.engine.cpu_cache import gather_kv, learn_layout, write_kv
 from vllm_halluguard.engine.dispatch import run_methods
 from vllm_halluguard.engine.hooks import ensure_runner_hook
 from vllm_halluguard.engine.layer import LayerCall
+
+_layer_index = functools.lru_cache(maxsize=None)(extract_layer_index)
 
 
 class HGCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -62,7 +65,7 @@ class HGCPUAttentionImpl(CPUAttentionBackendImpl):
             write_kv(kv_cache, k, v, slots, layer.isa, self.kv_cache_dtype)
 
         call = LayerCall(
-            layer=extract_layer_index(layer.layer_name),
+            layer=_layer_index(layer.layer_name),
             scale=self.scale,
             query=query[:n],
             output=output[:n].view(n, self.num_heads, self.head_size),

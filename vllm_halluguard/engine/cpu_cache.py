@@ -17,10 +17,26 @@ import torch
 
 @dataclass(frozen=True)
 class PageLayout:
-    """Flat offsets, inside one (block, kv-head) page half, of token ``t`` and dim ``d``: ``[bs, hs]``."""
+    """Flat offsets, inside one (block, kv-head) page half, of token ``t`` and dim ``d``: ``[bs, hs]``.
+
+    ``k_order``/``v_order`` name the common packings so reads can use strided views instead of a
+    gather: ``"token"`` (``[bs, hs]``), ``"dim"`` (``[hs, bs]``) or ``"other"``.
+    """
 
     k_index: torch.Tensor
     v_index: torch.Tensor
+    k_order: str = "other"
+    v_order: str = "other"
+
+
+def _order(index: torch.Tensor) -> str:
+    bs, hs = index.shape
+    flat = torch.arange(bs * hs)
+    if torch.equal(index, flat.view(bs, hs)):
+        return "token"
+    if torch.equal(index, flat.view(hs, bs).T):
+        return "dim"
+    return "other"
 
 
 def _write(key, value, kv_cache, slots, isa: str, kv_cache_dtype: str = "auto") -> None:
@@ -58,7 +74,7 @@ def learn_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
         if (index < 0).any():
             raise RuntimeError(f"could not learn the {isa} KV page layout")
         out.append(index)
-    return PageLayout(*out)
+    return PageLayout(out[0], out[1], _order(out[0]), _order(out[1]))
 
 
 def gather_kv(
@@ -68,12 +84,18 @@ def gather_kv(
     hkv, bs = kv_cache.shape[1:3]
     hs = layout.k_index.shape[1]
     n_blocks = -(-seq_len // bs)
-    pages = kv_cache[block_ids[:n_blocks].long()].view(n_blocks, hkv, 2, bs * hs)
-    k = pages[:, :, 0][..., layout.k_index.flatten()].view(n_blocks, hkv, bs, hs)
-    v = pages[:, :, 1][..., layout.v_index.flatten()].view(n_blocks, hkv, bs, hs)
-    k = k.permute(0, 2, 1, 3).reshape(n_blocks * bs, hkv, hs)[:seq_len]
-    v = v.permute(0, 2, 1, 3).reshape(n_blocks * bs, hkv, hs)[:seq_len]
-    return k, v
+    pages = kv_cache.index_select(0, block_ids[:n_blocks].long()).view(n_blocks, hkv, 2, bs * hs)
+    halves = []
+    for half, index, order in ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order)):
+        flat = pages[:, :, half]
+        if order == "token":
+            x = flat.view(n_blocks, hkv, bs, hs)
+        elif order == "dim":
+            x = flat.view(n_blocks, hkv, hs, bs).transpose(2, 3)
+        else:
+            x = flat[..., index.flatten()].view(n_blocks, hkv, bs, hs)
+        halves.append(x.permute(0, 2, 1, 3).reshape(n_blocks * bs, hkv, hs)[:seq_len])
+    return halves[0], halves[1]
 
 
 def write_kv(

@@ -6,12 +6,20 @@ Both are attention with a per-row, per-head sink logit ``log R``; the math is
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import Row
 from vllm_halluguard.kernels.reference import attention_rows
 from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_logits
+
+
+@functools.lru_cache(maxsize=64)
+def _steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
+    """Mode B's per-head sink logits (a pure function of the frozen config)."""
+    return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c)
 
 
 def row_sinks(
@@ -21,7 +29,7 @@ def row_sinks(
     if cfg.is_noop():
         return None
     if cfg.mode == "B":
-        return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c).expand(len(positions), -1)
+        return _steady_sinks(cfg, num_heads).expand(len(positions), -1)
     prompt = positions < prompt_len  # mode C: registers over the prompt, for prompt rows only
     if not bool(prompt.any()):
         return None

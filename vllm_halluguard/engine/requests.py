@@ -8,6 +8,7 @@ that request only) and in the worker (to build the request's state), so both see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ from vllm_halluguard.methods import FarSightConfig, MethodConfig, ModelFamily, p
 
 EXTRA_ARGS_KEY = "halluguard"
 #: Methods the engine runs today; the others exist in the dense reference only.
-ENGINE_METHODS = frozenset({"kvsmooth", "farsight"})
+ENGINE_METHODS = frozenset({"kvsmooth", "farsight", "prunehal"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
 MAX_KVSMOOTH_WINDOW = 64
 
@@ -28,7 +29,19 @@ def model_family(hf_config: Any) -> ModelFamily | None:
 
 
 def spec_of(extra_args: Mapping[str, Any] | None) -> Any:
-    return None if not extra_args else extra_args.get(EXTRA_ARGS_KEY)
+    """The request's method spec (``None`` if absent).
+
+    A string that starts with ``{`` is decoded as JSON: the OpenAI server's ``vllm_xargs`` only carries
+    flat values, so the server sends an object spec as its JSON text. Text that is not valid JSON is
+    returned as is, and :func:`resolve` rejects it as an unknown method.
+    """
+    spec = None if not extra_args else extra_args.get(EXTRA_ARGS_KEY)
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            return json.loads(spec)
+        except json.JSONDecodeError:
+            return spec
+    return spec
 
 
 def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodConfig | None:

@@ -10,6 +10,7 @@ view from its metadata. Plain requests cost nothing: a step without mitigated ro
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ class Runtime:
         # KVSmooth: one entropy FIFO (ring buffer + push count) per slot and decoder layer.
         self.kvs_queue = torch.zeros(self.capacity, self.num_layers, MAX_KVSMOOTH_WINDOW)
         self.kvs_count = torch.zeros(self.capacity, self.num_layers, dtype=torch.long)
+        # PruneHal (engine/prunehal.py): block size for the block view, per-request traces (bounded).
+        self.block_size = vllm_config.cache_config.block_size
+        self.prunehal_log: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.step: StepView | None = None
         self.stats = {"admitted": 0, "released": 0, "preempted": 0}
 
@@ -80,6 +84,10 @@ class Runtime:
         self.kvs_count[slot].zero_()
         state = RequestState(req_id, slot, config, len(cached.prompt_token_ids or ()))
         self.requests[req_id] = state
+        if config.name == "prunehal":  # image-token positions and keep masks (engine/prunehal.py)
+            from vllm_halluguard.engine.prunehal import init_state
+
+            init_state(self, state, cached)
         self.stats["admitted"] += 1
         logger.debug("halluguard: %s -> slot %d (%s)", req_id, slot, config.canonical())
         return state
@@ -129,5 +137,8 @@ def worker_stats(worker: Any) -> dict[str, int]:
     """``LLM.collective_rpc(worker_stats)``: lifecycle counters of a worker's runtime (for tests, ops)."""
     runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
     if runtime is None:
-        return {"admitted": 0, "released": 0, "preempted": 0, "active": 0}
-    return {**runtime.stats, "active": len(runtime.requests)}
+        return {"admitted": 0, "released": 0, "preempted": 0, "active": 0, "prunehal_reclaimable_blocks": 0}
+    # PruneHal: KV blocks of active requests pruned in every layer (could return to the pool).
+    log = runtime.prunehal_log
+    reclaimable = sum(rec["reclaimable_blocks"] for rid, rec in log.items() if rid in runtime.requests)
+    return {**runtime.stats, "active": len(runtime.requests), "prunehal_reclaimable_blocks": reclaimable}

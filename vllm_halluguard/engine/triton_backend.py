@@ -3,7 +3,9 @@
 One launch of :func:`vllm_halluguard.kernels.triton_attention.paged_attention_into` serves the
 whole batch: FarSight rows carry per-row, per-head sink logits (``-inf`` for plain rows, so plain rows
 are plain attention), and layers that smooth a KVSmooth row ask the kernel for each row's exact
-entropy, from which :func:`vllm_halluguard.engine.kvsmooth.smooth` updates the cache slot.
+entropy, from which :func:`vllm_halluguard.engine.kvsmooth.smooth` updates the cache slot. PruneHal
+rows are reworked after the kernel by the same torch path as on CPU (its key mask is not in the
+kernel's launch yet).
 
 It uses no vLLM Triton kernel (vLLM's are disabled on its CPU build), so the same builder, impl
 and kernel run on a GPU and, for tests, inside the CPU engine with ``TRITON_INTERPRET=1``
@@ -31,6 +33,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_halluguard.engine import farsight, kvsmooth
 from vllm_halluguard.engine import runtime as rt
+from vllm_halluguard.engine.dispatch import run_methods
 from vllm_halluguard.engine.hooks import ensure_runner_hook
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import Row, StepView
@@ -52,6 +55,8 @@ class HGTritonMetadata:
     sink_layers: dict[int, torch.Tensor] | None = None
     #: KVSmooth rows of this step (their layers are checked per call).
     kvsmooth_rows: tuple[Row, ...] = ()
+    #: Rows of methods the kernel does not implement (PruneHal): reworked by the torch path.
+    torch_rows: tuple[Row, ...] = ()
 
 
 class HGTritonMetadataBuilder(AttentionMetadataBuilder[HGTritonMetadata]):
@@ -93,6 +98,9 @@ class HGTritonMetadataBuilder(AttentionMetadataBuilder[HGTritonMetadata]):
             start, end = meta.query_start_loc_cpu[row.index], meta.query_start_loc_cpu[row.index + 1]
             if cfg.name == "kvsmooth":
                 meta.kvsmooth_rows += (row,)
+                continue
+            if cfg.name != "farsight":  # no kernel support yet: the shared torch path after the kernel
+                meta.torch_rows += (row,)
                 continue
             seq_len = meta.seq_lens_cpu[row.index]
             positions = torch.arange(seq_len - (end - start), seq_len)
@@ -198,6 +206,8 @@ class HGTritonImpl(AttentionImpl):
             self.scale,
             sinks=sinks,
         )
+        if meta.torch_rows:
+            run_methods(call, StepView(meta.hg.num_reqs, meta.torch_rows))
         for row, pos in smoothing:
             token = meta.query_start_loc_cpu[row.index]
             if row.request.config.head_reduce != "mean_entropy":  # needs the probabilities: torch path

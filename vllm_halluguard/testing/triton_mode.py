@@ -21,6 +21,7 @@ CASES: tuple[tuple[int, Any], ...] = (
     (81, "kvsmooth"),
     (82, {"method": "farsight", "mode": "B"}),
     (83, {"method": "farsight", "mode": "C"}),
+    (84, "prunehal"),
 )
 MAX_TOKENS = 12
 

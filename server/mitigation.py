@@ -1,0 +1,241 @@
+"""What the HTTP ``mitigation`` field means: parsing, server policy and the engine's own resolution.
+
+A request's field (or the server default) is turned into the canonical config that the engine will run,
+with the same :func:`vllm_halluguard.engine.requests.resolve` the engine calls at admission, so a request
+the server accepts is one the engine accepts. The server options (default, allow-list, preset family)
+reach the API process through environment variables set by :mod:`server.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_halluguard.engine import requests as engine_requests
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, ModelFamily, parse
+
+FIELD = "mitigation"
+NONE = "none"
+
+DEFAULT_ENV = "HALLUGUARD_DEFAULT_MITIGATION"
+ALLOW_ENV = "HALLUGUARD_MITIGATION_ALLOW"
+PRESET_ENV = "HALLUGUARD_MITIGATION_PRESET"
+
+
+class MitigationError(ValueError):
+    """A bad ``mitigation`` value; ``reason`` labels the error metric."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def known_names() -> list[str]:
+    return [NONE, *METHODS]
+
+
+def engine_methods() -> frozenset[str]:
+    """Methods the engine runs, read at call time so that new engine methods appear by themselves."""
+    return engine_requests.ENGINE_METHODS
+
+
+def load_spec_text(text: str) -> Any:
+    """A spec written on the command line: a name, or JSON text of an object or a list."""
+    text = text.strip()
+    if text[:1] in "{[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MitigationError(f"not valid JSON: {e}", "invalid_spec") from e
+    return text
+
+
+def _method_name(item: Any) -> str:
+    if isinstance(item, Mapping):
+        return str(item.get("method"))
+    return str(item)
+
+
+def single_spec(value: Any) -> Any:
+    """Reduce the field to one method spec: a list composes methods, and the engine composes none yet."""
+    if isinstance(value, list):
+        if len(value) > 1:
+            names = [_method_name(v) for v in value]
+            raise MitigationError(
+                f"composing methods {names} is not supported: the engine runs one method per request "
+                f"(supported combinations: none); send one method",
+                "composition",
+            )
+        return value[0] if value else NONE
+    if value is None or isinstance(value, str | Mapping):
+        return value
+    raise MitigationError(
+        f"must be a method name, an object {{'method': name, ...params}} or a list of them, "
+        f"got {type(value).__name__}",
+        "invalid_spec",
+    )
+
+
+def parse_spec(value: Any) -> MethodConfig | None:
+    """Parse (without the model) the field's value; ``None`` means no mitigation."""
+    spec = single_spec(value)
+    try:
+        return parse(spec)
+    except ValueError as e:
+        reason = "unknown_method" if str(e).startswith("unknown method") else "invalid_params"
+        raise MitigationError(str(e), reason) from e
+
+
+class _FamilyView:
+    """An HF config seen as another model family (``--mitigation-preset``), for :func:`resolve`."""
+
+    def __init__(self, hf_config: Any, family: ModelFamily) -> None:
+        self._hf_config = hf_config
+        self.model_type = family
+
+    def get_text_config(self) -> Any:
+        return self._hf_config.get_text_config()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Server-wide settings: default spec, allow-list (``None`` = all) and preset family override."""
+
+    default: Any = None
+    allow: frozenset[str] | None = None
+    preset: ModelFamily | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Policy:
+        default = load_spec_text(environ[DEFAULT_ENV]) if environ.get(DEFAULT_ENV) else None
+        allow = parse_allow(environ[ALLOW_ENV]) if environ.get(ALLOW_ENV) else None
+        preset = environ.get(PRESET_ENV) or None
+        if preset is not None and preset not in MODEL_FAMILIES:
+            raise MitigationError(f"preset must be one of {list(MODEL_FAMILIES)}, got {preset!r}", "config")
+        policy = cls(default, allow, preset)  # type: ignore[arg-type]
+        policy.check()
+        return policy
+
+    def check(self) -> None:
+        """Model-independent checks of the settings themselves."""
+        cfg = parse_spec(self.default)
+        if self.allow is not None:
+            name = cfg.name if cfg is not None else NONE
+            if name not in self.allow:
+                raise MitigationError(
+                    f"the default mitigation {name!r} is not in the allow-list {sorted(self.allow)}",
+                    "config",
+                )
+
+
+def parse_allow(text: str) -> frozenset[str]:
+    names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
+    unknown = sorted(names - set(known_names()))
+    if unknown:
+        msg = f"unknown methods {unknown} in the allow-list; known: {known_names()}"
+        raise MitigationError(msg, "config")
+    return names
+
+
+class Resolver:
+    """The policy bound to the served model: request field → resolved config (or ``None``)."""
+
+    def __init__(self, policy: Policy, hf_config: Any, cache_dtype: str = "auto") -> None:
+        self.policy = policy
+        self.hf_config = hf_config
+        self.cache_dtype = cache_dtype
+        self.family: ModelFamily | None = policy.preset or engine_requests.model_family(hf_config)
+        self.num_layers: int = hf_config.get_text_config().num_hidden_layers
+        self.default = self.resolve(policy.default)  # a bad default fails at startup
+
+    def _model_view(self) -> Any:
+        if self.policy.preset is None:
+            return self.hf_config
+        return _FamilyView(self.hf_config, self.policy.preset)
+
+    def resolve(self, value: Any) -> MethodConfig | None:
+        """Validate a request's value (parse, allow-list, engine) and return the config the engine runs."""
+        cfg = parse_spec(value)
+        name = cfg.name if cfg is not None else NONE
+        allow = self.policy.allow
+        if allow is not None and name not in allow:
+            raise MitigationError(
+                f"method {name!r} is not allowed on this server (allowed: {', '.join(sorted(allow))})",
+                "not_allowed",
+            )
+        if cfg is None:
+            return None
+        try:
+            return self._engine_resolve(single_spec(value))
+        except ValueError as e:
+            reason = "unsupported" if cfg.name not in engine_methods() else "invalid_params"
+            raise MitigationError(str(e), reason) from e
+
+    def _engine_resolve(self, spec: Any) -> MethodConfig | None:
+        return engine_requests.resolve(spec, self._model_view(), self.cache_dtype)
+
+    def for_request(self, body: Mapping[str, Any]) -> tuple[MethodConfig | None, bool]:
+        """The config of a request body and whether it named one (else the server default applies).
+
+        The field may also come as ``vllm_xargs.halluguard`` (the engine's own key), which goes through
+        the same checks; giving both is an error.
+        """
+        xargs = body.get("vllm_xargs")
+        raw_xarg = xargs.get(engine_requests.EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
+        if FIELD in body and raw_xarg is not None:
+            raise MitigationError(
+                f"give either 'mitigation' or vllm_xargs.{engine_requests.EXTRA_ARGS_KEY}, not both",
+                "invalid_spec",
+            )
+        if FIELD in body:
+            value = body[FIELD]
+            return self.resolve(NONE if value is None else value), True
+        if raw_xarg is not None:
+            return self.resolve(engine_requests.spec_of(xargs)), True
+        return self.default, False
+
+    def describe(self) -> dict[str, Any]:
+        """Content of ``GET /v1/mitigations``."""
+        engine = engine_methods()
+        methods = []
+        for name, cls in METHODS.items():
+            defaults: dict[str, Any] | None = None
+            try:
+                cfg = self._engine_resolve(name) if name in engine else None
+                if cfg is None and self.family is not None:
+                    cfg = cls().for_model(self.family, self.num_layers)
+                defaults = json.loads(cfg.canonical()) if cfg is not None else None
+            except ValueError:
+                defaults = None
+            methods.append(
+                {
+                    "method": name,
+                    "description": _summary(cls),
+                    "engine_supported": name in engine,
+                    "allowed": self.policy.allow is None or name in self.policy.allow,
+                    "defaults": defaults,
+                    "schema": cls.model_json_schema(),
+                }
+            )
+        return {
+            "object": "list",
+            "model_family": self.family,
+            "num_layers": self.num_layers,
+            "default": json.loads(self.default.canonical()) if self.default is not None else NONE,
+            "composition": {"supported": [], "note": "one method per request"},
+            "data": methods,
+        }
+
+
+def _summary(cls: type[MethodConfig]) -> str:
+    doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else cls.name
+
+
+def header_value(cfg: MethodConfig | None) -> str:
+    """Value of the ``x-halluguard-mitigation`` response header."""
+    return cfg.canonical() if cfg is not None else NONE

@@ -1,0 +1,168 @@
+"""In-engine PruneHal (CPU path): parity with the dense reference (tokens, log-probs and the keep masks
+of every prune), mixed batches, the block view, text-only requests and the no-op config."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from vllm_halluguard import reference
+from vllm_halluguard.engine.prunehal import prunehal_trace
+from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.testing.parity import Case, compare, hf_generate, run_vllm
+from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+
+pytestmark = pytest.mark.engine
+
+METHOD_ATOL = 1e-3
+BLOCK = 32
+SPECS = {
+    "preset": "prunehal",
+    "subset_first_step": {"method": "prunehal", "r": 0.5, "t": 5, "history": "first_step", "layers": [1, 2]},
+    "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
+}
+
+
+def _case(fixture, seed, spec, prompt="Describe the image."):
+    return Case(
+        fixture, image_seed=seed, prompt=prompt, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec}
+    )
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def setup(request, engines):
+    """The session's shared engine of each fixture (conftest: ``block_size=32``)."""
+    llm = engines.get(request.param)
+    assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK
+    return request.param, llm
+
+
+@pytest.fixture(scope="module")
+def hf(setup):
+    return load_hf(setup[0])
+
+
+def _run_traced(llm, case):
+    """One request through the engine and its PruneHal record from the worker."""
+    llm.collective_rpc(prunehal_trace, args=(True,))
+    (gen,) = run_vllm(llm, [case])
+    (log,) = llm.collective_rpc(prunehal_trace, args=(True,))
+    assert len(log) == 1, log.keys()
+    return gen, next(iter(log.values()))
+
+
+def _reference_ctx(model, spec, refs):
+    @contextlib.contextmanager
+    def ctx():
+        with reference.apply(model, spec) as ref:
+            refs.append(ref)
+            yield ref
+
+    return ctx
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_engine_matches_reference(setup, hf, name):
+    fixture, llm = setup
+    model, processor = hf
+    spec = SPECS[name]
+    case = _case(fixture, 5, spec)
+    gen, rec = _run_traced(llm, case)
+    (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
+
+    refs = []
+    ctx = _reference_ctx(model, spec, refs)
+    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    report = compare(gen, forced)
+    assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    free = hf_generate(model, processor, case, context=_reference_ctx(model, spec, []))
+    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+
+    # the engine's decisions are the reference's: same steps, same per-layer keep masks
+    trace = refs[0].trace
+    assert rec["num_visual"] == trace[0]["keep"].shape[-1] > 0
+    assert rec["steps"] == trace[-1]["step"] == len(gen.token_ids) - 1
+    ref_prunes = [(r["step"], r["keep"][0]) for r in trace if bool(r["fired"][0])]
+    assert [p["step"] for p in rec["prunes"]] == [s for s, _ in ref_prunes]
+    for got, (_, keep) in zip(rec["prunes"], ref_prunes, strict=True):
+        assert torch.equal(torch.tensor(got["keep"]), keep)
+        assert got["kept"] == keep.sum(-1).tolist()
+    assert ref_prunes, "no prune happened: the test would not exercise masking"
+
+    # floor schedule: each prune keeps floor(r * |S|) of the layer's kept tokens
+    r = {"preset": {"llava": 0.4, "qwen2_vl": 0.9}[fixture]}.get(name) or spec["r"]
+    n = rec["num_visual"]
+    for p in rec["prunes"]:
+        n = math.floor(n * r + 1e-9)
+        assert set(p["kept"]) == {n}, (p["step"], p["kept"], n)
+
+    # tokens produced before the first prune takes effect are the plain run's, bit for bit
+    first_effect = ref_prunes[0][0] + 1  # decode step m produces token m + 1; effect from step m + 1
+    assert gen.logprobs[:first_effect] == plain.logprobs[:first_effect]
+    moved = max(
+        abs(a[t] - b[t])
+        for a, b in zip(gen.logprobs, plain.logprobs, strict=True)
+        for t in a.keys() & b.keys()
+    )
+    assert gen.token_ids != plain.token_ids or moved > 1e-3
+
+
+def test_block_view_counts_blocks_pruned_in_every_layer(setup):
+    fixture, llm = setup
+    spec = {"method": "prunehal", "r": 0.01, "t": 1}  # the forced prune drops every visual token
+    gen, rec = _run_traced(llm, _case(fixture, 7, spec))
+    image_id = {"llava": 4, "qwen2_vl": 12}[fixture]
+    visual = torch.tensor(gen.prompt_token_ids) == image_id
+    assert int(visual.sum()) == rec["num_visual"]
+    keep = torch.tensor(rec["prunes"][-1]["keep"])  # [layers, Nv], all decoder layers
+    gone = torch.zeros(len(gen.prompt_token_ids), dtype=torch.bool)
+    gone[visual] = ~keep.any(0)
+    blocks = [bool(gone[i : i + BLOCK].all()) and i + BLOCK <= len(gone) for i in range(0, len(gone), BLOCK)]
+    assert rec["reclaimable_blocks"] == sum(blocks)
+    assert not keep.any()
+    if fixture == "llava":  # 64 consecutive image tokens cover at least one whole 32-token block
+        assert rec["reclaimable_blocks"] >= 1
+    stats = worker_stats_of(llm, fixture)
+    assert stats["prunehal_reclaimable_blocks"] == 0 and stats["active"] == 0, stats
+
+
+def test_mixed_batch_equals_solo_runs(setup):
+    fixture, llm = setup
+    farsight = {"method": "farsight", "mode": "B"}
+    specs = [None, "kvsmooth", farsight, "prunehal", SPECS["subset_first_step"], None]
+    prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
+    cases = [_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    batch = run_vllm(llm, cases)
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    stats = worker_stats_of(llm, fixture)
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+def test_text_only_request_never_prunes(setup):
+    """Documented choice: no image tokens -> a no-op (warning in the worker log), not an error."""
+    fixture, llm = setup
+    text = Case(fixture, image_seed=None, prompt="Tell me a story.")
+    gen, rec = _run_traced(llm, Case(fixture, None, text.prompt, extra_args={EXTRA_ARGS_KEY: "prunehal"}))
+    (plain,) = run_vllm(llm, [text])
+    assert rec["num_visual"] == 0 and rec["prunes"] == []
+    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
+
+
+def test_r1_config_equals_plain(setup):
+    fixture, llm = setup
+    gen, rec = _run_traced(llm, _case(fixture, 9, {"method": "prunehal", "r": 1.0}))
+    (plain,) = run_vllm(llm, [_case(fixture, 9, None)])
+    assert rec["prunes"] == []
+    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
+
+
+def worker_stats_of(llm, fixture):
+    """Runtime counters, after one plain step delivers the last finished request ids to the worker."""
+    run_vllm(llm, [Case(fixture, None, max_tokens=1)])
+    (stats,) = llm.collective_rpc(worker_stats)
+    return stats

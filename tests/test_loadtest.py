@@ -1,0 +1,442 @@
+"""The load generator (``python -m loadtest``): pure unit tests, then one run against the real tiny server.
+
+The end-to-end test starts ``python -m server --fixture llava`` once (module scope) and runs the CLI as a
+subprocess with a small plan (none + kvsmooth + a 50/50 mix, concurrency 1 and 4, 4 requests each, 8
+output tokens), then checks the report it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+
+from loadtest import cli, workload
+from loadtest.client import RemoteTargetError, RequestRecord, check_target, is_loopback_host, send
+from loadtest.runner import Runner
+from loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 300
+
+# ------------------------------------------------------------------------------------------ stats
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    xs = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 100) == 4.0
+    assert percentile(xs, 50) == pytest.approx(2.5)  # rank 1.5
+    assert percentile(xs, 90) == pytest.approx(3.7)  # rank 2.7: 3 + 0.7 * (4 - 3)
+    assert percentile(xs, 99) == pytest.approx(3.97)  # rank 2.97
+    assert percentile([10.0, 20.0, 30.0, 40.0, 50.0], 25) == pytest.approx(20.0)  # rank exactly 1
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_dist_reports_milliseconds():
+    d = dist([0.001, 0.002, 0.003])
+    assert d is not None
+    assert (d.n, d.min, d.max) == (3, pytest.approx(1.0), pytest.approx(3.0))
+    assert d.mean == pytest.approx(2.0)
+    assert d.p50 == pytest.approx(2.0)
+    assert d.p90 == pytest.approx(2.8)  # rank 1.8
+    assert dist([]) is None
+
+
+def test_mean_ci_uses_student_t():
+    ci = mean_ci([1.0, 2.0, 3.0])  # mean 2, sample sd 1, t(2 df) = 4.303
+    assert ci.mean == pytest.approx(2.0)
+    assert ci.ci95 == pytest.approx(4.303 / math.sqrt(3))
+    assert mean_ci([5.0]).ci95 == 0.0
+
+
+def _rec(mitigation: str, ok: bool = True, ttft: float = 0.1, e2e: float = 0.8, tokens: int = 8, **kw):
+    if not ok:
+        return RequestRecord(mitigation=mitigation, ok=False, start=0.0, error=kw.get("error", "http_500"))
+    itl = [(e2e - ttft) / (tokens - 1)] * (tokens - 1)
+    return RequestRecord(
+        mitigation=mitigation, ok=True, start=0.0, ttft=ttft, e2e=e2e, itl=itl, output_tokens=tokens
+    )
+
+
+def test_summarize_counts_errors_tpot_and_throughput():
+    rep1 = [_rec("none"), _rec("none", ttft=0.3, e2e=1.0), _rec("none", ok=False, error="timeout")]
+    rep2 = [_rec("none", tokens=4, e2e=0.4), _rec("none", ok=False, error="http_400")]
+    s = summarize([(rep1, 2.0), (rep2, 1.0)], expected_tokens=8)
+    assert (s.requests, s.ok) == (5, 3)
+    assert s.errors == {"http_400": 1, "timeout": 1}
+    assert s.output_len_mismatch == 1
+    assert s.tpot.n == 3
+    assert s.tpot.min == pytest.approx(100.0)  # (0.4 - 0.1) / 3 s
+    assert s.ttft.max == pytest.approx(300.0)
+    assert s.itl.n == 7 + 7 + 3
+    assert s.output_tokens == 20
+    # Per repeat: 16 tok / 2 s and 4 tok / 1 s; 2 req / 2 s and 1 req / 1 s.
+    assert s.output_throughput.values == [8.0, 4.0]
+    assert s.request_throughput.mean == pytest.approx(1.0)
+    assert s.goodput is None
+    slo = summarize([(rep1, 2.0)], expected_tokens=8, slo=Slo(ttft=200))
+    assert slo.goodput.values == [0.5]  # one of the two successes meets TTFT <= 200 ms
+
+
+def test_ratio_logic():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+    base = summarize([([_rec("none"), _rec("none", e2e=1.2)], 1.0)], 8)
+    slow = summarize([([_rec("k", ttft=0.2, e2e=1.6), _rec("k", ttft=0.2, e2e=2.4)], 2.0)], 8)
+    self_r = ratios(base, base)
+    assert self_r and all(v == 1.0 for v in self_r.values())
+    r = ratios(slow, base)
+    assert r["ttft_p50"] == pytest.approx(2.0)
+    assert r["e2e_mean"] == pytest.approx(2.0)
+    assert r["output_throughput"] == pytest.approx(0.5)
+    assert r["request_throughput"] == pytest.approx(0.5)
+    part = ratios(slow, base, throughput=False)
+    assert part["output_throughput"] is None and part["e2e_p50"] == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------------------- workload
+
+
+def test_parse_mix_normalises_and_rejects_bad_input():
+    assert workload.parse_mix("kvsmooth=0.5,none=0.5") == {"kvsmooth": 0.5, "none": 0.5}
+    assert workload.parse_mix(" kvsmooth=3 , none=1 ") == {"kvsmooth": 0.75, "none": 0.25}
+    assert workload.parse_mix("farsight=1,none=0") == {"farsight": 1.0}
+    for bad in ("kvsmooth", "kvsmooth=x", "=1", "a=1,a=2", "a=-1,b=2", "a=0,b=0", "a=inf", "a=nan"):
+        with pytest.raises(ValueError):
+            workload.parse_mix(bad)
+
+
+def test_assign_hits_the_proportions_exactly_and_is_seeded():
+    names = workload.assign({"kvsmooth": 0.5, "none": 0.5}, 10, seed=3)
+    assert sorted(names) == ["kvsmooth"] * 5 + ["none"] * 5
+    assert names == workload.assign({"kvsmooth": 0.5, "none": 0.5}, 10, seed=3)
+    third = workload.assign({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 4, seed=0)
+    assert len(third) == 4 and {third.count(k) for k in "abc"} == {1, 2}
+
+
+def test_poisson_arrivals_are_seeded():
+    a = workload.arrival_offsets(2000, 4.0, seed=1)
+    assert a == workload.arrival_offsets(2000, 4.0, seed=1)
+    assert a != workload.arrival_offsets(2000, 4.0, seed=2)
+    assert a[0] == 0.0 and a == sorted(a)
+    assert a[-1] / 1999 == pytest.approx(0.25, rel=0.1)  # mean gap 1 / rate
+    assert workload.arrival_offsets(3, math.inf, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_images_are_deterministic_and_sized():
+    assert workload.data_url(workload.make_image(5, 40, 30)) == workload.data_url(
+        workload.make_image(5, 40, 30)
+    )
+    assert workload.make_image(5, 40, 30).size == (40, 30)
+    pool = workload.image_pool(3, [(16, 16), (24, 8)], seed=0)
+    assert len(set(pool)) == 3 and all(u.startswith("data:image/png;base64,") for u in pool)
+    assert workload.parse_size("336") == (336, 336)
+    assert workload.parse_size("640x480") == (640, 480)
+    for bad in ("0", "ax3", "1x2x3", "100000x100000"):
+        with pytest.raises(ValueError):
+            workload.parse_size(bad)
+
+
+def test_chat_body_fixes_the_output_length():
+    body = workload.chat_body("m", "data:,", "hi", 16, "kvsmooth")
+    assert (body["max_tokens"], body["min_tokens"], body["ignore_eos"]) == (16, 16, True)
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["mitigation"] == "kvsmooth"
+    assert "mitigation" not in workload.chat_body("m", "data:,", "hi", 16, None)
+
+
+def test_scenarios_always_start_with_none():
+    s = cli.scenarios(["kvsmooth,farsight", "kvsmooth"], [{"kvsmooth": 0.5, "none": 0.5}])
+    assert [x.name for x in s] == ["none", "kvsmooth", "farsight", "mix(kvsmooth=0.5,none=0.5)"]
+    assert [x.name for x in cli.scenarios([], [])] == ["none"]
+
+
+# ------------------------------------------------------------- client and runner on a fake server
+
+ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+
+
+def _tok(text: str) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+def _sse(*events: dict, done: bool = True) -> bytes:
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + (["data: [DONE]\n\n"] if done else [])
+    return "".join(lines).encode()
+
+
+def _send(handler, timeout: float = 5.0) -> RequestRecord:
+    async def go() -> RequestRecord:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            body = workload.chat_body("m", "data:,", "hi", 3, "kvsmooth")
+            return await send(c, "http://127.0.0.1/v1/chat/completions", body, "kvsmooth", timeout)
+
+    return asyncio.run(go())
+
+
+def test_send_times_one_chunk_per_token_even_when_its_text_is_empty():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, content=_sse(ROLE, _tok("a"), _tok(""), _tok("b"), USAGE))
+
+    rec = _send(handler)
+    assert seen[0]["mitigation"] == "kvsmooth" and seen[0]["stream"] is True
+    assert rec.ok and rec.error is None
+    assert (rec.output_tokens, rec.prompt_tokens, rec.chunks, len(rec.itl)) == (3, 5, 3, 2)
+    assert 0 < rec.ttft <= rec.e2e
+    assert rec.tpot == pytest.approx((rec.e2e - rec.ttft) / 2)
+
+
+def test_send_classifies_failures():
+    def raises(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    async def slow(request):
+        await asyncio.sleep(2)
+        return httpx.Response(200, content=_sse(ROLE, _tok("a"), USAGE))
+
+    cases = {
+        "http_500": lambda r: httpx.Response(500, json={"error": {"message": "boom"}}),
+        "incomplete_stream": lambda r: httpx.Response(200, content=_sse(ROLE, _tok("a"), done=False)),
+        "stream_error": lambda r: httpx.Response(200, content=_sse(ROLE, {"error": {"message": "x"}})),
+        "no_output": lambda r: httpx.Response(200, content=_sse(ROLE, USAGE)),
+        "bad_event": lambda r: httpx.Response(200, content=b"data: {not json\n\n"),
+        "connect": raises,
+    }
+    for kind, handler in cases.items():
+        rec = _send(handler)
+        assert (rec.ok, rec.error) == (False, kind), rec
+        assert rec.tpot is None
+    assert "boom" in _send(cases["http_500"]).detail
+    assert _send(slow, timeout=0.2).error == "timeout"
+
+
+def test_runner_stops_at_the_time_limit_and_counts_what_it_sent():
+    async def slow(request):
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, content=_sse(ROLE, _tok("a"), _tok("b"), _tok("c"), USAGE))
+
+    args = cli.build_parser().parse_args(
+        ["--mitigation", "kvsmooth", "--concurrency", "1", "--requests", "4", "--repeats", "1",
+         "--warmup", "0", "--max-tokens", "3", "--image-size", "8", "--images", "1", "--max-duration", "0.45"]
+    )  # fmt: skip
+    cfg = cli.config_from_args(args, "m")
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as c:
+            return await Runner(cfg, c).run()
+
+    points, totals = asyncio.run(go())
+    assert totals.truncated
+    assert 1 <= totals.sent < cfg.planned_requests() == 8
+    assert totals.ok + sum(totals.errors.values()) == totals.sent
+    assert totals.errors.get("aborted_at_time_limit", 0) >= 1
+    assert sum(g.summary.requests for g in points[0].groups) == totals.sent
+
+
+def test_rate_mode_caps_in_flight_requests_and_mixes_per_request():
+    in_flight, peak, methods = 0, 0, []
+
+    async def handler(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        methods.append(json.loads(request.content)["mitigation"])
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return httpx.Response(200, content=_sse(ROLE, _tok("a"), _tok("b"), _tok("c"), USAGE))
+
+    args = cli.build_parser().parse_args(
+        ["--mix", "kvsmooth=0.5,none=0.5", "--rate", "inf,50", "--max-concurrency", "2", "--requests", "6",
+         "--repeats", "2", "--warmup", "0", "--max-tokens", "3", "--image-size", "8", "--images", "2"]
+    )  # fmt: skip
+    cfg = cli.config_from_args(args, "m")
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            return await Runner(cfg, c).run()
+
+    points, totals = asyncio.run(go())
+    assert (totals.sent, totals.ok, totals.truncated) == (48, 48, False)  # 2 scenarios x 2 rates x 2 x 6
+    assert peak == 2
+    assert methods.count("kvsmooth") == 12 and methods.count("none") == 36
+    assert [p.label for p in points] == ["rate=inf (max 2)", "rate=50/s (max 2)"]
+    mix = {g.mitigation: g for g in points[1].groups if g.scenario.startswith("mix")}
+    assert (mix["all"].summary.requests, mix["kvsmooth"].summary.requests) == (12, 6)
+    assert mix["all"].ratios_vs_none["output_throughput"] is not None
+    assert mix["none"].ratios_vs_none["output_throughput"] is None
+
+
+# ---------------------------------------------------------------------------------- target guard
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "localhost", "::1", "[::1]"])
+def test_loopback_targets_are_allowed(host):
+    assert is_loopback_host(host)
+    url_host = host if host.startswith("[") or ":" not in host else f"[{host}]"
+    check_target(f"http://{url_host}:8000", allow_remote=False)
+
+
+@pytest.mark.parametrize(
+    "host", ["8.8.8.8", "10.0.0.1", "192.168.1.10", "0.0.0.0", "[2001:db8::1]", "no.such.invalid"]
+)
+def test_remote_targets_are_refused(host):
+    with pytest.raises(RemoteTargetError):
+        check_target(f"http://{host}:8000", allow_remote=False)
+    check_target(f"http://{host}:8000", allow_remote=True)  # the explicit opt-in
+
+
+def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--base-url", "http://10.1.2.3:8000", "--model", "m", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--base-url", "ftp://127.0.0.1", "--model", "m", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    # 1 scenario x 2 load points x 3 repeats x 16 requests + 2 warm-up = 98 > 50: refused before sending.
+    port = _free_port()
+    argv = ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--max-requests", "50"]
+    with pytest.raises(SystemExit, match="98 requests"):
+        cli.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("loadtest_server") / "server.log"
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "server", "--fixture", "llava", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16",
+        "--kv-cache-memory-bytes", "268435456", "--limit-mm-per-prompt", '{"image": 1}',
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def run(server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest_out")
+    cmd = [
+        sys.executable, "-m", "loadtest", "--base-url", server, "--mitigation", "kvsmooth",
+        "--mix", "kvsmooth=0.5,none=0.5", "--concurrency", "1,4", "--requests", "4", "--repeats", "1",
+        "--warmup", "1", "--max-tokens", "8", "--image-size", "64", "--image-size", "48x32",
+        "--max-duration", "240", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+@pytest.mark.server
+def test_cli_run_counts_every_request(run):
+    proc, out = run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"config", "setup", "points", "totals"}
+    assert report["config"]["model"] == "tiny-llava"
+    assert [s["name"] for s in report["config"]["scenarios"]] == [
+        "none",
+        "kvsmooth",
+        "mix(kvsmooth=0.5,none=0.5)",
+    ]
+    totals = report["totals"]
+    # 3 scenarios x 2 concurrencies x 4 requests measured; 1 warm-up per method (none, kvsmooth).
+    assert (totals["sent"], totals["warmup_sent"], totals["truncated"]) == (24, 2, False)
+    assert totals["ok"] + sum(totals["errors"].values()) == totals["sent"]
+    assert [p["label"] for p in report["points"]] == ["concurrency=1", "concurrency=4"]
+    counted = 0
+    for point in report["points"]:
+        groups = {(g["scenario"], g["mitigation"]): g for g in point["groups"]}
+        assert set(groups) == {
+            ("none", "none"), ("kvsmooth", "kvsmooth"), ("mix(kvsmooth=0.5,none=0.5)", "all"),
+            ("mix(kvsmooth=0.5,none=0.5)", "kvsmooth"), ("mix(kvsmooth=0.5,none=0.5)", "none"),
+        }  # fmt: skip
+        for (scenario, method), g in groups.items():
+            s = g["summary"]
+            assert s["ok"] + sum(s["errors"].values()) == s["requests"]
+            if method in ("all", scenario):
+                counted += s["requests"]
+                assert s["requests"] == 4
+        assert groups[("mix(kvsmooth=0.5,none=0.5)", "none")]["summary"]["requests"] == 2
+        for g in point["groups"]:
+            s = g["summary"]
+            assert s["errors"] == {}
+            assert s["output_len_mismatch"] == 0, "ignore_eos + min_tokens fix the output length"
+            assert s["output_tokens"] == 8 * s["ok"]
+            for metric in ("ttft", "tpot", "itl", "e2e"):
+                d = s[metric]
+                assert 0 < d["min"] <= d["p50"] <= d["p90"] <= d["p99"] <= d["max"]
+            assert s["itl"]["n"] == 7 * s["ok"], "one streamed chunk per token"
+            assert s["ttft"]["p50"] < s["e2e"]["p50"]
+        none_ratios = groups[("none", "none")]["ratios_vs_none"]
+        assert none_ratios and all(v == 1.0 for v in none_ratios.values())
+        kvs = groups[("kvsmooth", "kvsmooth")]["ratios_vs_none"]
+        assert all(v is not None and v > 0 for v in kvs.values())
+        assert groups[("mix(kvsmooth=0.5,none=0.5)", "none")]["ratios_vs_none"]["output_throughput"] is None
+    assert counted == totals["sent"]
+
+
+@pytest.mark.server
+def test_cli_run_writes_markdown_and_plots(run):
+    proc, out = run
+    md = (out / "report.md").read_text()
+    assert "## concurrency=1" in md and "## concurrency=4" in md and "Overhead vs `none`" in md
+    assert md in proc.stdout, "the CLI prints the same table"
+    pytest.importorskip("matplotlib")
+    for name in ("latency.png", "overhead.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000

@@ -1,0 +1,218 @@
+"""PruneHal in the engine (CPU path): per-layer keep masks over a request's visual keys.
+
+For every mitigated decode row and configured layer, :func:`apply`
+
+* recomputes the row's attention over the paged cache with the pruned visual keys masked (``key_mask``:
+  an additive ``-inf``, identical to slicing them out) and writes it over the native kernel's output
+  (only once something is pruned; before that the native output is already exact);
+* measures the last query's head-averaged probabilities on the visual keys, exactly: explicit logits
+  ``s_j = scale * q . k_j`` on the visual keys normalised by the row's LSE over the *kept* keys (the
+  reference's softmax with pruned keys at ``-inf``), giving ``A_l`` and the per-token scores.
+
+After the last configured layer of a decode step the request decides (``should_prune``: forced prune
+at ``force_step``, then the ``sqrt(r)`` majority vote against the history, at most ``t`` prunes), keeps
+the top ``floor(r |S_l|)`` per layer and updates the history; the new masks apply from the next
+forward, as in the reference. The math is :mod:`vllm_halluguard.methods.prunehal`.
+
+State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
+tokens differs per request (Qwen2-VL's dynamic resolution, text-only requests), the CPU path already
+works row by row, and the state is dropped with the request (a preempted request starts over).
+A request without image tokens is a documented no-op (warning logged): it never prunes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.runtime import RequestState, Row, Runtime
+from vllm_halluguard.kernels.reference import attention_rows
+from vllm_halluguard.methods.prunehal import (
+    PruneHalConfig,
+    history_mean,
+    keep_topr,
+    should_prune,
+    update_history,
+    visual_attention_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.prunehal_log``).
+MAX_LOGGED_REQUESTS = 256
+
+
+@dataclass
+class PruneState:
+    """One request's PruneHal state; per-layer tensors are indexed like ``layers``."""
+
+    visual: torch.Tensor  # [Nv] positions of the image tokens in the prompt
+    layers: tuple[int, ...]
+    keep: torch.Tensor  # [n, Nv] bool
+    count: torch.Tensor  # [1] prunes so far
+    hist_sum: torch.Tensor  # [1, n]
+    hist_n: torch.Tensor  # [1]
+    A: torch.Tensor  # [n] statistic of the current step
+    scores: torch.Tensor  # [n, Nv] per-token scores of the current step
+    seen: torch.Tensor  # [n] bool: layers measured in the current step
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def index(self) -> dict[int, int]:
+        return {layer: i for i, layer in enumerate(self.layers)}
+
+
+def visual_positions(cached: Any, image_token_id: int | None) -> torch.Tensor:
+    """Image-token positions of a runner request (``CachedRequestState``), sorted ``[Nv]``.
+
+    From the multimodal placeholders (``mm_position`` offset/length, restricted to ``is_embed``, the
+    positions that receive image embeddings); without features, prompt tokens equal to the image token.
+    """
+    spans = []
+    for feature in getattr(cached, "mm_features", None) or ():
+        if getattr(feature, "modality", "image") != "image":
+            continue
+        pr = feature.mm_position
+        pos = torch.arange(pr.offset, pr.offset + pr.length)
+        if pr.is_embed is not None:
+            pos = pos[pr.is_embed.bool().cpu()]
+        spans.append(pos)
+    if spans:
+        return torch.cat(spans).sort().values
+    ids = cached.prompt_token_ids
+    if ids is None or image_token_id is None:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.nonzero(torch.tensor(ids) == image_token_id).flatten()
+
+
+def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
+    """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``)."""
+    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    image_token_id = getattr(runtime.hf_config, "image_token_id", None)
+    visual = visual_positions(cached, image_token_id)
+    layers = tuple(cfg.layers or ())
+    n, nv = len(layers), visual.numel()
+    if nv == 0:
+        logger.warning("halluguard: prunehal request %s has no image tokens; it will not prune", state.req_id)
+    record: dict[str, Any] = {
+        "prompt_len": state.prompt_len,
+        "num_visual": nv,
+        "layers": list(layers),
+        "steps": 0,
+        "prunes": [],
+        "reclaimable_blocks": 0,
+    }
+    log = runtime.prunehal_log
+    log[state.req_id] = record
+    while len(log) > MAX_LOGGED_REQUESTS:
+        log.popitem(last=False)
+    state.scratch["prunehal"] = PruneState(
+        visual=visual,
+        layers=layers,
+        keep=torch.ones(n, nv, dtype=torch.bool),
+        count=torch.zeros(1, dtype=torch.long),
+        hist_sum=torch.zeros(1, n),
+        hist_n=torch.zeros(1, dtype=torch.long),
+        A=torch.zeros(n),
+        scores=torch.zeros(n, nv),
+        seen=torch.zeros(n, dtype=torch.bool),
+        record=record,
+    )
+
+
+def apply(call: LayerCall, row: Row) -> None:
+    """Masked attention, visual statistics and (after the last layer) the prune decision of one row."""
+    state = row.request
+    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    st: PruneState | None = state.scratch.get("prunehal")
+    if st is None or cfg.is_noop() or st.visual.numel() == 0:
+        return
+    start, end, seq_len = call.span(row)
+    pos = seq_len - 1
+    i = st.index.get(call.layer)
+    if end - start != 1 or pos < state.prompt_len or i is None:
+        return  # prompt rows (prefill, or a chunk's last token) are never touched
+    k, v = call.gather(row.index, seq_len)
+    q = call.query[start:end]
+    keep = st.keep[i]
+    key_mask = None
+    if not bool(keep.all()):
+        key_mask = torch.ones(seq_len, dtype=torch.bool)
+        key_mask[st.visual] = keep
+    out, lse, _ = attention_rows(q, k, v, call.scale, torch.tensor([pos]), key_mask=key_mask)
+    if key_mask is not None:
+        call.output[start:end] = out
+    hq, hkv = q.shape[1], k.shape[1]
+    qf = q[0].float().reshape(hkv, hq // hkv, -1)
+    logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
+    probs = torch.exp(logits - lse[0, :, None]) * keep  # [Hq, Nv]; pruned keys have probability 0
+    A, scores = visual_attention_stats(probs, keep, cfg.statistic)
+    st.A[i], st.scores[i] = A, scores
+    st.seen[i] = True
+    if call.layer == max(st.layers):
+        _decide(call.runtime, st, cfg, step=seq_len - state.prompt_len)
+
+
+def _decide(runtime: Runtime, st: PruneState, cfg: PruneHalConfig, step: int) -> None:
+    """The request's decision after decode step ``step`` (1-based); applies from the next forward."""
+    if not bool(st.seen.all()):
+        missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
+        raise RuntimeError(f"prunehal: layers {missing} were not measured in decode step {step}")
+    st.seen.zero_()
+    assert cfg.r is not None and cfg.t is not None
+    fired = should_prune(
+        step,
+        st.count,
+        st.A[None],
+        history_mean(st.hist_sum, st.hist_n),
+        cfg.r,
+        cfg.t,
+        vote_frac=cfg.vote_frac,
+        force_step=cfg.force_step,
+        threshold=cfg.threshold(),
+    )
+    new_keep = keep_topr(st.scores, st.keep, cfg.r)
+    st.keep = torch.where(fired, new_keep, st.keep)
+    st.count = st.count + fired.long()
+    st.hist_sum, st.hist_n = update_history(st.hist_sum, st.hist_n, st.A[None], fired, cfg.history)
+    rec = st.record
+    rec["steps"] = step
+    if bool(fired):
+        rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
+        rec["reclaimable_blocks"] = fully_pruned_blocks(
+            st, rec["prompt_len"], runtime.block_size, runtime.num_layers
+        )
+
+
+def fully_pruned_blocks(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> int:
+    """KV blocks of the prompt whose every token is pruned in every decoder layer.
+
+    Only such blocks could go back to the pool (vLLM's block table is shared by all layers); if the
+    config prunes a subset of layers, the others still read every block and none qualifies.
+    """
+    if set(st.layers) != set(range(num_layers)) or st.visual.numel() == 0:
+        return 0
+    n_blocks = -(-prompt_len // block_size)
+    gone = torch.zeros(n_blocks * block_size, dtype=torch.bool)
+    gone[st.visual] = ~st.keep.any(0)
+    return int(gone.view(n_blocks, block_size).all(-1).sum())
+
+
+def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
+    """``LLM.collective_rpc(prunehal_trace)``: per-request PruneHal records of a worker, oldest first.
+
+    Each record: ``prompt_len``, ``num_visual``, ``layers``, ``steps`` (last decode step decided),
+    ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
+    ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
+    """
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is None:
+        return {}
+    out = dict(runtime.prunehal_log)
+    if clear:
+        runtime.prunehal_log.clear()
+    return out
