@@ -28,6 +28,7 @@ METHODS: dict[str, Any] = {
     "kvsmooth": "kvsmooth",
     "farsight-B": {"method": "farsight", "mode": "B"},
     "farsight-C": {"method": "farsight", "mode": "C"},
+    "prunehal": "prunehal",
 }
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write all measurements to this file")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--child-plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_plain:
@@ -104,11 +106,18 @@ def main() -> None:
         return
     baseline = _without_plugin(args)
     rows = measure(args.fixture, METHODS, args.concurrency, args.new_tokens, args.repeats)
-    print(f"# engine overhead: {args.fixture}, {args.new_tokens} new tokens, median of {args.repeats}")
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; CPU numbers are indicative"
+    report = "\n".join(
+        [
+            f"engine overhead: {args.fixture}, {args.new_tokens} new tokens, median of {args.repeats}, "
+            f"{platform.machine()} with {os.cpu_count()} cores (CPU numbers are indicative)",
+            "",
+            table(rows, baseline),
+        ]
     )
-    print(table(rows, baseline))
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(report + "\n")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), "no_plugin": baseline, "rows": rows}, fh, indent=2)
