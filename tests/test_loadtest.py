@@ -10,25 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-import requests
 
 from loadtest import cli, workload
 from loadtest.client import RemoteTargetError, RequestRecord, check_target, is_loopback_host, send
 from loadtest.runner import Runner
 from loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
-
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 300
+from vllm_halluguard.testing.server import ROOT, free_port, running_server, server_command
 
 # ------------------------------------------------------------------------------------------ stats
 
@@ -315,7 +307,7 @@ def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
         cli.main(["--base-url", "ftp://127.0.0.1", "--model", "m", "--out", str(tmp_path)])
     assert e.value.code == 2
     # 1 scenario x 2 load points x 3 repeats x 16 requests + 2 warm-up = 98 > 50: refused before sending.
-    port = _free_port()
+    port = free_port()
     argv = ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--max-requests", "50"]
     with pytest.raises(SystemExit, match="98 requests"):
         cli.main([*argv, "--out", str(tmp_path), "--no-progress"])
@@ -325,47 +317,12 @@ def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
 # ------------------------------------------------------------------------------------ end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("loadtest_server") / "server.log"
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "server", "--fixture", "llava", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16",
-        "--kv-cache-memory-bytes", "268435456", "--limit-mm-per-prompt", '{"image": 1}',
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    port = free_port()
+    with running_server(server_command(port), port, log) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -7,61 +7,23 @@ trace file proves that ``register()`` ran inside those processes, not in this te
 import base64
 import io
 import os
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
-import requests
 from openai import OpenAI
 
 from vllm_halluguard.plugin import TRACE_ENV
+from vllm_halluguard.testing.server import free_port, running_server
 from vllm_halluguard.testing.tiny_models import make_image
 
 pytestmark = pytest.mark.server
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    port, trace, log = _free_port(), tmp / "trace", tmp / "server.log"
-    env = {**os.environ, TRACE_ENV: str(trace), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["make", "-s", "serve", f"PORT={port}"], cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    port, trace, log = free_port(), tmp / "trace", tmp / "server.log"
+    with running_server(["make", "-s", "serve", f"PORT={port}"], port, log, {TRACE_ENV: str(trace)}) as base:
         yield base, trace, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _data_url(seed: int) -> str:

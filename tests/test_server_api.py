@@ -10,14 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
@@ -28,10 +21,9 @@ from server.cli import mitigation_env
 from server.mitigation import MitigationError, Policy, single_spec
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
+from vllm_halluguard.testing.server import free_port, running_server, server_command
 from vllm_halluguard.testing.tiny_models import make_image
 
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 300
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
 ALLOWED = ("none", "kvsmooth", "farsight", "scr")
@@ -89,49 +81,20 @@ def test_server_settings_are_checked_before_vllm_starts():
 # ------------------------------------------------------------------------------------ the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     log = tmp_path_factory.mktemp("server_api") / "server.log"
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "server", "--fixture", "llava", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16",
-        "--kv-cache-memory-bytes", "268435456", "--limit-mm-per-prompt", '{"image": 1}',
-        "--default-mitigation", "kvsmooth", "--mitigation-allow", ",".join(ALLOWED), "--api-key", API_KEY,
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    port = free_port()
+    extra = [
+        "--default-mitigation",
+        "kvsmooth",
+        "--mitigation-allow",
+        ",".join(ALLOWED),
+        "--api-key",
+        API_KEY,
+    ]
+    with running_server(server_command(port, extra), port, log) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode is not None
 
 
 @pytest.fixture(scope="module")
