@@ -33,10 +33,7 @@ from vllm_halluguard.engine.runtime import RequestState, Row, Runtime
 from vllm_halluguard.kernels.reference import attention_rows
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
-    history_mean,
-    keep_topr,
-    should_prune,
-    update_history,
+    prune_step,
     visual_attention_stats,
 )
 
@@ -163,22 +160,10 @@ def _decide(runtime: Runtime, st: PruneState, cfg: PruneHalConfig, step: int) ->
         missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
         raise RuntimeError(f"prunehal: layers {missing} were not measured in decode step {step}")
     st.seen.zero_()
-    assert cfg.r is not None and cfg.t is not None
-    fired = should_prune(
-        step,
-        st.count,
-        st.A[None],
-        history_mean(st.hist_sum, st.hist_n),
-        cfg.r,
-        cfg.t,
-        vote_frac=cfg.vote_frac,
-        force_step=cfg.force_step,
-        threshold=cfg.threshold(),
+    fired, keep, st.count, hist_sum, st.hist_n = prune_step(
+        step, cfg, st.keep[None], st.count, st.A[None], st.scores[None], st.hist_sum, st.hist_n
     )
-    new_keep = keep_topr(st.scores, st.keep, cfg.r)
-    st.keep = torch.where(fired, new_keep, st.keep)
-    st.count = st.count + fired.long()
-    st.hist_sum, st.hist_n = update_history(st.hist_sum, st.hist_n, st.A[None], fired, cfg.history)
+    st.keep, st.hist_sum = keep[0], hist_sum
     rec = st.record
     rec["steps"] = step
     if bool(fired):

@@ -166,3 +166,37 @@ def prune_schedule(num_visual: int, r: float, t: int) -> list[int]:
     for _ in range(t):
         counts.append(int(keep_count(counts[-1], r)))
     return counts
+
+
+def prune_step(
+    step: int | torch.Tensor,
+    cfg: PruneHalConfig,
+    keep: torch.Tensor,
+    count: torch.Tensor,
+    A: torch.Tensor,
+    scores: torch.Tensor,
+    hist_sum: torch.Tensor,
+    hist_n: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole decision after decode step ``step`` for a batch of requests.
+
+    ``keep[B, L, Nv]``, ``count[B]``, ``A[B, L]``, ``scores[B, L, Nv]``, history ``(sum[B, L], n[B])``.
+    Returns ``(fired[B], keep, count, hist_sum, hist_n)``: requests that prune keep their top
+    ``floor(r |S_l|)`` per layer, count one more prune and restart their history.
+    """
+    if cfg.r is None or cfg.t is None:
+        raise ValueError("PruneHalConfig.r/t are unresolved; call cfg.for_model(...) first")
+    fired = should_prune(
+        step,
+        count,
+        A,
+        history_mean(hist_sum, hist_n),
+        cfg.r,
+        cfg.t,
+        vote_frac=cfg.vote_frac,
+        force_step=cfg.force_step,
+        threshold=cfg.threshold(),
+    )
+    keep = torch.where(fired[:, None, None], keep_topr(scores, keep, cfg.r), keep)
+    hist_sum, hist_n = update_history(hist_sum, hist_n, A, fired, cfg.history)
+    return fired, keep, count + fired.long(), hist_sum, hist_n

@@ -6,10 +6,7 @@ import torch
 
 from ..methods.prunehal import (
     PruneHalConfig,
-    history_mean,
-    keep_topr,
-    should_prune,
-    update_history,
+    prune_step,
     visual_attention_stats,
 )
 from .base import ReferenceMethod, RequestInfo
@@ -71,23 +68,15 @@ class PruneHalReference(ReferenceMethod):
         if not bool(self._seen.all()):
             raise RuntimeError("PruneHal did not see every configured layer in this decode step")
         self._seen.zero_()
-        cfg = self.config
-        fired = should_prune(
+        fired, self._keep, self._count, self._hist_sum, self._hist_n = prune_step(
             self.fwd.step,
+            self.config,
+            self._keep,
             self._count,
             self._A,
-            history_mean(self._hist_sum, self._hist_n),
-            cfg.r,
-            cfg.t,
-            vote_frac=cfg.vote_frac,
-            force_step=cfg.force_step,
-            threshold=cfg.threshold(),
-        )
-        new_keep = keep_topr(self._scores, self._keep, cfg.r)
-        self._keep = torch.where(fired[:, None, None], new_keep, self._keep)
-        self._count = self._count + fired.long()
-        self._hist_sum, self._hist_n = update_history(
-            self._hist_sum, self._hist_n, self._A, fired, cfg.history
+            self._scores,
+            self._hist_sum,
+            self._hist_n,
         )
         self.trace.append(
             {
