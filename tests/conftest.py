@@ -32,15 +32,21 @@ SHARED_ENGINE = {"block_size": 32}
 
 
 class EnginePool:
-    """One in-process vLLM engine per tiny fixture, shared by every test module of the session."""
+    """In-process vLLM engines shared by every test module of the session (one per settings).
+
+    Engines are only shut down at the end of the session: vLLM keeps its parallel groups in
+    process-global state, and shutting one engine down tears them down for every other engine of
+    the process. Tests therefore never stop an in-process engine themselves.
+    """
 
     def __init__(self) -> None:
-        self._engines: dict[str, object] = {}
+        self._engines: dict[tuple, object] = {}
 
-    def get(self, fixture: str):
-        if fixture not in self._engines:
-            self._engines[fixture] = make_llm(fixture, **SHARED_ENGINE)
-        return self._engines[fixture]
+    def get(self, fixture: str, **overrides: object):
+        key = (fixture, tuple(sorted(overrides.items())))
+        if key not in self._engines:
+            self._engines[key] = make_llm(fixture, **{**SHARED_ENGINE, **overrides})
+        return self._engines[key]
 
     def close(self) -> None:
         for llm in self._engines.values():

@@ -13,7 +13,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm_halluguard import reference
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import Case, compare, engine, hf_generate, run_vllm
+from vllm_halluguard.testing.parity import Case, compare, hf_generate, run_vllm
 from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
@@ -145,13 +145,13 @@ def test_bad_method_spec_is_rejected_for_that_request(setup, spec, needle):
     assert len(ok.token_ids) == 32
 
 
-def test_preempted_requests_release_and_restart_their_state():
+def test_preempted_requests_release_and_restart_their_state(engines):
     """A KV cache of a few blocks forces recompute preemption with 8 concurrent requests."""
     cases = [_case("llava", 60 + i, SPECS["kvsmooth"] if i % 2 else None) for i in range(8)]
-    with engine("llava", block_size=32, max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048) as llm:
-        outs = run_vllm(llm, cases)
-        stats = worker_stats_of(llm)
-        solo_plain = [run_vllm(llm, [c])[0] for c in cases[::2]]
+    llm = engines.get("llava", max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
+    outs = run_vllm(llm, cases)
+    stats = worker_stats_of(llm)
+    solo_plain = [run_vllm(llm, [c])[0] for c in cases[::2]]
     assert all(len(o.token_ids) == 32 for o in outs)
     assert stats["preempted"] > 0, f"no preemption happened: {stats}"
     assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats

@@ -357,3 +357,39 @@ def test_api_key_is_checked_before_the_mitigation(base):
     wrong = {"Authorization": "Bearer wrong"}
     assert requests.post(f"{base}/v1/completions", json=payload, headers=wrong, timeout=30).status_code == 401
     assert _post(f"{base}/v1/completions", json=payload, timeout=30).status_code == 400
+
+
+BAD_INPUTS = {
+    "corrupt image": (
+        [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAbm90IGFuIGltYWdl"}}],
+        {},
+        "image",
+    ),
+    "more images than allowed": ("two images", {}, "at most 1 image"),
+    "absurd max_tokens": ("one image", {"max_tokens": 10**9}, "max_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_request_inputs_are_openai_400s_and_the_server_keeps_serving(base, client, case):
+    """vLLM's own validation answers these (our layer passes them through untouched)."""
+    images, extra, needle = BAD_INPUTS[case]
+    if images == "two images":
+        images = [{"type": "image_url", "image_url": {"url": _data_url(s)}} for s in (1, 2)]
+    elif images == "one image":
+        images = [{"type": "image_url", "image_url": {"url": _data_url(1)}}]
+    body = {
+        "model": MODEL,
+        "max_tokens": 4,
+        "mitigation": "kvsmooth",
+        "messages": [{"role": "user", "content": [*images, {"type": "text", "text": "Describe."}]}],
+        **extra,
+    }
+    r = requests.post(
+        f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == 400 and needle.lower() in err["message"].lower(), err
+    text, _, header = _chat(client, "kvsmooth")
+    assert text and "kvsmooth" in header
