@@ -225,6 +225,14 @@ def compare(engine: Generation, reference: Generation) -> ParityReport:
     return ParityReport(mismatch is None, mismatch, diff, len(engine.logprobs))
 
 
+def logprob_shift(a: Generation, b: Generation) -> float:
+    """Largest |Δ log-prob| over the tokens both runs report at each step (their top-k may differ)."""
+    return max(
+        (abs(x[t] - y[t]) for x, y in zip(a.logprobs, b.logprobs, strict=True) for t in x.keys() & y.keys()),
+        default=0.0,
+    )
+
+
 @contextlib.contextmanager
 def engine(fixture: FixtureName, **overrides: Any) -> Iterator[Any]:
     """``with engine("llava") as llm:`` — a tiny-fixture vLLM engine, shut down on exit."""
