@@ -126,7 +126,7 @@ def test_prefix_cache_is_isolated_per_method_config(setup):
         ({"method": "kvsmooth", "window": 0}, "window"),
         ({"method": "kvsmooth", "lam_ref": "high"}, "lam_ref"),
         ({"method": "farsight", "mode": "A"}, "mode 'A'"),
-        ("scr", "not available in the engine yet"),
+        ({"method": "scr", "top_k": -1}, "top_k"),
         ({"method": "kvsmooth", "layers": [99]}, "do not exist"),
     ],
 )

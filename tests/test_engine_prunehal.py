@@ -1,11 +1,12 @@
 """In-engine PruneHal (CPU path): parity with the dense reference (tokens, log-probs and the keep masks
-of every prune), mixed batches, the block view, text-only requests and the no-op config."""
+of every prune), mixed batches, the block view, refused text-only requests and the no-op config."""
 
 import contextlib
 import math
 
 import pytest
 import torch
+from vllm.exceptions import VLLMValidationError
 
 from vllm_halluguard import reference
 from vllm_halluguard.engine.prunehal import prunehal_trace
@@ -138,14 +139,13 @@ def test_mixed_batch_equals_solo_runs(setup):
     assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
 
 
-def test_text_only_request_never_prunes(setup):
-    """Documented choice: no image tokens -> a no-op (warning in the worker log), not an error."""
+def test_text_only_request_is_refused_and_others_are_unaffected(setup):
+    """PruneHal acts on image tokens: a request without an image is refused at admission."""
     fixture, llm = setup
-    text = Case(fixture, image_seed=None, prompt="Tell me a story.")
-    gen, rec = _run_traced(llm, Case(fixture, None, text.prompt, extra_args={EXTRA_ARGS_KEY: "prunehal"}))
-    (plain,) = run_vllm(llm, [text])
-    assert rec["num_visual"] == 0 and rec["prunes"] == []
-    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
+    with pytest.raises(VLLMValidationError, match="needs an image"):
+        run_vllm(llm, [Case(fixture, None, "Tell me a story.", extra_args={EXTRA_ARGS_KEY: "prunehal"})])
+    (ok,) = run_vllm(llm, [_case(fixture, 3, "prunehal")])
+    assert len(ok.token_ids) == 32
 
 
 def test_r1_config_equals_plain(setup):

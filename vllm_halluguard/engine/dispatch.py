@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from vllm_halluguard.engine import farsight, kvsmooth, prunehal
+from vllm_halluguard.engine import farsight, kvsmooth, prunehal, scr
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import StepView
 
-_APPLY = {"farsight": farsight.apply, "kvsmooth": kvsmooth.apply, "prunehal": prunehal.apply}
+_APPLY = {
+    "farsight": farsight.apply,
+    "kvsmooth": kvsmooth.apply,
+    "prunehal": prunehal.apply,
+    "scr": scr.apply,
+}
 
 
 def run_methods(call: LayerCall, view: StepView) -> None:

@@ -8,7 +8,9 @@
   spec fails that request with a clear error (:func:`install_admission`);
 * runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
 * prefix cache: a request's canonical method config is mixed into its first block's hash, so
-  requests with different methods never share KV blocks (:func:`install_cache_salt`).
+  requests with different methods never share KV blocks (:func:`install_cache_salt`);
+* scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); the worker edits the
+  real prefill through forward hooks on the decoder layers, added on the first SCR edit (:mod:`.scr`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def ensure_runner_hook() -> None:
             runtime = self._halluguard_runtime = Runtime(self.vllm_config)
         set_current(runtime)
         runtime.update(scheduler_output, self.input_batch, self.requests)
+        if runtime.scr_plan and not self.__dict__.get("_halluguard_layer_hooks"):
+            from vllm_halluguard.engine.scr import install_layer_hooks
+
+            forward_context = self.vllm_config.compilation_config.static_forward_context
+            self._halluguard_layer_hooks = install_layer_hooks(self.get_model(), forward_context)
         return result
 
     GPUModelRunner._update_states = _update_states
@@ -66,7 +73,7 @@ def install_admission() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, resolve, spec_of
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve, spec_of
 
     original = InputProcessor.process_inputs
 
@@ -75,18 +82,28 @@ def install_admission() -> None:
         self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any
     ) -> Any:
         spec = spec_of(getattr(params, "extra_args", None))
+        cfg = None
         if spec is not None:
             try:
                 if self.vllm_config.use_v2_model_runner:
                     raise ValueError(
                         "mitigation methods need vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
                     )
-                resolve(spec, self.model_config.hf_config, self.vllm_config.cache_config.cache_dtype)
+                cfg = resolve(spec, self.model_config.hf_config, self.vllm_config.cache_config.cache_dtype)
             except ValueError as e:
-                _forget_rendered_items(self, prompt)
-                msg = f"invalid {EXTRA_ARGS_KEY} method: {e}"
-                raise VLLMValidationError(msg, parameter=EXTRA_ARGS_KEY) from e
-        return original(self, request_id, prompt, params, *args, **kwargs)
+                _reject(self, prompt, e)
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if cfg is not None:
+            try:
+                check_inputs(cfg, request.mm_features, len(request.prompt_token_ids or ()), self.vllm_config)
+            except ValueError as e:
+                _reject(self, prompt, e)
+        return request
+
+    def _reject(input_processor: Any, prompt: Any, error: ValueError) -> None:
+        _forget_rendered_items(input_processor, prompt)
+        msg = f"invalid {EXTRA_ARGS_KEY} method: {error}"
+        raise VLLMValidationError(msg, parameter=EXTRA_ARGS_KEY) from error
 
     InputProcessor.process_inputs = process_inputs
 
@@ -113,6 +130,7 @@ def method_salt(request: Any) -> str | None:
     if cached is not False:
         return cached
     from vllm_halluguard.engine.requests import spec_of
+    from vllm_halluguard.engine.two_pass import scr_phase
     from vllm_halluguard.methods import parse
 
     params = getattr(request, "sampling_params", None)
@@ -121,6 +139,8 @@ def method_salt(request: Any) -> str | None:
     except ValueError:
         cfg = None  # rejected at admission; never scheduled
     salt = cfg.canonical() if cfg is not None else None
+    if salt is not None and scr_phase(request) == "diag":
+        salt += "/scr-diagnostic"
     request.__dict__["_halluguard_salt"] = salt
     return salt
 
@@ -160,7 +180,10 @@ def pin_v1_runner() -> None:
 
 
 def install_all() -> None:
+    from vllm_halluguard.engine import two_pass
+
     pin_v1_runner()
     install_backends()
     install_admission()
     install_cache_salt()
+    two_pass.install()

@@ -15,9 +15,9 @@ the top ``floor(r |S_l|)`` per layer and updates the history; the new masks appl
 forward, as in the reference. The math is :mod:`vllm_halluguard.methods.prunehal`.
 
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
-tokens differs per request (Qwen2-VL's dynamic resolution, text-only requests), the CPU path already
+tokens differs per request (Qwen2-VL's dynamic resolution), the CPU path already
 works row by row, and the state is dropped with the request (a preempted request starts over).
-A request without image tokens is a documented no-op (warning logged): it never prunes.
+A request without an image is refused at admission (``requests.check_inputs``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import RequestState, Row, Runtime
 from vllm_halluguard.kernels.reference import attention_rows
@@ -61,29 +62,6 @@ class PruneState:
     @property
     def index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
-
-
-def visual_positions(cached: Any, image_token_id: int | None) -> torch.Tensor:
-    """Image-token positions of a runner request (``CachedRequestState``), sorted ``[Nv]``.
-
-    From the multimodal placeholders (``mm_position`` offset/length, restricted to ``is_embed``, the
-    positions that receive image embeddings); without features, prompt tokens equal to the image token.
-    """
-    spans = []
-    for feature in getattr(cached, "mm_features", None) or ():
-        if getattr(feature, "modality", "image") != "image":
-            continue
-        pr = feature.mm_position
-        pos = torch.arange(pr.offset, pr.offset + pr.length)
-        if pr.is_embed is not None:
-            pos = pos[pr.is_embed.bool().cpu()]
-        spans.append(pos)
-    if spans:
-        return torch.cat(spans).sort().values
-    ids = cached.prompt_token_ids
-    if ids is None or image_token_id is None:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.nonzero(torch.tensor(ids) == image_token_id).flatten()
 
 
 def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:

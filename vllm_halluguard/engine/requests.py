@@ -9,14 +9,18 @@ that request only) and in the worker (to build the request's state), so both see
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vllm_halluguard.methods import FarSightConfig, MethodConfig, ModelFamily, parse
 
 EXTRA_ARGS_KEY = "halluguard"
+#: On SCR's hidden diagnostic copy of a request (engine/two_pass.py): the id of the real request.
+SCR_PARENT_KEY = "halluguard_scr_parent"
 #: Methods the engine runs today; the others exist in the dense reference only.
-ENGINE_METHODS = frozenset({"kvsmooth", "farsight", "prunehal"})
+ENGINE_METHODS = frozenset({"kvsmooth", "farsight", "prunehal", "scr"})
+#: Methods that act on image tokens: a request without an image is refused.
+IMAGE_METHODS = frozenset({"prunehal", "scr"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
 MAX_KVSMOOTH_WINDOW = 64
 
@@ -81,3 +85,37 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     if getattr(cfg, "window", 0) > MAX_KVSMOOTH_WINDOW:
         raise ValueError(f"kvsmooth.window: the engine keeps at most {MAX_KVSMOOTH_WINDOW} entries")
     return cfg
+
+
+def check_inputs(
+    cfg: MethodConfig, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any
+) -> None:
+    """Refuse a request whose prompt or engine settings the method cannot work with (``ValueError``).
+
+    ``features``: the request's multimodal features (``mm_position`` = placeholder range). Image methods
+    need an image. SCR also needs exactly one image with text after it (the diagnostic's query rows), the
+    image inside one prefill chunk, no pipeline parallelism (the diagnostic and the edit layers must live
+    in one worker) and eager execution (the edit is a forward hook on the decoder layers).
+    """
+    images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
+    if cfg.name in IMAGE_METHODS and not images:
+        raise ValueError(f"method {cfg.name!r} acts on image tokens and needs an image in the prompt")
+    if cfg.name != "scr" or cfg.is_noop():
+        return
+    if len(images) != 1:
+        raise ValueError(f"scr supports one image per request, got {len(images)}")
+    span = images[0].mm_position
+    if span.offset + span.length >= prompt_len:
+        raise ValueError("scr needs text after the image (the diagnostic pass reads its attention)")
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    if span.length > budget:
+        raise ValueError(
+            f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
+            f"max_num_batched_tokens is {budget}"
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("scr does not support pipeline parallelism")
+    if int(vllm_config.compilation_config.mode) != 0:
+        raise ValueError(
+            "scr edits the residual stream with forward hooks and needs eager execution (--enforce-eager)"
+        )

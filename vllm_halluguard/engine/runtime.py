@@ -22,6 +22,10 @@ from vllm_halluguard.methods import MethodConfig
 logger = logging.getLogger(__name__)
 
 
+#: Lifecycle counters of :func:`worker_stats` (SCR: edited prefills, images found split across chunks).
+STAT_KEYS = ("admitted", "released", "preempted", "scr_edits", "scr_split_images")
+
+
 @dataclass
 class RequestState:
     req_id: str
@@ -65,8 +69,13 @@ class Runtime:
         # PruneHal (engine/prunehal.py): block size for the block view, per-request traces (bounded).
         self.block_size = vllm_config.cache_config.block_size
         self.prunehal_log: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # SCR (engine/scr.py): selections by real request id, diagnostic traces, this step's edits.
+        self.model_type = getattr(self.hf_config, "model_type", "")
+        self.scr_selections: OrderedDict[str, Any] = OrderedDict()
+        self.scr_log: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.scr_plan: tuple[Any, ...] = ()
         self.step: StepView | None = None
-        self.stats = {"admitted": 0, "released": 0, "preempted": 0}
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -88,6 +97,10 @@ class Runtime:
             from vllm_halluguard.engine.prunehal import init_state
 
             init_state(self, state, cached)
+        elif config.name == "scr":  # diagnostic sums, or the selection of the real request
+            from vllm_halluguard.engine import scr
+
+            scr.init_state(self, state, cached)
         self.stats["admitted"] += 1
         logger.debug("halluguard: %s -> slot %d (%s)", req_id, slot, config.canonical())
         return state
@@ -102,6 +115,7 @@ class Runtime:
         """Sync with the scheduler's decisions (after the runner updated its batch) and build the view."""
         for req_id in scheduler_output.finished_req_ids:
             self.release(req_id)
+            self.scr_selections.pop(req_id, None)  # kept across preemption: recompute reuses it
         for req_id in scheduler_output.preempted_req_ids or ():
             self.stats["preempted"] += req_id in self.requests
             self.release(req_id)
@@ -113,6 +127,11 @@ class Runtime:
             if state is not None:
                 rows.append(Row(index, state))
         self.step = StepView(input_batch.num_reqs, tuple(rows)) if rows else None
+        self.scr_plan = ()
+        if any("scr_edit" in row.request.scratch for row in rows):
+            from vllm_halluguard.engine import scr
+
+            scr.plan_step(self, scheduler_output, input_batch, requests)
 
     def view_for(self, num_reqs: int) -> StepView | None:
         """The current step's view, if the batch being built is that step's batch."""
@@ -137,7 +156,7 @@ def worker_stats(worker: Any) -> dict[str, int]:
     """``LLM.collective_rpc(worker_stats)``: lifecycle counters of a worker's runtime (for tests, ops)."""
     runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
     if runtime is None:
-        return {"admitted": 0, "released": 0, "preempted": 0, "active": 0, "prunehal_reclaimable_blocks": 0}
+        return {**dict.fromkeys(STAT_KEYS, 0), "active": 0, "prunehal_reclaimable_blocks": 0}
     # PruneHal: KV blocks of active requests pruned in every layer (could return to the pool).
     log = runtime.prunehal_log
     reclaimable = sum(rec["reclaimable_blocks"] for rid, rec in log.items() if rid in runtime.requests)

@@ -22,6 +22,7 @@ CASES: tuple[tuple[int, Any], ...] = (
     (82, {"method": "farsight", "mode": "B"}),
     (83, {"method": "farsight", "mode": "C"}),
     (84, "prunehal"),
+    (85, "scr"),
 )
 MAX_TOKENS = 12
 

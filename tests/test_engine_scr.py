@@ -1,0 +1,251 @@
+"""In-engine SCR: parity with the dense reference (tokens, log-probs, the diagnostic map and the
+selection), no-op configs, mixed batches of every method, chunked prefill, preemption, prefix-cache
+isolation, aborting a request while its diagnostic runs, and the admission checks."""
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.exceptions import VLLMValidationError
+
+from vllm_halluguard import reference
+from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.engine.scr import scr_trace
+from vllm_halluguard.testing.parity import (
+    Case,
+    compare,
+    hf_generate,
+    logprob_shift,
+    run_vllm,
+    sampling_params,
+    vllm_inputs,
+)
+from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+
+METHOD_ATOL = 1e-3
+SPECS = {
+    "preset": "scr",
+    "strong": {"method": "scr", "top_k": 6, "lam": 1.6, "diag_layers": [1, 2, 3], "layers": [0, 1, 2]},
+    "last_row_4conn": {"method": "scr", "top_k": 3, "lam": 2.0, "connectivity": 4, "diag_rows": "last"},
+}
+#: Engine whose token budget is barely above the image: prompts are chunked and batches compete.
+CHUNKED = dict(max_num_batched_tokens=80, enable_chunked_prefill=True)
+
+
+def _case(fixture, seed, spec, prompt="Describe the image."):
+    return Case(
+        fixture, image_seed=seed, prompt=prompt, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec}
+    )
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def setup(request, engines):
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf(setup):
+    return load_hf(setup[0])
+
+
+def _traced(llm, cases):
+    """Run ``cases`` as one batch; return the generations and the worker's SCR records (oldest first)."""
+    llm.collective_rpc(scr_trace, args=(True,))
+    gens = run_vllm(llm, cases)
+    (log,) = llm.collective_rpc(scr_trace, args=(True,))
+    return gens, list(log.values())
+
+
+def _stats(llm, fixture):
+    run_vllm(llm, [Case(fixture, None, max_tokens=1)])  # delivers the last finished ids to the worker
+    (stats,) = llm.collective_rpc(worker_stats)
+    return stats
+
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_engine_matches_reference(setup, hf, name):
+    fixture, llm = setup
+    model, processor = hf
+    spec = SPECS[name]
+    case = _case(fixture, 5, spec)
+    (gen,), log = _traced(llm, [case])
+    (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
+    assert len(log) == 1, "one diagnostic per SCR request"
+    rec = log[0]
+
+    refs = []
+
+    @contextlib.contextmanager
+    def ctx():
+        with reference.apply(model, spec) as ref:
+            refs.append(ref)
+            yield ref
+
+    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    report = compare(gen, forced)
+    assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    free = hf_generate(model, processor, case, context=lambda: reference.apply(model, spec))
+    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+
+    # the engine's diagnostic map and selection are the reference's
+    ref = refs[0].trace[0]
+    assert tuple(rec["grid"]) == tuple(ref["grids"][0])
+    assert torch.allclose(torch.tensor(rec["attn_map"]), ref["attn_map"][0].float(), atol=1e-6, rtol=1e-4)
+    assert rec["sources"] == ref["sources"][0].tolist()
+    assert rec["owner"] == ref["owner"][0].tolist()
+    assert any(s >= 0 for s in rec["sources"]), "no source selected: the edit would not be exercised"
+    assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
+
+
+@pytest.mark.parametrize("noop", [{"top_k": 0}, {"lam": 1.0}, {"layers": []}])
+def test_noop_configs_equal_plain_and_skip_the_diagnostic(setup, noop):
+    fixture, llm = setup
+    (gen,), log = _traced(llm, [_case(fixture, 9, {"method": "scr", **noop})])
+    (plain,) = run_vllm(llm, [_case(fixture, 9, None)])
+    assert log == []
+    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
+
+
+def test_mixed_batch_of_every_method_equals_solo_runs(setup):
+    fixture, llm = setup
+    specs = [None, "kvsmooth", {"method": "farsight", "mode": "B"}, "prunehal", "scr", SPECS["strong"], None]
+    prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
+    cases = [_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    batch, log = _traced(llm, cases)
+    assert len(log) == 2
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    stats = _stats(llm, fixture)
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, setup):
+    """A token budget just above the image: diagnostics are chunked (their sums span chunks) and the
+    real prefills compete with other requests, so the scheduler must roll a chunk back before an image."""
+    fixture, llm = setup
+    chunked = engines.get(fixture, **CHUNKED)
+    story = "Tell me a long story about a red bus, a green tree and a small dog in the park today. " * 2
+    specs = [None, "scr", None, SPECS["strong"], "kvsmooth", "scr"]
+    cases = [
+        _case(fixture, 30 + i, s, "Describe the image.") if i % 2 else Case(fixture, None, story)
+        for i, s in enumerate(specs)
+    ]
+    scheduler = chunked.llm_engine.engine_core.engine_core.scheduler
+    rollbacks = scheduler.__dict__.setdefault("_halluguard_stats", {}).get("scr_chunk_rollbacks", 0)
+    batch, log = _traced(chunked, cases)
+    assert len(log) == 3
+    rolled = scheduler.__dict__["_halluguard_stats"].get("scr_chunk_rollbacks", 0) - rollbacks
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])  # the default engine: whole prompts in one step
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-4, f"{case.extra_args}: {report}"
+    stats = _stats(chunked, fixture)
+    assert stats["scr_edits"] >= 3 and stats["scr_split_images"] == 0, stats
+    assert rolled > 0 or fixture == "qwen2_vl", "no chunk was rolled back: the guard was not exercised"
+
+
+def test_preempted_scr_requests_recompute_with_their_selection(engines):
+    """A KV cache of a few blocks forces recompute preemption; outputs still equal solo runs."""
+    llm = engines.get("llava", max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
+    cases = [_case("llava", 60 + i, "scr" if i % 2 else None) for i in range(8)]
+    outs = run_vllm(llm, cases)
+    stats = _stats(llm, "llava")
+    assert stats["preempted"] > 0, f"no preemption happened: {stats}"
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+    for case, got in zip(cases[1::2], outs[1::2], strict=True):
+        (solo,) = run_vllm(llm, [case])
+        assert got.token_ids == solo.token_ids
+
+
+def test_prefix_cache_is_never_read_by_or_from_scr(setup):
+    fixture, llm = setup
+    llm.reset_prefix_cache()
+    scr, plain = _case(fixture, 40, "scr"), _case(fixture, 40, None)
+
+    def cached(case):
+        out = llm.generate([vllm_inputs(_processor(fixture), case)], [sampling_params(case)], use_tqdm=False)
+        return out[0].num_cached_tokens or 0, list(out[0].outputs[0].token_ids)
+
+    first = cached(scr)
+    assert first[0] == 0
+    assert cached(plain)[0] == 0, "plain requests must not read the SCR passes' KV"
+    assert cached(plain)[0] > 0
+    again = cached(scr)
+    assert again == (0, first[1]), "SCR requests never read the prefix cache (their image rows are edited)"
+
+
+def _processor(fixture):
+    from transformers import AutoProcessor
+
+    from vllm_halluguard.testing.tiny_models import ensure_fixture
+
+    return AutoProcessor.from_pretrained(ensure_fixture(fixture))
+
+
+def test_abort_while_the_diagnostic_runs_frees_both(setup):
+    fixture, llm = setup
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    case = _case(fixture, 50, "scr")
+    engine.add_request("scr-abort", vllm_inputs(_processor(fixture), case), sampling_params(case))
+    held = scheduler.__dict__["_halluguard_held"]
+    assert len(held) == 1 and len(scheduler.requests) == 1, "the diagnostic runs, the real request waits"
+    engine.abort_request(["scr-abort"])
+    assert held == {} and all(r.is_finished() for r in scheduler.requests.values())
+    for _ in range(10):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests()
+    (ok,) = run_vllm(llm, [case])
+    assert len(ok.token_ids) == 32
+
+
+@pytest.mark.parametrize(("seed", "prompt"), [(None, "Tell me a story.")])
+def test_text_only_request_is_refused(setup, seed, prompt):
+    fixture, llm = setup
+    with pytest.raises(VLLMValidationError, match="needs an image"):
+        run_vllm(llm, [Case(fixture, seed, prompt, extra_args={EXTRA_ARGS_KEY: "scr"})])
+    (ok,) = run_vllm(llm, [_case(fixture, 3, "scr")])
+    assert len(ok.token_ids) == 32
+
+
+def _config(budget=512, pp=1, mode=0):
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=budget),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+        compilation_config=SimpleNamespace(mode=mode),
+    )
+
+
+def _image(offset, length):
+    return SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=offset, length=length))
+
+
+@pytest.mark.parametrize(
+    ("features", "prompt_len", "config", "needle"),
+    [
+        ([], 20, _config(), "needs an image"),
+        ([_image(2, 8), _image(12, 8)], 30, _config(), "one image per request, got 2"),
+        ([_image(2, 8)], 10, _config(), "needs text after the image"),
+        ([_image(2, 64)], 80, _config(budget=48), "64 tokens and max_num_batched_tokens is 48"),
+        ([_image(2, 8)], 20, _config(pp=2), "pipeline parallelism"),
+        ([_image(2, 8)], 20, _config(mode=3), "--enforce-eager"),
+    ],
+)
+def test_admission_checks(features, prompt_len, config, needle):
+    from transformers import AutoConfig
+
+    from vllm_halluguard.testing.tiny_models import ensure_fixture
+
+    cfg = resolve("scr", AutoConfig.from_pretrained(ensure_fixture("llava")))
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        check_inputs(cfg, features, prompt_len, config)
+    check_inputs(cfg, [_image(2, 8)], 20, _config())  # the same request with valid settings passes

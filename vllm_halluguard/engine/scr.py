@@ -1,0 +1,219 @@
+"""SCR in the engine, worker side: the diagnostic's attention map, the selection and the residual edit.
+
+An SCR request runs as two engine requests (:mod:`vllm_halluguard.engine.two_pass`): a hidden
+*diagnostic* copy (prompt only, its one sampled token is thrown away), then the real request.
+
+* **Diagnostic** (:func:`apply`, from the attention backend): at every diagnostic layer, each prompt
+  row after the image (or only the last one, ``diag_rows="last"``) gets its exact softmax over the
+  paged cache; its probabilities on the visual keys, averaged over heads, are summed. After the last
+  diagnostic layer of the prompt's last chunk the map (mean over rows and layers) picks the sources
+  and their neighbours on the patch grid (:func:`vllm_halluguard.methods.scr.select_sources`), filed
+  under the real request's id.
+* **Real prefill** (:func:`plan_step`, :func:`install_layer_hooks`): forward hooks on the decoder layers
+  of the intervention range apply :func:`vllm_halluguard.methods.scr.apply_edit` to that request's
+  visual rows of both ``hidden_states`` and ``residual`` (vLLM keeps the residual stream split in two;
+  the edit is linear, so editing both edits their sum). Decode needs nothing: the edited K/V are cached.
+
+A selection lives until its real request finishes; a preempted request is recomputed with the same one.
+With tensor parallelism each rank sees its own heads, so the map is averaged across ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_halluguard.engine.images import patch_grid, visual_positions
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.requests import SCR_PARENT_KEY
+from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, current
+from vllm_halluguard.kernels.reference import attention_logits
+from vllm_halluguard.methods.scr import Grid, SCRConfig, apply_edit, select_sources
+
+logger = logging.getLogger(__name__)
+
+#: Selections and traces kept per worker (a selection whose request was aborted before it ran).
+MAX_KEPT = 1024
+
+
+@dataclass
+class DiagState:
+    """A diagnostic request's running sums (``rows`` = query rows counted once, at the first layer)."""
+
+    parent: str
+    visual: torch.Tensor  # [Nv] image-token positions
+    grid: Grid
+    layers: tuple[int, ...]
+    map_sum: torch.Tensor | None = None  # [Nv] fp32, summed over rows and layers
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class Selection:
+    sources: torch.Tensor  # [1, K] patch indices, -1 padded
+    owner: torch.Tensor  # [1, Nv] owning source of each neighbour, -1 elsewhere
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """One request's edit in this step: flat batch rows of its image tokens, in grid order."""
+
+    flat: torch.Tensor  # [Nv]
+    selection: Selection
+    lam: float
+    layers: frozenset[int]
+
+
+def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+    table[key] = value
+    while len(table) > MAX_KEPT:
+        table.popitem(last=False)
+
+
+def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
+    """Admission in the worker: a diagnostic gets a :class:`DiagState`, a real request its selection."""
+    cfg: SCRConfig = state.config  # type: ignore[assignment]
+    if cfg.is_noop():
+        return
+    parent = (cached.sampling_params.extra_args or {}).get(SCR_PARENT_KEY)
+    visual = visual_positions(cached, getattr(runtime.hf_config, "image_token_id", None))
+    if parent is not None:
+        grid = patch_grid(runtime.model_type, cached, visual)
+        state.scratch["scr_diag"] = DiagState(parent, visual, grid, tuple(sorted(cfg.diag_layers or ())))
+        return
+    selection = runtime.scr_selections.get(state.req_id)
+    if selection is None:
+        logger.warning("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
+        return
+    state.scratch["scr_edit"] = (visual, selection)
+
+
+def apply(call: LayerCall, row: Row) -> None:
+    """Diagnostic rows: add this layer's head-averaged attention of the rows after the image."""
+    st: DiagState | None = row.request.scratch.get("scr_diag")
+    if st is None or call.layer not in st.layers:
+        return
+    start, end, seq_len = call.span(row)
+    pos = call.positions(row)
+    prompt_len = row.request.prompt_len
+    if row.request.config.diag_rows == "last":  # type: ignore[attr-defined]
+        rows = pos == prompt_len - 1
+    else:
+        rows = (pos > st.visual.max()) & (pos < prompt_len)
+    if bool(rows.any()):
+        k, _ = call.gather(row.index, seq_len)
+        q = call.query[start:end][rows.to(call.query.device)]
+        logits = attention_logits(q, k, call.scale, pos[rows].to(k.device))
+        probs = torch.softmax(logits, dim=-1)[..., st.visual.to(k.device)]  # [T, Hq, Nv]
+        part = probs.mean(1).sum(0)
+        st.map_sum = part if st.map_sum is None else st.map_sum + part
+        if call.layer == st.layers[0]:
+            st.rows += int(rows.sum())
+    if seq_len == prompt_len and call.layer == st.layers[-1]:
+        _select(call.runtime, row.request, st)
+
+
+def _select(runtime: Runtime, state: RequestState, st: DiagState) -> None:
+    cfg: SCRConfig = state.config  # type: ignore[assignment]
+    if st.map_sum is None or st.rows == 0:
+        logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
+        return
+    attn_map = st.map_sum / (st.rows * len(st.layers))
+    attn_map = _mean_over_tp_ranks(attn_map).float().cpu()
+    picked = select_sources(
+        attn_map, st.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
+    )
+    selection = Selection(picked.sources, picked.owner)
+    _remember(runtime.scr_selections, st.parent, selection)
+    record = {"attn_map": attn_map.tolist(), "grid": list(st.grid), "sources": picked.sources[0].tolist(),
+              "owner": picked.owner[0].tolist(), "num_visual": int(st.visual.numel())}  # fmt: skip
+    _remember(runtime.scr_log, st.parent, record)
+
+
+def _mean_over_tp_ranks(x: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    world = get_tensor_model_parallel_world_size()
+    return x if world == 1 else tensor_model_parallel_all_reduce(x.clone()) / world
+
+
+def plan_step(runtime: Runtime, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
+    """This step's edits: the real SCR requests whose image tokens are all scheduled in this step."""
+    plans = []
+    offset = 0
+    scheduled = scheduler_output.num_scheduled_tokens
+    for req_id in input_batch.req_ids[: input_batch.num_reqs]:
+        n = scheduled.get(req_id, 0)
+        state = runtime.requests.get(req_id)
+        edit = state.scratch.get("scr_edit") if state is not None else None
+        if edit is not None:
+            visual, selection = edit
+            computed = requests[req_id].num_computed_tokens
+            inside = (visual >= computed) & (visual < computed + n)
+            if bool(inside.all()):
+                cfg: SCRConfig = state.config  # type: ignore[assignment]
+                flat = visual - computed + offset
+                plans.append(EditPlan(flat, selection, cfg.lam, frozenset(cfg.layers or ())))
+                runtime.stats["scr_edits"] += 1
+            elif bool(inside.any()):  # two_pass keeps an image in one chunk; never expected
+                runtime.stats["scr_split_images"] += 1
+                logger.error(
+                    "halluguard: scr request %s has its image split across chunks; not edited", req_id
+                )
+        offset += n
+    runtime.scr_plan = tuple(plans)
+
+
+def _edit_hook(layer: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+    runtime = current()
+    plans = runtime.scr_plan if runtime is not None else ()
+    for plan in plans:
+        if layer not in plan.layers:
+            continue
+        parts = output if isinstance(output, tuple) else (output,)
+        for t in parts:  # hidden_states and residual: the stream is their sum
+            if not isinstance(t, torch.Tensor):
+                continue
+            idx = plan.flat.to(t.device)
+            sel = plan.selection
+            rows = t.index_select(0, idx).unsqueeze(0)
+            edited = apply_edit(rows, sel.sources.to(t.device), sel.owner.to(t.device), plan.lam)
+            t.index_copy_(0, idx, edited[0].to(t.dtype))
+
+
+def install_layer_hooks(model: torch.nn.Module, attention_layers: dict[str, Any]) -> int:
+    """Hook every decoder layer (a module whose ``self_attn.attn`` is a KV-cache attention layer)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    names = {id(m): name for name, m in attention_layers.items()}
+    count = 0
+    for module in model.modules():
+        attn = getattr(getattr(module, "self_attn", None), "attn", None)
+        name = names.get(id(attn)) if attn is not None else None
+        if name is None:
+            continue
+        module.register_forward_hook(functools.partial(_edit_hook, extract_layer_index(name)))
+        count += 1
+    if count == 0:
+        raise RuntimeError("halluguard: scr found no decoder layers to hook")
+    return count
+
+
+def scr_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
+    """``LLM.collective_rpc(scr_trace)``: per real request id, its diagnostic map and selection.
+
+    Each record: ``attn_map [Nv]``, ``grid (t, h, w)``, ``sources [K]`` (-1 padded), ``owner [Nv]`` and
+    ``num_visual``. ``clear`` empties the log afterwards.
+    """
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is None:
+        return {}
+    out = dict(runtime.scr_log)
+    if clear:
+        runtime.scr_log.clear()
+    return out
