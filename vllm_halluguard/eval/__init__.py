@@ -1,7 +1,9 @@
-"""Pure scorers for object-hallucination benchmarks: CHAIR, POPE (with split builder), AMBER.
+"""Object-hallucination evaluation: pure scorers (CHAIR, POPE with its split builder, AMBER) and a runner.
 
-No model, no I/O: callers load the annotation JSON and pass dicts in; reports are pydantic models
-(``report.model_dump_json()``). See ``docs/evaluation.md``.
+The scorers need no model and do no I/O: callers load the annotation JSON and pass dicts in; reports
+are pydantic models (``report.model_dump_json()``). The runner (``halluguard-eval``, :mod:`.cli`,
+:mod:`.runner`, :mod:`.report`) sends a dataset to any OpenAI-compatible server with one or several
+``mitigation`` settings and scores the replies. See ``docs/evaluation.md``.
 """
 
 from . import amber, chair, pope
