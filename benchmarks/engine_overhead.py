@@ -29,6 +29,7 @@ METHODS: dict[str, Any] = {
     "farsight-B": {"method": "farsight", "mode": "B"},
     "farsight-C": {"method": "farsight", "mode": "C"},
     "prunehal": "prunehal",
+    "scr": "scr",
 }
 
 
