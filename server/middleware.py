@@ -4,7 +4,9 @@ On ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body,
 ``mitigation`` field (or the server default) with :class:`server.mitigation.Resolver`, and rewrites the
 body so that vLLM's own ``vllm_xargs`` carries ``{"halluguard": "<canonical config JSON>"}`` into
 ``SamplingParams.extra_args``; vLLM then handles the request as usual. A bad value is answered here
-with an OpenAI-shaped 400. The response carries the chosen config in ``x-halluguard-mitigation``.
+with an OpenAI-shaped 400, and so are inline images over the server's limits and a method that needs an
+image on a request without one (:mod:`server.inputs`). The response carries the chosen config in
+``x-halluguard-mitigation``.
 
 At startup (ASGI lifespan) it binds the policy to the served model (``app.state.vllm_config``, set by
 vLLM before serving) and adds ``GET /v1/mitigations`` to vLLM's FastAPI router, so that route sits
@@ -23,6 +25,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
+from server.inputs import ImageLimits, InputError, has_image
 from server.mitigation import FIELD, NONE, MitigationError, Policy, Resolver, header_value, known_names
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 
@@ -33,7 +36,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CHAT = "/v1/chat/completions"
+PATHS = frozenset({CHAT, "/v1/completions"})
 HEADER = b"x-halluguard-mitigation"
 MAX_BODY = 64 * 1024 * 1024
 
@@ -84,6 +88,7 @@ class MitigationMiddleware:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
         self.resolver: Resolver | None = None
+        self.limits = ImageLimits()
         self._auth: Any = None  # vLLM's AuthenticationMiddleware, used only for verify_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,6 +111,7 @@ class MitigationMiddleware:
         if self.resolver is not None or app is None:
             return
         vllm_config = app.state.vllm_config
+        self.limits = ImageLimits.from_env()
         self.resolver = Resolver(
             Policy.from_env(),
             vllm_config.model_config.hf_config,
@@ -127,10 +133,11 @@ class MitigationMiddleware:
         app.add_api_route("/v1/mitigations", list_mitigations, methods=["GET"], tags=["halluguard"])
         _document_field(app)
         logger.info(
-            "halluguard: mitigation field enabled (default %s, allow %s, preset family %s)",
+            "halluguard: mitigation field enabled (default %s, allow %s, preset family %s, image limits %s)",
             header_value(resolver.default),
             "all" if resolver.policy.allow is None else sorted(resolver.policy.allow),
             resolver.family,
+            self.limits.model_dump(),
         )
 
     # ---------------------------------------------------------------------------------- requests
@@ -153,12 +160,20 @@ class MitigationMiddleware:
         if not isinstance(payload, dict):  # not our business: vLLM answers malformed bodies itself
             await self.app(scope, _replay(body, receive), send)
             return
+        chat = _path(scope) == CHAT
         try:
-            cfg, _named = resolver.for_request(payload)
+            cfg, _named = resolver.for_request(payload, has_image=has_image(payload) if chat else False)
+            if chat:
+                self.limits.check(payload)
         except MitigationError as e:
             ERRORS.labels(reason=e.reason).inc()
             logger.info("halluguard: rejected mitigation (%s): %s", e.reason, e)
             await send_json(send, 400, error_body(f"invalid mitigation: {e}"), [])
+            return
+        except InputError as e:
+            ERRORS.labels(reason=e.reason).inc()
+            logger.info("halluguard: rejected input (%s): %s", e.reason, e)
+            await send_json(send, 400, error_body(str(e), e.param), [])
             return
         rewritten = _rewrite(payload, cfg)
         if rewritten is not None:

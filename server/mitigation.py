@@ -24,6 +24,8 @@ NONE = "none"
 DEFAULT_ENV = "HALLUGUARD_DEFAULT_MITIGATION"
 ALLOW_ENV = "HALLUGUARD_MITIGATION_ALLOW"
 PRESET_ENV = "HALLUGUARD_MITIGATION_PRESET"
+#: Methods that act only on image tokens: a request without an image is a 400 for them.
+IMAGE_METHODS = engine_requests.IMAGE_METHODS
 
 
 class MitigationError(ValueError):
@@ -157,8 +159,12 @@ class Resolver:
             return self.hf_config
         return _FamilyView(self.hf_config, self.policy.preset)
 
-    def resolve(self, value: Any) -> MethodConfig | None:
-        """Validate a request's value (parse, allow-list, engine) and return the config the engine runs."""
+    def resolve(self, value: Any, has_image: bool | None = None) -> MethodConfig | None:
+        """Validate a request's value (parse, allow-list, engine, image): the config the engine runs.
+
+        ``has_image=False`` (a request without an image) rejects the methods of :data:`IMAGE_METHODS`;
+        ``None`` skips that check.
+        """
         cfg = parse_spec(value)
         name = cfg.name if cfg is not None else NONE
         allow = self.policy.allow
@@ -170,19 +176,24 @@ class Resolver:
         if cfg is None:
             return None
         try:
-            return self._engine_resolve(single_spec(value))
+            resolved = self._engine_resolve(single_spec(value))
         except ValueError as e:
             reason = "unsupported" if cfg.name not in engine_methods() else "invalid_params"
             raise MitigationError(str(e), reason) from e
+        require_image(cfg.name, has_image)
+        return resolved
 
     def _engine_resolve(self, spec: Any) -> MethodConfig | None:
         return engine_requests.resolve(spec, self._model_view(), self.cache_dtype)
 
-    def for_request(self, body: Mapping[str, Any]) -> tuple[MethodConfig | None, bool]:
+    def for_request(
+        self, body: Mapping[str, Any], has_image: bool | None = None
+    ) -> tuple[MethodConfig | None, bool]:
         """The config of a request body and whether it named one (else the server default applies).
 
         The field may also come as ``vllm_xargs.halluguard`` (the engine's own key), which goes through
-        the same checks; giving both is an error.
+        the same checks; giving both is an error. ``has_image`` is as in :meth:`resolve` (the server
+        default is checked against it too).
         """
         xargs = body.get("vllm_xargs")
         raw_xarg = xargs.get(engine_requests.EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
@@ -193,9 +204,11 @@ class Resolver:
             )
         if FIELD in body:
             value = body[FIELD]
-            return self.resolve(NONE if value is None else value), True
+            return self.resolve(NONE if value is None else value, has_image), True
         if raw_xarg is not None:
-            return self.resolve(engine_requests.spec_of(xargs)), True
+            return self.resolve(engine_requests.spec_of(xargs), has_image), True
+        if self.default is not None:
+            require_image(self.default.name, has_image, " (the server default)")
         return self.default, False
 
     def describe(self) -> dict[str, Any]:
@@ -229,6 +242,16 @@ class Resolver:
             "composition": {"supported": [], "note": "one method per request"},
             "data": methods,
         }
+
+
+def require_image(name: str, has_image: bool | None, origin: str = "") -> None:
+    """Reject a method of :data:`IMAGE_METHODS` on a request known to have no image."""
+    if has_image is False and name in IMAGE_METHODS:
+        raise MitigationError(
+            f"method {name!r}{origin} acts on image tokens only and needs an image in the request; "
+            f"this request has none (send an image part in a chat message; /v1/completions is text-only)",
+            "needs_image",
+        )
 
 
 def _summary(cls: type[MethodConfig]) -> str:
