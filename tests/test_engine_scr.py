@@ -73,7 +73,11 @@ def test_engine_matches_reference(setup, hf, name):
     model, processor = hf
     spec = SPECS[name]
     case = _case(fixture, 5, spec)
+    (before,) = llm.collective_rpc(worker_stats)
     (gen,), log = _traced(llm, [case])
+    (after,) = llm.collective_rpc(worker_stats)
+    # alone in its batch, the diagnostic stopped after its last layer (the map below proves it exact)
+    assert after["scr_early_exits"] > before["scr_early_exits"]
     (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
     assert len(log) == 1, "one diagnostic per SCR request"
     rec = log[0]

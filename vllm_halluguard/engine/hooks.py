@@ -10,7 +10,7 @@
 * prefix cache: a request's canonical method config is mixed into its first block's hash, so
   requests with different methods never share KV blocks (:func:`install_cache_salt`);
 * scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); the worker edits the
-  real prefill through forward hooks on the decoder layers, added on the first SCR edit (:mod:`.scr`).
+  real prefill by wrapping the decoder layers' forward, on the first SCR request (:mod:`.scr`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def ensure_runner_hook() -> None:
             runtime = self._halluguard_runtime = Runtime(self.vllm_config)
         set_current(runtime)
         runtime.update(scheduler_output, self.input_batch, self.requests)
-        if runtime.scr_plan and not self.__dict__.get("_halluguard_layer_hooks"):
+        if (runtime.scr_plan or runtime.scr_skip_from) and not self.__dict__.get("_halluguard_layer_hooks"):
             from vllm_halluguard.engine.scr import install_layer_hooks
 
             forward_context = self.vllm_config.compilation_config.static_forward_context

@@ -22,8 +22,9 @@ from vllm_halluguard.methods import MethodConfig
 logger = logging.getLogger(__name__)
 
 
-#: Lifecycle counters of :func:`worker_stats` (SCR: edited prefills, images found split across chunks).
-STAT_KEYS = ("admitted", "released", "preempted", "scr_edits", "scr_split_images")
+#: Lifecycle counters of :func:`worker_stats` (SCR: edited prefills, images found split across chunks,
+#: diagnostic-only steps that stopped after the last diagnostic layer).
+STAT_KEYS = ("admitted", "released", "preempted", "scr_edits", "scr_split_images", "scr_early_exits")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Runtime:
         self.scr_selections: OrderedDict[str, Any] = OrderedDict()
         self.scr_log: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.scr_plan: tuple[Any, ...] = ()
+        self.scr_skip_from: int | None = None
         self.step: StepView | None = None
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
@@ -127,8 +129,8 @@ class Runtime:
             if state is not None:
                 rows.append(Row(index, state))
         self.step = StepView(input_batch.num_reqs, tuple(rows)) if rows else None
-        self.scr_plan = ()
-        if any("scr_edit" in row.request.scratch for row in rows):
+        self.scr_plan, self.scr_skip_from = (), None
+        if any("scr_edit" in row.request.scratch or "scr_diag" in row.request.scratch for row in rows):
             from vllm_halluguard.engine import scr
 
             scr.plan_step(self, scheduler_output, input_batch, requests)

@@ -9,10 +9,14 @@ An SCR request runs as two engine requests (:mod:`vllm_halluguard.engine.two_pas
   diagnostic layer of the prompt's last chunk the map (mean over rows and layers) picks the sources
   and their neighbours on the patch grid (:func:`vllm_halluguard.methods.scr.select_sources`), filed
   under the real request's id.
-* **Real prefill** (:func:`plan_step`, :func:`install_layer_hooks`): forward hooks on the decoder layers
-  of the intervention range apply :func:`vllm_halluguard.methods.scr.apply_edit` to that request's
+* **Real prefill** (:func:`plan_step`, :func:`install_layer_hooks`): the wrapped decoder layers of the
+  intervention range apply :func:`vllm_halluguard.methods.scr.apply_edit` to that request's
   visual rows of both ``hidden_states`` and ``residual`` (vLLM keeps the residual stream split in two;
   the edit is linear, so editing both edits their sum). Decode needs nothing: the edited K/V are cached.
+
+* **Early exit**: a step whose batch holds only diagnostics skips the decoder layers after the last
+  diagnostic layer (their output and KV are never read: the sampled token is dropped and the
+  diagnostic's blocks are never read from the prefix cache).
 
 A selection lives until its real request finishes; a preempted request is recomputed with the same one.
 With tensor parallelism each rank sees its own heads, so the map is averaged across ranks.
@@ -143,7 +147,8 @@ def _mean_over_tp_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def plan_step(runtime: Runtime, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
-    """This step's edits: the real SCR requests whose image tokens are all scheduled in this step."""
+    """This step's edits (the real SCR requests whose image tokens are all scheduled in this step) and,
+    for a batch of diagnostics only, the first decoder layer that can be skipped."""
     plans = []
     offset = 0
     scheduled = scheduler_output.num_scheduled_tokens
@@ -167,27 +172,36 @@ def plan_step(runtime: Runtime, scheduler_output: Any, input_batch: Any, request
                 )
         offset += n
     runtime.scr_plan = tuple(plans)
+    # Early exit: a batch of diagnostics only needs the layers up to the last diagnostic layer.
+    diags = [r.request.scratch.get("scr_diag") for r in runtime.step.rows] if runtime.step else []
+    if diags and len(diags) == input_batch.num_reqs and all(d is not None for d in diags):
+        runtime.scr_skip_from = 1 + max(d.layers[-1] for d in diags)
+        runtime.stats["scr_early_exits"] += 1
 
 
-def _edit_hook(layer: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+def _layer_forward(layer: int, forward: Any, positions: Any, hidden: Any, residual: Any, *a: Any, **kw: Any):
+    """A decoder layer's forward with SCR: skipped for a diagnostic-only batch past the last diagnostic
+    layer, else run and then edited for this step's plans."""
     runtime = current()
-    plans = runtime.scr_plan if runtime is not None else ()
-    for plan in plans:
+    if runtime is None:
+        return forward(positions, hidden, residual, *a, **kw)
+    if runtime.scr_skip_from is not None and layer >= runtime.scr_skip_from:
+        return hidden, hidden if residual is None else residual  # nothing after this is ever read
+    output = forward(positions, hidden, residual, *a, **kw)
+    for plan in runtime.scr_plan:
         if layer not in plan.layers:
             continue
-        parts = output if isinstance(output, tuple) else (output,)
-        for t in parts:  # hidden_states and residual: the stream is their sum
-            if not isinstance(t, torch.Tensor):
-                continue
+        for t in output:  # hidden_states and residual: the stream is their sum
             idx = plan.flat.to(t.device)
             sel = plan.selection
             rows = t.index_select(0, idx).unsqueeze(0)
             edited = apply_edit(rows, sel.sources.to(t.device), sel.owner.to(t.device), plan.lam)
             t.index_copy_(0, idx, edited[0].to(t.dtype))
+    return output
 
 
 def install_layer_hooks(model: torch.nn.Module, attention_layers: dict[str, Any]) -> int:
-    """Hook every decoder layer (a module whose ``self_attn.attn`` is a KV-cache attention layer)."""
+    """Wrap the forward of every decoder layer (a module whose ``self_attn.attn`` is a KV-cache layer)."""
     from vllm.model_executor.models.utils import extract_layer_index
 
     names = {id(m): name for name, m in attention_layers.items()}
@@ -197,7 +211,7 @@ def install_layer_hooks(model: torch.nn.Module, attention_layers: dict[str, Any]
         name = names.get(id(attn)) if attn is not None else None
         if name is None:
             continue
-        module.register_forward_hook(functools.partial(_edit_hook, extract_layer_index(name)))
+        module.forward = functools.partial(_layer_forward, extract_layer_index(name), module.forward)
         count += 1
     if count == 0:
         raise RuntimeError("halluguard: scr found no decoder layers to hook")
