@@ -134,7 +134,7 @@ def _header_method(header: str) -> str:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("method", ["kvsmooth", "farsight"])
+@pytest.mark.parametrize("method", ["kvsmooth", "farsight", "scr"])
 def test_image_chat_with_a_method_streaming_and_not(client, method):
     text, logprobs, header = _chat(client, method)
     assert text
@@ -245,6 +245,7 @@ def test_concurrent_mixed_methods_equal_solo_and_ignore_bad_neighbours(client, b
         "farsight",
         {"method": "farsight", "mode": "C"},
         {"method": "kvsmooth", "window": 4},
+        "scr",
     ]
     jobs = [(spec, seed) for seed in (0, 1) for spec in specs]
     solo = {i: _chat(client, spec, seed, max_tokens=12) for i, (spec, seed) in enumerate(jobs)}
