@@ -11,9 +11,8 @@ import pytest
 from vllm.exceptions import VLLMValidationError
 
 from vllm_halluguard import reference
-from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import Case, compare, hf_generate, logprob_shift, run_vllm
+from vllm_halluguard.testing.parity import Case, compare, hf_generate, logprob_shift, method_case, run_vllm
 from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
@@ -24,12 +23,6 @@ SPECS = {
     "farsight_b": {"method": "farsight", "mode": "B"},
     "farsight_c": {"method": "farsight", "mode": "C"},
 }
-
-
-def _case(fixture, seed, spec, prompt="Describe the image."):
-    return Case(
-        fixture, image_seed=seed, prompt=prompt, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec}
-    )
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -47,9 +40,9 @@ def test_engine_matches_reference(setup, hf, method):
     fixture, llm = setup
     model, processor = hf
     spec = SPECS[method]
-    case = _case(fixture, 5, spec)
+    case = method_case(fixture, 5, spec)
     (gen,) = run_vllm(llm, [case])
-    (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
+    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
 
     def ctx():
         return reference.apply(model, spec)
@@ -67,7 +60,7 @@ def test_mixed_batch_equals_solo_runs(setup):
     fixture, llm = setup
     specs = [None, SPECS["kvsmooth"], SPECS["farsight_b"], None, SPECS["farsight_c"], SPECS["kvsmooth"]]
     prompts = ["Describe the image.", "What is in the picture?", "Describe the image.", "Is there a cat?"]
-    cases = [_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
     batch = run_vllm(llm, cases)
     for case, gen in zip(cases, batch, strict=True):
         (solo,) = run_vllm(llm, [case])
@@ -107,9 +100,9 @@ def _params(case):
 def test_prefix_cache_is_isolated_per_method_config(setup):
     fixture, llm = setup
     llm.reset_prefix_cache()
-    plain, kvs = _case(fixture, 40, None), _case(fixture, 40, SPECS["kvsmooth"])
-    kvs_other = _case(fixture, 40, {"method": "kvsmooth", "lam_ref": 0.5})
-    fs = _case(fixture, 40, SPECS["farsight_b"])
+    plain, kvs = method_case(fixture, 40, None), method_case(fixture, 40, SPECS["kvsmooth"])
+    kvs_other = method_case(fixture, 40, {"method": "kvsmooth", "lam_ref": 0.5})
+    fs = method_case(fixture, 40, SPECS["farsight_b"])
     assert _cached(llm, plain) == 0
     assert _cached(llm, plain) > 0, "plain requests keep sharing the prefix cache"
     assert _cached(llm, kvs) == 0, "a method request must not reuse plain KV"
@@ -133,16 +126,16 @@ def test_prefix_cache_is_isolated_per_method_config(setup):
 def test_bad_method_spec_is_rejected_for_that_request(setup, spec, needle):
     fixture, llm = setup
     with pytest.raises(VLLMValidationError, match="halluguard") as err:
-        run_vllm(llm, [_case(fixture, 1, spec)])
+        run_vllm(llm, [method_case(fixture, 1, spec)])
     assert needle in str(err.value)
     # the engine keeps serving
-    (ok,) = run_vllm(llm, [_case(fixture, 1, SPECS["kvsmooth"])])
+    (ok,) = run_vllm(llm, [method_case(fixture, 1, SPECS["kvsmooth"])])
     assert len(ok.token_ids) == 32
 
 
 def test_preempted_requests_release_and_restart_their_state(engines):
     """A KV cache of a few blocks forces recompute preemption with 8 concurrent requests."""
-    cases = [_case("llava", 60 + i, SPECS["kvsmooth"] if i % 2 else None) for i in range(8)]
+    cases = [method_case("llava", 60 + i, SPECS["kvsmooth"] if i % 2 else None) for i in range(8)]
     llm = engines.get("llava", max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
     outs = run_vllm(llm, cases)
     stats = worker_stats_of(llm)

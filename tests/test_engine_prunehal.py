@@ -1,18 +1,24 @@
 """In-engine PruneHal (CPU path): parity with the dense reference (tokens, log-probs and the keep masks
 of every prune), mixed batches, the block view, refused text-only requests and the no-op config."""
 
-import contextlib
 import math
 
 import pytest
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard import reference
 from vllm_halluguard.engine.prunehal import prunehal_trace
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import Case, compare, hf_generate, logprob_shift, run_vllm
+from vllm_halluguard.testing.parity import (
+    Case,
+    compare,
+    hf_generate,
+    logprob_shift,
+    method_case,
+    recording_reference,
+    run_vllm,
+)
 from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
@@ -24,12 +30,6 @@ SPECS = {
     "subset_first_step": {"method": "prunehal", "r": 0.5, "t": 5, "history": "first_step", "layers": [1, 2]},
     "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
 }
-
-
-def _case(fixture, seed, spec, prompt="Describe the image."):
-    return Case(
-        fixture, image_seed=seed, prompt=prompt, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec}
-    )
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -54,31 +54,21 @@ def _run_traced(llm, case):
     return gen, next(iter(log.values()))
 
 
-def _reference_ctx(model, spec, refs):
-    @contextlib.contextmanager
-    def ctx():
-        with reference.apply(model, spec) as ref:
-            refs.append(ref)
-            yield ref
-
-    return ctx
-
-
 @pytest.mark.parametrize("name", list(SPECS))
 def test_engine_matches_reference(setup, hf, name):
     fixture, llm = setup
     model, processor = hf
     spec = SPECS[name]
-    case = _case(fixture, 5, spec)
+    case = method_case(fixture, 5, spec)
     gen, rec = _run_traced(llm, case)
-    (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
+    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
 
     refs = []
-    ctx = _reference_ctx(model, spec, refs)
+    ctx = recording_reference(model, spec, refs)
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=_reference_ctx(model, spec, []))
+    free = hf_generate(model, processor, case, context=recording_reference(model, spec, []))
     assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
 
     # the engine's decisions are the reference's: same steps, same per-layer keep masks
@@ -108,7 +98,7 @@ def test_engine_matches_reference(setup, hf, name):
 def test_block_view_counts_blocks_pruned_in_every_layer(setup):
     fixture, llm = setup
     spec = {"method": "prunehal", "r": 0.01, "t": 1}  # the forced prune drops every visual token
-    gen, rec = _run_traced(llm, _case(fixture, 7, spec))
+    gen, rec = _run_traced(llm, method_case(fixture, 7, spec))
     image_id = {"llava": 4, "qwen2_vl": 12}[fixture]
     visual = torch.tensor(gen.prompt_token_ids) == image_id
     assert int(visual.sum()) == rec["num_visual"]
@@ -129,7 +119,7 @@ def test_mixed_batch_equals_solo_runs(setup):
     farsight = {"method": "farsight", "mode": "B"}
     specs = [None, "kvsmooth", farsight, "prunehal", SPECS["subset_first_step"], None]
     prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
-    cases = [_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
     batch = run_vllm(llm, cases)
     for case, gen in zip(cases, batch, strict=True):
         (solo,) = run_vllm(llm, [case])
@@ -144,14 +134,14 @@ def test_text_only_request_is_refused_and_others_are_unaffected(setup):
     fixture, llm = setup
     with pytest.raises(VLLMValidationError, match="needs an image"):
         run_vllm(llm, [Case(fixture, None, "Tell me a story.", extra_args={EXTRA_ARGS_KEY: "prunehal"})])
-    (ok,) = run_vllm(llm, [_case(fixture, 3, "prunehal")])
+    (ok,) = run_vllm(llm, [method_case(fixture, 3, "prunehal")])
     assert len(ok.token_ids) == 32
 
 
 def test_r1_config_equals_plain(setup):
     fixture, llm = setup
-    gen, rec = _run_traced(llm, _case(fixture, 9, {"method": "prunehal", "r": 1.0}))
-    (plain,) = run_vllm(llm, [_case(fixture, 9, None)])
+    gen, rec = _run_traced(llm, method_case(fixture, 9, {"method": "prunehal", "r": 1.0}))
+    (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
     assert rec["prunes"] == []
     assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
 

@@ -2,14 +2,12 @@
 selection), no-op configs, mixed batches of every method, chunked prefill, preemption, prefix-cache
 isolation, aborting a request while its diagnostic runs, and the admission checks."""
 
-import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard import reference
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve
 from vllm_halluguard.engine.runtime import worker_stats
 from vllm_halluguard.engine.scr import scr_trace
@@ -18,6 +16,8 @@ from vllm_halluguard.testing.parity import (
     compare,
     hf_generate,
     logprob_shift,
+    method_case,
+    recording_reference,
     run_vllm,
     sampling_params,
     vllm_inputs,
@@ -32,12 +32,6 @@ SPECS = {
 }
 #: Engine whose token budget is barely above the image: prompts are chunked and batches compete.
 CHUNKED = dict(max_num_batched_tokens=80, enable_chunked_prefill=True)
-
-
-def _case(fixture, seed, spec, prompt="Describe the image."):
-    return Case(
-        fixture, image_seed=seed, prompt=prompt, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec}
-    )
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -72,28 +66,23 @@ def test_engine_matches_reference(setup, hf, name):
     fixture, llm = setup
     model, processor = hf
     spec = SPECS[name]
-    case = _case(fixture, 5, spec)
+    case = method_case(fixture, 5, spec)
     (before,) = llm.collective_rpc(worker_stats)
     (gen,), log = _traced(llm, [case])
     (after,) = llm.collective_rpc(worker_stats)
     # alone in its batch, the diagnostic stopped after its last layer (the map below proves it exact)
     assert after["scr_early_exits"] > before["scr_early_exits"]
-    (plain,) = run_vllm(llm, [_case(fixture, 5, None)])
+    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
     assert len(log) == 1, "one diagnostic per SCR request"
     rec = log[0]
 
     refs = []
-
-    @contextlib.contextmanager
-    def ctx():
-        with reference.apply(model, spec) as ref:
-            refs.append(ref)
-            yield ref
-
-    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    forced = hf_generate(
+        model, processor, case, force=gen.token_ids, context=recording_reference(model, spec, refs)
+    )
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=lambda: reference.apply(model, spec))
+    free = hf_generate(model, processor, case, context=recording_reference(model, spec, []))
     assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
 
     # the engine's diagnostic map and selection are the reference's
@@ -109,8 +98,8 @@ def test_engine_matches_reference(setup, hf, name):
 @pytest.mark.parametrize("noop", [{"top_k": 0}, {"lam": 1.0}, {"layers": []}])
 def test_noop_configs_equal_plain_and_skip_the_diagnostic(setup, noop):
     fixture, llm = setup
-    (gen,), log = _traced(llm, [_case(fixture, 9, {"method": "scr", **noop})])
-    (plain,) = run_vllm(llm, [_case(fixture, 9, None)])
+    (gen,), log = _traced(llm, [method_case(fixture, 9, {"method": "scr", **noop})])
+    (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
     assert log == []
     assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
 
@@ -119,7 +108,7 @@ def test_mixed_batch_of_every_method_equals_solo_runs(setup):
     fixture, llm = setup
     specs = [None, "kvsmooth", {"method": "farsight", "mode": "B"}, "prunehal", "scr", SPECS["strong"], None]
     prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
-    cases = [_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
     batch, log = _traced(llm, cases)
     assert len(log) == 2
     for case, gen in zip(cases, batch, strict=True):
@@ -138,7 +127,7 @@ def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, setup):
     story = "Tell me a long story about a red bus, a green tree and a small dog in the park today. " * 2
     specs = [None, "scr", None, SPECS["strong"], "kvsmooth", "scr"]
     cases = [
-        _case(fixture, 30 + i, s, "Describe the image.") if i % 2 else Case(fixture, None, story)
+        method_case(fixture, 30 + i, s, "Describe the image.") if i % 2 else Case(fixture, None, story)
         for i, s in enumerate(specs)
     ]
     scheduler = chunked.llm_engine.engine_core.engine_core.scheduler
@@ -158,7 +147,7 @@ def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, setup):
 def test_preempted_scr_requests_recompute_with_their_selection(engines):
     """A KV cache of a few blocks forces recompute preemption; outputs still equal solo runs."""
     llm = engines.get("llava", max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
-    cases = [_case("llava", 60 + i, "scr" if i % 2 else None) for i in range(8)]
+    cases = [method_case("llava", 60 + i, "scr" if i % 2 else None) for i in range(8)]
     outs = run_vllm(llm, cases)
     stats = _stats(llm, "llava")
     assert stats["preempted"] > 0, f"no preemption happened: {stats}"
@@ -171,7 +160,7 @@ def test_preempted_scr_requests_recompute_with_their_selection(engines):
 def test_prefix_cache_is_never_read_by_or_from_scr(setup):
     fixture, llm = setup
     llm.reset_prefix_cache()
-    scr, plain = _case(fixture, 40, "scr"), _case(fixture, 40, None)
+    scr, plain = method_case(fixture, 40, "scr"), method_case(fixture, 40, None)
 
     def cached(case):
         out = llm.generate([vllm_inputs(_processor(fixture), case)], [sampling_params(case)], use_tqdm=False)
@@ -197,7 +186,7 @@ def test_abort_while_the_diagnostic_runs_frees_both(setup):
     fixture, llm = setup
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
-    case = _case(fixture, 50, "scr")
+    case = method_case(fixture, 50, "scr")
     engine.add_request("scr-abort", vllm_inputs(_processor(fixture), case), sampling_params(case))
     held = scheduler.__dict__["_halluguard_held"]
     assert len(held) == 1 and len(scheduler.requests) == 1, "the diagnostic runs, the real request waits"
@@ -217,7 +206,7 @@ def test_text_only_request_is_refused(setup, seed, prompt):
     fixture, llm = setup
     with pytest.raises(VLLMValidationError, match="needs an image"):
         run_vllm(llm, [Case(fixture, seed, prompt, extra_args={EXTRA_ARGS_KEY: "scr"})])
-    (ok,) = run_vllm(llm, [_case(fixture, 3, "scr")])
+    (ok,) = run_vllm(llm, [method_case(fixture, 3, "scr")])
     assert len(ok.token_ids) == 32
 
 

@@ -15,8 +15,10 @@ the top ``floor(r |S_l|)`` per layer and updates the history; the new masks appl
 forward, as in the reference. The math is :mod:`vllm_halluguard.methods.prunehal`.
 
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
-tokens differs per request (Qwen2-VL's dynamic resolution), the CPU path already
-works row by row, and the state is dropped with the request (a preempted request starts over).
+tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request
+(a preempted request starts over). The decode rows of a layer call are measured together
+(:func:`apply_batch`: one padded gather, one batched masked attention); the per-row :func:`apply`
+is the same computation for one row.
 A request without an image is refused at admission (``requests.check_inputs``).
 """
 
@@ -30,8 +32,8 @@ import torch
 
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.runtime import RequestState, Row, Runtime
-from vllm_halluguard.kernels.reference import attention_rows
+from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, worker_log
+from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
@@ -132,6 +134,49 @@ def apply(call: LayerCall, row: Row) -> None:
         _decide(call.runtime, st, cfg, step=seq_len - state.prompt_len)
 
 
+def apply_batch(call: LayerCall, rows: list[Row]) -> None:
+    """:func:`apply` for single-token rows: one padded gather and one batched masked attention."""
+    todo: list[tuple[Row, PruneState, int]] = []
+    for row in rows:
+        state = row.request
+        cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+        st: PruneState | None = state.scratch.get("prunehal")
+        if st is None or cfg.is_noop() or st.visual.numel() == 0:
+            continue
+        i = st.index.get(call.layer)
+        if call.seq_lens[row.index] - 1 < state.prompt_len or i is None:
+            continue  # prompt rows (a chunk's last token) are never touched
+        todo.append((row, st, i))
+    if not todo:
+        return
+    assert call.gather_batch is not None
+    seq_lens = [call.seq_lens[row.index] for row, _, _ in todo]
+    k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens)
+    visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True)
+    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+    pruned = [b for b, (_, st, i) in enumerate(todo) if not bool(st.keep[i].all())]
+    for b in pruned:  # pruned visual keys off
+        _, st, i = todo[b]
+        key_mask[b, st.visual] = st.keep[i]
+    starts = torch.tensor([call.query_start_loc[row.index] for row, _, _ in todo])
+    out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
+    if pruned:  # before anything is pruned the native kernel's output is already exact
+        sel = torch.tensor(pruned)
+        call.output[starts[sel]] = out[sel]
+    hq = probs.shape[1]
+    on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, (row, st, i) in enumerate(todo):
+        cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+        if cfg.statistic not in stats:
+            stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
+        A, scores = stats[cfg.statistic]
+        st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
+        st.seen[i] = True
+        if call.layer == max(st.layers):
+            _decide(call.runtime, st, cfg, step=seq_lens[b] - row.request.prompt_len)
+
+
 def _decide(runtime: Runtime, st: PruneState, cfg: PruneHalConfig, step: int) -> None:
     """The request's decision after decode step ``step`` (1-based); applies from the next forward."""
     if not bool(st.seen.all()):
@@ -172,10 +217,4 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
     ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
     ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
     """
-    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
-    if runtime is None:
-        return {}
-    out = dict(runtime.prunehal_log)
-    if clear:
-        runtime.prunehal_log.clear()
-    return out
+    return worker_log(worker, "prunehal_log", clear)

@@ -163,3 +163,16 @@ def worker_stats(worker: Any) -> dict[str, int]:
     log = runtime.prunehal_log
     reclaimable = sum(rec["reclaimable_blocks"] for rid, rec in log.items() if rid in runtime.requests)
     return {**runtime.stats, "active": len(runtime.requests), "prunehal_reclaimable_blocks": reclaimable}
+
+
+def worker_log(worker: Any, name: str, clear: bool = False) -> dict[str, dict[str, Any]]:
+    """A worker runtime's per-request log ``name`` (e.g. ``prunehal_log``), oldest first; ``clear``
+    empties it afterwards. Backs the methods' ``collective_rpc`` trace helpers."""
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is None:
+        return {}
+    log = getattr(runtime, name)
+    out = dict(log)
+    if clear:
+        log.clear()
+    return out

@@ -35,7 +35,7 @@ import torch
 from vllm_halluguard.engine.images import patch_grid, visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.requests import SCR_PARENT_KEY
-from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, current
+from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, current, worker_log
 from vllm_halluguard.kernels.reference import attention_logits
 from vllm_halluguard.methods.scr import Grid, SCRConfig, apply_edit, select_sources
 
@@ -224,10 +224,4 @@ def scr_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
     Each record: ``attn_map [Nv]``, ``grid (t, h, w)``, ``sources [K]`` (-1 padded), ``owner [Nv]`` and
     ``num_visual``. ``clear`` empties the log afterwards.
     """
-    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
-    if runtime is None:
-        return {}
-    out = dict(runtime.scr_log)
-    if clear:
-        runtime.scr_log.clear()
-    return out
+    return worker_log(worker, "scr_log", clear)

@@ -48,6 +48,14 @@ class Case:
         return [{"role": "user", "content": content}]
 
 
+def method_case(fixture: FixtureName, seed: int | None, spec: Any, prompt: str = DEFAULT_PROMPT) -> Case:
+    """A :class:`Case` whose request selects the method ``spec`` (``None`` = a plain request)."""
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+
+    extra = None if spec is None else {EXTRA_ARGS_KEY: spec}
+    return Case(fixture, image_seed=seed, prompt=prompt, extra_args=extra)
+
+
 @dataclass
 class Generation:
     """Generated token ids plus, per step, a map token id -> log-prob (vLLM: top-k; HF: full)."""
@@ -191,6 +199,22 @@ def hf_generate(
     gap = float((top2[:, 0] - top2[:, 1]).min())
     steps = [dict(enumerate(row.tolist())) for row in logp]
     return Generation(ids, steps, inputs["input_ids"][0].tolist(), gap)
+
+
+def recording_reference(
+    model: Any, spec: Any, refs: list[Any]
+) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A ``context`` for :func:`hf_generate`: the dense reference of ``spec``, appended to ``refs``
+    on entry (so a test can read its ``trace`` afterwards)."""
+    from vllm_halluguard import reference
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[Any]:
+        with reference.apply(model, spec) as ref:
+            refs.append(ref)
+            yield ref
+
+    return ctx
 
 
 # ---------------------------------------------------------------------------------------- compare
