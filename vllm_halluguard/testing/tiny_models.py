@@ -33,7 +33,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,8 +90,11 @@ def _corpus(n_sentences: int = 3000, seed: int = SEED) -> list[str]:
     return out
 
 
-def _train_tokenizer(special_tokens: list[str], vocab_size: int):
-    """Byte-level BPE with ``special_tokens`` first (ids 0..n-1), padded to exactly ``vocab_size``."""
+def _train_tokenizer(special_tokens: list[str], vocab_size: int, corpus: Iterable[str] | None = None):
+    """Byte-level BPE with ``special_tokens`` first (ids 0..n-1), padded to exactly ``vocab_size``.
+
+    It is trained on ``corpus`` (default: the built-in pseudo-English :func:`_corpus`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,7 +108,7 @@ def _train_tokenizer(special_tokens: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     missing = vocab_size - len(fast)
     if missing > 0:  # the corpus ran out of merges: fill with reserved tokens so every id decodes
@@ -131,6 +134,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
 
 # --------------------------------------------------------------------------------------------- LLaVA
 
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
@@ -147,52 +151,34 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _build_llava(out: Path) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def llava_parts(
+    tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], image_size: int = IMAGE_SIZE
+) -> tuple[Any, Any]:
+    """``(LlavaConfig, LlavaProcessor)`` of a LLaVA-1.5 model with our special-token layout.
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tokenizer = _train_tokenizer(specials, VOCAB_SIZE)
-    tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = specials[:4]
+    ``tokenizer`` must come from :func:`_train_tokenizer` with specials ``<unk> <s> </s> <pad> <image>``;
+    ``vision`` holds ``CLIPVisionConfig`` sizes (patch 14) and ``text`` ``LlamaConfig`` sizes.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = LLAVA_SPECIALS[:4]
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=14,
-        projection_dim=64,
-        hidden_act="quick_gelu",
+    vision_config = CLIPVisionConfig(
+        **vision, image_size=image_size, patch_size=14, projection_dim=64, hidden_act="quick_gelu"
     )
-    text = LlamaConfig(
-        **TEXT_DIMS,
-        head_dim=32,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
+    text_config = LlamaConfig(**text, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_index=4,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     config.pad_token_id = 3
-    model = LlavaForConditionalGeneration(config).eval()
-    _init_weights(model, SEED)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_convert_rgb=True,
     )
@@ -204,9 +190,14 @@ def _build_llava(out: Path) -> None:
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    return config, processor
+
+
+def save_llava(model: Any, processor: Any, out: Path) -> None:
+    """Write a LLaVA model and its processor in the layout both HF and vLLM 0.32 load."""
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
     # transformers 5.19 writes the CLIP tower as ``vision_tower.*``; vLLM 0.32's LLaVA loader wants
     # ``vision_tower.vision_model.*`` (and transformers accepts both), so store the common form.
     _rename_keys(
@@ -217,6 +208,17 @@ def _build_llava(out: Path) -> None:
             else k
         ),
     )
+
+
+def _build_llava(out: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = _train_tokenizer(LLAVA_SPECIALS, VOCAB_SIZE)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config, processor = llava_parts(tokenizer, vision, dict(**TEXT_DIMS, head_dim=32))
+    model = LlavaForConditionalGeneration(config).eval()
+    _init_weights(model, SEED)
+    save_llava(model, processor, out)
 
 
 # ------------------------------------------------------------------------------------------ Qwen2-VL
