@@ -141,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "httpx2"):  # the HTTP client logs every request at INFO
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command != "report":
         cfg = config_from_args(args)
         try:
