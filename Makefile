@@ -6,7 +6,7 @@ PORT ?= 8000
 FIXTURE ?= llava
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint serve fixtures clean
+.PHONY: venv test lint serve fixtures eval-testbed clean
 
 venv:
 	@bash scripts/ensure_venv.sh >/dev/null
@@ -27,6 +27,10 @@ serve: venv
 	$(PY) -m server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
 	  --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
 	  --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}'
+
+# Every method on the hermetic testbed (docs/evaluation.md): scenes, server, halluguard-eval.
+eval-testbed: venv
+	bash scripts/eval_testbed.sh eval-testbed 200
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache
