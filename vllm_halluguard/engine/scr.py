@@ -37,7 +37,7 @@ from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.requests import SCR_PARENT_KEY
 from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, current, worker_log
 from vllm_halluguard.kernels.reference import attention_logits
-from vllm_halluguard.methods.scr import Grid, SCRConfig, apply_edit, select_sources
+from vllm_halluguard.methods.scr import Grid, SCRConfig, Selection, apply_edit, select_sources
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +58,11 @@ class DiagState:
 
 
 @dataclass(frozen=True)
-class Selection:
-    sources: torch.Tensor  # [1, K] patch indices, -1 padded
-    owner: torch.Tensor  # [1, Nv] owning source of each neighbour, -1 elsewhere
-
-
-@dataclass(frozen=True)
 class EditPlan:
     """One request's edit in this step: flat batch rows of its image tokens, in grid order."""
 
     flat: torch.Tensor  # [Nv]
-    selection: Selection
+    selection: Selection  # sources [1, K] (-1 padded), owner [1, Nv]
     lam: float
     layers: frozenset[int]
 
@@ -132,8 +126,7 @@ def _select(runtime: Runtime, state: RequestState, st: DiagState) -> None:
     picked = select_sources(
         attn_map, st.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
     )
-    selection = Selection(picked.sources, picked.owner)
-    _remember(runtime.scr_selections, st.parent, selection)
+    _remember(runtime.scr_selections, st.parent, picked)
     record = {"attn_map": attn_map.tolist(), "grid": list(st.grid), "sources": picked.sources[0].tolist(),
               "owner": picked.owner[0].tolist(), "num_visual": int(st.visual.numel())}  # fmt: skip
     _remember(runtime.scr_log, st.parent, record)
