@@ -2,7 +2,8 @@
 
 Plain rows use vLLM's native CPU kernel unchanged: the impl first runs the native kernel on the whole
 batch, then, only when the step has mitigated rows, lets each method rework its rows through the
-torch path over the paged cache (:mod:`vllm_halluguard.engine.cpu_cache`).
+torch path over the paged cache (:mod:`vllm_halluguard.engine.cpu_cache`): single-token rows of a
+method in one padded gather and one batched attention, other rows one by one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_halluguard.engine import runtime as rt
-from vllm_halluguard.engine.cpu_cache import gather_kv, learn_layout, write_kv
+from vllm_halluguard.engine.cpu_cache import gather_kv, gather_kv_batched, learn_layout, write_kv
 from vllm_halluguard.engine.dispatch import run_methods
 from vllm_halluguard.engine.hooks import ensure_runner_hook
 from vllm_halluguard.engine.layer import LayerCall
@@ -61,6 +62,9 @@ class HGCPUAttentionImpl(CPUAttentionBackendImpl):
         def gather(row: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
             return gather_kv(kv_cache, block_table[row], seq_len, layout)
 
+        def gather_batch(rows: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, ...]:
+            return gather_kv_batched(kv_cache, block_table, rows, seq_lens, layout)
+
         def write(slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             write_kv(kv_cache, k, v, slots, layer.isa, self.kv_cache_dtype)
 
@@ -75,6 +79,7 @@ class HGCPUAttentionImpl(CPUAttentionBackendImpl):
             runtime=rt.current(),
             gather=gather,
             write=write,
+            gather_batch=gather_batch,
         )
         run_methods(call, view)
         return out

@@ -108,3 +108,42 @@ def write_kv(
 ) -> None:
     """Write ``key, value [n, num_kv_heads, head_size]`` into ``slots [n]`` with vLLM's packing op."""
     _write(key.contiguous(), value.contiguous(), kv_cache, slots.to(torch.int64), isa, kv_cache_dtype)
+
+
+def gather_kv_batched(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: list[int],
+    seq_lens: list[int],
+    layout: PageLayout,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K and V of several sequences in one gather, padded to the longest: ``[B, S_max, Hkv, hs]`` each.
+
+    ``rows`` index ``block_table [num_reqs, max_blocks]``; sequence ``b`` holds ``seq_lens[b]`` tokens.
+    Also returns ``valid [B, S_max]`` (bool, position ``< seq_len``); padded positions are zero.
+    """
+    hkv, bs = kv_cache.shape[1:3]
+    hs = layout.k_index.shape[1]
+    b, s_max = len(rows), max(seq_lens)
+    n_blocks = -(-s_max // bs)
+    lens = torch.tensor(seq_lens)
+    ids = block_table[rows, :n_blocks].long()  # [B, n_blocks]
+    used = torch.arange(n_blocks)[None, :] * bs < lens[:, None]
+    ids = torch.where(used, ids, ids[:, :1])  # entries past a row's blocks may be stale: read its first
+    pages = kv_cache.index_select(0, ids.flatten()).view(b, n_blocks, hkv, 2, bs * hs)
+    valid = torch.arange(s_max)[None, :] < lens[:, None]
+    padded = bool((lens < s_max).any())
+    halves = []
+    for half, index, order in ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order)):
+        flat = pages[:, :, :, half]
+        if order == "token":
+            x = flat.view(b, n_blocks, hkv, bs, hs)
+        elif order == "dim":
+            x = flat.view(b, n_blocks, hkv, hs, bs).transpose(3, 4)
+        else:
+            x = flat[..., index.flatten()].view(b, n_blocks, hkv, bs, hs)
+        x = x.permute(0, 1, 3, 2, 4).reshape(b, n_blocks * bs, hkv, hs)[:, :s_max]
+        if padded:
+            x = x.masked_fill(~valid[:, :, None, None], 0)
+        halves.append(x)
+    return halves[0], halves[1], valid

@@ -1,7 +1,8 @@
 """FarSight in the engine: modes B (per-head sink on every row) and C (sink on prompt rows only).
 
 Both are attention with a per-row, per-head sink logit ``log R``; the math is
-:mod:`vllm_halluguard.methods.farsight`, the attention the shared torch reference.
+:mod:`vllm_halluguard.methods.farsight`, the attention the shared torch reference (single-token rows
+of a layer call together in :func:`apply_batch`, other rows one by one in :func:`apply`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import Row
-from vllm_halluguard.kernels.reference import attention_rows
+from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_logits
 
 
@@ -51,3 +52,30 @@ def apply(call: LayerCall, row: Row) -> None:
     k, v = call.gather(row.index, seq_len)
     out, _, _ = attention_rows(call.query[start:end], k, v, call.scale, positions, sinks)
     call.output[start:end] = out
+
+
+def apply_batch(call: LayerCall, rows: list[Row]) -> None:
+    """:func:`apply` for single-token rows, all in one padded gather and one batched attention."""
+    hq = call.query.shape[1]
+    todo: list[tuple[Row, int, int]] = []
+    sinks = []
+    for row in rows:
+        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        if cfg.layers is not None and call.layer not in cfg.layers:
+            continue
+        start, _, seq_len = call.span(row)
+        prompt_len = row.request.prompt_len
+        if cfg.mode == "C" and seq_len - 1 >= prompt_len:
+            continue  # mode C: generated tokens carry no sink (row_sinks would give None)
+        row_sink = row_sinks(cfg, torch.tensor([seq_len - 1]), prompt_len, hq)
+        if row_sink is None:
+            continue
+        todo.append((row, start, seq_len))
+        sinks.append(row_sink)
+    if not todo:
+        return
+    assert call.gather_batch is not None
+    k, v, valid = call.gather_batch([row.index for row, _, _ in todo], [seq_len for _, _, seq_len in todo])
+    starts = torch.tensor([start for _, start, _ in todo])
+    out, _, _ = attention_rows_padded(call.query[starts], k, v, call.scale, valid, torch.cat(sinks))
+    call.output[starts] = out

@@ -3,8 +3,9 @@
 Per mitigated decode row and smoothed layer: the current token's attention-row entropy, a push into
 the request's FIFO for that layer, the rank lambda, and an in-place overwrite of the token's cache
 slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.methods.kvsmooth`. The CPU
-backend computes the entropy here from the row's logits over the paged cache; the Triton backend
-gets it from its attention kernel and calls :func:`smooth` directly.
+backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
+layer call at once in :func:`apply_batch`; the native kernel's output is kept, only the logits are
+needed); the Triton backend gets it from its attention kernel and calls :func:`smooth` directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import Row
-from vllm_halluguard.kernels.reference import attention_logits
+from vllm_halluguard.kernels.reference import attention_logits, attention_logits_padded
 from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, head_entropy, update_lambda
 
 
@@ -60,3 +61,41 @@ def apply(call: LayerCall, row: Row) -> None:
     logits = attention_logits(call.query[start:end], k, call.scale, torch.tensor([pos]))[0]  # [Hq, S]
     z = head_entropy(torch.softmax(logits, dim=-1), cfg.head_reduce).reshape(1)
     smooth(call, row, z, (k[pos - 1], v[pos - 1]), (k[pos], v[pos]))
+
+
+def apply_batch(call: LayerCall, rows: list[Row]) -> None:
+    """:func:`apply` for single-token rows: one padded gather, batched entropies, lambdas and EMA."""
+    todo = [(row, pos) for row in rows if (pos := decode_position(call, row)) is not None]
+    if not todo:
+        return
+    assert call.gather_batch is not None
+    k, v, valid = call.gather_batch([row.index for row, _ in todo], [pos + 1 for _, pos in todo])
+    starts = torch.tensor([call.query_start_loc[row.index] for row, _ in todo])
+    probs = torch.softmax(attention_logits_padded(call.query[starts], k, call.scale, valid), dim=-1)
+    b = torch.arange(len(todo))
+    pos = torch.tensor([p for _, p in todo])
+    cur_k, cur_v, prev_k, prev_v = k[b, pos], v[b, pos], k[b, pos - 1], v[b, pos - 1]
+    # FIFO push and rank lambda, batched over the rows that share a config
+    rt, layer = call.runtime, call.layer
+    groups: dict[KVSmoothConfig, list[int]] = {}
+    for i, (row, _) in enumerate(todo):
+        groups.setdefault(row.request.config, []).append(i)  # type: ignore[arg-type]
+    lam = torch.empty(len(todo))
+    for cfg, idx in groups.items():
+        sel = torch.tensor(idx)
+        slots = torch.tensor([todo[i][0].request.slot for i in idx])
+        z = head_entropy(probs[sel], cfg.head_reduce)
+        m = cfg.window
+        queue, count = rt.kvs_queue[slots, layer, :m], rt.kvs_count[slots, layer]
+        lam[sel], queue, count = update_lambda(queue, count, z, cfg)
+        rt.kvs_queue[slots, layer, :m], rt.kvs_count[slots, layer] = queue, count
+    for i, (row, p) in enumerate(todo):  # per-row options (see :func:`smooth`)
+        state = row.request
+        cfg = state.config  # type: ignore[assignment]
+        if p == state.prompt_len and not cfg.smooth_first_token:
+            lam[i] = 0.0
+        if not cfg.recursive:
+            raw = state.scratch.setdefault("raw_prev", {})
+            prev_k[i], prev_v[i] = raw.get(layer, (prev_k[i].clone(), prev_v[i].clone()))
+            raw[layer] = (cur_k[i].clone(), cur_v[i].clone())
+    call.write(call.slot_mapping[starts], ema(prev_k, cur_k, lam), ema(prev_v, cur_v, lam))

@@ -16,6 +16,8 @@ class LayerCall:
 
     ``gather(row, seq_len)`` returns that row's K and V ``[seq_len, Hkv, D]`` from the paged cache;
     ``write(slots, k, v)`` stores K/V rows ``[n, Hkv, D]`` at cache slots ``[n]``.
+    ``gather_batch(rows, seq_lens)`` (backends that have one) returns the K/V of several rows at once,
+    padded: ``k, v [B, S_max, Hkv, D]`` and ``valid [B, S_max]``; without it methods go row by row.
     """
 
     layer: int
@@ -28,6 +30,7 @@ class LayerCall:
     runtime: Runtime
     gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+    gather_batch: Callable[[list[int], list[int]], tuple[torch.Tensor, ...]] | None = None
 
     def span(self, row: Row) -> tuple[int, int, int]:
         """``(first token, end token, seq_len)`` of a row in the flat batch."""
@@ -37,3 +40,8 @@ class LayerCall:
     def positions(self, row: Row) -> torch.Tensor:
         start, end, seq_len = self.span(row)
         return torch.arange(seq_len - (end - start), seq_len)
+
+    def is_single(self, row: Row) -> bool:
+        """Whether the row has exactly one query token this step (a decode row, or a 1-token chunk)."""
+        i = row.index
+        return self.query_start_loc[i + 1] - self.query_start_loc[i] == 1

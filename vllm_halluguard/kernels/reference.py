@@ -52,3 +52,46 @@ def attention_rows(
         probs = probs * torch.exp(lse - total)[..., None]
     out = torch.einsum("tkgs,skd->tkgd", probs.reshape(t, hkv, hq // hkv, -1), v.float()).reshape(t, hq, d)
     return out.to(q.dtype), lse, entropy
+
+
+def attention_logits_padded(
+    q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits ``[B, Hq, S]`` of one query per row ``q [B, Hq, D]`` on padded ``k [B, S, Hkv, D]``.
+
+    ``key_mask [B, S]`` (bool) holds each row's visible keys (its length, and any pruned keys off);
+    hidden keys get ``-inf``. Row ``b`` equals :func:`attention_logits` of that row alone.
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    qf = q.float().reshape(b, hkv, hq // hkv, d)
+    logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * scale
+    return logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+
+
+def attention_rows_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_rows` for ``B`` single-query rows at once over padded K/V ``[B, S, Hkv, D]``.
+
+    ``key_mask [B, S]`` (bool): the keys each row attends to (its causal length and any key mask).
+    ``sink [B, Hq]`` as in :func:`attention_rows`. Returns ``out [B, Hq, D]`` (input dtype), the fp32
+    ``lse [B, Hq]`` and the plain row's probabilities ``[B, Hq, S]`` (zero on hidden keys).
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    logits = attention_logits_padded(q, k, scale, key_mask)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[..., None])
+    weights = probs
+    if sink is not None:
+        total = torch.logaddexp(lse, sink.float())
+        weights = probs * torch.exp(lse - total)[..., None]
+    w = weights.reshape(b, hkv, hq // hkv, -1)
+    out = torch.einsum("bkgs,bskd->bkgd", w, v.float()).reshape(b, hq, d)
+    return out.to(q.dtype), lse, probs
