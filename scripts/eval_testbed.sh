@@ -4,17 +4,20 @@
 # CPU settings, runs `halluguard-eval chair` on each split for all methods side by side, and leaves
 # OUT/probe/report.md and OUT/control/report.md (see docs/evaluation.md).
 #   usage: scripts/eval_testbed.sh [OUT] [N]     (defaults: eval-testbed, 200 scenes per split)
+#   MODEL=DIR evaluates another testbed checkpoint (scenes follow the distribution it was trained on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-eval-testbed}
 n=${2:-200}
 port=${PORT:-8010}
+model=${MODEL:-vllm_halluguard/testbed/model}
 py=.venv/bin/python
 mkdir -p "$out"
 for split in probe control; do
-  "$py" -m vllm_halluguard.testbed.scenes --out "$out/scenes-$split" --split "$split" --n "$n"
+  "$py" -m vllm_halluguard.testbed.scenes --out "$out/scenes-$split" --split "$split" --n "$n" \
+    --model "$model"
 done
-setsid "$py" -m server vllm_halluguard/testbed/model --host 127.0.0.1 --port "$port" \
+setsid "$py" -m server "$model" --host 127.0.0.1 --port "$port" \
   --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
   --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}' >"$out/server.log" 2>&1 &
 server=$!

@@ -174,20 +174,9 @@ def _world(g: torch.Generator) -> World:
     for r, cfg in CONFIGS.items():
         state = RequestState(f"req{r}", 15 - r, cfg, PROMPTS[r])
         if r in VISUAL:
-            n, nv = len(cfg.layers), len(VISUAL[r])  # type: ignore[attr-defined]
             record = {"prompt_len": PROMPTS[r], "steps": 0, "prunes": [], "reclaimable_blocks": 0}
-            state.scratch["prunehal"] = PruneState(
-                visual=VISUAL[r],
-                layers=tuple(cfg.layers),  # type: ignore[attr-defined]
-                keep=torch.ones(n, nv, dtype=torch.bool),
-                count=torch.zeros(1, dtype=torch.long),
-                hist_sum=torch.zeros(1, n),
-                hist_n=torch.zeros(1, dtype=torch.long),
-                A=torch.zeros(n),
-                scores=torch.zeros(n, nv),
-                seen=torch.zeros(n, dtype=torch.bool),
-                record=record,
-            )
+            layers = tuple(cfg.layers)  # type: ignore[attr-defined]
+            state.scratch["prunehal"] = PruneState.fresh(VISUAL[r], layers, record)
         rows.append(Row(r, state))
     world = World(cache, table, list(PROMPTS), rt, rows)
     for r, n in enumerate(PROMPTS):  # the prompts' K/V

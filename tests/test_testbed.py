@@ -81,6 +81,33 @@ def test_annotations_match_the_drawn_pixels():
                 assert x0 + w0 <= x1 or x1 + w1 <= x0 or y0 + h0 <= y1 or y1 + h1 <= y0
 
 
+def test_partner_size_sets_only_the_partners_boxes():
+    for partner_size in (14, 24):
+        partners = 0
+        for s in sc.sample_scenes("control", 200, sc.SceneConfig(partner_size=partner_size)):
+            pixels = np.asarray(sc.render(s)).astype(int)
+            for o in s.objects:
+                size = partner_size if o.name in sc.PARTNERS else sc.ICONS[o.name].size
+                assert o.bbox[2:] == (size, size), o
+                x, y, w, h = o.bbox
+                drawn = np.abs(pixels[y : y + h, x : x + w] - np.array(sc.ICONS[o.name].color)).sum(-1) == 0
+                assert drawn.sum() > 0.15 * size * size, o  # the icon fills its (resized) box
+                partners += o.name in sc.PARTNERS
+        assert partners > 50
+
+
+def test_scenes_follow_the_distribution_a_checkpoint_was_trained_on(tmp_path):
+    assert sc.trained_config(tmp_path) == sc.SceneConfig()  # no training record: the default
+    cfg = sc.SceneConfig(partner_size=20, solo_rate=0.1)
+    (tmp_path / "testbed_train.json").write_text(json.dumps({"config": {"scenes": cfg.model_dump()}}))
+    assert sc.trained_config(tmp_path) == cfg
+    sc.main(["--out", str(tmp_path / "control"), "--split", "control", "--n", "30", "--model", str(tmp_path)])
+    instances = json.loads((tmp_path / "control" / "instances.json").read_text())
+    partner_ids = {sc.ICONS[p].coco_id for p in sc.PARTNERS}
+    sizes = {tuple(a["bbox"][2:]) for a in instances["annotations"] if a["category_id"] in partner_ids}
+    assert sizes == {(20, 20)}
+
+
 def test_icons_are_distinct_coco_categories():
     assert len({(i.shape, i.color) for i in sc.ICONS.values()}) == len(sc.ICONS)
     assert {i.name for i in sc.ICONS.values()} <= set(chair.default_parser().categories)
@@ -165,3 +192,40 @@ def test_committed_model_hallucinates_the_missing_partner(testbed):
     assert report.probe.partner_rate >= PROBE_CHAIR_S_MIN, report.summary()
     assert report.control.chair_s <= CONTROL_CHAIR_S_MAX, report.summary()
     assert min(report.probe.recall, report.control.recall) >= RECALL_MIN, report.summary()
+
+
+#: Resolved as the server resolves them and sent as it sends them (canonical JSON; farsight: mode B).
+ENGINE_METHODS = ("kvsmooth", "farsight", "prunehal", "scr")
+
+
+def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, engines):
+    """Every engine method on a *trained* model: vLLM's greedy captions = the HF dense reference's."""
+    from vllm_halluguard.engine.requests import resolve
+    from vllm_halluguard.testbed import measure
+
+    model, processor = testbed
+    scenes = sc.sample_scenes("probe", 12) + sc.sample_scenes("control", 12)
+    specs = [None] + [json.loads(resolve(m, model.config).canonical()) for m in ENGINE_METHODS]
+    served = measure.vllm_captions(engines.get_model(measure.MODEL_DIR), scenes, specs)
+    changed = 0
+    for spec, engine_caps in zip(specs, served, strict=True):
+        reference_caps = measure.generate_captions(model, processor, scenes, method=spec)
+        assert engine_caps == reference_caps, spec
+        changed += sum(engine_caps[i] != served[0][i] for i in engine_caps)
+    assert changed > 0  # some method changes some caption: the comparison is not plain vs plain
+
+
+def test_served_captions_are_read_per_mitigation_from_results(tmp_path):
+    from vllm_halluguard.testbed import measure
+
+    records = [
+        {"task": "chair", "mitigation": "none", "image_id": 1, "ok": True, "text": " a fork."},
+        {"task": "chair", "mitigation": "scr", "image_id": 1, "ok": True, "text": " a fork and a knife."},
+        {"task": "chair", "mitigation": "none", "image_id": 2, "ok": False, "text": None},
+        {"task": "chair", "mitigation": "none", "image_id": 3, "ok": True, "text": " a dog."},
+        {"task": "pope", "mitigation": "none", "image_id": 4, "ok": True, "text": "yes"},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    served = measure.served_captions(tmp_path / "results.jsonl", "none")
+    assert served == {1: "a fork.", 3: "a dog."}
+    assert measure.same_captions({1: "a fork.", 3: "a cat.", 5: "a car."}, served) == (1, 2)

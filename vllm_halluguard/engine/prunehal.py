@@ -61,6 +61,23 @@ class PruneState:
     seen: torch.Tensor  # [n] bool: layers measured in the current step
     record: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
+        """The state before the first decode step: everything kept, no history."""
+        n, nv = len(layers), visual.numel()
+        return cls(
+            visual=visual,
+            layers=layers,
+            keep=torch.ones(n, nv, dtype=torch.bool),
+            count=torch.zeros(1, dtype=torch.long),
+            hist_sum=torch.zeros(1, n),
+            hist_n=torch.zeros(1, dtype=torch.long),
+            A=torch.zeros(n),
+            scores=torch.zeros(n, nv),
+            seen=torch.zeros(n, dtype=torch.bool),
+            record=record,
+        )
+
     @property
     def index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
@@ -72,7 +89,7 @@ def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
     image_token_id = getattr(runtime.hf_config, "image_token_id", None)
     visual = visual_positions(cached, image_token_id)
     layers = tuple(cfg.layers or ())
-    n, nv = len(layers), visual.numel()
+    nv = visual.numel()
     if nv == 0:
         logger.warning("halluguard: prunehal request %s has no image tokens; it will not prune", state.req_id)
     record: dict[str, Any] = {
@@ -87,18 +104,7 @@ def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
     log[state.req_id] = record
     while len(log) > MAX_LOGGED_REQUESTS:
         log.popitem(last=False)
-    state.scratch["prunehal"] = PruneState(
-        visual=visual,
-        layers=layers,
-        keep=torch.ones(n, nv, dtype=torch.bool),
-        count=torch.zeros(1, dtype=torch.long),
-        hist_sum=torch.zeros(1, n),
-        hist_n=torch.zeros(1, dtype=torch.long),
-        A=torch.zeros(n),
-        scores=torch.zeros(n, nv),
-        seen=torch.zeros(n, dtype=torch.bool),
-        record=record,
-    )
+    state.scratch["prunehal"] = PruneState.fresh(visual, layers, record)
 
 
 def apply(call: LayerCall, row: Row) -> None:

@@ -7,6 +7,7 @@ probes well above that on controls, and names the missing partner (``partner_rat
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ class TestbedReport(BaseModel):
     probe: SplitReport
     control: SplitReport
     examples: dict[str, list[tuple[list[str], str]]]
+    captions: dict[str, dict[int, str]] = {}
 
     def summary(self) -> str:
         rows = [
@@ -57,9 +59,19 @@ def load(model_dir: Path = MODEL_DIR) -> tuple[Any, Any]:
 
 
 def generate_captions(
-    model: Any, processor: Any, scenes: Sequence[sc.Scene], max_new_tokens: int = 24, batch_size: int = 50
+    model: Any,
+    processor: Any,
+    scenes: Sequence[sc.Scene],
+    max_new_tokens: int = 24,
+    batch_size: int = 50,
+    method: Any = None,
 ) -> dict[int, str]:
-    """Greedy HF captions (KV cache) of ``scenes``; all prompts have the same length, so no padding."""
+    """Greedy HF captions (KV cache) of ``scenes``; all prompts have the same length, so no padding.
+
+    ``method`` (a mitigation spec, e.g. ``"scr"``) runs the generation under the dense reference.
+    """
+    from vllm_halluguard import reference
+
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     size = model.config.vision_config.image_size
@@ -68,7 +80,7 @@ def generate_captions(
         chunk = scenes[start : start + batch_size]
         images = [sc.render(s, size) for s in chunk]
         inputs = processor(text=[text] * len(chunk), images=images, return_tensors="pt")
-        with torch.no_grad():
+        with torch.no_grad(), reference.apply(model, method):
             ids = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -105,49 +117,84 @@ def measure(
     cfg: sc.SceneConfig | None = None,
     model: Any = None,
     processor: Any = None,
+    method: Any = None,
 ) -> TestbedReport:
-    """Caption ``n_probe`` probe and ``n_control`` control scenes greedily and score them."""
+    """Caption ``n_probe`` probe and ``n_control`` control scenes greedily (under ``method``); score them."""
     if model is None:
         model, processor = load(model_dir)
+    cfg = cfg or sc.trained_config(model_dir)
     splits = {
         "probe": sc.sample_scenes("probe", n_probe, cfg),
         "control": sc.sample_scenes("control", n_control, cfg),
     }
-    reports, examples = {}, {}
+    reports, examples, captions = {}, {}, {}
     for name, scenes in splits.items():
-        caps = generate_captions(model, processor, scenes)
+        caps = generate_captions(model, processor, scenes, method=method)
         reports[name] = score_split(scenes, caps)
         examples[name] = [(s.names, caps[s.image_id]) for s in scenes[:5]]
+        captions[name] = caps
         logger.info("%s: %s", name, reports[name])
-    return TestbedReport(probe=reports["probe"], control=reports["control"], examples=examples)
+    return TestbedReport(
+        probe=reports["probe"], control=reports["control"], examples=examples, captions=captions
+    )
 
 
-def vllm_captions(
-    model_dir: Path, scenes: Sequence[sc.Scene], max_new_tokens: int = 24, **engine_args: Any
-) -> dict[int, str]:
-    """Greedy captions of ``scenes`` through an in-process vLLM engine (small CPU settings)."""
-    from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+def served_captions(results: Path, mitigation: str) -> dict[int, str]:
+    """Captions of one mitigation in a ``halluguard-eval`` ``results.jsonl`` (successful records only)."""
+    out: dict[int, str] = {}
+    for line in results.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("ok") and rec.get("mitigation") == mitigation and rec.get("task") == "chair":
+            out[int(rec["image_id"])] = rec["text"].strip()
+    return out
+
+
+def same_captions(reference_caps: dict[int, str], served: dict[int, str]) -> tuple[int, int]:
+    """``(identical, compared)`` over the images both sides captioned."""
+    common = reference_caps.keys() & served.keys()
+    return sum(reference_caps[i] == served[i] for i in common), len(common)
+
+
+def make_llm(model_dir: Path = MODEL_DIR, **engine_args: Any) -> Any:
+    """An in-process vLLM ``LLM`` on a testbed checkpoint with the test fixtures' CPU settings."""
+    from vllm import LLM
 
     from vllm_halluguard.testing.parity import ENGINE_DEFAULTS
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    return LLM(model=str(model_dir), **{**ENGINE_DEFAULTS, **engine_args})
+
+
+def vllm_captions(
+    llm: Any, scenes: Sequence[sc.Scene], methods: Sequence[Any] = (None,), max_new_tokens: int = 24
+) -> list[dict[int, str]]:
+    """Greedy captions of ``scenes`` through ``llm``, one map per method spec, all in one batch."""
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+
+    model_config = llm.llm_engine.model_config
+    processor = AutoProcessor.from_pretrained(model_config.model)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    llm = LLM(model=str(model_dir), **{**ENGINE_DEFAULTS, **engine_args})
-    size = processor.image_processor.crop_size["height"]
-    outs = llm.generate(
-        [{"prompt": text, "multi_modal_data": {"image": sc.render(s, size)}} for s in scenes],
-        SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
-        use_tqdm=False,
-    )
-    return {s.image_id: o.outputs[0].text.strip() for s, o in zip(scenes, outs, strict=True)}
+    size = model_config.hf_config.vision_config.image_size
+    prompts, params = [], []
+    for spec in methods:
+        extra = None if spec is None else {EXTRA_ARGS_KEY: spec}
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, extra_args=extra)
+        for s in scenes:
+            prompts.append({"prompt": text, "multi_modal_data": {"image": sc.render(s, size)}})
+            params.append(sampling)
+    outs = iter(llm.generate(prompts, params, use_tqdm=False))
+    return [{s.image_id: next(outs).outputs[0].text.strip() for s in scenes} for _ in methods]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: measure a testbed checkpoint with HF (and optionally check vLLM's captions agree)."""
+    """CLI: measure a testbed checkpoint with HF, per mitigation (and optionally check vLLM agrees)."""
     import argparse
     import os
+
+    from vllm_halluguard.engine import requests as engine_requests
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", type=Path, default=MODEL_DIR)
@@ -155,18 +202,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vllm", type=int, default=0, help="also caption this many probe+control scenes with vLLM"
     )
+    parser.add_argument(
+        "--method",
+        action="append",
+        help="mitigation run under the dense reference (repeatable; default none)",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="an eval_testbed.sh output folder: compare each method's captions with the served ones",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     model, processor = load(args.model)
-    report = measure(args.model, args.n, args.n, model=model, processor=processor)
-    print(report.summary())
+    for method in args.method or ["none"]:
+        spec = engine_requests.resolve(method, model.config)  # as the server resolves it (farsight: B)
+        report = measure(args.model, args.n, args.n, model=model, processor=processor, method=spec)
+        print(f"[{method}]\n{report.summary()}")
+        for split in ("probe", "control") if args.against else ():
+            served = served_captions(args.against / split / "results.jsonl", method)
+            same, n = same_captions(report.captions[split], served)
+            print(f"{split}: served captions == HF reference captions on {same}/{n} scenes")
     if args.vllm:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         half = args.vllm // 2
-        scenes = sc.sample_scenes("probe", half) + sc.sample_scenes("control", args.vllm - half)
+        cfg = sc.trained_config(args.model)
+        scenes = sc.sample_scenes("probe", half, cfg) + sc.sample_scenes("control", args.vllm - half, cfg)
         hf = generate_captions(model, processor, scenes)
-        vl = vllm_captions(args.model, scenes)
+        vl = vllm_captions(make_llm(args.model), scenes)[0]
         same = sum(hf[i] == vl[i] for i in hf)
         for s in scenes[:6]:
             print(f"{s.names} HF={hf[s.image_id]!r} vLLM={vl[s.image_id]!r}")

@@ -100,6 +100,15 @@ class SceneConfig(BaseModel):
     solo_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="P(a training scene's primary object is a partner, without anchor)"
     )
+    partner_size: int = Field(14, ge=6, le=36, description="icon size of the partners (pixels at 112 px)")
+
+
+def trained_config(model_dir: Path) -> SceneConfig:
+    """The scene distribution a checkpoint was trained on (its ``testbed_train.json``), else the default."""
+    record = Path(model_dir) / "testbed_train.json"
+    if not record.exists():
+        return SceneConfig()
+    return SceneConfig(**json.loads(record.read_text())["config"]["scenes"])
 
 
 class PlacedObject(BaseModel):
@@ -149,13 +158,15 @@ def _choose_names(split: Split, rng: random.Random, cfg: SceneConfig) -> list[st
     return names
 
 
-def _place(names: list[str], rng: random.Random, size: int) -> list[PlacedObject]:
+def _place(names: list[str], rng: random.Random, cfg: SceneConfig) -> list[PlacedObject]:
     """Put each object in its own cell of a 3x3 grid, jittered inside the cell."""
+    size = cfg.image_size
     cell = size // 3
     cells = rng.sample(range(9), len(names))
     placed = []
     for name, c in zip(names, cells, strict=True):
-        s = round(ICONS[name].size * size / 112)
+        icon_size = cfg.partner_size if name in PARTNERS else ICONS[name].size
+        s = round(icon_size * size / 112)
         x0 = (c % 3) * cell + rng.randint(0, max(cell - s, 0))
         y0 = (c // 3) * cell + rng.randint(0, max(cell - s, 0))
         placed.append(PlacedObject(name=name, bbox=(x0, y0, s, s)))
@@ -175,7 +186,7 @@ def sample_scenes(split: Split, n: int, cfg: SceneConfig | None = None) -> list[
                 image_id=_ID_OFFSET[split] + i,
                 split=split,
                 background=background,
-                objects=_place(names, rng, cfg.image_size),
+                objects=_place(names, rng, cfg),
             )
         )
     return scenes
@@ -286,9 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bias", type=float, default=0.9)
+    parser.add_argument("--partner-size", type=int, default=SceneConfig().partner_size)
+    parser.add_argument(
+        "--model", type=Path, help="draw from the distribution this testbed checkpoint was trained on"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_coco(args.out, args.split, args.n, SceneConfig(seed=args.seed, bias=args.bias))
+    if args.model is not None:
+        cfg = trained_config(args.model).model_copy(update={"seed": args.seed})
+    else:
+        cfg = SceneConfig(seed=args.seed, bias=args.bias, partner_size=args.partner_size)
+    write_coco(args.out, args.split, args.n, cfg)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=TrainConfig().n_train)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--solo-rate", type=float, default=TrainConfig().scenes.solo_rate)
+    parser.add_argument("--partner-size", type=int, default=TrainConfig().scenes.partner_size)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-measure", action="store_true", help="skip the probe/control measurement")
     args = parser.parse_args(argv)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         n_train=args.n_train,
         seed=args.seed,
-        scenes=sc.SceneConfig(solo_rate=args.solo_rate),
+        scenes=sc.SceneConfig(solo_rate=args.solo_rate, partner_size=args.partner_size),
     )
     summary = train(cfg, args.out)
     print(f"trained in {summary['train_wall_s']} s, final loss {summary['final_loss']:.4f} -> {args.out}")
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         from vllm_halluguard.testbed.measure import measure
 
         report = measure(args.out)
-        (args.out / "testbed_measure.json").write_text(report.model_dump_json(indent=2) + "\n")
+        (args.out / "testbed_measure.json").write_text(
+            report.model_dump_json(indent=2, exclude={"captions"}) + "\n"
+        )
         print(report.summary())
 
 
