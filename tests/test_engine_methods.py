@@ -107,6 +107,15 @@ def test_prefix_cache_is_isolated_per_method_config(setup):
     assert _cached(llm, plain) > 0, "plain requests keep sharing the prefix cache"
     assert _cached(llm, kvs) == 0, "a method request must not reuse plain KV"
     assert _cached(llm, kvs) > 0, "identical method configs share"
+    # the same effective config spelled out in full (with the model's presets) shares too; the
+    # resolution is computed here from the presets, independently of the engine's admission
+    from vllm_halluguard.methods import KVSmoothConfig
+
+    num_layers = llm.llm_engine.model_config.hf_config.get_text_config().num_hidden_layers
+    preset = KVSmoothConfig.preset(fixture, num_layers)
+    spelled = {"method": "kvsmooth", **json.loads(preset.model_dump_json())}
+    assert spelled != SPECS["kvsmooth"]
+    assert _cached(llm, method_case(fixture, 40, spelled)) > 0, "another spelling of one config shares"
     assert _cached(llm, kvs_other) == 0, "another config of the same method must not share"
     assert _cached(llm, fs) == 0
     assert _cached(llm, plain) > 0

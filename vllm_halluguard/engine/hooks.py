@@ -7,8 +7,9 @@
 * admission: ``InputProcessor.process_inputs`` first validates the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
 * runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
-* prefix cache: a request's canonical method config is mixed into its first block's hash, so
-  requests with different methods never share KV blocks (:func:`install_cache_salt`);
+* prefix cache: a request's canonical method config (resolved for the model at admission) is mixed
+  into its first block's hash, so requests with different methods never share KV blocks, and
+  different spellings of one config do (:func:`install_cache_salt`);
 * scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); the worker edits the
   real prefill by wrapping the decoder layers' forward, on the first SCR request (:mod:`.scr`).
 """
@@ -98,6 +99,11 @@ def install_admission() -> None:
                 check_inputs(cfg, request.mm_features, len(request.prompt_token_ids or ()), self.vllm_config)
             except ValueError as e:
                 _reject(self, prompt, e)
+            # From here on the request carries the resolved config: the same effective config has one
+            # spelling (one prefix-cache salt), whatever the caller wrote. vLLM cloned the params, maybe
+            # shallowly, so the dict is replaced rather than edited.
+            sampling = request.sampling_params
+            sampling.extra_args = {**(sampling.extra_args or {}), EXTRA_ARGS_KEY: cfg.canonical()}
         return request
 
     def _reject(input_processor: Any, prompt: Any, error: ValueError) -> None:
