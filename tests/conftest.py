@@ -48,15 +48,6 @@ class EnginePool:
             self._engines[key] = make_llm(fixture, **{**SHARED_ENGINE, **overrides})
         return self._engines[key]
 
-    def get_model(self, model_dir: object, **overrides: object):
-        """An engine on a checkpoint folder that is not a fixture (e.g. the trained testbed)."""
-        key = (str(model_dir), tuple(sorted(overrides.items())))
-        if key not in self._engines:
-            from vllm_halluguard.testbed.measure import make_llm as make_llm_at
-
-            self._engines[key] = make_llm_at(model_dir, **{**SHARED_ENGINE, **overrides})
-        return self._engines[key]
-
     def close(self) -> None:
         for llm in self._engines.values():
             shutdown_llm(llm)

@@ -206,7 +206,7 @@ def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, eng
     model, processor = testbed
     scenes = sc.sample_scenes("probe", 12) + sc.sample_scenes("control", 12)
     specs = [None] + [json.loads(resolve(m, model.config).canonical()) for m in ENGINE_METHODS]
-    served = measure.vllm_captions(engines.get_model(measure.MODEL_DIR), scenes, specs)
+    served = measure.vllm_captions(engines.get(measure.MODEL_DIR), scenes, specs)
     changed = 0
     for spec, engine_caps in zip(specs, served, strict=True):
         reference_caps = measure.generate_captions(model, processor, scenes, method=spec)
@@ -225,6 +225,8 @@ def test_served_captions_are_read_per_mitigation_from_results(tmp_path):
         {"task": "chair", "mitigation": "none", "image_id": 3, "ok": True, "text": " a dog."},
         {"task": "pope", "mitigation": "none", "image_id": 4, "ok": True, "text": "yes"},
     ]
+    for r in records:  # the fields every results.jsonl line has
+        r |= {"item_id": str(r["image_id"]), "spec": r["mitigation"]}
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     served = measure.served_captions(tmp_path / "results.jsonl", "none")
     assert served == {1: "a fork.", 3: "a dog."}

@@ -7,7 +7,6 @@ probes well above that on controls, and names the missing partner (``partner_rat
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +49,12 @@ class TestbedReport(BaseModel):
         return "\n".join(rows)
 
 
+def chat_prompt(processor: Any) -> str:
+    """The captioning prompt (one image, then :data:`scenes.PROMPT`) in the checkpoint's chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def load(model_dir: Path = MODEL_DIR) -> tuple[Any, Any]:
     """The testbed checkpoint with HF transformers (fp32, eval): ``(model, processor)``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -72,8 +77,7 @@ def generate_captions(
     """
     from vllm_halluguard import reference
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat_prompt(processor)
     size = model.config.vision_config.image_size
     out: dict[int, str] = {}
     for start in range(0, len(scenes), batch_size):
@@ -141,27 +145,19 @@ def measure(
 
 def served_captions(results: Path, mitigation: str) -> dict[int, str]:
     """Captions of one mitigation in a ``halluguard-eval`` ``results.jsonl`` (successful records only)."""
-    out: dict[int, str] = {}
-    for line in results.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("ok") and rec.get("mitigation") == mitigation and rec.get("task") == "chair":
-            out[int(rec["image_id"])] = rec["text"].strip()
-    return out
+    from vllm_halluguard.eval.runner import load_results
+
+    return {
+        int(rec.image_id): (rec.text or "").strip()
+        for rec in load_results(results).values()
+        if rec.ok and rec.task == "chair" and rec.mitigation == mitigation
+    }
 
 
 def same_captions(reference_caps: dict[int, str], served: dict[int, str]) -> tuple[int, int]:
     """``(identical, compared)`` over the images both sides captioned."""
     common = reference_caps.keys() & served.keys()
     return sum(reference_caps[i] == served[i] for i in common), len(common)
-
-
-def make_llm(model_dir: Path = MODEL_DIR, **engine_args: Any) -> Any:
-    """An in-process vLLM ``LLM`` on a testbed checkpoint with the test fixtures' CPU settings."""
-    from vllm import LLM
-
-    from vllm_halluguard.testing.parity import ENGINE_DEFAULTS
-
-    return LLM(model=str(model_dir), **{**ENGINE_DEFAULTS, **engine_args})
 
 
 def vllm_captions(
@@ -175,8 +171,7 @@ def vllm_captions(
 
     model_config = llm.llm_engine.model_config
     processor = AutoProcessor.from_pretrained(model_config.model)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat_prompt(processor)
     size = model_config.hf_config.vision_config.image_size
     prompts, params = [], []
     for spec in methods:
@@ -230,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = sc.trained_config(args.model)
         scenes = sc.sample_scenes("probe", half, cfg) + sc.sample_scenes("control", args.vllm - half, cfg)
         hf = generate_captions(model, processor, scenes)
-        vl = vllm_captions(make_llm(args.model), scenes)[0]
+        from vllm_halluguard.testing.parity import make_llm
+
+        vl = vllm_captions(make_llm(Path(args.model)), scenes)[0]
         same = sum(hf[i] == vl[i] for i in hf)
         for s in scenes[:6]:
             print(f"{s.names} HF={hf[s.image_id]!r} vLLM={vl[s.image_id]!r}")

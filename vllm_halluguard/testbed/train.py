@@ -108,8 +108,9 @@ def prompt_ids(processor: Any, image_size: int) -> list[int]:
     """Token ids of the chat prompt with the ``<image>`` token expanded, as HF and vLLM build it."""
     from PIL import Image
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from vllm_halluguard.testbed.measure import chat_prompt
+
+    text = chat_prompt(processor)
     blank = Image.new("RGB", (image_size, image_size))
     return processor(text=[text], images=[blank], return_tensors="pt")["input_ids"][0].tolist()
 

@@ -17,6 +17,7 @@ import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,12 +85,13 @@ ENGINE_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def make_llm(fixture: FixtureName, **overrides: Any):
-    """A vLLM ``LLM`` on a tiny fixture with small CPU settings (fp32, eager)."""
+def make_llm(fixture: FixtureName | Path, **overrides: Any):
+    """A vLLM ``LLM`` on a tiny fixture (or a checkpoint folder) with small CPU settings (fp32, eager)."""
     from vllm import LLM
 
     kwargs = {**ENGINE_DEFAULTS, **overrides}
-    return LLM(model=str(ensure_fixture(fixture)), **kwargs)
+    model = fixture if isinstance(fixture, Path) else ensure_fixture(fixture)
+    return LLM(model=str(model), **kwargs)
 
 
 def shutdown_llm(llm: Any) -> None:
