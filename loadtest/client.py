@@ -28,9 +28,14 @@ class RequestRecord(BaseModel):
     ttft: float | None = None  # send -> first chunk carrying generated output
     e2e: float | None = None  # send -> end of stream
     itl: list[float] = []  # gaps between consecutive output chunks
-    output_tokens: int | None = None  # usage.completion_tokens (or output chunks when absent)
+    chunk_tokens: list[int] = []  # tokens carried by each output chunk (1 each without usage stats)
+    output_tokens: int | None = None  # usage.completion_tokens (or the chunks' tokens when absent)
     prompt_tokens: int | None = None
-    chunks: int = 0  # output-carrying chunks
+
+    @property
+    def chunks(self) -> int:
+        """Output-carrying chunks."""
+        return len(self.chunk_tokens)
 
     @property
     def tpot(self) -> float | None:
@@ -82,8 +87,9 @@ def check_target(base_url: str, allow_remote: bool) -> None:
 def _carries_output(chunk: dict[str, Any]) -> bool:
     """True for a chunk that streams generated output.
 
-    vLLM streams one chunk per generated token, with ``content`` possibly empty (a token that does not
-    complete a character yet); the opening ``role`` chunk and the closing usage chunk carry none.
+    vLLM streams a chunk per engine step, with ``content`` possibly empty (a token that does not
+    complete a character yet); when the HTTP consumer falls behind the engine, vLLM merges the
+    pending deltas into one chunk. The opening ``role`` chunk and the closing usage chunk carry none.
     """
     for choice in chunk.get("choices") or []:
         delta = choice.get("delta") or {}
@@ -103,6 +109,7 @@ async def send(
     last: float | None = None
     done = False
     usage: dict[str, Any] | None = None
+    streamed = 0  # completion tokens accounted for by the output chunks so far
     try:
         async with asyncio.timeout(timeout_s), client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -129,7 +136,11 @@ async def send(
                     else:
                         rec.itl.append(now - last)
                     last = now
-                    rec.chunks += 1
+                    # Continuous usage stats give the running completion count on every chunk.
+                    total = (event.get("usage") or {}).get("completion_tokens")
+                    carried = total - streamed if isinstance(total, int) else 1
+                    rec.chunk_tokens.append(carried)
+                    streamed += carried
         end = time.perf_counter()
     except TimeoutError:
         rec.error, rec.detail = "timeout", f"no complete response within {timeout_s:g} s"
@@ -154,5 +165,5 @@ async def send(
         rec.output_tokens = usage.get("completion_tokens")
         rec.prompt_tokens = usage.get("prompt_tokens")
     if rec.output_tokens is None:
-        rec.output_tokens = rec.chunks
+        rec.output_tokens = sum(rec.chunk_tokens)
     return rec

@@ -108,7 +108,11 @@ def markdown(report: Report) -> str:
             if cfg.slo:
                 row += f" {_f(s.goodput.mean, 2) if s.goodput else '–'} |"
             lines.append(row)
+        whole = [g.summary for g in point.groups if g.mitigation in (ALL, g.scenario)]
         lines += [
+            "",
+            f"Stream chunks: {sum(s.merged_chunks for s in whole)} of {sum(s.chunks for s in whole)} carried "
+            "more than one token (vLLM merges the deltas of a lagging client; ITL counts chunk gaps).",
             "",
             "Overhead vs `none` at this load point (ratio; latency > 1 is slower, throughput < 1 is less):",
             "",

@@ -106,6 +106,8 @@ class Summary(BaseModel):
     itl: Dist | None
     e2e: Dist | None
     output_tokens: int
+    chunks: int  # output-carrying stream chunks of the successes (ITL has chunks - ok gaps)
+    merged_chunks: int  # chunks carrying more than one token (vLLM merges deltas the client lags on)
     # Throughputs: per repeat (tokens or requests of this group / the repeat's wall time), then mean ± CI.
     output_throughput: MeanCI  # tok/s
     request_throughput: MeanCI  # req/s
@@ -137,6 +139,8 @@ def summarize(
         itl=dist([g for r in good for g in r.itl]),
         e2e=dist([r.e2e for r in good if r.e2e is not None]),
         output_tokens=sum(r.output_tokens or 0 for r in good),
+        chunks=sum(r.chunks for r in good),
+        merged_chunks=sum(1 for r in good for n in r.chunk_tokens if n > 1),
         output_throughput=per_repeat(lambda recs: sum(r.output_tokens or 0 for r in recs if r.ok)),
         request_throughput=per_repeat(lambda recs: sum(1 for r in recs if r.ok)),
         goodput=per_repeat(lambda recs: sum(1 for r in recs if meets(r, slo))) if slo else None,

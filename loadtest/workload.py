@@ -122,7 +122,8 @@ def chat_body(
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        # Running usage on every chunk: counts the tokens of chunks that vLLM merged under load.
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     if ignore_eos:
         body |= {"ignore_eos": True, "min_tokens": max_tokens}
