@@ -3,7 +3,8 @@
 For each concurrency (requests submitted together to one ``LLM``) and method, the script times
 ``max_tokens=1`` (prefill + first token, i.e. TTFT of the batch) and ``max_tokens=1+N`` with
 ``ignore_eos`` and derives TPOT = (T(1+N) - T(1)) / N and throughput = requests·(1+N) / T(1+N).
-Every configuration is warmed up once and timed ``--repeats`` times (median). The same measurement
+Every configuration is warmed up once and timed ``--repeats`` times (median), the configurations
+taking turns within each repeat. The same measurement
 of plain requests is also run in a subprocess with the plugin disabled (``VLLM_PLUGINS``), which
 gives the plugin's idle overhead. Ratios are printed as a Markdown table (and ``--json`` writes all).
 
@@ -40,25 +41,28 @@ def measure(fixture: str, methods: dict[str, Any], concurrency: list[int], new_t
     rows = []
     with engine(fixture, max_num_seqs=max(concurrency), enable_prefix_caching=False) as llm:
         for n in concurrency:
-            for name, spec in methods.items():
-                extra = None if spec is None else {EXTRA_ARGS_KEY: spec}
-                timings = {}
-                for max_tokens in (1, 1 + new_tokens):
-                    cases = [Case(fixture, i, max_tokens=max_tokens, extra_args=extra) for i in range(n)]
-                    run_vllm(llm, cases)  # warm-up
-                    samples = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        run_vllm(llm, cases)
-                        samples.append(time.perf_counter() - start)
-                    timings[max_tokens] = statistics.median(samples)
-                total = timings[1 + new_tokens]
+            extra = {name: None if spec is None else {EXTRA_ARGS_KEY: spec} for name, spec in methods.items()}
+            runs = {
+                (name, m): [Case(fixture, i, max_tokens=m, extra_args=extra[name]) for i in range(n)]
+                for name in methods
+                for m in (1, 1 + new_tokens)
+            }
+            samples: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
+            for cases in runs.values():
+                run_vllm(llm, cases)  # warm-up
+            for _ in range(repeats):  # round-robin, so drift of a shared machine hits every method alike
+                for key, cases in runs.items():
+                    start = time.perf_counter()
+                    run_vllm(llm, cases)
+                    samples[key].append(time.perf_counter() - start)
+            for name in methods:
+                first, total = (statistics.median(samples[name, m]) for m in (1, 1 + new_tokens))
                 rows.append(
                     {
                         "concurrency": n,
                         "method": name,
-                        "ttft_s": timings[1],
-                        "tpot_ms": 1000 * (total - timings[1]) / new_tokens,
+                        "ttft_s": first,
+                        "tpot_ms": 1000 * (total - first) / new_tokens,
                         "throughput_tok_s": n * (1 + new_tokens) / total,
                     }
                 )
@@ -99,6 +103,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS)[1:], default=list(METHODS)[1:], help="besides plain"
+    )
     parser.add_argument("--json", default=None, help="also write all measurements to this file")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--child-plain", action="store_true", help=argparse.SUPPRESS)
@@ -108,7 +115,8 @@ def main() -> None:
         print(json.dumps(rows))
         return
     baseline = _without_plugin(args)
-    rows = measure(args.fixture, METHODS, args.concurrency, args.new_tokens, args.repeats)
+    methods = {name: spec for name, spec in METHODS.items() if name == "plain" or name in args.methods}
+    rows = measure(args.fixture, methods, args.concurrency, args.new_tokens, args.repeats)
     report = "\n".join(
         [
             f"engine overhead: {args.fixture}, {args.new_tokens} new tokens, median of {args.repeats}, "

@@ -10,7 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_halluguard.engine.cpu_cache import gather_kv, gather_kv_batched, learn_layout, write_kv
+from vllm_halluguard.engine.cpu_cache import (
+    gather_kv,
+    gather_kv_batched,
+    gather_slots,
+    learn_layout,
+    write_kv,
+)
 from vllm_halluguard.engine.dispatch import run_methods
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.prunehal import PruneState
@@ -62,6 +68,14 @@ def test_batched_gather_equals_per_row_gather(dtype, head_size):
         assert torch.equal(k[b, :n], k1) and torch.equal(v[b, :n], v1)
         assert torch.equal(k1, keys[r]) and torch.equal(v1, values[r])
         assert not k[b, n:].any() and not v[b, n:].any()  # padding is zero, not the junk around it
+    k_only, none, valid_k = gather_kv_batched(cache, table, rows, lens, layout, values=False)
+    assert none is None and torch.equal(k_only, k) and torch.equal(valid_k, valid)
+    # a few slots per row, anywhere in the sequence (block edges included)
+    positions = torch.tensor([[0, 15, 8], [69, 16, 15], [0, 0, 0], [32, 15, 16]])  # rows of 16, 70, 1, 33
+    ks, vs = gather_slots(cache, table, rows, positions, layout)
+    assert ks.shape == vs.shape == (len(rows), 3, HKV, head_size)
+    for b, r in enumerate(rows):
+        assert torch.equal(ks[b], keys[r][positions[b]]) and torch.equal(vs[b], values[r][positions[b]])
 
 
 def test_padded_attention_rows_equal_per_row_attention():
@@ -115,6 +129,13 @@ class World:
     def layer_call(self, layer: int, q: torch.Tensor, native: torch.Tensor, batched: bool) -> LayerCall:
         layout = learn_layout("vec", torch.float32, BS, D)
         n = len(self.seq_lens)
+
+        def gather_batch(rows, lens, values=True):
+            return gather_kv_batched(self.cache, self.table, rows, lens, layout, values)
+
+        def slots(rows, positions):
+            return gather_slots(self.cache, self.table, rows, positions, layout)
+
         return LayerCall(
             layer=layer,
             scale=D**-0.5,
@@ -126,9 +147,8 @@ class World:
             runtime=self.runtime,  # type: ignore[arg-type]
             gather=lambda row, s: gather_kv(self.cache, self.table[row], s, layout),
             write=lambda slots, k, v: write_kv(self.cache, k, v, slots, "vec"),
-            gather_batch=(lambda rows, lens: gather_kv_batched(self.cache, self.table, rows, lens, layout))
-            if batched
-            else None,
+            gather_batch=gather_batch if batched else None,
+            gather_slots=slots if batched else None,
         )
 
 

@@ -22,6 +22,7 @@ SPECS = {
     "kvsmooth": "kvsmooth",
     "farsight_b": {"method": "farsight", "mode": "B"},
     "farsight_c": {"method": "farsight", "mode": "C"},
+    "farsight_b_sparse": {"method": "farsight", "mode": "B", "sigma": 0.5, "layers": [1, 2]},
 }
 
 
@@ -68,6 +69,28 @@ def test_mixed_batch_equals_solo_runs(setup):
         assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
     stats = worker_stats_of(llm, fixture)
     assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+def test_farsight_b_rows_run_on_the_native_kernel_grouped_by_config(setup):
+    """Mode B goes through vLLM's CPU kernel with per-head sinks (s_aux), one call per config; the
+    parity tests above check its output, this one that it is the path taken and that mixing
+    configs, plain rows and other methods in one batch changes nobody's result."""
+    fixture, llm = setup
+    specs = [SPECS["farsight_b"], None, SPECS["farsight_b_sparse"], SPECS["kvsmooth"], SPECS["farsight_b"]]
+    cases = [method_case(fixture, 60 + i, s) for i, s in enumerate(specs)]
+    before = worker_stats_of(llm, fixture)["farsight_native_rows"]
+    batch = run_vllm(llm, cases)
+    after = worker_stats_of(llm, fixture)["farsight_native_rows"]
+    # one row per engine step of each mode-B request: its prefill, then every decode step but the last
+    assert after - before == 3 * cases[0].max_tokens
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    rows = worker_stats_of(llm, fixture)["farsight_native_rows"] - after
+    assert rows == 3 * cases[0].max_tokens
+    run_vllm(llm, [method_case(fixture, 70, SPECS["farsight_c"])])
+    assert worker_stats_of(llm, fixture)["farsight_native_rows"] - after == rows, "mode C stays on torch"
 
 
 def worker_stats_of(llm, fixture="llava"):

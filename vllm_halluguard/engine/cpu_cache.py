@@ -116,11 +116,13 @@ def gather_kv_batched(
     rows: list[int],
     seq_lens: list[int],
     layout: PageLayout,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """K and V of several sequences in one gather, padded to the longest: ``[B, S_max, Hkv, hs]`` each.
 
     ``rows`` index ``block_table [num_reqs, max_blocks]``; sequence ``b`` holds ``seq_lens[b]`` tokens.
     Also returns ``valid [B, S_max]`` (bool, position ``< seq_len``); padded positions are zero.
+    ``values=False`` reads only the K half of the pages and returns ``None`` for V.
     """
     hkv, bs = kv_cache.shape[1:3]
     hs = layout.k_index.shape[1]
@@ -130,11 +132,17 @@ def gather_kv_batched(
     ids = block_table[rows, :n_blocks].long()  # [B, n_blocks]
     used = torch.arange(n_blocks)[None, :] * bs < lens[:, None]
     ids = torch.where(used, ids, ids[:, :1])  # entries past a row's blocks may be stale: read its first
-    pages = kv_cache.index_select(0, ids.flatten()).view(b, n_blocks, hkv, 2, bs * hs)
+    halves_of_pages = kv_cache.view(-1, hkv, 2, bs * hs)
+    if not values:
+        halves_of_pages = halves_of_pages[:, :, :1]
+    pages = halves_of_pages.index_select(0, ids.flatten()).view(b, n_blocks, hkv, -1, bs * hs)
     valid = torch.arange(s_max)[None, :] < lens[:, None]
     padded = bool((lens < s_max).any())
     halves = []
     for half, index, order in ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order)):
+        if half == 1 and not values:
+            halves.append(None)
+            break
         flat = pages[:, :, :, half]
         if order == "token":
             x = flat.view(b, n_blocks, hkv, bs, hs)
@@ -147,3 +155,24 @@ def gather_kv_batched(
             x = x.masked_fill(~valid[:, :, None, None], 0)
         halves.append(x)
     return halves[0], halves[1], valid
+
+
+def gather_slots(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: list[int],
+    positions: torch.Tensor,
+    layout: PageLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V at ``positions [B, P]`` of sequences ``rows``: ``[B, P, Hkv, hs]`` each (a few slots
+    per row, without reading the rest of their pages)."""
+    hkv, bs = kv_cache.shape[1:3]
+    hs = layout.k_index.shape[1]
+    blocks = block_table[rows].long().gather(1, positions // bs)  # [B, P]
+    pages = kv_cache.view(-1, hkv, 2, bs * hs)[blocks]  # [B, P, Hkv, 2, bs * hs]
+    offset = positions % bs
+    out = []
+    for half, index in ((0, layout.k_index), (1, layout.v_index)):
+        flat = index[offset]  # [B, P, hs] offsets of the slot's dims inside the page half
+        out.append(pages[:, :, :, half].gather(-1, flat[:, :, None, :].expand(-1, -1, hkv, -1)))
+    return out[0], out[1]

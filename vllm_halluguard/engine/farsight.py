@@ -3,11 +3,14 @@
 Both are attention with a per-row, per-head sink logit ``log R``; the math is
 :mod:`vllm_halluguard.methods.farsight`, the attention the shared torch reference (single-token rows
 of a layer call together in :func:`apply_batch`, other rows one by one in :func:`apply`).
+Mode B's sink is one constant per head for every token, so a backend whose kernel takes per-head
+sinks (vLLM's ``s_aux``) runs those rows natively instead (:func:`steady_groups`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 
@@ -18,9 +21,20 @@ from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_log
 
 
 @functools.lru_cache(maxsize=64)
-def _steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
-    """Mode B's per-head sink logits (a pure function of the frozen config)."""
+def steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
+    """Mode B's per-head sink logits ``[H]`` (a pure function of the frozen config)."""
     return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c)
+
+
+def steady_groups(rows: Iterable[Row]) -> dict[FarSightConfig, list[Row]]:
+    """The mode-B rows among ``rows``, by config: each group is plain attention plus the per-head sink
+    logits :func:`steady_sinks` on every token (prompt and generated), in the config's layers."""
+    groups: dict[FarSightConfig, list[Row]] = {}
+    for row in rows:
+        cfg = row.request.config
+        if isinstance(cfg, FarSightConfig) and cfg.mode == "B" and not cfg.is_noop():
+            groups.setdefault(cfg, []).append(row)
+    return groups
 
 
 def row_sinks(
@@ -30,7 +44,7 @@ def row_sinks(
     if cfg.is_noop():
         return None
     if cfg.mode == "B":
-        return _steady_sinks(cfg, num_heads).expand(len(positions), -1)
+        return steady_sinks(cfg, num_heads).expand(len(positions), -1)
     prompt = positions < prompt_len  # mode C: registers over the prompt, for prompt rows only
     if not bool(prompt.any()):
         return None

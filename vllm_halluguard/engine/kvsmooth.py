@@ -4,8 +4,9 @@ Per mitigated decode row and smoothed layer: the current token's attention-row e
 the request's FIFO for that layer, the rank lambda, and an in-place overwrite of the token's cache
 slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.methods.kvsmooth`. The CPU
 backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
-layer call at once in :func:`apply_batch`; the native kernel's output is kept, only the logits are
-needed); the Triton backend gets it from its attention kernel and calls :func:`smooth` directly.
+layer call at once in :func:`apply_batch`: their K for the logits, K and V of two slots for the EMA;
+the native kernel's output is kept); the Triton backend gets it from its attention kernel and calls
+:func:`smooth` directly.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     todo = [(row, pos) for row in rows if (pos := decode_position(call, row)) is not None]
     if not todo:
         return
-    assert call.gather_batch is not None
-    k, v, valid = call.gather_batch([row.index for row, _ in todo], [pos + 1 for _, pos in todo])
+    assert call.gather_batch is not None and call.gather_slots is not None
+    indices = [row.index for row, _ in todo]
+    k, _, valid = call.gather_batch(indices, [pos + 1 for _, pos in todo], values=False)  # K: entropy
     starts = torch.tensor([call.query_start_loc[row.index] for row, _ in todo])
     probs = torch.softmax(attention_logits_padded(call.query[starts], k, call.scale, valid), dim=-1)
-    b = torch.arange(len(todo))
     pos = torch.tensor([p for _, p in todo])
-    cur_k, cur_v, prev_k, prev_v = k[b, pos], v[b, pos], k[b, pos - 1], v[b, pos - 1]
+    k2, v2 = call.gather_slots(indices, torch.stack([pos - 1, pos], dim=1))  # the two slots the EMA reads
+    prev_k, cur_k, prev_v, cur_v = k2[:, 0], k2[:, 1], v2[:, 0], v2[:, 1]
     # FIFO push and rank lambda, batched over the rows that share a config
     rt, layer = call.runtime, call.layer
     groups: dict[KVSmoothConfig, list[int]] = {}

@@ -16,8 +16,10 @@ class LayerCall:
 
     ``gather(row, seq_len)`` returns that row's K and V ``[seq_len, Hkv, D]`` from the paged cache;
     ``write(slots, k, v)`` stores K/V rows ``[n, Hkv, D]`` at cache slots ``[n]``.
-    ``gather_batch(rows, seq_lens)`` (backends that have one) returns the K/V of several rows at once,
-    padded: ``k, v [B, S_max, Hkv, D]`` and ``valid [B, S_max]``; without it methods go row by row.
+    ``gather_batch(rows, seq_lens, values=True)`` (backends that have one) returns the K/V of several
+    rows at once, padded: ``k, v [B, S_max, Hkv, D]`` (``v`` is ``None`` for ``values=False``) and
+    ``valid [B, S_max]``; without it methods go row by row. ``gather_slots(rows, positions [B, P])``
+    (with ``gather_batch``) returns K and V ``[B, P, Hkv, D]`` at a few positions per row.
     """
 
     layer: int
@@ -30,7 +32,8 @@ class LayerCall:
     runtime: Runtime
     gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-    gather_batch: Callable[[list[int], list[int]], tuple[torch.Tensor, ...]] | None = None
+    gather_batch: Callable[..., tuple[torch.Tensor | None, ...]] | None = None
+    gather_slots: Callable[[list[int], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def span(self, row: Row) -> tuple[int, int, int]:
         """``(first token, end token, seq_len)`` of a row in the flat batch."""

@@ -17,8 +17,8 @@ forward, as in the reference. The math is :mod:`vllm_halluguard.methods.prunehal
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
 tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request
 (a preempted request starts over). The decode rows of a layer call are measured together
-(:func:`apply_batch`: one padded gather, one batched masked attention); the per-row :func:`apply`
-is the same computation for one row.
+(:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
+attention); the per-row :func:`apply` is the same computation for one row.
 A request without an image is refused at admission (``requests.check_inputs``).
 """
 
@@ -33,7 +33,7 @@ import torch
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, worker_log
-from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
+from vllm_halluguard.kernels.reference import attention_probs_padded, attention_rows, attention_rows_padded
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
@@ -157,18 +157,21 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         return
     assert call.gather_batch is not None
     seq_lens = [call.seq_lens[row.index] for row, _, _ in todo]
-    k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens)
+    pruned = [b for b, (_, st, i) in enumerate(todo) if not bool(st.keep[i].all())]
+    # V only once something is pruned: before that the native kernel's output is already exact
+    k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens, values=bool(pruned))
     visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True)
     keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
-    pruned = [b for b, (_, st, i) in enumerate(todo) if not bool(st.keep[i].all())]
     for b in pruned:  # pruned visual keys off
         _, st, i = todo[b]
         key_mask[b, st.visual] = st.keep[i]
     starts = torch.tensor([call.query_start_loc[row.index] for row, _, _ in todo])
-    out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
-    if pruned:  # before anything is pruned the native kernel's output is already exact
+    if pruned:
+        out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
         sel = torch.tensor(pruned)
         call.output[starts[sel]] = out[sel]
+    else:
+        _, probs = attention_probs_padded(call.query[starts], k, call.scale, key_mask)
     hq = probs.shape[1]
     on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -23,8 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 #: Lifecycle counters of :func:`worker_stats` (SCR: edited prefills, images found split across chunks,
-#: diagnostic-only steps that stopped after the last diagnostic layer).
-STAT_KEYS = ("admitted", "released", "preempted", "scr_edits", "scr_split_images", "scr_early_exits")
+#: diagnostic-only steps that stopped after the last diagnostic layer; FarSight-B rows that steps ran
+#: through the CPU kernel's native sinks).
+STAT_KEYS = (
+    "admitted", "released", "preempted", "scr_edits", "scr_split_images", "scr_early_exits",
+    "farsight_native_rows",
+)  # fmt: skip
 
 
 @dataclass

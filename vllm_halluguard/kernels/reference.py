@@ -69,6 +69,15 @@ def attention_logits_padded(
     return logits.masked_fill(~key_mask[:, None, :], float("-inf"))
 
 
+def attention_probs_padded(
+    q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 ``lse [B, Hq]`` and probabilities ``[B, Hq, S]`` of :func:`attention_logits_padded`."""
+    logits = attention_logits_padded(q, k, scale, key_mask)
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse, torch.exp(logits - lse[..., None])
+
+
 def attention_rows_padded(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,9 +94,7 @@ def attention_rows_padded(
     """
     b, hq, d = q.shape
     hkv = k.shape[2]
-    logits = attention_logits_padded(q, k, scale, key_mask)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
+    lse, probs = attention_probs_padded(q, k, scale, key_mask)
     weights = probs
     if sink is not None:
         total = torch.logaddexp(lse, sink.float())
