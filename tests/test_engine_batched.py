@@ -168,9 +168,10 @@ CONFIGS = {  # batch row -> config (row 0 is plain)
     6: PruneHalConfig(r=0.6, t=3, layers=(1, 2, 3), statistic="mass", force_step=1),
     7: FarSightConfig(mode="B", layers=(1, 2), sigma=0.5),
     8: KVSmoothConfig(lam_ref=0.5, layers=(0, 1, 2, 3)),
+    9: PruneHalConfig(r=0.5, t=2, layers=(0, 1, 2, 3)),  # row 3's config and visual count: one decision
 }
-PROMPTS = [30, 41, 18, 37, 25, 12, 50, 16, 33]
-VISUAL = {3: torch.arange(4, 30), 6: torch.arange(10, 45)}
+PROMPTS = [30, 41, 18, 37, 25, 12, 50, 16, 33, 40]
+VISUAL = {3: torch.arange(4, 30), 6: torch.arange(10, 45), 9: torch.arange(12, 38)}
 
 
 def _world(g: torch.Generator) -> World:

@@ -117,7 +117,8 @@ def test_block_view_counts_blocks_pruned_in_every_layer(setup):
 def test_mixed_batch_equals_solo_runs(setup):
     fixture, llm = setup
     farsight = {"method": "farsight", "mode": "B"}
-    specs = [None, "kvsmooth", farsight, "prunehal", SPECS["subset_first_step"], None]
+    # two requests of one config decide together (one batched prune_step), apart from the third
+    specs = [None, "kvsmooth", farsight, "prunehal", SPECS["subset_first_step"], None, "prunehal"]
     prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
     cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
     batch = run_vllm(llm, cases)

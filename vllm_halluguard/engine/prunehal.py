@@ -9,10 +9,11 @@ For every mitigated decode row and configured layer, :func:`apply`
   ``s_j = scale * q . k_j`` on the visual keys normalised by the row's LSE over the *kept* keys (the
   reference's softmax with pruned keys at ``-inf``), giving ``A_l`` and the per-token scores.
 
-After the last configured layer of a decode step the request decides (``should_prune``: forced prune
-at ``force_step``, then the ``sqrt(r)`` majority vote against the history, at most ``t`` prunes), keeps
-the top ``floor(r |S_l|)`` per layer and updates the history; the new masks apply from the next
-forward, as in the reference. The math is :mod:`vllm_halluguard.methods.prunehal`.
+After the last configured layer of a decode step the request decides (:func:`decide`, batched over the
+requests of a layer call; ``should_prune``: forced prune at ``force_step``, then the ``sqrt(r)``
+majority vote against the history, at most ``t`` prunes), keeps the top ``floor(r |S_l|)`` per layer
+and updates the history; the new masks apply from the next forward, as in the reference. The math is
+:mod:`vllm_halluguard.methods.prunehal`.
 
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
 tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request
@@ -137,7 +138,7 @@ def apply(call: LayerCall, row: Row) -> None:
     st.A[i], st.scores[i] = A, scores
     st.seen[i] = True
     if call.layer == max(st.layers):
-        _decide(call.runtime, st, cfg, step=seq_len - state.prompt_len)
+        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len)])
 
 
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
@@ -175,6 +176,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     hq = probs.shape[1]
     on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
         cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
         if cfg.statistic not in stats:
@@ -183,22 +185,48 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
         st.seen[i] = True
         if call.layer == max(st.layers):
-            _decide(call.runtime, st, cfg, step=seq_lens[b] - row.request.prompt_len)
+            deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len))
+    if deciding:
+        decide(call.runtime, deciding)
 
 
-def _decide(runtime: Runtime, st: PruneState, cfg: PruneHalConfig, step: int) -> None:
-    """The request's decision after decode step ``step`` (1-based); applies from the next forward."""
-    if not bool(st.seen.all()):
-        missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
-        raise RuntimeError(f"prunehal: layers {missing} were not measured in decode step {step}")
-    st.seen.zero_()
-    fired, keep, st.count, hist_sum, st.hist_n = prune_step(
-        step, cfg, st.keep[None], st.count, st.A[None], st.scores[None], st.hist_sum, st.hist_n
-    )
-    st.keep, st.hist_sum = keep[0], hist_sum
+def decide(runtime: Runtime, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
+    """The decisions of requests ``(state, config, step)`` after their decode step ``step`` (1-based);
+    they apply from the next forward. Requests sharing a config and a visual token count decide in
+    one batched :func:`prune_step`."""
+    groups: dict[tuple[PruneHalConfig, int], list[tuple[PruneState, int]]] = {}
+    for st, cfg, step in items:
+        if not bool(st.seen.all()):
+            missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
+            raise RuntimeError(f"prunehal: layers {missing} were not measured in decode step {step}")
+        st.seen.zero_()
+        groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
+    for (cfg, _), members in groups.items():
+        sts = [st for st, _ in members]
+        fired, keep, count, hist_sum, hist_n = prune_step(
+            torch.tensor([step for _, step in members]),
+            cfg,
+            torch.stack([st.keep for st in sts]),
+            torch.cat([st.count for st in sts]),
+            torch.stack([st.A for st in sts]),
+            torch.stack([st.scores for st in sts]),
+            torch.cat([st.hist_sum for st in sts]),
+            torch.cat([st.hist_n for st in sts]),
+        )
+        for j, ((st, step), prunes) in enumerate(zip(members, fired.tolist(), strict=True)):
+            st.keep, st.count, st.hist_sum, st.hist_n = (
+                keep[j],
+                count[j : j + 1],
+                hist_sum[j : j + 1],
+                hist_n[j : j + 1],
+            )
+            _record(runtime, st, step, prunes)
+
+
+def _record(runtime: Runtime, st: PruneState, step: int, fired: bool) -> None:
     rec = st.record
     rec["steps"] = step
-    if bool(fired):
+    if fired:
         rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
         rec["reclaimable_blocks"] = fully_pruned_blocks(
             st, rec["prompt_len"], runtime.block_size, runtime.num_layers
