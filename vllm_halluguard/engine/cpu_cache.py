@@ -132,17 +132,14 @@ def gather_kv_batched(
     ids = block_table[rows, :n_blocks].long()  # [B, n_blocks]
     used = torch.arange(n_blocks)[None, :] * bs < lens[:, None]
     ids = torch.where(used, ids, ids[:, :1])  # entries past a row's blocks may be stale: read its first
-    halves_of_pages = kv_cache.view(-1, hkv, 2, bs * hs)
-    if not values:
-        halves_of_pages = halves_of_pages[:, :, :1]
-    pages = halves_of_pages.index_select(0, ids.flatten()).view(b, n_blocks, hkv, -1, bs * hs)
+    read = 2 if values else 1  # page halves to read: K, then V
+    pages = kv_cache.view(-1, hkv, 2, bs * hs)[:, :, :read].index_select(0, ids.flatten())
+    pages = pages.view(b, n_blocks, hkv, read, bs * hs)
     valid = torch.arange(s_max)[None, :] < lens[:, None]
     padded = bool((lens < s_max).any())
     halves = []
-    for half, index, order in ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order)):
-        if half == 1 and not values:
-            halves.append(None)
-            break
+    specs = ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order))[:read]
+    for half, index, order in specs:
         flat = pages[:, :, :, half]
         if order == "token":
             x = flat.view(b, n_blocks, hkv, bs, hs)
@@ -154,7 +151,7 @@ def gather_kv_batched(
         if padded:
             x = x.masked_fill(~valid[:, :, None, None], 0)
         halves.append(x)
-    return halves[0], halves[1], valid
+    return halves[0], halves[1] if values else None, valid
 
 
 def gather_slots(

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         hf = generate_captions(model, processor, scenes)
         from vllm_halluguard.testing.parity import make_llm
 
-        vl = vllm_captions(make_llm(Path(args.model)), scenes)[0]
+        vl = vllm_captions(make_llm(args.model), scenes)[0]
         same = sum(hf[i] == vl[i] for i in hf)
         for s in scenes[:6]:
             print(f"{s.names} HF={hf[s.image_id]!r} vLLM={vl[s.image_id]!r}")
