@@ -17,15 +17,16 @@ from vllm_halluguard.engine.cpu_cache import (
     learn_layout,
     write_kv,
 )
-from vllm_halluguard.engine.dispatch import run_methods
+from vllm_halluguard.engine.kvsmooth import Buffers
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.prunehal import PruneState
-from vllm_halluguard.engine.requests import MAX_KVSMOOTH_WINDOW
-from vllm_halluguard.engine.runtime import RequestState, Row, StepView
+from vllm_halluguard.engine.registry import method_of
+from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.kernels.reference import attention_logits, attention_rows, attention_rows_padded
 from vllm_halluguard.methods.farsight import FarSightConfig
 from vllm_halluguard.methods.kvsmooth import KVSmoothConfig
 from vllm_halluguard.methods.prunehal import PruneHalConfig
+from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW
 
 HQ, HKV, D, BS, LAYERS = 4, 2, 32, 16, 4
 
@@ -123,7 +124,8 @@ class World:
 
     def clone(self) -> World:
         rt = SimpleNamespace(**vars(self.runtime))
-        rt.kvs_queue, rt.kvs_count = rt.kvs_queue.clone(), rt.kvs_count.clone()
+        buf = rt.ext["kvsmooth"]
+        rt.ext = {"kvsmooth": Buffers(buf.queue.clone(), buf.count.clone())}
         return World(self.cache.clone(), self.table, list(self.seq_lens), rt, copy.deepcopy(self.rows))
 
     def layer_call(self, layer: int, q: torch.Tensor, native: torch.Tensor, batched: bool) -> LayerCall:
@@ -186,8 +188,11 @@ def _world(g: torch.Generator) -> World:
         table[r, :m] = perm[off : off + m].to(torch.int32)
         off += m
     rt = SimpleNamespace(
-        kvs_queue=torch.zeros(16, LAYERS, MAX_KVSMOOTH_WINDOW),
-        kvs_count=torch.zeros(16, LAYERS, dtype=torch.long),
+        ext={
+            "kvsmooth": Buffers(
+                torch.zeros(16, LAYERS, MAX_KVSMOOTH_WINDOW), torch.zeros(16, LAYERS, dtype=torch.long)
+            )
+        },
         block_size=BS,
         num_layers=LAYERS,
     )
@@ -207,6 +212,15 @@ def _world(g: torch.Generator) -> World:
     return world
 
 
+def run_methods(call: LayerCall, rows: list[Row]) -> None:
+    """The torch path of one layer call: each method's ``run`` over its rows (as the engine does)."""
+    by_method: dict[str, list[Row]] = {}
+    for row in rows:
+        by_method.setdefault(row.request.config.name, []).append(row)
+    for rows_of_method in by_method.values():
+        method_of(rows_of_method[0].request.config).run(call, rows_of_method)
+
+
 def test_apply_batch_equals_per_row_apply_over_decode_steps():
     g = torch.Generator().manual_seed(3)
     per_row = _world(g)
@@ -224,7 +238,7 @@ def test_apply_batch_equals_per_row_apply_over_decode_steps():
             outs = []
             for world, mode in ((per_row, False), (batched, True)):
                 call = world.layer_call(layer, q, native.clone(), mode)
-                run_methods(call, StepView(n, tuple(world.rows)))
+                run_methods(call, world.rows)
                 outs.append(call.output)
             torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
             assert torch.equal(outs[1][[0, 1, 4, 5, 8]], native[[0, 1, 4, 5, 8]])  # untouched rows
@@ -234,9 +248,10 @@ def test_apply_batch_equals_per_row_apply_over_decode_steps():
     for r in (1, 4):  # KVSmooth smoothed the last token's cached K/V (lambda >= 0.1 for both configs)
         k, v = gather_kv(batched.cache, batched.table[r], batched.seq_lens[r], layout)
         assert not torch.allclose(k[-1], new[r][0][0]) and not torch.allclose(v[-1], new[r][1][0])
-    torch.testing.assert_close(batched.runtime.kvs_queue, per_row.runtime.kvs_queue, atol=1e-6, rtol=1e-6)
-    assert torch.equal(batched.runtime.kvs_count, per_row.runtime.kvs_count)
-    counts = batched.runtime.kvs_count.sum(-1)
+    got, want = batched.runtime.ext["kvsmooth"], per_row.runtime.ext["kvsmooth"]
+    torch.testing.assert_close(got.queue, want.queue, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got.count, want.count)
+    counts = got.count.sum(-1)
     assert int(counts[15 - 1]) == 5 * 4 and int(counts[15 - 4]) == 5 * 2  # rows 1 and 4: layers x steps
     for a, b in zip(per_row.rows, batched.rows, strict=True):
         if "prunehal" in a.request.scratch:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from vllm.exceptions import VLLMValidationError
 
 from vllm_halluguard import reference
@@ -91,6 +92,24 @@ def test_farsight_b_rows_run_on_the_native_kernel_grouped_by_config(setup):
     assert rows == 3 * cases[0].max_tokens
     run_vllm(llm, [method_case(fixture, 70, SPECS["farsight_c"])])
     assert worker_stats_of(llm, fixture)["farsight_native_rows"] - after == rows, "mode C stays on torch"
+
+
+def test_plain_rows_of_a_mixed_batch_are_bit_identical_to_the_native_kernel(setup, monkeypatch):
+    """Native first: in a batch with reworked rows (FarSight C prompt rows, PruneHal after its prune),
+    the rows the partition hands to vLLM's kernel as a sub-batch get exactly the outputs that kernel
+    gives them over the whole batch (checked in the worker at every layer of every such step)."""
+    fixture, llm = setup
+    monkeypatch.setenv("HALLUGUARD_VERIFY_NATIVE", "1")  # read by the in-process builders every step
+    specs = [None, SPECS["farsight_c"], {"method": "prunehal", "r": 0.5}, None, SPECS["kvsmooth"]]
+    cases = [method_case(fixture, 90 + i, s) for i, s in enumerate(specs)]
+    before = worker_stats_of(llm, fixture)
+    run_vllm(llm, cases)
+    after = worker_stats_of(llm, fixture)
+    assert after["native_checked"] - before["native_checked"] > 0, after
+    if torch.get_num_threads() == 1:  # vLLM's CPU kernel is batch-invariant on one thread
+        assert after["native_mismatch"] == before["native_mismatch"], after
+    else:  # its split-KV scheduling depends on the batch: ULPs, with or without the plugin
+        assert after["native_max_diff"] < 1e-6, after
 
 
 def worker_stats_of(llm, fixture="llava"):

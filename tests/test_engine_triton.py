@@ -1,4 +1,5 @@
-"""The GPU backend (Triton kernel + builder + impl) inside the CPU engine, interpreted, vs the reference."""
+"""The GPU code path inside the CPU engine (native kernel for plain rows, the Triton kernel interpreted
+for mitigated rows), vs the reference; plain rows bit-identical to the native kernel's."""
 
 import json
 import os
@@ -8,12 +9,13 @@ import sys
 import pytest
 
 from vllm_halluguard import reference
-from vllm_halluguard.engine.hooks import TRITON_BACKEND
 from vllm_halluguard.testing.parity import Case, Generation, compare, hf_generate
 from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
 from vllm_halluguard.testing.triton_mode import CASES, MAX_TOKENS
 
 pytestmark = pytest.mark.engine
+
+WRAPPED_CPU = "vllm_halluguard.engine.backends.HGCPUAttentionBackend"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,10 @@ def triton_run(tmp_path_factory):
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_triton_backend_matches_reference(triton_run, fixture):
     run = triton_run[fixture]
-    assert run["backends"] == [TRITON_BACKEND], "the engine must have run the Triton backend"
+    assert run["backends"] == [WRAPPED_CPU], "the engine must have run the wrapped native backend"
+    stats = run["stats"]
+    assert stats["kernel_rows"] > 0, "the Triton kernel must have computed the mitigated rows"
+    assert stats["native_checked"] > 0 and stats["native_mismatch"] == 0, stats
     model, processor = load_hf(fixture)
     for (seed, spec), got in zip(CASES, run["gens"], strict=True):
         extra = None if spec is None else {"halluguard": spec}

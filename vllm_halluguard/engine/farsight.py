@@ -3,19 +3,20 @@
 Both are attention with a per-row, per-head sink logit ``log R``; the math is
 :mod:`vllm_halluguard.methods.farsight`, the attention the shared torch reference (single-token rows
 of a layer call together in :func:`apply_batch`, other rows one by one in :func:`apply`).
-Mode B's sink is one constant per head for every token, so a backend whose kernel takes per-head
-sinks (vLLM's ``s_aux``) runs those rows natively instead (:func:`steady_groups`).
+Mode B's sink is one constant per head for every token, so where the native kernel takes per-head
+sinks (vLLM's ``s_aux``, FlashAttention's sinks) those rows run natively, one sub-batch per config.
+With the Triton kernel, the other rows get their per-token sinks in the kernel's launch.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
 
+from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.runtime import Row
+from vllm_halluguard.engine.state import Row
 from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_logits
 
@@ -24,17 +25,6 @@ from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_log
 def steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
     """Mode B's per-head sink logits ``[H]`` (a pure function of the frozen config)."""
     return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c)
-
-
-def steady_groups(rows: Iterable[Row]) -> dict[FarSightConfig, list[Row]]:
-    """The mode-B rows among ``rows``, by config: each group is plain attention plus the per-head sink
-    logits :func:`steady_sinks` on every token (prompt and generated), in the config's layers."""
-    groups: dict[FarSightConfig, list[Row]] = {}
-    for row in rows:
-        cfg = row.request.config
-        if isinstance(cfg, FarSightConfig) and cfg.mode == "B" and not cfg.is_noop():
-            groups.setdefault(cfg, []).append(row)
-    return groups
 
 
 def row_sinks(
@@ -93,3 +83,33 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     starts = torch.tensor([start for _, start, _ in todo])
     out, _, _ = attention_rows_padded(call.query[starts], k, v, call.scale, valid, torch.cat(sinks))
     call.output[starts] = out
+
+
+class FarSightEngine(EngineMethod):
+    """FarSight: a sink logit per row and head (mode B: steady, natively; mode C: prompt rows)."""
+
+    name = "farsight"
+    batched = True
+    counters = ("farsight_native_rows",)
+
+    def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
+        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        if cfg.is_noop():
+            return NATIVE
+        layers = frozenset(cfg.layers) if cfg.layers is not None else frozenset(range(backend.num_layers))
+        if cfg.mode == "B":
+            if backend.native_sinks:
+                sinks = steady_sinks(cfg, backend.num_heads).float().contiguous()
+                return Route(sinks=sinks, sink_key=cfg, sink_layers=None if cfg.layers is None else layers)
+            return Route(rework=layers)
+        if span.first_position >= row.request.prompt_len:
+            return NATIVE  # mode C: generated tokens carry no sink
+        return Route(rework=layers)
+
+    apply = staticmethod(apply)  # type: ignore[assignment]
+    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+
+    def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        sinks = row_sinks(cfg, call.positions(row), row.request.prompt_len, call.query.shape[1])
+        return sinks, None

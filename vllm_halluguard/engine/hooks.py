@@ -1,17 +1,21 @@
 """The few places where the plugin hooks into vLLM, each installed once per process.
 
-* attention backend: on CPU ours replaces ``CPU_ATTN`` (or, in test mode, the Triton backend does);
-  on GPU the Triton backend is registered as ``CUSTOM`` (:func:`install_backends`);
+* attention backends: ``CPU_ATTN``, ``FLASH_ATTN`` and ``TRITON_ATTN`` are replaced by the same
+  backends wrapped (:mod:`.backends`): plain steps run natively and unchanged, mitigated rows are
+  partitioned out (:func:`install_backends`); a model runner whose decoder layers got another backend
+  fails at startup, naming the supported ones (:func:`install_backend_check`);
+* CUDA graphs: a step with mitigated rows is dispatched without full graphs, so the per-layer
+  partition runs (:func:`install_cudagraph_guard`); other steps keep every graph;
 * model runner: after vLLM updates its persistent batch, the runtime syncs its request table
   (:func:`ensure_runner_hook`, installed lazily by our metadata builders, i.e. in workers only);
-* admission: ``InputProcessor.process_inputs`` first validates the request's method spec, so a bad
+* admission: ``InputProcessor.process_inputs`` first resolves the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
 * runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
 * prefix cache: a request's canonical method config (resolved for the model at admission) is mixed
   into its first block's hash, so requests with different methods never share KV blocks, and
   different spellings of one config do (:func:`install_cache_salt`);
-* scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); the worker edits the
-  real prefill by wrapping the decoder layers' forward, on the first SCR request (:mod:`.scr`).
+* scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); engine methods may
+  hook the model itself (SCR wraps the decoder layers' forward, on its first request).
 """
 
 from __future__ import annotations
@@ -23,31 +27,93 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-CPU_BACKEND = "vllm_halluguard.engine.cpu_backend.HGCPUAttentionBackend"
-TRITON_BACKEND = "vllm_halluguard.engine.triton_backend.HGTritonBackend"
-#: ``triton`` makes the CPU engine run the GPU backend in Triton's interpreter (with TRITON_INTERPRET=1).
-ATTENTION_ENV = "HALLUGUARD_ATTENTION"
+#: vLLM backend names the plugin wraps, and the attribute of :mod:`.backends` that wraps each.
+BACKENDS = {"CPU_ATTN": "HG_CPU_ATTN", "FLASH_ATTN": "HG_FLASH_ATTN", "TRITON_ATTN": "HG_TRITON_ATTN"}
 
 
 def install_backends() -> None:
-    """CPU: our backend replaces ``CPU_ATTN``. GPU: our Triton backend is ``--attention-backend CUSTOM``."""
-    from vllm.platforms import current_platform
+    """Register the wrapped backends over vLLM's names (the wrapped class is made on first use)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    if not current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CUSTOM, TRITON_BACKEND)
-        return
-    choice = os.environ.get(ATTENTION_ENV, "native")
-    if choice not in ("native", "triton"):
-        raise ValueError(f"{ATTENTION_ENV} must be 'native' or 'triton', got {choice!r}")
-    register_backend(AttentionBackendEnum.CPU_ATTN, TRITON_BACKEND if choice == "triton" else CPU_BACKEND)
+    from vllm_halluguard.engine.backends import rework_engine
+
+    rework_engine()  # a bad HALLUGUARD_ATTENTION fails here, at startup
+    for name, attr in BACKENDS.items():
+        register_backend(AttentionBackendEnum[name], f"vllm_halluguard.engine.backends.{attr}")
+
+
+def unsupported_backends(attn_groups: Any) -> list[str]:
+    """Names of the decoder-attention backends of a runner's groups that the plugin does not wrap."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    from vllm_halluguard.engine.backends import is_wrapped
+
+    bad = set()
+    for groups in attn_groups:
+        for group in groups:
+            spec = group.kv_cache_spec
+            decoder = isinstance(spec, FullAttentionSpec) and not isinstance(spec, MLAAttentionSpec)
+            if decoder and not is_wrapped(group.backend):
+                bad.add(group.backend.get_name())
+    return sorted(bad)
+
+
+@functools.cache
+def install_backend_check() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.initialize_attn_backend
+
+    @functools.wraps(original)
+    def initialize_attn_backend(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        bad = unsupported_backends(self.attn_groups)
+        if bad:
+            raise RuntimeError(
+                f"vllm-halluguard wraps the attention backends {', '.join(BACKENDS)}, but this model's "
+                f"decoder layers use {', '.join(bad)}: start vLLM with --attention-backend FLASH_ATTN "
+                f"or TRITON_ATTN, or without the plugin (VLLM_PLUGINS excluding 'halluguard')"
+            )
+        return result
+
+    GPUModelRunner.initialize_attn_backend = initialize_attn_backend
+
+
+def invalid_cudagraph_modes(runtime: Any) -> set[Any] | None:
+    """CUDA-graph modes a step must not use: full graphs when it has mitigated rows (the per-layer
+    partition is Python in the attention call, which a full graph would skip), else none."""
+    if runtime is None or runtime.step is None:
+        return None
+    from vllm.config import CUDAGraphMode
+
+    return {CUDAGraphMode.FULL}
+
+
+@functools.cache
+def install_cudagraph_guard() -> None:
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    from vllm_halluguard.engine.state import current
+
+    original = CudagraphDispatcher.dispatch
+
+    @functools.wraps(original)
+    def dispatch(self: Any, num_tokens: int, *args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
+        extra = invalid_cudagraph_modes(current())
+        if extra:
+            invalid_modes = set(invalid_modes or ()) | extra
+        return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
+
+    CudagraphDispatcher.dispatch = dispatch
 
 
 @functools.cache
 def ensure_runner_hook() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_halluguard.engine.runtime import Runtime, set_current
+    from vllm_halluguard.engine.registry import all_methods
+    from vllm_halluguard.engine.runtime import Runtime
+    from vllm_halluguard.engine.state import set_current
 
     original = GPUModelRunner._update_states
 
@@ -59,11 +125,10 @@ def ensure_runner_hook() -> None:
             runtime = self._halluguard_runtime = Runtime(self.vllm_config)
         set_current(runtime)
         runtime.update(scheduler_output, self.input_batch, self.requests)
-        if (runtime.scr_plan or runtime.scr_skip_from) and not self.__dict__.get("_halluguard_layer_hooks"):
-            from vllm_halluguard.engine.scr import install_layer_hooks
-
+        if runtime.step is not None:
             forward_context = self.vllm_config.compilation_config.static_forward_context
-            self._halluguard_layer_hooks = install_layer_hooks(self.get_model(), forward_context)
+            for method in all_methods():
+                method.install_model_hooks(runtime, self.get_model(), forward_context)
         return result
 
     GPUModelRunner._update_states = _update_states
@@ -135,15 +200,10 @@ def method_salt(request: Any) -> str | None:
     cached = request.__dict__.get("_halluguard_salt", False)
     if cached is not False:
         return cached
-    from vllm_halluguard.engine.requests import spec_of
+    from vllm_halluguard.engine.keys import config_of
     from vllm_halluguard.engine.two_pass import scr_phase
-    from vllm_halluguard.methods import parse
 
-    params = getattr(request, "sampling_params", None)
-    try:
-        cfg = parse(spec_of(getattr(params, "extra_args", None)))
-    except ValueError:
-        cfg = None  # rejected at admission; never scheduled
+    cfg = config_of(request)
     salt = cfg.canonical() if cfg is not None else None
     if salt is not None and scr_phase(request) == "diag":
         salt += "/scr-diagnostic"
@@ -190,6 +250,8 @@ def install_all() -> None:
 
     pin_v1_runner()
     install_backends()
+    install_backend_check()
+    install_cudagraph_guard()
     install_admission()
     install_cache_salt()
     two_pass.install()

@@ -5,18 +5,37 @@ the request's FIFO for that layer, the rank lambda, and an in-place overwrite of
 slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.methods.kvsmooth`. The CPU
 backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
 layer call at once in :func:`apply_batch`: their K for the logits, K and V of two slots for the EMA;
-the native kernel's output is kept); the Triton backend gets it from its attention kernel and calls
-:func:`smooth` directly.
+the native kernel's output is kept). With the Triton kernel the smoothed decode rows are computed by
+the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`).
+
+State: one entropy FIFO (ring buffer + push count) per slot and decoder layer (:class:`Buffers`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.runtime import Row
+from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.kernels.reference import attention_logits, attention_logits_padded
 from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, head_entropy, update_lambda
+from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW
+
+
+@dataclass
+class Buffers:
+    """Per-runner KVSmooth state: entropy FIFOs ``queue [slots, layers, W]`` and push counts."""
+
+    queue: torch.Tensor
+    count: torch.Tensor
+
+
+def buffers(runtime: Any) -> Buffers:
+    return runtime.ext["kvsmooth"]
 
 
 def decode_position(call: LayerCall, row: Row) -> int | None:
@@ -33,11 +52,11 @@ def smooth(call: LayerCall, row: Row, z: torch.Tensor, prev: tuple, cur: tuple) 
     """FIFO push of entropy ``z [1]``, rank lambda, EMA of ``cur`` (K, V of the token) with ``prev``."""
     state = row.request
     cfg: KVSmoothConfig = state.config  # type: ignore[assignment]
-    rt, slot, m = call.runtime, state.slot, cfg.window
+    buf, slot, m = buffers(call.runtime), state.slot, cfg.window
     lam, queue, count = update_lambda(
-        rt.kvs_queue[slot, call.layer, :m][None], rt.kvs_count[slot, call.layer][None], z, cfg
+        buf.queue[slot, call.layer, :m][None], buf.count[slot, call.layer][None], z.cpu(), cfg
     )
-    rt.kvs_queue[slot, call.layer, :m], rt.kvs_count[slot, call.layer] = queue[0], count[0]
+    buf.queue[slot, call.layer, :m], buf.count[slot, call.layer] = queue[0], count[0]
     start, _, seq_len = call.span(row)
     if seq_len - 1 == state.prompt_len and not cfg.smooth_first_token:
         lam = torch.zeros_like(lam)
@@ -78,7 +97,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     k2, v2 = call.gather_slots(indices, torch.stack([pos - 1, pos], dim=1))  # the two slots the EMA reads
     prev_k, cur_k, prev_v, cur_v = k2[:, 0], k2[:, 1], v2[:, 0], v2[:, 1]
     # FIFO push and rank lambda, batched over the rows that share a config
-    rt, layer = call.runtime, call.layer
+    buf, layer = buffers(call.runtime), call.layer
     groups: dict[KVSmoothConfig, list[int]] = {}
     for i, (row, _) in enumerate(todo):
         groups.setdefault(row.request.config, []).append(i)  # type: ignore[arg-type]
@@ -88,9 +107,9 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         slots = torch.tensor([todo[i][0].request.slot for i in idx])
         z = head_entropy(probs[sel], cfg.head_reduce)
         m = cfg.window
-        queue, count = rt.kvs_queue[slots, layer, :m], rt.kvs_count[slots, layer]
+        queue, count = buf.queue[slots, layer, :m], buf.count[slots, layer]
         lam[sel], queue, count = update_lambda(queue, count, z, cfg)
-        rt.kvs_queue[slots, layer, :m], rt.kvs_count[slots, layer] = queue, count
+        buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
     for i, (row, p) in enumerate(todo):  # per-row options (see :func:`smooth`)
         state = row.request
         cfg = state.config  # type: ignore[assignment]
@@ -101,3 +120,46 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
             prev_k[i], prev_v[i] = raw.get(layer, (prev_k[i].clone(), prev_v[i].clone()))
             raw[layer] = (cur_k[i].clone(), cur_v[i].clone())
     call.write(call.slot_mapping[starts], ema(prev_k, cur_k, lam), ema(prev_v, cur_v, lam))
+
+
+class KVSmoothEngine(EngineMethod):
+    """KVSmooth: native attention, then the EMA of the new token's K/V (entropy-ranked strength)."""
+
+    name = "kvsmooth"
+    batched = True
+
+    def setup(self, runtime: Any) -> None:
+        shape = (runtime.capacity, runtime.num_layers)
+        runtime.ext[self.name] = Buffers(
+            torch.zeros(*shape, MAX_KVSMOOTH_WINDOW), torch.zeros(*shape, dtype=torch.long)
+        )
+
+    def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
+        buf = buffers(runtime)
+        buf.queue[state.slot].zero_()
+        buf.count[state.slot].zero_()
+
+    def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
+        """Torch path: native (its output is kept; the entropy comes from K). Kernel: the smoothed decode
+        rows, whose output and exact entropy come from one launch."""
+        cfg: KVSmoothConfig = row.request.config  # type: ignore[assignment]
+        decode = span.num_tokens == 1 and span.seq_len - 1 >= row.request.prompt_len
+        if not backend.kernel or not decode or cfg.head_reduce != "mean_entropy":
+            return NATIVE
+        return Route(rework=frozenset(cfg.layers or ()))
+
+    apply = staticmethod(apply)  # type: ignore[assignment]
+    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+
+    def after_kernel(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        todo = [(row, pos) for row in rows if (pos := decode_position(call, row)) is not None]
+        if not todo:
+            return
+        assert call.gather_slots is not None
+        pos = torch.tensor([p for _, p in todo])
+        k2, v2 = call.gather_slots([row.index for row, _ in todo], torch.stack([pos - 1, pos], dim=1))
+        for i, (row, _) in enumerate(todo):
+            z = entropy[call.query_start_loc[row.index]].mean().reshape(1)
+            smooth(call, row, z, (k2[i, 0], v2[i, 0]), (k2[i, 1], v2[i, 1]))

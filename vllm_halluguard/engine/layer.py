@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_halluguard.engine.runtime import Row, Runtime
+from vllm_halluguard.engine.state import Row
+
+if TYPE_CHECKING:
+    from vllm_halluguard.engine.runtime import Runtime
 
 
 @dataclass
@@ -25,7 +29,7 @@ class LayerCall:
     layer: int
     scale: float
     query: torch.Tensor  # [T, Hq, D]
-    output: torch.Tensor  # [T, Hq, D], already holding the backend's plain attention
+    output: torch.Tensor  # [T, Hq, D]: the native kernel's rows are filled, reworked rows are not
     query_start_loc: list[int]
     seq_lens: list[int]
     slot_mapping: torch.Tensor  # [T]

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
+from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, worker_log
+from vllm_halluguard.engine.state import RequestState, Row, worker_log
 from vllm_halluguard.kernels.reference import attention_probs_padded, attention_rows, attention_rows_padded
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
@@ -43,8 +44,9 @@ from vllm_halluguard.methods.prunehal import (
 
 logger = logging.getLogger(__name__)
 
-#: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.prunehal_log``).
+#: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.logs[LOG]``).
 MAX_LOGGED_REQUESTS = 256
+LOG = "prunehal_log"
 
 
 @dataclass
@@ -84,7 +86,7 @@ class PruneState:
         return {layer: i for i, layer in enumerate(self.layers)}
 
 
-def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
+def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``)."""
     cfg: PruneHalConfig = state.config  # type: ignore[assignment]
     image_token_id = getattr(runtime.hf_config, "image_token_id", None)
@@ -101,10 +103,7 @@ def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
         "prunes": [],
         "reclaimable_blocks": 0,
     }
-    log = runtime.prunehal_log
-    log[state.req_id] = record
-    while len(log) > MAX_LOGGED_REQUESTS:
-        log.popitem(last=False)
+    runtime.remember(LOG, state.req_id, record, MAX_LOGGED_REQUESTS)
     state.scratch["prunehal"] = PruneState.fresh(visual, layers, record)
 
 
@@ -190,7 +189,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         decide(call.runtime, deciding)
 
 
-def decide(runtime: Runtime, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
+def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
     """The decisions of requests ``(state, config, step)`` after their decode step ``step`` (1-based);
     they apply from the next forward. Requests sharing a config and a visual token count decide in
     one batched :func:`prune_step`."""
@@ -223,7 +222,7 @@ def decide(runtime: Runtime, items: list[tuple[PruneState, PruneHalConfig, int]]
             _record(runtime, st, step, prunes)
 
 
-def _record(runtime: Runtime, st: PruneState, step: int, fired: bool) -> None:
+def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
     rec = st.record
     rec["steps"] = step
     if fired:
@@ -254,4 +253,78 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
     ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
     ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
     """
-    return worker_log(worker, "prunehal_log", clear)
+    return worker_log(worker, LOG, clear)
+
+
+def _state(row: Row) -> PruneState | None:
+    st: PruneState | None = row.request.scratch.get("prunehal")
+    if st is None or row.request.config.is_noop() or st.visual.numel() == 0:
+        return None
+    return st
+
+
+class PruneHalEngine(EngineMethod):
+    """PruneHal: per-layer keep masks over the visual keys, decided after each decode step."""
+
+    name = "prunehal"
+    needs_image = True
+    batched = True
+    gauges = ("prunehal_reclaimable_blocks",)
+
+    init_state = staticmethod(init_state)  # type: ignore[assignment]
+    apply = staticmethod(apply)  # type: ignore[assignment]
+    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+
+    def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
+        """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
+        key mask); with the kernel, every configured layer (output, mask and LSE in one launch)."""
+        st = _state(row)
+        if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
+            return NATIVE
+        if backend.kernel:
+            return Route(rework=frozenset(st.layers))
+        pruned = [layer for layer, keep in zip(st.layers, st.keep, strict=True) if not bool(keep.all())]
+        return Route(rework=frozenset(pruned))
+
+    def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        st = _state(row)
+        assert st is not None
+        keep = st.keep[st.index[call.layer]]
+        if bool(keep.all()):
+            return None, None
+        mask = torch.ones(call.seq_lens[row.index], dtype=torch.bool)
+        mask[st.visual] = keep
+        return None, mask
+
+    def after_kernel(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits."""
+        deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
+        for row in rows:
+            st = _state(row)
+            assert st is not None
+            cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+            i = st.index[call.layer]
+            start, _, seq_len = call.span(row)
+            k, _ = call.gather(row.index, seq_len)
+            q = call.query[start]
+            hq, hkv = q.shape[0], k.shape[1]
+            qf = q.float().reshape(hkv, hq // hkv, -1)
+            kv = k[st.visual.to(k.device)].float()
+            logits = torch.einsum("kgd,skd->kgs", qf, kv).reshape(hq, -1) * call.scale
+            keep = st.keep[i]
+            probs = torch.exp(logits - lse[start, :, None].float()).cpu() * keep
+            A, scores = visual_attention_stats(probs, keep, cfg.statistic)
+            st.A[i], st.scores[i] = A, scores
+            st.seen[i] = True
+            if call.layer == max(st.layers):
+                deciding.append((st, cfg, seq_len - row.request.prompt_len))
+        if deciding:
+            decide(call.runtime, deciding)
+
+    def worker_stats(self, runtime: Any) -> dict[str, int]:
+        """KV blocks of active requests pruned in every layer (could return to the pool)."""
+        log = runtime.logs.get(LOG, {})
+        blocks = sum(rec["reclaimable_blocks"] for rid, rec in log.items() if rid in runtime.requests)
+        return {"prunehal_reclaimable_blocks": blocks}

@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
+from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.engine.images import patch_grid, visual_positions
+from vllm_halluguard.engine.keys import SCR_PARENT_KEY
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.requests import SCR_PARENT_KEY
-from vllm_halluguard.engine.runtime import RequestState, Row, Runtime, current, worker_log
+from vllm_halluguard.engine.state import RequestState, Row, current, worker_log
 from vllm_halluguard.kernels.reference import attention_logits
 from vllm_halluguard.methods.scr import Grid, SCRConfig, Selection, apply_edit, select_sources
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: Selections and traces kept per worker (a selection whose request was aborted before it ran).
 MAX_KEPT = 1024
+LOG = "scr_log"
 
 
 @dataclass
@@ -67,13 +69,27 @@ class EditPlan:
     layers: frozenset[int]
 
 
+@dataclass
+class Worker:
+    """Per-runner SCR state: selections by real request id, and this step's edits and early exit."""
+
+    selections: OrderedDict[str, Selection]
+    plan: tuple[EditPlan, ...] = ()
+    skip_from: int | None = None
+    hooked: bool = False
+
+
+def worker(runtime: Any) -> Worker:
+    return runtime.ext["scr"]
+
+
 def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
     table[key] = value
     while len(table) > MAX_KEPT:
         table.popitem(last=False)
 
 
-def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
+def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     """Admission in the worker: a diagnostic gets a :class:`DiagState`, a real request its selection."""
     cfg: SCRConfig = state.config  # type: ignore[assignment]
     if cfg.is_noop():
@@ -84,7 +100,7 @@ def init_state(runtime: Runtime, state: RequestState, cached: Any) -> None:
         grid = patch_grid(runtime.model_type, cached, visual)
         state.scratch["scr_diag"] = DiagState(parent, visual, grid, tuple(sorted(cfg.diag_layers or ())))
         return
-    selection = runtime.scr_selections.get(state.req_id)
+    selection = worker(runtime).selections.get(state.req_id)
     if selection is None:
         logger.warning("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
         return
@@ -116,7 +132,7 @@ def apply(call: LayerCall, row: Row) -> None:
         _select(call.runtime, row.request, st)
 
 
-def _select(runtime: Runtime, state: RequestState, st: DiagState) -> None:
+def _select(runtime: Any, state: RequestState, st: DiagState) -> None:
     cfg: SCRConfig = state.config  # type: ignore[assignment]
     if st.map_sum is None or st.rows == 0:
         logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
@@ -126,10 +142,10 @@ def _select(runtime: Runtime, state: RequestState, st: DiagState) -> None:
     picked = select_sources(
         attn_map, st.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
     )
-    _remember(runtime.scr_selections, st.parent, picked)
+    _remember(worker(runtime).selections, st.parent, picked)
     record = {"attn_map": attn_map.tolist(), "grid": list(st.grid), "sources": picked.sources[0].tolist(),
               "owner": picked.owner[0].tolist(), "num_visual": int(st.visual.numel())}  # fmt: skip
-    _remember(runtime.scr_log, st.parent, record)
+    runtime.remember(LOG, st.parent, record, MAX_KEPT)
 
 
 def _mean_over_tp_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +155,7 @@ def _mean_over_tp_ranks(x: torch.Tensor) -> torch.Tensor:
     return x if world == 1 else tensor_model_parallel_all_reduce(x.clone()) / world
 
 
-def plan_step(runtime: Runtime, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
+def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
     """This step's edits (the real SCR requests whose image tokens are all scheduled in this step) and,
     for a batch of diagnostics only, the first decoder layer that can be skipped."""
     plans = []
@@ -164,11 +180,12 @@ def plan_step(runtime: Runtime, scheduler_output: Any, input_batch: Any, request
                     "halluguard: scr request %s has its image split across chunks; not edited", req_id
                 )
         offset += n
-    runtime.scr_plan = tuple(plans)
+    w = worker(runtime)
+    w.plan = tuple(plans)
     # Early exit: a batch of diagnostics only needs the layers up to the last diagnostic layer.
     diags = [r.request.scratch.get("scr_diag") for r in runtime.step.rows] if runtime.step else []
     if diags and len(diags) == input_batch.num_reqs and all(d is not None for d in diags):
-        runtime.scr_skip_from = 1 + max(d.layers[-1] for d in diags)
+        w.skip_from = 1 + max(d.layers[-1] for d in diags)
         runtime.stats["scr_early_exits"] += 1
 
 
@@ -178,10 +195,11 @@ def _layer_forward(layer: int, forward: Any, positions: Any, hidden: Any, residu
     runtime = current()
     if runtime is None:
         return forward(positions, hidden, residual, *a, **kw)
-    if runtime.scr_skip_from is not None and layer >= runtime.scr_skip_from:
+    w = worker(runtime)
+    if w.skip_from is not None and layer >= w.skip_from:
         return hidden, hidden if residual is None else residual  # nothing after this is ever read
     output = forward(positions, hidden, residual, *a, **kw)
-    for plan in runtime.scr_plan:
+    for plan in w.plan:
         if layer not in plan.layers:
             continue
         for t in output:  # hidden_states and residual: the stream is their sum
@@ -217,4 +235,59 @@ def scr_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
     Each record: ``attn_map [Nv]``, ``grid (t, h, w)``, ``sources [K]`` (-1 padded), ``owner [Nv]`` and
     ``num_visual``. ``clear`` empties the log afterwards.
     """
-    return worker_log(worker, "scr_log", clear)
+    return worker_log(worker, LOG, clear)
+
+
+class SCREngine(EngineMethod):
+    """SCR: a hidden diagnostic pass picks the sources; the real prefill's early layers are edited."""
+
+    name = "scr"
+    needs_image = True
+    counters = ("scr_edits", "scr_split_images", "scr_early_exits")
+
+    def check_inputs(self, cfg: Any, images: Any, prompt_len: int, vllm_config: Any) -> None:
+        """Exactly one image followed by text, inside one prefill chunk; one pipeline stage; eager."""
+        if cfg.is_noop():
+            return
+        if len(images) != 1:
+            raise ValueError(f"scr supports one image per request, got {len(images)}")
+        span = images[0].mm_position
+        if span.offset + span.length >= prompt_len:
+            raise ValueError("scr needs text after the image (the diagnostic pass reads its attention)")
+        budget = vllm_config.scheduler_config.max_num_batched_tokens
+        if span.length > budget:
+            raise ValueError(
+                f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
+                f"max_num_batched_tokens is {budget}"
+            )
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("scr does not support pipeline parallelism")
+        if int(vllm_config.compilation_config.mode) != 0:
+            raise ValueError(
+                "scr edits the residual stream with forward hooks and needs eager execution (--enforce-eager)"
+            )
+
+    def setup(self, runtime: Any) -> None:
+        runtime.ext[self.name] = Worker(OrderedDict())
+
+    init_state = staticmethod(init_state)  # type: ignore[assignment]
+    apply = staticmethod(apply)  # type: ignore[assignment]
+
+    def finished(self, runtime: Any, req_id: str) -> None:
+        worker(runtime).selections.pop(req_id, None)  # kept across preemption: recompute reuses it
+
+    def plan_step(
+        self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any
+    ) -> None:
+        w = worker(runtime)
+        w.plan, w.skip_from = (), None
+        if any("scr_edit" in row.request.scratch or "scr_diag" in row.request.scratch for row in rows):
+            plan_step(runtime, scheduler_output, input_batch, requests)
+
+    def install_model_hooks(self, runtime: Any, model: torch.nn.Module, attention_layers: Any) -> bool:
+        w = worker(runtime)
+        if w.hooked or not (w.plan or w.skip_from):
+            return False
+        install_layer_hooks(model, attention_layers)
+        w.hooked = True
+        return True

@@ -22,7 +22,7 @@ import functools
 import logging
 from typing import Any
 
-from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, SCR_PARENT_KEY, spec_of
+from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY, SCR_PARENT_KEY, config_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,12 @@ def scr_phase(request: Any) -> str | None:
     cached = request.__dict__.get("_halluguard_scr", False)
     if cached is not False:
         return cached
-    from vllm_halluguard.methods import SCRConfig, parse
+    from vllm_halluguard.methods import SCRConfig
 
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
     phase = None
     if EXTRA_ARGS_KEY in extra:
-        try:
-            cfg = parse(spec_of(extra))
-        except ValueError:
-            cfg = None  # rejected at admission; never scheduled
+        cfg = config_of(request)
         if isinstance(cfg, SCRConfig) and not cfg.is_noop():
             phase = "diag" if SCR_PARENT_KEY in extra else "real"
     request.__dict__["_halluguard_scr"] = phase

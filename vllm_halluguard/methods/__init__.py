@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .base import MODEL_FAMILIES, REFERENCE_DEPTH, MethodConfig, ModelFamily, scale_layer_range
+from .errors import SpecError
 from .farsight import FarSightConfig
 from .kvsmooth import KVSmoothConfig
 from .prunehal import PruneHalConfig
@@ -29,7 +30,8 @@ def parse(obj: Any) -> MethodConfig | None:
     """Parse a method spec; ``None`` for no method.
 
     Accepts ``None``, a :class:`MethodConfig`, a method name (``"kvsmooth"``, ``"none"``) or a mapping
-    ``{"method": name, **params}``. Raises ``ValueError`` with the offending name or field otherwise.
+    ``{"method": name, **params}``. Raises :class:`SpecError` (a ``ValueError``) naming the offending
+    name or field otherwise.
     """
     if obj is None or isinstance(obj, MethodConfig):
         return obj
@@ -37,28 +39,28 @@ def parse(obj: Any) -> MethodConfig | None:
         name, params = obj.strip().lower(), {}
     elif isinstance(obj, Mapping):
         if "method" not in obj:
-            raise ValueError(f"method spec {dict(obj)!r} has no 'method' key; known methods: {_known()}")
+            raise SpecError(f"method spec has no 'method' key; known methods: {_known()}", "invalid_spec")
         name = obj["method"]
         if not isinstance(name, str):
-            raise ValueError(f"'method' must be a string, got {name!r}")
+            raise SpecError(f"'method' must be a string, got {type(name).__name__}", "invalid_spec")
         name = name.strip().lower()
         params = {k: v for k, v in obj.items() if k != "method"}
     else:
-        raise ValueError(f"cannot parse a method spec from {type(obj).__name__}: {obj!r}")
+        raise SpecError(f"cannot parse a method spec from {type(obj).__name__}", "invalid_spec")
     if name in NONE_NAMES:
         if params:
-            raise ValueError(f"method 'none' takes no parameters, got {sorted(params)}")
+            raise SpecError(f"method 'none' takes no parameters, got {sorted(params)}", "invalid_params")
         return None
     cls = METHODS.get(name)
     if cls is None:
-        raise ValueError(f"unknown method {name!r}; known methods: {_known()}")
+        raise SpecError(f"unknown method {name!r}; known methods: {_known()}", "unknown_method")
     try:
         return cls(**params)
     except ValidationError as e:
         details = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}" for err in e.errors()
         )
-        raise ValueError(f"invalid {name} config: {details}") from e
+        raise SpecError(f"invalid {name} config: {details}", "invalid_params") from e
 
 
 def _known() -> str:
@@ -75,6 +77,7 @@ __all__ = [
     "ModelFamily",
     "PruneHalConfig",
     "SCRConfig",
+    "SpecError",
     "parse",
     "scale_layer_range",
 ]

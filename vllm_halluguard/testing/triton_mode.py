@@ -1,11 +1,14 @@
-"""Run the GPU attention backend (Triton kernels) inside the CPU engine, in Triton's interpreter.
+"""Run the GPU code path (mitigated rows reworked by the Triton kernel) inside the CPU engine.
 
 ``python -m vllm_halluguard.testing.triton_mode --out FILE`` starts a tiny-fixture engine with
-``HALLUGUARD_ATTENTION=triton`` and ``TRITON_INTERPRET=1``, generates a fixed set of plain and
-mitigated requests and writes their tokens and top-k log-probs as JSON, together with the attention
-backends the engine actually used. The tests compare that output with the dense reference, so the
-GPU code path (builder, impl, kernel) is covered without a GPU. Both variables must be set before
-vLLM and Triton are imported, hence a separate process.
+``HALLUGUARD_ATTENTION=triton`` and ``TRITON_INTERPRET=1``: vLLM's native ``CPU_ATTN`` kernel serves
+the plain rows, the project's Triton kernel (interpreted) the mitigated rows it reworks, as on a GPU.
+It generates a fixed batch of plain and mitigated requests (one mixed batch) and writes their tokens
+and top-k log-probs as JSON, with the attention backends the engine used and the worker's counters
+(``kernel_rows``: rows the kernel computed; with ``HALLUGUARD_VERIFY_NATIVE=1``, set here, the
+native rows checked bit for bit against the native kernel over the whole batch). The tests compare
+the output with the dense reference. The variables must be set before vLLM and Triton are imported,
+hence a separate process.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixtures", nargs="+", default=["llava", "qwen2_vl"])
     args = parser.parse_args(argv)
     os.environ["HALLUGUARD_ATTENTION"] = "triton"
+    os.environ["HALLUGUARD_VERIFY_NATIVE"] = "1"
+    # vLLM's CPU kernel splits a row's keys over threads depending on the rest of the batch; without
+    # the split it is batch-invariant, so the native rows can be checked bit for bit.
+    os.environ.setdefault("VLLM_CPU_ATTN_SPLIT_KV", "0")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+    from vllm_halluguard.engine.runtime import worker_stats
     from vllm_halluguard.testing.parity import Case, engine, run_vllm
 
     result: dict[str, Any] = {}
@@ -53,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         with engine(fixture, block_size=32) as llm:
             gens = run_vllm(llm, cases)
             (backends,) = llm.collective_rpc(backend_names)
+            (stats,) = llm.collective_rpc(worker_stats)
         result[fixture] = {
             "backends": backends,
+            "stats": stats,
             "gens": [
                 {
                     "token_ids": g.token_ids,

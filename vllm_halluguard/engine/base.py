@@ -1,0 +1,173 @@
+"""The contract every engine method fulfils: :class:`EngineMethod`, and the :class:`Route` of a row.
+
+An engine method is one small class per method (``engine/kvsmooth.py``, ``farsight.py``,
+``prunehal.py``, ``scr.py``), registered in :mod:`vllm_halluguard.engine.registry`. It owns:
+
+* **admission** (front-end process): :meth:`EngineMethod.check_inputs` refuses prompts or engine
+  settings it cannot serve (``ValueError``);
+* **request state** (worker): :meth:`~EngineMethod.setup` (per-runner buffers), :meth:`~EngineMethod.
+  init_state` and :meth:`~EngineMethod.release` (per request), :meth:`~EngineMethod.plan_step`
+  (optional per-step planning, e.g. SCR's edits);
+* **where its rows' attention is computed** (:meth:`~EngineMethod.route`, once per step): natively
+  (the default), natively with per-head sink logits as a sub-batch, or reworked in some layers by the
+  method's own attention (torch on CPU) or by the project's Triton kernel (sinks, key mask, row
+  statistics in one launch: :meth:`~EngineMethod.kernel_args`, :meth:`~EngineMethod.after_kernel`);
+* **its work in a layer call** (:meth:`~EngineMethod.run`): compute the reworked rows' outputs and
+  observe the others (statistics, cache edits), batched over its rows.
+
+Runtime, builders and backends call these hooks and know no method by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from vllm_halluguard.engine.state import RequestState, Row
+
+if TYPE_CHECKING:
+    from vllm_halluguard.engine.layer import LayerCall
+    from vllm_halluguard.methods import MethodConfig
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one mitigated row's attention is computed in one step.
+
+    ``rework``: decoder layers in which the method's own attention computes the row (the native
+    kernel skips it there). ``sinks``: per-head sink logits ``[Hq]`` under which the native kernel
+    computes the row, as a sub-batch shared by the rows with the same ``sink_key``, in
+    ``sink_layers`` (``None``: every layer; elsewhere the sub-batch runs without sinks).
+    """
+
+    rework: frozenset[int] = frozenset()
+    sinks: torch.Tensor | None = None
+    sink_key: Hashable | None = None
+    sink_layers: frozenset[int] | None = None
+
+
+NATIVE = Route()
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """A row's tokens in the flat batch: ``start:end``, its sequence length after this step."""
+
+    start: int
+    end: int
+    seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def first_position(self) -> int:
+        return self.seq_len - self.num_tokens
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the attention backend can do for a method's rows (decides the routes).
+
+    ``kernel``: mitigated rows are reworked by the project's Triton kernel (GPU, or its interpreter
+    in tests); otherwise by the methods' torch path (CPU). ``native_sinks``: the native kernel takes
+    per-head sink logits (a FarSight mode-B sub-batch runs natively).
+    """
+
+    kernel: bool
+    native_sinks: bool
+    num_layers: int
+    num_heads: int
+
+
+class EngineMethod:
+    """Base class: every hook has a no-op default; a method overrides what it needs."""
+
+    name: ClassVar[str]
+    #: The method acts on image tokens: a request without an image is refused at admission.
+    needs_image: ClassVar[bool] = False
+    #: Worker counters this method adds to ``worker_stats`` (start at 0), and its gauges
+    #: (:meth:`worker_stats`).
+    counters: ClassVar[tuple[str, ...]] = ()
+    gauges: ClassVar[tuple[str, ...]] = ()
+
+    # --------------------------------------------------------------------- admission (front end)
+
+    def check_inputs(
+        self, cfg: MethodConfig, images: Sequence[Any], prompt_len: int, vllm_config: Any
+    ) -> None:
+        """Raise ``ValueError`` if this request cannot be served (``images``: its image features)."""
+
+    # --------------------------------------------------------------------------- worker: state
+
+    def setup(self, runtime: Any) -> None:
+        """Create this method's per-runner state (``runtime.ext[self.name]``), once."""
+
+    def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
+        """A request enters the worker (``cached``: vLLM's ``CachedRequestState``)."""
+
+    def release(self, runtime: Any, state: RequestState) -> None:
+        """A request leaves the worker (finished, aborted or preempted)."""
+
+    def finished(self, runtime: Any, req_id: str) -> None:
+        """Any request (of this method or not) finished for good (not preempted)."""
+
+    def plan_step(
+        self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any
+    ) -> None:
+        """Per-step planning after the batch is known (host side, once per step)."""
+
+    def install_model_hooks(self, runtime: Any, model: torch.nn.Module, attention_layers: Any) -> bool:
+        """Install model-level hooks this step needs (once per runner); return whether it installed."""
+        return False
+
+    def worker_stats(self, runtime: Any) -> dict[str, int]:
+        """The values of :attr:`gauges` for ``worker_stats``."""
+        return {}
+
+    # ---------------------------------------------------------------------- worker: attention
+
+    def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
+        """Where the row's attention is computed this step (default: the native kernel everywhere)."""
+        return NATIVE
+
+    def run(self, call: LayerCall, rows: list[Row]) -> None:
+        """One layer call: compute the rows this layer reworks, observe the others (torch path).
+
+        Rows the kernel lane computed (:meth:`after_kernel`) and rows of a sink lane are not passed.
+
+        The default sends single-token rows to :meth:`apply_batch` together (when the backend can gather
+        several rows at once) and every other row to :meth:`apply`.
+        """
+        single = []
+        for row in rows:
+            if call.gather_batch is not None and call.is_single(row) and self.batched:
+                single.append(row)
+            else:
+                self.apply(call, row)
+        if single:
+            self.apply_batch(call, single)
+
+    #: Whether :meth:`apply_batch` exists for single-token rows.
+    batched: ClassVar[bool] = False
+
+    def apply(self, call: LayerCall, row: Row) -> None:
+        """One row of :meth:`run`."""
+
+    def apply_batch(self, call: LayerCall, rows: list[Row]) -> None:
+        """Single-token rows of :meth:`run`, together."""
+        for row in rows:
+            self.apply(call, row)
+
+    def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Kernel lane: the row's sink logits ``[n, Hq]`` and key mask ``[seq_len]`` (``None``: none)."""
+        return None, None
+
+    def after_kernel(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        """Kernel lane: the rows' outputs are in ``call.output``; ``lse, entropy [T, Hq]`` per token."""

@@ -1,0 +1,156 @@
+"""Reading and writing one layer's paged KV cache, whatever the native backend's layout.
+
+* ``CPU_ATTN``: ``[num_blocks, Hkv, block_size, 2 * D]`` with each page half packed for its SIMD
+  kernel (:mod:`vllm_halluguard.engine.cpu_cache` learns the packing; writes go through vLLM's op).
+* ``FLASH_ATTN``: ``[2, num_blocks, block_size, Hkv, D]``; ``TRITON_ATTN``:
+  ``[num_blocks, 2, block_size, Hkv, D]``. Both are read and written through K/V views
+  ``[num_blocks, block_size, Hkv, D]`` (no copy; any stride order).
+
+:meth:`CacheIO.kernel_views` gives the project's Triton kernel the same ``[NB, BS, Hkv, D]`` views:
+always for the split layouts, and for ``CPU_ATTN`` when its packing is a plain token- or dim-major
+page (the ``vec`` ISA's fp32/bf16 pages), so the kernel can serve mitigated rows in CPU test mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm_halluguard.engine import cpu_cache
+from vllm_halluguard.kernels import paged
+
+#: Native backends whose cache the plugin reads, by vLLM backend name.
+SUPPORTED = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+
+
+class CacheIO:
+    """One layer's cache with the callbacks :class:`~vllm_halluguard.engine.layer.LayerCall` takes."""
+
+    def __init__(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+        self.block_table = block_table
+
+    def gather(self, row: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def gather_batch(self, rows: list[int], seq_lens: list[int], values: bool = True) -> tuple:
+        raise NotImplementedError
+
+    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K and V views ``[NB, BS, Hkv, D]`` for the Triton kernel, or ``None`` if the layout has none."""
+        return None
+
+
+class CPUPages(CacheIO):
+    """vLLM's packed CPU pages (``layer.isa`` names the packing)."""
+
+    def __init__(
+        self, kv_cache: torch.Tensor, block_table: torch.Tensor, isa: str, kv_cache_dtype: str
+    ) -> None:
+        super().__init__(kv_cache, block_table)
+        _, _, bs, two_hs = kv_cache.shape
+        self.isa, self.kv_cache_dtype = isa, kv_cache_dtype
+        self.layout = cpu_cache.learn_layout(isa, kv_cache.dtype, bs, two_hs // 2)
+
+    def gather(self, row: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_cache.gather_kv(self.kv_cache, self.block_table[row], seq_len, self.layout)
+
+    def gather_batch(self, rows: list[int], seq_lens: list[int], values: bool = True) -> tuple:
+        return cpu_cache.gather_kv_batched(
+            self.kv_cache, self.block_table, rows, seq_lens, self.layout, values
+        )
+
+    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_cache.gather_slots(self.kv_cache, self.block_table, rows, positions, self.layout)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        cpu_cache.write_kv(self.kv_cache, k, v, slots, self.isa, self.kv_cache_dtype)
+
+    def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return cpu_kernel_views(self.kv_cache, self.layout)
+
+
+def cpu_kernel_views(
+    kv_cache: torch.Tensor, layout: cpu_cache.PageLayout
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Strided ``[NB, BS, Hkv, D]`` views of a packed CPU cache whose page halves are plain."""
+    nb, hkv, bs, two_hs = kv_cache.shape
+    hs = two_hs // 2
+    if not kv_cache.is_contiguous():
+        return None
+    stride_block, stride_head = kv_cache.stride(0), kv_cache.stride(1)
+    views = []
+    for half, order in ((0, layout.k_order), (1, layout.v_order)):
+        if order == "token":
+            strides = (stride_block, hs, stride_head, 1)
+        elif order == "dim":
+            strides = (stride_block, 1, stride_head, bs)
+        else:
+            return None
+        offset = kv_cache.storage_offset() + half * bs * hs
+        views.append(kv_cache.as_strided((nb, bs, hkv, hs), strides, offset))
+    return views[0], views[1]
+
+
+class SplitViews(CacheIO):
+    """A cache seen as K and V views ``[NB, BS, Hkv, D]`` (FlashAttention and vLLM Triton layouts)."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor) -> None:
+        super().__init__(k_cache, block_table)
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def gather(self, row: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return paged.gather_kv(self.k_cache, self.v_cache, self.block_table[row], seq_len)
+
+    def gather_batch(self, rows: list[int], seq_lens: list[int], values: bool = True) -> tuple:
+        bs = self.k_cache.shape[1]
+        device = self.k_cache.device
+        lens = torch.tensor(seq_lens, device=device)
+        s_max = max(seq_lens)
+        n_blocks = -(-s_max // bs)
+        ids = self.block_table[rows, :n_blocks].long()
+        used = torch.arange(n_blocks, device=device)[None, :] * bs < lens[:, None]
+        ids = torch.where(used, ids, ids[:, :1])
+        valid = torch.arange(s_max, device=device)[None, :] < lens[:, None]
+        out = []
+        for cache in (self.k_cache, self.v_cache) if values else (self.k_cache,):
+            x = cache[ids].flatten(1, 2)[:, :s_max]  # [B, S_max, Hkv, D]
+            out.append(x.masked_fill(~valid[:, :, None, None], 0))
+        return out[0], out[1] if values else None, valid
+
+    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.k_cache.shape[1]
+        positions = positions.to(self.k_cache.device)
+        blocks = self.block_table[rows].long().gather(1, positions // bs)
+        offsets = positions % bs
+        return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        paged.write_kv(self.k_cache, self.v_cache, k, v, slots)
+
+    def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_cache, self.v_cache
+
+
+def cache_io(
+    backend_name: str, kv_cache: torch.Tensor, block_table: torch.Tensor, layer: Any, impl: Any
+) -> CacheIO:
+    """The :class:`CacheIO` of a native backend's per-layer cache tensor."""
+    if backend_name == "CPU_ATTN":
+        return CPUPages(kv_cache, block_table, layer.isa, impl.kv_cache_dtype)
+    if backend_name == "FLASH_ATTN":
+        k, v = kv_cache.unbind(0)
+        return SplitViews(k, v, block_table)
+    if backend_name == "TRITON_ATTN":
+        k, v = kv_cache.unbind(1)
+        return SplitViews(k, v, block_table)
+    raise NotImplementedError(
+        f"halluguard reads the KV cache of {', '.join(SUPPORTED)} only, not {backend_name}"
+    )

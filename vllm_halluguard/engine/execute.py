@@ -1,0 +1,191 @@
+"""One attention layer call of a step with mitigated rows (:class:`~vllm_halluguard.engine.plan.StepPlan`).
+
+1. The native kernel computes this layer's native rows: the whole batch with vLLM's metadata when no
+   row is reworked here, else the sub-batch of the other rows. Each sink lane runs natively with its
+   per-head sink logits (the impl's ``sinks`` attribute, which vLLM's kernels read, set for the call).
+2. Reworked rows: on the kernel path, one launch of the project's Triton kernel computes them all
+   (per-token sinks and key masks from the methods' ``kernel_args``; LSE and entropy for their
+   ``after_kernel``); on the torch path their method computes them in ``run``.
+3. Every method then runs over its other rows (statistics, cache edits, SCR's diagnostic map); rows
+   of a sink lane are done.
+
+Each mitigated row's attention is computed once per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from vllm_halluguard.engine.backends import VERIFY_ENV
+from vllm_halluguard.engine.cache_io import cache_io
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.plan import LayerPlan, StepPlan, SubBatch
+from vllm_halluguard.engine.registry import METHODS, method_of
+from vllm_halluguard.engine.state import current
+
+
+@functools.cache
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def run_layer(
+    impl: Any, native: Any, layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor,
+    plan: StepPlan, output: torch.Tensor, args: tuple, kwargs: dict,
+) -> torch.Tensor:  # fmt: skip
+    """Compute one layer of a mitigated step into ``output`` (see the module docstring)."""
+    index = layer_index(layer.layer_name)
+    lp = plan.layer(index)
+    if lp.native is None:
+        native(layer, query, key, value, kv_cache, plan.full, output, *args, **kwargs)
+    elif lp.native.num_tokens:
+        _native_sub(impl, native, layer, query, key, value, kv_cache, lp.native, output, None, args, kwargs)
+    for lane in plan.sink_lanes:
+        sinks = lane.sinks if lane.layers is None or index in lane.layers else None
+        _native_sub(impl, native, layer, query, key, value, kv_cache, lane.batch, output, sinks, args, kwargs)
+    n = plan.num_actual_tokens
+    out3 = output[:n].view(n, impl.num_heads, impl.head_size)
+    io = cache_io(impl._hg_backend_name, kv_cache, plan.block_table, layer, impl)
+    call = LayerCall(
+        layer=index,
+        scale=impl.scale,
+        query=query[:n],
+        output=out3,
+        query_start_loc=plan.query_start_loc,
+        seq_lens=plan.seq_lens,
+        slot_mapping=plan.slot_mapping[:n],
+        runtime=current(),
+        gather=io.gather,
+        write=io.write,
+        gather_batch=io.gather_batch,
+        gather_slots=io.gather_slots,
+    )
+    if os.environ.get(VERIFY_ENV) == "1":
+        _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)
+    skip = plan.in_sink_lanes  # their route was the whole of their method's work
+    if lp.rework:
+        _check_plain(impl)
+        if lp.kernel is not None:
+            _kernel_lane(impl, call, lp, lp.kernel, io)
+            skip = skip | {row.index for row in lp.rework}
+        else:  # torch path: poison, so that a row its method fails to compute cannot pass for computed
+            for row in lp.rework:
+                start, end, _ = call.span(row)
+                out3[start:end] = float("nan")
+    for name, rows in plan.by_method.items():
+        todo = [row for row in rows if row.index not in skip]
+        if todo:
+            METHODS[name].run(call, todo)
+    return output
+
+
+def _native_sub(
+    impl: Any, native: Any, layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor,
+    sub: SubBatch, output: torch.Tensor, sinks: torch.Tensor | None, args: tuple, kwargs: dict,
+) -> None:  # fmt: skip
+    """The native kernel on a sub-batch (its rows' tokens), optionally with per-head sink logits."""
+    t = sub.tokens
+    q = query[t]
+    k = key[t] if key is not None else None
+    v = value[t] if value is not None else None
+    out = output[t] if isinstance(t, slice) else output.new_empty((sub.num_tokens, *output.shape[1:]))
+    saved = impl.sinks
+    if sinks is not None:
+        impl.sinks = sinks if saved is None else torch.logaddexp(sinks, saved.float())
+    try:
+        native(layer, q, k, v, kv_cache, sub.meta, out, *args, **kwargs)
+    finally:
+        impl.sinks = saved
+    if not isinstance(t, slice):
+        output[t] = out
+
+
+def _check_plain(impl: Any) -> None:
+    """The reworked rows' attention is plain causal attention (plus the methods' terms)."""
+    window = getattr(impl, "sliding_window", None)
+    if (window not in (None, -1) and window != (-1, -1)) or getattr(impl, "alibi_slopes", None) is not None \
+            or getattr(impl, "logits_soft_cap", None):  # fmt: skip
+        raise NotImplementedError(
+            "halluguard methods support plain causal attention layers only (no sliding window, ALiBi "
+            "or logit soft-capping)"
+        )
+
+
+def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: Any) -> None:
+    """The reworked rows in one launch of the Triton kernel, then each method's ``after_kernel``."""
+    from vllm_halluguard.kernels.triton_attention import paged_attention_into
+
+    views = io.kernel_views()
+    if views is None:
+        raise NotImplementedError("this KV-cache page packing cannot be read by the Triton kernel")
+    assert sub.query_start_loc is not None and sub.seq_lens is not None and sub.block_table is not None
+    device, hq = call.query.device, call.query.shape[1]
+    q = call.query[sub.tokens]
+    sinks: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    local = 0
+    for j, row in enumerate(lp.rework):
+        start, end, seq_len = call.span(row)
+        row_sinks, row_mask = method_of(row.request.config).kernel_args(call, row)
+        if impl.sinks is not None:  # the model's own sinks: the two dropped masses add up
+            own = impl.sinks.float().cpu().expand(end - start, -1)
+            row_sinks = own if row_sinks is None else torch.logaddexp(row_sinks.float(), own)
+        if row_sinks is not None:
+            if sinks is None:
+                sinks = torch.full((sub.num_tokens, hq), float("-inf"))
+            sinks[local : local + end - start] = row_sinks
+        if row_mask is not None:
+            if mask is None:
+                mask = torch.ones(
+                    len(lp.rework), max(call.seq_lens[r.index] for r in lp.rework), dtype=torch.bool
+                )
+            mask[j, :seq_len] = row_mask
+        local += end - start
+    out = torch.empty_like(q)
+    lse = torch.empty(sub.num_tokens, hq, dtype=torch.float32, device=device)
+    entropy = torch.empty_like(lse)
+    paged_attention_into(
+        out, lse, entropy, q, views[0], views[1], sub.query_start_loc, sub.seq_lens, sub.block_table,
+        impl.scale, sinks=None if sinks is None else sinks.to(device),
+        key_mask=None if mask is None else mask.to(device),
+    )  # fmt: skip
+    call.output[sub.tokens] = out
+    call.runtime.stats["kernel_rows"] += len(lp.rework)
+    n = call.query.shape[0]
+    lse_all = torch.zeros(n, hq, dtype=torch.float32, device=device)
+    entropy_all = torch.zeros_like(lse_all)
+    lse_all[sub.tokens], entropy_all[sub.tokens] = lse, entropy
+    groups: dict[str, list[Any]] = {}
+    for row in lp.rework:
+        groups.setdefault(row.request.config.name, []).append(row)
+    for name, rows in groups.items():
+        METHODS[name].after_kernel(call, rows, lse_all, entropy_all)
+
+
+def _verify_native(
+    impl: Any, native: Any, layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor,
+    plan: StepPlan, lp: LayerPlan, output: torch.Tensor, args: tuple, kwargs: dict,
+) -> None:  # fmt: skip
+    """Count (``native_checked`` / ``native_mismatch`` rows, ``native_max_diff``) whether the native rows
+    of this layer equal the native kernel's output over the whole batch, bit for bit. They do wherever
+    the native kernel is itself batch-invariant; vLLM's CPU kernel with several threads splits a row's
+    keys depending on the rest of the batch (``VLLM_CPU_ATTN_SPLIT_KV``), which moves results by ULPs
+    with or without the plugin."""
+    stats = current().stats
+    if plan.full is None or lp.native is None:
+        return
+    full = torch.empty_like(output)
+    native(layer, query, key, value, kv_cache, plan.full, full, *args, **kwargs)
+    for r in lp.native.rows:
+        lo, hi = plan.query_start_loc[r], plan.query_start_loc[r + 1]
+        stats["native_checked"] += 1
+        if not torch.equal(output[lo:hi], full[lo:hi]):
+            stats["native_mismatch"] += 1
+            diff = float((output[lo:hi].float() - full[lo:hi].float()).abs().max())
+            stats["native_max_diff"] = max(stats.get("native_max_diff", 0.0), diff)

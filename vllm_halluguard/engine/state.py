@@ -1,0 +1,62 @@
+"""The plain data a step hands to the methods: a request's state, a mitigated row, the step's rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_halluguard.methods import MethodConfig
+
+
+@dataclass
+class RequestState:
+    """A mitigated request in a worker: its slot in the persistent tensors, config and method state."""
+
+    req_id: str
+    slot: int
+    config: MethodConfig
+    prompt_len: int
+    #: Method-specific small state that is not worth a persistent tensor (e.g. PruneHal's masks).
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A mitigated row of this step's batch: its index in the batch and its request."""
+
+    index: int
+    request: RequestState
+
+
+@dataclass(frozen=True)
+class StepView:
+    """The mitigated rows of one engine step (``num_reqs`` rows in the batch in all)."""
+
+    num_reqs: int
+    rows: tuple[Row, ...]
+
+
+_current: Any = None
+
+
+def current() -> Any:
+    """The :class:`~vllm_halluguard.engine.runtime.Runtime` of the model runner in this process."""
+    return _current
+
+
+def set_current(runtime: Any) -> None:
+    global _current
+    _current = runtime
+
+
+def worker_log(worker: Any, name: str, clear: bool = False) -> dict[str, dict[str, Any]]:
+    """A worker runtime's per-request log ``name`` (e.g. ``prunehal_log``), oldest first; ``clear``
+    empties it afterwards. Backs the methods' ``collective_rpc`` trace helpers."""
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is None:
+        return {}
+    log = runtime.logs.setdefault(name, {})
+    out = dict(log)
+    if clear:
+        log.clear()
+    return out
