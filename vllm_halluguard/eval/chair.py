@@ -9,8 +9,10 @@ its COCO instance categories and the categories parsed from its reference captio
 - ``CHAIR_s`` = captions with at least one hallucinated mention / captions.
 - Recall / precision / F1 over the *distinct* categories of each caption, pooled (micro).
 
-Plurals are reduced by rules and an irregulars table, gated by the table's vocabulary, instead of
-NLTK (see ``docs/evaluation.md`` for how this differs from the reference scorer).
+Three variants: ``fixed`` (default) and ``reference`` reduce plurals by rules and an irregulars
+table gated by the table's vocabulary, with a regex tokenizer; ``original`` reproduces the original
+scorer's NLTK tokenizing and ``pattern`` singularizing, quirks included (:mod:`.chair_original`).
+``docs/evaluation.md`` lists every difference.
 Paper: https://arxiv.org/abs/1809.02156
 """
 
@@ -26,11 +28,13 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import coco_objects
+from .chair_original import pattern_singularize, treebank_tokenize
 
 logger = logging.getLogger(__name__)
 
 ImageId = int | str
-Variant = Literal["fixed", "reference"]
+Variant = Literal["fixed", "reference", "original"]
+VARIANTS: tuple[Variant, ...] = ("fixed", "reference", "original")
 
 # A word: letters/digits, hyphenated compounds kept whole (as NLTK's word_tokenize does); a
 # trailing clitic ("dog's", "dogs'", "can't") is consumed but not part of the word.
@@ -48,17 +52,21 @@ _IRREGULAR_PLURALS: dict[str, str] = {
     "lice": "louse",
     "cacti": "cactus",
 }
-# (plural suffix, singular suffix), longest first; every candidate is checked against a vocabulary.
-_SUFFIX_RULES: tuple[tuple[str, str], ...] = (
-    ("children", "child"),
-    ("men", "man"),
-    ("ies", "y"),
-    ("ies", "ie"),
-    ("ves", "f"),
-    ("ves", "fe"),
-    ("oes", "o"),
-    ("es", ""),
-    ("s", ""),
+# (plural suffix, singular suffix, allowed stem endings or None), longest first; every candidate
+# is checked against a vocabulary. A bare "-es" is stripped only after a sibilant ("buses",
+# "benches", "glasses"), so "skies", "manes", "cares" and "vanes" are not reduced to ski, man, car
+# and van; "horses" and "vases" reach their singular through the "-s" rule.
+_SIBILANTS = ("s", "x", "z", "ch", "sh")
+_SUFFIX_RULES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("children", "child", None),
+    ("men", "man", None),
+    ("ies", "y", None),
+    ("ies", "ie", None),
+    ("ves", "f", None),
+    ("ves", "fe", None),
+    ("oes", "o", None),
+    ("es", "", _SIBILANTS),
+    ("s", "", None),
 )
 
 
@@ -100,11 +108,15 @@ class Singularizer:
         irregular = _IRREGULAR_PLURALS.get(word)
         if irregular is not None and irregular in self.vocabulary:
             return irregular
-        for plural, singular in _SUFFIX_RULES:
-            if word.endswith(plural) and len(word) > len(plural):
-                candidate = word[: len(word) - len(plural)] + singular
-                if candidate in self.vocabulary:
-                    return candidate
+        for plural, singular, stem_endings in _SUFFIX_RULES:
+            if not word.endswith(plural):
+                continue
+            stem = word[: len(word) - len(plural)]
+            if stem_endings is not None and not stem.endswith(stem_endings):
+                continue
+            candidate = stem + singular  # "men" itself has an empty stem
+            if candidate and candidate in self.vocabulary:
+                return candidate
         return word
 
 
@@ -129,7 +141,9 @@ class CaptionParser:
     ``variant="fixed"`` (default) strips and lower-cases every table entry (so " motor bike",
     " cheesecake" and "iPhone" can match) and merges phrases of up to three words (so "stove top
     oven" can match). ``variant="reference"`` keeps those entries unmatched and merges pairs only,
-    as the reference scorer does.
+    as the reference scorer does. ``variant="original"`` is ``reference`` with the original
+    scorer's tokenizer and singularizer (:mod:`.chair_original`) instead of ours, so its mentions
+    are the original's, errors included ("bus" is never found, "ties" is not a tie).
     """
 
     variant: Variant = "fixed"
@@ -139,7 +153,7 @@ class CaptionParser:
     singularize: Singularizer = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.variant not in ("fixed", "reference"):
+        if self.variant not in VARIANTS:
             raise ValueError(f"unknown CHAIR variant {self.variant!r}")
         node_of: dict[str, str] = {}
         for line in coco_objects.SYNONYM_LINES:
@@ -168,9 +182,21 @@ class CaptionParser:
     def categories(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.node_of.values()))
 
+    def tokens(self, caption: str) -> tuple[list[tuple[str, int, int]], int]:
+        """Singularized tokens ``(word, start, end)`` of ``caption`` and its number of words."""
+        if self.variant == "original":
+            lowered = caption.lower()
+            if len(lowered) != len(caption):  # a few characters lower-case to two; keep spans aligned
+                lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in caption)
+            raw = treebank_tokenize(lowered)
+            n_words = sum(any(c.isalnum() for c in w) for w, _, _ in raw)
+            return [(pattern_singularize(w), s, e) for w, s, e in raw], n_words
+        tokens = [(self.singularize(w), s, e) for w, s, e in tokenize(caption)]
+        return tokens, len(tokens)
+
     def scan(self, caption: str) -> tuple[list[tuple[str, int, int]], int]:
         """``([(word, start, end), ...], n_words)`` for every table word in ``caption``."""
-        tokens = [(self.singularize(w), s, e) for w, s, e in tokenize(caption)]
+        tokens, n_words = self.tokens(caption)
         merged: list[tuple[str, int, int]] = []
         i = 0
         while i < len(tokens):
@@ -186,7 +212,7 @@ class CaptionParser:
         words = {m[0] for m in merged}
         if "toilet" in words and "seat" in words:  # "the seat of the toilet" is not a chair
             merged = [m for m in merged if m[0] != "seat"]
-        return [m for m in merged if m[0] in self.node_of], len(tokens)
+        return [m for m in merged if m[0] in self.node_of], n_words
 
     def parse(self, caption: str) -> ParsedCaption:
         found, n_words = self.scan(caption)

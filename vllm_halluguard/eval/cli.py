@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import pope
+from . import chair, pope
 from .report import load_report, write_all
 from .runner import (
     DEFAULT_MAX_TOKENS,
@@ -47,6 +47,13 @@ def _add_run_options(p: argparse.ArgumentParser, task: str) -> None:
             type=Path,
             default=None,
             help="COCO captions JSON: adds caption objects to CHAIR ground truth",
+        )
+        a(
+            "--chair-variant",
+            choices=chair.VARIANTS,
+            default="fixed",
+            help="CHAIR parser: fixed (corrected, default), reference (the original's table quirks), "
+            "original (reproduces the original scorer, errors included); see docs/evaluation.md",
         )
     a("--out", type=Path, default=Path("eval-out"), help="output folder (resumable; default: eval-out)")
     a("--base-url", default="http://127.0.0.1:8000/v1", help="server root or its /v1 URL")
@@ -109,7 +116,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         mitigations = [parse_mitigation(m) for m in args.mitigations or ["none"]]
     except ValueError as e:
         raise SystemExit(f"halluguard-eval: {e}") from None
-    extra = {"captions": args.captions} if args.command == "chair" else {}
+    extra = (
+        {"captions": args.captions, "chair_variant": args.chair_variant} if args.command == "chair" else {}
+    )
     if args.command == "pope":
         extra |= {
             "splits": args.splits or list(pope.SPLITS),

@@ -35,8 +35,8 @@ authors. The notice applies to the table data in this module:
     OF THE POSSIBILITY OF SUCH DAMAGE.
 
 The phrase rules further down (``COCO_DOUBLE_WORDS`` and friends) restate the hard-coded
-special cases of the same reference scorer as data; "train track" comes from the widely used
-Python 3 port in OPERA (github.com/shikiw/OPERA, ``chair.py``).
+special cases of the same reference scorer as data, "train track" included (it is in the
+repository's latest ``utils/chair.py``, and in OPERA's Python 3 port).
 """
 
 SYNONYM_LINES: tuple[str, ...] = (

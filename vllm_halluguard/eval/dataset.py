@@ -80,11 +80,17 @@ class CocoFolder:
         if missing:
             raise FileNotFoundError(f"{len(missing)} sampled images are missing, e.g. {missing[:3]}")
 
-    def chair_items(self, n_images: int | None, seed: int) -> tuple[list[ImageId], chair.CocoObjects]:
-        """Sampled image ids (over every image of the file) and their CHAIR ground truth."""
+    def chair_items(
+        self, n_images: int | None, seed: int, variant: chair.Variant = "fixed"
+    ) -> tuple[list[ImageId], chair.CocoObjects]:
+        """Sampled image ids (over every image of the file) and their CHAIR ground truth.
+
+        The reference captions are parsed by the ``variant`` parser, as the generated ones will be.
+        """
         ids = sample_ids(self.file_names, n_images, seed)
         self.check_files(ids)
-        gt = chair.CocoObjects.from_annotations(self.instances, self.captions)
+        parser = chair.default_parser(variant)
+        gt = chair.CocoObjects.from_annotations(self.instances, self.captions, parser=parser)
         return ids, gt
 
     def pope_questions(

@@ -33,6 +33,7 @@ class GroupResult(BaseModel):
     task: Task
     split: str | None = None
     mitigation: str
+    chair_variant: chair.Variant | None = None  # the CHAIR parser that scored this row
     n_planned: int | None = None  # from the protocol; None when the protocol is unknown
     n_ok: int
     n_errors: int
@@ -69,11 +70,17 @@ def _applied_method(header: str | None) -> str | None:
     return str(value.get("method", header)) if isinstance(value, dict) else str(value)
 
 
-def _metrics(task: Task, ok: list[ResultRecord], answer_style: pope.AnswerStyle) -> dict[str, float]:
+def _metrics(
+    task: Task,
+    ok: list[ResultRecord],
+    answer_style: pope.AnswerStyle,
+    variant: chair.Variant = "fixed",
+) -> dict[str, float]:
     if not ok:
         return {}
     if task == "chair":
-        gt = chair.CocoObjects({normalize_image_id(r.image_id): frozenset(r.gt_objects or ()) for r in ok})
+        objects = {normalize_image_id(r.image_id): frozenset(r.gt_objects or ()) for r in ok}
+        gt = chair.CocoObjects(objects, variant)
         return chair.score([(r.image_id, r.text or "") for r in ok], gt).metrics()
     questions = [r.question for r in ok if r.question is not None]
     if len(questions) != len(ok):
@@ -120,6 +127,7 @@ def build_report(records: Iterable[ResultRecord], protocols: dict[str, Protocol]
         ok = [r for r in rs if r.ok]
         bad = [r for r in rs if not r.ok]
         style = protocol.answer_style if protocol and protocol.answer_style else "pope"
+        variant = (protocol.chair_variant if protocol else None) or "fixed"
         tokens = [r.completion_tokens for r in ok if r.completion_tokens is not None]
         planned = _planned(protocol)
         out.append(
@@ -127,13 +135,14 @@ def build_report(records: Iterable[ResultRecord], protocols: dict[str, Protocol]
                 task=task,  # type: ignore[arg-type]
                 split=split,
                 mitigation=label,
+                chair_variant=variant if task == "chair" else None,
                 n_planned=planned,
                 n_ok=len(ok),
                 n_errors=len(bad),
                 n_missing=None if planned is None else max(planned - len(rs), 0),
                 errors=dict(Counter(r.error or "?" for r in bad)),
                 error_example=bad[0].detail if bad else None,
-                metrics=_metrics(task, ok, style),  # type: ignore[arg-type]
+                metrics=_metrics(task, ok, style, variant),  # type: ignore[arg-type]
                 mean_completion_tokens=sum(tokens) / len(tokens) if tokens else None,
                 n_truncated=sum(r.finish_reason == "length" for r in ok),
                 applied=sorted({m for r in ok if (m := _applied_method(r.applied)) is not None}),
@@ -186,6 +195,7 @@ def _protocol_md(p: Protocol) -> list[str]:
     ]
     if p.task == "chair":
         rows.append(("captions (ground truth)", p.captions or "none: instance categories only"))
+        rows.append(("CHAIR variant", f"{p.chair_variant or 'fixed'} (see docs/evaluation.md)"))
     else:
         rows += [
             ("splits", ", ".join(p.splits)),
@@ -210,7 +220,8 @@ def markdown(report: EvalReport) -> str:
     ]
     chair_rows = [g for g in report.groups if g.task == "chair"]
     if chair_rows:
-        lines += ["", "## CHAIR", ""]
+        variants = sorted({g.chair_variant or "fixed" for g in chair_rows})
+        lines += ["", f"## CHAIR (variant `{', '.join(variants)}`)", ""]
         if "chair" in report.protocols:
             lines += [*_protocol_md(report.protocols["chair"]), ""]
         lines += [

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import openai
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from . import pope
+from . import chair, pope
 from .chair import ImageId
 from .dataset import CocoFolder, data_url
 
@@ -104,6 +104,7 @@ class Protocol(BaseModel):
     splits: list[pope.Split] = []
     n_per_image: int | None = None
     answer_style: pope.AnswerStyle | None = None
+    chair_variant: chair.Variant | None = None  # CHAIR parser; it also parses the ground-truth captions
     model: str
     images: str
     annotations: str
@@ -111,6 +112,13 @@ class Protocol(BaseModel):
     base_url: str
     mitigations: list[Mitigation]
     omit_none_field: bool = False
+
+    @model_validator(mode="after")
+    def _chair_variant_default(self) -> Protocol:
+        # Folders written before the variant was recorded were parsed with the default.
+        if self.task == "chair" and self.chair_variant is None:
+            self.chair_variant = "fixed"
+        return self
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that must not change between a run and its resumption."""
@@ -357,6 +365,7 @@ class RunConfig(BaseModel):
     splits: list[pope.Split] = ["random", "popular", "adversarial"]
     n_per_image: int = Field(default=3, ge=1)
     answer_style: pope.AnswerStyle = "pope"
+    chair_variant: chair.Variant = "fixed"
     concurrency: int = Field(default=8, ge=1)
     retry: RetryPolicy = RetryPolicy()
     retry_errors: bool = False
@@ -386,7 +395,7 @@ def build_items(cfg: RunConfig, data: CocoFolder) -> tuple[list[WorkItem], int]:
     """The work items of the task and the number of distinct images they use."""
     prompt = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     if cfg.task == "chair":
-        ids, gt = data.chair_items(cfg.n_images, cfg.seed)
+        ids, gt = data.chair_items(cfg.n_images, cfg.seed, cfg.chair_variant)
         items = [
             WorkItem(
                 task="chair",
@@ -483,6 +492,7 @@ async def run_async(cfg: RunConfig) -> RunSummary:
             splits=list(cfg.splits) if cfg.task == "pope" else [],
             n_per_image=cfg.n_per_image if cfg.task == "pope" else None,
             answer_style=cfg.answer_style if cfg.task == "pope" else None,
+            chair_variant=cfg.chair_variant if cfg.task == "chair" else None,
             model=model,
             images=str(cfg.images),
             annotations=str(cfg.annotations),
