@@ -66,11 +66,11 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
             "mode" in spec if isinstance(spec, Mapping) else "mode" in spec.model_fields_set
         )
         if not explicit_mode:
-            cfg = cfg.model_copy(update={"mode": "B"})
+            cfg = cfg.model_copy(update={"mode": "C"})  # closest to mode A (docs/methods.md)
         if cfg.mode == "A":
             raise ValueError(
                 "farsight mode 'A' recomputes the whole sequence at every step and exists in the HF "
-                "reference only; the engine runs mode 'B' (per-head sink, default) or 'C' (prompt rows)"
+                "reference only; the engine runs mode 'C' (prompt rows, default) or 'B' (per-head sink)"
             )
     family = model_family(hf_config)
     if family is None:
