@@ -231,6 +231,10 @@ class Resolver:
                     "engine_supported": name in engine,
                     "allowed": self.policy.allow is None or name in self.policy.allow,
                     "defaults": defaults,
+                    # per preset field: "paper" (given for this model) or "extrapolated" (scaled/reused)
+                    "provenance": (
+                        cls.provenance(self.family, self.num_layers) if self.family is not None else None
+                    ),
                     "schema": cls.model_json_schema(),
                 }
             )

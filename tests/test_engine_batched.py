@@ -154,10 +154,12 @@ class World:
         )
 
 
+# PruneHal's step 1 is the prompt's last token, which this world never runs (it starts decoding): step 2 is
+# its first decode step, so row 6 prunes there and rows 3 and 9 one step later.
 CONFIGS = {  # batch row -> config (row 0 is plain)
     1: KVSmoothConfig(lam_ref=0.5, layers=(0, 1, 2, 3)),
     2: FarSightConfig(mode="B"),
-    3: PruneHalConfig(r=0.5, t=2, layers=(0, 1, 2, 3)),
+    3: PruneHalConfig(r=0.5, t=2, layers=(0, 1, 2, 3), force_step=3),
     4: KVSmoothConfig(
         lam_ref=0.3,
         window=4,
@@ -167,10 +169,12 @@ CONFIGS = {  # batch row -> config (row 0 is plain)
         head_reduce="entropy_of_mean",
     ),
     5: FarSightConfig(mode="C"),
-    6: PruneHalConfig(r=0.6, t=3, layers=(1, 2, 3), statistic="mass", force_step=1),
+    6: PruneHalConfig(r=0.6, t=3, layers=(1, 2, 3), statistic="mass", force_step=2),
     7: FarSightConfig(mode="B", layers=(1, 2), sigma=0.5),
     8: KVSmoothConfig(lam_ref=0.5, layers=(0, 1, 2, 3)),
-    9: PruneHalConfig(r=0.5, t=2, layers=(0, 1, 2, 3)),  # row 3's config and visual count: one decision
+    9: PruneHalConfig(
+        r=0.5, t=2, layers=(0, 1, 2, 3), force_step=3
+    ),  # row 3's config and visual count: one decision
 }
 PROMPTS = [30, 41, 18, 37, 25, 12, 50, 16, 33, 40]
 VISUAL = {3: torch.arange(4, 30), 6: torch.arange(10, 45), 9: torch.arange(12, 38)}

@@ -1,5 +1,6 @@
 """In-engine PruneHal (CPU path): parity with the dense reference (tokens, log-probs and the keep masks
-of every prune), mixed batches, the block view, refused text-only requests and the no-op config."""
+of every prune), the prefill as step 1 (also when chunked), mixed batches, the block view, refused
+text-only requests and the no-op config."""
 
 import math
 
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.engine
 
 METHOD_ATOL = 1e-3
 BLOCK = 32
+#: A token budget below the prompt: the prefill is chunked and step 1 is the last chunk's last row.
+CHUNKED = dict(max_num_batched_tokens=80, enable_chunked_prefill=True)
+#: A prompt long enough to be chunked on both fixtures (the image alone fits one chunk).
+LONG_PROMPT = "Describe the image in detail, naming every object, its colour and where it lies. " * 4
 SPECS = {
     "preset": "prunehal",
     "subset_first_step": {"method": "prunehal", "r": 0.5, "t": 5, "history": "first_step", "layers": [1, 2]},
@@ -74,7 +79,7 @@ def test_engine_matches_reference(setup, hf, name):
     # the engine's decisions are the reference's: same steps, same per-layer keep masks
     trace = refs[0].trace
     assert rec["num_visual"] == trace[0]["keep"].shape[-1] > 0
-    assert rec["steps"] == trace[-1]["step"] == len(gen.token_ids) - 1
+    assert rec["steps"] == trace[-1]["step"] == len(gen.token_ids)  # step 1 is the prefill
     ref_prunes = [(r["step"], r["keep"][0]) for r in trace if bool(r["fired"][0])]
     assert [p["step"] for p in rec["prunes"]] == [s for s, _ in ref_prunes]
     for got, (_, keep) in zip(rec["prunes"], ref_prunes, strict=True):
@@ -89,10 +94,28 @@ def test_engine_matches_reference(setup, hf, name):
         n = math.floor(n * r + 1e-9)
         assert set(p["kept"]) == {n}, (p["step"], p["kept"], n)
 
-    # tokens produced before the first prune takes effect are the plain run's, bit for bit
-    first_effect = ref_prunes[0][0] + 1  # decode step m produces token m + 1; effect from step m + 1
+    # tokens produced before the first prune takes effect are the plain run's, bit for bit: step m
+    # produces token m and its decision applies from step m + 1 (the forced prune: tokens 1-2)
+    first_effect = ref_prunes[0][0]
+    if spec == "prunehal" or spec.get("force_step", 2) == 2:
+        assert first_effect == 2  # the first decode forward
     assert gen.logprobs[:first_effect] == plain.logprobs[:first_effect]
     assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
+
+
+def test_chunked_prefill_measures_the_last_chunk_as_step_1(engines, setup):
+    """With the prompt split over chunks, only the last chunk's last row is step 1: the decisions (prune
+    steps and keep masks) and the tokens equal those of the unchunked engine."""
+    fixture, llm = setup
+    chunked = engines.get(fixture, **CHUNKED)
+    case = method_case(fixture, 5, "prunehal", LONG_PROMPT)
+    gen, rec = _run_traced(llm, case)
+    gen_c, rec_c = _run_traced(chunked, case)
+    assert len(gen.prompt_token_ids) > CHUNKED["max_num_batched_tokens"]  # really chunked
+    assert rec_c["prunes"] and rec_c["prunes"][0]["step"] == 2
+    assert rec_c == rec
+    report = compare(gen_c, gen)
+    assert report.same_tokens and report.max_abs_logprob_diff < 1e-4, report
 
 
 def test_block_view_counts_blocks_pruned_in_every_layer(setup):

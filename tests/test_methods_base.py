@@ -106,6 +106,48 @@ def test_presets_scaled_to_tiny_models() -> None:
                     assert layers and min(layers) >= 0 and max(layers) < depth, (cls.name, fam, depth)
 
 
+def test_paper_values_at_paper_depths_are_not_scaled() -> None:
+    # SCR gives LLaVA-1.5-13B (40 layers) the 7B ranges: diagnostic 8-16, intervention 0-11 (0-based,
+    # inclusive), not the proportional 10-20 / 0-14.
+    scr = SCRConfig.preset("llava", 40)
+    assert scr.diag_layers == tuple(range(8, 17)) and scr.layers == tuple(range(0, 12))
+    # PruneHal gives (0.4, 3) on all layers of LLaVA-1.5-7B and -13B.
+    p = PruneHalConfig.preset("llava", 40)
+    assert (p.r, p.t, p.layers) == (0.4, 3, tuple(range(40)))
+    # A depth no paper gives still scales: SCR on a 64-layer LLaVA.
+    assert SCRConfig.preset("llava", 64).diag_layers == tuple(range(16, 34))
+
+
+PAPER_FIELDS = {  # docs: /work/shared/research/methods.md, per method and model the papers give
+    ("kvsmooth", "llava", 32): {"lam_ref", "layers"},  # LLaVA-1.5-7B only
+    ("prunehal", "llava", 32): {"r", "t", "layers"},  # LLaVA-1.5-7B/13B
+    ("prunehal", "llava", 40): {"r", "t", "layers"},
+    ("farsight", "llava", 32): {"layers"},  # the official code's LLaVA-1.5-7B
+    ("scr", "llava", 32): {"diag_layers", "layers"},  # LLaVA-1.5-7B/13B, Qwen2-VL-7B
+    ("scr", "llava", 40): {"diag_layers", "layers"},
+    ("scr", "qwen2_vl", 28): {"diag_layers", "layers"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize(("family", "depth"), [("llava", 32), ("llava", 40), ("qwen2_vl", 28), ("llava", 4)])
+def test_provenance_marks_paper_and_extrapolated_fields(name: str, family: str, depth: int) -> None:
+    cls = METHODS[name]
+    prov = cls.provenance(family, depth)  # type: ignore[arg-type]
+    preset = cls.preset(family, depth)  # type: ignore[arg-type]
+    assert prov and all(getattr(cls(), f) is None for f in prov)  # the fields the preset fills
+    assert all(getattr(preset, f) is not None for f in prov)
+    paper = PAPER_FIELDS.get((name, family, depth), set())
+    assert {f for f, v in prov.items() if v == "paper"} == paper
+    assert {f for f, v in prov.items() if v == "extrapolated"} == set(prov) - paper
+
+
+def test_provenance_of_a_scaled_tiny_model_is_extrapolated() -> None:
+    for cls in METHODS.values():
+        for family in ("llava", "qwen2_vl"):
+            assert set(cls.provenance(family, 4).values()) == {"extrapolated"}, cls.name
+
+
 @pytest.mark.parametrize(
     ("start", "stop", "ref", "depth", "expected"),
     [

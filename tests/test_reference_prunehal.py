@@ -1,4 +1,9 @@
-"""PruneHal reference on the tiny fixtures: masking equals slicing, schedule, forced step-2 prune."""
+"""PruneHal reference on the tiny fixtures: masking equals slicing, schedule, forced step-2 prune.
+
+Step 1 is the prefill (its last query row seeds the history); step m >= 2 is the decode forward that
+consumes generated token m - 1, so the forced prune at step 2 follows the first decode forward and token 3
+is the first that can differ from the plain run.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ def test_masking_equals_slicing_with_explicit_positions() -> None:
     run = greedy(model, inputs, N, {"method": "prunehal", "r": 0.4, "t": 3})
     vis = torch.nonzero(ids[0] == model.config.image_token_id).flatten()
     n_layers = len(model.model.language_model.layers)
-    keeps = [rec["keep"][0] for rec in run.ref.trace]  # keep mask after decode step m (index m - 1)
+    keeps = [rec["keep"][0] for rec in run.ref.trace]  # keep mask after step m (index m - 1; 1 = prefill)
     assert any(not bool(k.all()) for k in keeps), "nothing was pruned"
 
     with torch.no_grad():
@@ -27,15 +32,14 @@ def test_masking_equals_slicing_with_explicit_positions() -> None:
         logits = [out.logits[0, -1]]
         # Original sequence positions currently held by each layer's cache.
         held = [torch.arange(prompt_len) for _ in range(n_layers)]
-        for step in range(1, N):
-            if step >= 2:  # apply the decision taken after step - 1
-                keep = keeps[step - 2]
-                for layer in range(n_layers):
-                    pruned = set(vis[~keep[layer]].tolist())
-                    rows = torch.tensor([i for i, p in enumerate(held[layer].tolist()) if p not in pruned])
-                    lyr = cache.layers[layer]
-                    lyr.keys, lyr.values = lyr.keys[:, :, rows], lyr.values[:, :, rows]
-                    held[layer] = held[layer][rows]
+        for step in range(1, N):  # decode forward `step` is PruneHal step step + 1
+            keep = keeps[step - 1]  # the decision taken after PruneHal step `step`
+            for layer in range(n_layers):
+                pruned = set(vis[~keep[layer]].tolist())
+                rows = torch.tensor([i for i, p in enumerate(held[layer].tolist()) if p not in pruned])
+                lyr = cache.layers[layer]
+                lyr.keys, lyr.values = lyr.keys[:, :, rows], lyr.values[:, :, rows]
+                held[layer] = held[layer][rows]
             token = run.sequences[:, step - 1 : step]
             pos = prompt_len + step - 1  # absolute position: the cache is shorter than the sequence now
             out = model(
@@ -64,8 +68,9 @@ def test_schedule_and_forced_prune_on_fixture(family: str) -> None:  # noqa: F81
     base = greedy(model, inputs, N)
     run = greedy(model, inputs, N, {"method": "prunehal", "r": r, "t": t})
     trace = run.ref.trace
-    assert [rec["step"] for rec in trace] == list(range(1, N))
-    assert not bool(trace[0]["fired"].any()) and bool(trace[1]["fired"].all())  # forced at decode step 2
+    assert [rec["step"] for rec in trace] == list(range(1, N + 1))  # the prefill and N - 1 decode steps
+    assert not bool(trace[0]["fired"].any()) and bool(trace[1]["fired"].all())  # forced at step 2
+    assert bool(trace[0]["keep"].all())  # the prefill only measures
     for rec in trace:
         kept = rec["kept"]
         assert bool((kept == kept[:, :1]).all())  # all layers keep the same count
@@ -73,9 +78,10 @@ def test_schedule_and_forced_prune_on_fixture(family: str) -> None:  # noqa: F81
     assert trace[1]["kept"][:, 0].tolist() == [expected[1]] * 2
     fired = torch.stack([rec["fired"] for rec in trace]).sum(0)
     assert bool((fired <= t).all())
-    # The decision at step 2 applies from step 3: generated tokens 1-3 are untouched.
-    assert torch.equal(run.logits[:, :3], base.logits[:, :3])
-    assert not torch.equal(run.logits[:, 3], base.logits[:, 3])
+    # The decision at step 2 (the first decode forward) applies from step 3, which produces token 3:
+    # generated tokens 1-2 are untouched, the 3rd already sees the pruned cache.
+    assert torch.equal(run.logits[:, :2], base.logits[:, :2])
+    assert not torch.equal(run.logits[:, 2], base.logits[:, 2])
 
 
 def test_pruned_keys_get_no_attention() -> None:
@@ -96,7 +102,19 @@ def test_pruned_keys_get_no_attention() -> None:
         handle.remove()
     keep = run.ref.trace[1]["keep"][0, 0]  # layer 0 after the forced prune at step 2
     assert int(keep.sum()) == 25
-    for step_rows in rows[2:]:  # steps 3.. use the pruned cache
+    for step_rows in rows[1:]:  # decode forwards 2.. (steps 3..) use the pruned cache
         assert bool((step_rows[:, ~keep] == 0).all())
         assert bool((step_rows[:, keep] > 0).all())
-    assert bool((rows[1] > 0).all())  # step 2 still saw every visual token
+    assert bool((rows[0] > 0).all())  # the first decode forward (step 2) still saw every visual token
+
+
+def test_first_generated_token_that_differs_is_the_third(family: str) -> None:  # noqa: F811
+    """The forced prune follows the first decode forward (step 2), so greedy token 3 can already differ."""
+    model, processor = tiny(family)
+    inputs = inputs_for(processor, (0,), PROMPTS[:1])
+    base = greedy(model, inputs, 4)
+    run = greedy(model, inputs, 4, {"method": "prunehal", "r": 0.4, "t": 3})
+    assert [int(rec["fired"][0]) for rec in run.ref.trace] == [0, 1, 0, 0]  # steps 1 (prefill) .. 4
+    assert torch.equal(run.logits[:, :2], base.logits[:, :2])
+    assert torch.equal(run.sequences[:, :2], base.sequences[:, :2])
+    assert run.sequences[0, 2] != base.sequences[0, 2]  # the 3rd generated token

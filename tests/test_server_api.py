@@ -142,7 +142,7 @@ def test_image_chat_with_a_method_streaming_and_not(client, method):
     cfg = json.loads(header)
     assert cfg["layers"], "the header carries the config resolved for the 4-layer model"
     if method == "farsight":
-        assert cfg["mode"] == "B", "the engine's default mode"
+        assert cfg["mode"] == "C", "the engine's default mode"
     _, plain, _ = _chat(client, "none")
     assert logprobs != plain, f"{method} must change the model's log-probs (it reached the engine)"
 
@@ -168,7 +168,7 @@ def test_completions_endpoint_and_spec_forms(client, base):
 
     far, cfg = complete({"method": "farsight", "mode": "C", "sigma": 0.5})
     assert (cfg["method"], cfg["mode"], cfg["sigma"]) == ("farsight", "C", 0.5)
-    assert complete(["farsight"])[1]["mode"] == "B", "a 1-element list is that method"
+    assert complete(["farsight"])[1]["mode"] == "C", "a 1-element list is that method"
     assert complete({"method": "FarSight"})[1]["method"] == "farsight"
     kvs, cfg = complete({"method": "kvsmooth", "window": 4})
     assert cfg["window"] == 4
@@ -283,7 +283,7 @@ def test_mitigations_endpoint(base):
         assert row["description"] and "\n" not in row["description"]
         assert row["schema"] == METHODS[name].model_json_schema()
         assert row["defaults"]["method"] == name
-    assert rows["farsight"]["defaults"]["mode"] == "B"
+    assert rows["farsight"]["defaults"]["mode"] == "C"
     assert rows["kvsmooth"]["defaults"] == body["default"]
 
 

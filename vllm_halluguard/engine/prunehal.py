@@ -1,6 +1,7 @@
 """PruneHal in the engine (CPU path): per-layer keep masks over a request's visual keys.
 
-For every mitigated decode row and configured layer, :func:`apply`
+For every mitigated decode row, the row ending with the prompt's last token (step 1: the prefill or its
+last chunk, measured on that token's query only) and every configured layer, :func:`apply`
 
 * recomputes the row's attention over the paged cache with the pruned visual keys masked (``key_mask``:
   an additive ``-inf``, identical to slicing them out) and writes it over the native kernel's output
@@ -9,7 +10,7 @@ For every mitigated decode row and configured layer, :func:`apply`
   ``s_j = scale * q . k_j`` on the visual keys normalised by the row's LSE over the *kept* keys (the
   reference's softmax with pruned keys at ``-inf``), giving ``A_l`` and the per-token scores.
 
-After the last configured layer of a decode step the request decides (:func:`decide`, batched over the
+After the last configured layer of a step the request decides (:func:`decide`, batched over the
 requests of a layer call; ``should_prune``: forced prune at ``force_step``, then the ``sqrt(r)``
 majority vote against the history, at most ``t`` prunes), keeps the top ``floor(r |S_l|)`` per layer
 and updates the history; the new masks apply from the next forward, as in the reference. The math is
@@ -66,7 +67,7 @@ class PruneState:
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
-        """The state before the first decode step: everything kept, no history."""
+        """The state before step 1 (the prompt's last token): everything kept, no history."""
         n, nv = len(layers), visual.numel()
         return cls(
             visual=visual,
@@ -117,9 +118,12 @@ def apply(call: LayerCall, row: Row) -> None:
     start, end, seq_len = call.span(row)
     pos = seq_len - 1
     i = st.index.get(call.layer)
-    if end - start != 1 or pos < state.prompt_len or i is None:
-        return  # prompt rows (prefill, or a chunk's last token) are never touched
+    if i is None or seq_len < state.prompt_len or (seq_len > state.prompt_len and end - start != 1):
+        return  # rows before the prompt's last token are never touched
+    # the prompt's last token (the end of the prefill or of its last chunk) is step 1, measured on its
+    # query only; a decode row is step seq_len - prompt_len + 1
     k, v = call.gather(row.index, seq_len)
+    start = end - 1
     q = call.query[start:end]
     keep = st.keep[i]
     key_mask = None
@@ -137,7 +141,7 @@ def apply(call: LayerCall, row: Row) -> None:
     st.A[i], st.scores[i] = A, scores
     st.seen[i] = True
     if call.layer == max(st.layers):
-        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len)])
+        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
 
 
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
@@ -150,8 +154,8 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         if st is None or cfg.is_noop() or st.visual.numel() == 0:
             continue
         i = st.index.get(call.layer)
-        if call.seq_lens[row.index] - 1 < state.prompt_len or i is None:
-            continue  # prompt rows (a chunk's last token) are never touched
+        if call.seq_lens[row.index] < state.prompt_len or i is None:
+            continue  # prompt rows before its last token (1-token chunks) are never touched
         todo.append((row, st, i))
     if not todo:
         return
@@ -184,20 +188,20 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
         st.seen[i] = True
         if call.layer == max(st.layers):
-            deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len))
+            deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len + 1))
     if deciding:
         decide(call.runtime, deciding)
 
 
 def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
-    """The decisions of requests ``(state, config, step)`` after their decode step ``step`` (1-based);
-    they apply from the next forward. Requests sharing a config and a visual token count decide in
-    one batched :func:`prune_step`."""
+    """The decisions of requests ``(state, config, step)`` after their step ``step`` (1 = the prompt's
+    last token, then one per decode row); they apply from the next forward. Requests sharing a config
+    and a visual token count decide in one batched :func:`prune_step`."""
     groups: dict[tuple[PruneHalConfig, int], list[tuple[PruneState, int]]] = {}
     for st, cfg, step in items:
         if not bool(st.seen.all()):
             missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
-            raise RuntimeError(f"prunehal: layers {missing} were not measured in decode step {step}")
+            raise RuntimeError(f"prunehal: layers {missing} were not measured in step {step}")
         st.seen.zero_()
         groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
     for (cfg, _), members in groups.items():
@@ -249,7 +253,7 @@ def fully_pruned_blocks(st: PruneState, prompt_len: int, block_size: int, num_la
 def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
     """``LLM.collective_rpc(prunehal_trace)``: per-request PruneHal records of a worker, oldest first.
 
-    Each record: ``prompt_len``, ``num_visual``, ``layers``, ``steps`` (last decode step decided),
+    Each record: ``prompt_len``, ``num_visual``, ``layers``, ``steps`` (last step decided, 1 = prefill),
     ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
     ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
     """
@@ -319,7 +323,7 @@ class PruneHalEngine(EngineMethod):
             st.A[i], st.scores[i] = A, scores
             st.seen[i] = True
             if call.layer == max(st.layers):
-                deciding.append((st, cfg, seq_len - row.request.prompt_len))
+                deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))
         if deciding:
             decide(call.runtime, deciding)
 

@@ -4,6 +4,10 @@ A method config is model-agnostic: fields left at ``None`` mean "the paper's val
 filled by :meth:`MethodConfig.for_model`, which also checks layer indices against the model's depth. The
 resolved config is what the reference and the engine run, and its :meth:`canonical` JSON is what goes into
 cache salts.
+
+Presets use a paper's values where the paper gives them for the model (family and depth, e.g. SCR on the
+40-layer LLaVA-1.5-13B) and scale the reference depth's values otherwise; :meth:`MethodConfig.provenance`
+says which of the two each preset field is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 ModelFamily = Literal["llava", "qwen2_vl"]
+Provenance = Literal["paper", "extrapolated"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("llava", "qwen2_vl")
 
 #: Decoder depth of the models the papers' layer ranges were tuned on: LLaVA-1.5-7B and Qwen2-VL-7B.
@@ -79,7 +84,9 @@ def check_layers(layers: LayerSpec, num_layers: int, field: str) -> None:
 class MethodConfig(BaseModel):
     """Base class of the method configs (frozen, unknown keys rejected).
 
-    Subclasses set ``name``, list their layer fields in ``layer_fields`` and implement :meth:`preset`.
+    Subclasses set ``name``, list their layer fields in ``layer_fields``, implement :meth:`preset`, list
+    the fields it sets per model in ``preset_fields`` and, in ``paper_fields``, those a paper gives for a
+    ``(family, num_layers)``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
@@ -87,6 +94,10 @@ class MethodConfig(BaseModel):
     name: ClassVar[str]
     #: Fields holding layer indices (validated against the model depth in :meth:`for_model`).
     layer_fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields whose value :meth:`preset` chooses per model (the ``None`` defaults it fills).
+    preset_fields: ClassVar[tuple[str, ...]] = ()
+    #: ``(family, num_layers)`` -> the preset fields whose value a paper gives for that model.
+    paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -102,6 +113,13 @@ class MethodConfig(BaseModel):
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
         """The paper's setting for ``model_family``, with layer ranges scaled to ``num_layers``."""
         raise NotImplementedError
+
+    @classmethod
+    def provenance(cls, model_family: ModelFamily, num_layers: int) -> dict[str, Provenance]:
+        """Per preset field: ``"paper"`` if a paper gives the value for this model, else ``"extrapolated"``
+        (scaled from the reference depth or reused from another model)."""
+        given = cls.paper_fields.get((model_family, num_layers), frozenset())
+        return {f: "paper" if f in given else "extrapolated" for f in cls.preset_fields}
 
     def for_model(self, model_family: ModelFamily, num_layers: int) -> Self:
         """Fill every ``None`` field from :meth:`preset` and check layer indices against ``num_layers``."""

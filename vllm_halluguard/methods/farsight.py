@@ -32,12 +32,19 @@ DEFAULT_SIGMA = math.log(256) / math.log(1024)
 
 FarSightMode = Literal["A", "B", "C"]
 
+#: The official code patches every layer of LLaVA-1.5-7B (32 layers); other models are not in the paper.
+PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32)})
+
 
 class FarSightConfig(MethodConfig):
     """FarSight hyperparameters (official-code defaults)."""
 
     name: ClassVar[str] = "farsight"
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
+    preset_fields: ClassVar[tuple[str, ...]] = ("layers",)
+    paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(
+        PAPER_DEPTHS, frozenset(preset_fields)
+    )
 
     mode: FarSightMode = Field(default="A", description="A: official recompute; B: sink; C: prompt rows")
     sigma: float = Field(default=DEFAULT_SIGMA, ge=0.0, description="register decay; inf disables")

@@ -23,6 +23,8 @@ from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_l
 
 #: lambda_ref of the paper per model family. The paper has no Qwen2-VL value; LLaVA-1.5's is reused.
 LAMBDA_REF: dict[ModelFamily, float] = {"llava": 0.9, "qwen2_vl": 0.9}
+#: The paper's layers and lambda_ref are for LLaVA-1.5-7B (32 layers) only.
+PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32)})
 
 
 class KVSmoothConfig(MethodConfig):
@@ -30,6 +32,10 @@ class KVSmoothConfig(MethodConfig):
 
     name: ClassVar[str] = "kvsmooth"
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
+    preset_fields: ClassVar[tuple[str, ...]] = ("lam_ref", "layers")
+    paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(
+        PAPER_DEPTHS, frozenset(preset_fields)
+    )
 
     lam_ref: float | None = Field(default=None, ge=0.0, le=1.0, description="centre of the lambda clip")
     clip: float = Field(default=0.2, ge=0.0, le=1.0, description="lambda is clipped to lam_ref +- clip")

@@ -1,15 +1,20 @@
 """PruneHal (arXiv 2510.19183): adaptive pruning of low-attention visual KV entries during decoding.
 
-Decode step ``m`` (1-based: step 1 is the forward that consumes the first generated token) measures, per
-layer, the last query's head-averaged attention on the still-kept visual tokens: a per-token score and its
-mean ``A_l``. A prune fires at ``m == force_step`` and afterwards whenever at least ``vote_frac`` of the
-layers have ``A_l < sqrt(r) * history_l``, at most ``t`` times. A prune keeps, per layer, the
-``floor(r * |S_l|)`` kept tokens with the highest score at that step; it takes effect from the next forward.
+Step ``m`` (1-based) is the forward that produces generated token ``m``: step 1 is the prefill (its last
+query row, the prompt's last token, seeds the history), step ``m >= 2`` the decode forward that consumes
+token ``m - 1``. Each step measures, per layer, the last query's head-averaged attention on the still-kept
+visual tokens: a per-token score and its mean ``A_l``. A prune fires at ``m == force_step`` (2: the first
+decode forward) and afterwards whenever at least ``vote_frac`` of the layers have
+``A_l < sqrt(r) * history_l``, at most ``t`` times. A prune keeps, per layer, the ``floor(r * |S_l|)`` kept
+tokens with the highest score at that step; it takes effect from the next forward, so generated tokens
+``1..force_step`` equal the unmitigated run's and token ``force_step + 1`` (the 3rd) is the first that can
+differ.
 Pruned keys are masked (additive -inf), which equals slicing them out of the cache as long as the remaining
 keys keep their RoPE positions (tested). Text and generated tokens are never pruned.
 
-History (best reading, spec 4.7.1): ``history_l`` is the mean of ``A_l`` over the decode steps since the last
-prune (since step 1 before any prune), re-initialised at a prune to the value measured at that step.
+History (best reading, spec 4.7.1): ``history_l`` is the mean of ``A_l`` over the steps since the last
+prune (since step 1, the prefill, before any prune), re-initialised at a prune to the value measured at
+that step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from .base import LayerSpec, MethodConfig, ModelFamily
 
 #: (r, t) of the paper: LLaVA-1.5 (0.4, 3); Qwen-VL-7B (0.9, 4), reused for Qwen2-VL.
 PRESET_RT: dict[ModelFamily, tuple[float, int]] = {"llava": (0.4, 3), "qwen2_vl": (0.9, 4)}
+#: The paper's (r, t) and all-layer setting are for LLaVA-1.5-7B (32 layers) and -13B (40); its Qwen
+#: model is Qwen-VL-7B, not Qwen2-VL, so Qwen2-VL's values are reused, not given.
+PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32), ("llava", 40)})
 
 _EPS = 1e-9
 
@@ -33,6 +41,10 @@ class PruneHalConfig(MethodConfig):
 
     name: ClassVar[str] = "prunehal"
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
+    preset_fields: ClassVar[tuple[str, ...]] = ("r", "t", "layers")
+    paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(
+        PAPER_DEPTHS, frozenset(preset_fields)
+    )
 
     r: float | None = Field(default=None, gt=0.0, le=1.0, description="fraction of kept visual tokens kept")
     t: int | None = Field(default=None, ge=0, le=64, description="maximum number of prunes")
@@ -40,7 +52,9 @@ class PruneHalConfig(MethodConfig):
     vote_threshold: float | None = Field(
         default=None, gt=0.0, description="a layer votes if A < threshold * history; None = sqrt(r)"
     )
-    force_step: int | None = Field(default=2, ge=1, description="decode step of the forced prune; None = off")
+    force_step: int | None = Field(
+        default=2, ge=1, description="step of the forced prune (1 = prefill, 2 = first decode); None = off"
+    )
     history: Literal["running_mean", "first_step"] = "running_mean"
     statistic: Literal["mean", "mass"] = Field(
         default="mean", description="A_l as per-token mean or total visual attention mass"
@@ -178,7 +192,7 @@ def prune_step(
     hist_sum: torch.Tensor,
     hist_n: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole decision after decode step ``step`` for a batch of requests.
+    """The whole decision after step ``step`` (1 = the prefill) for a batch of requests.
 
     ``keep[B, L, Nv]``, ``count[B]``, ``A[B, L]``, ``scores[B, L, Nv]``, history ``(sum[B, L], n[B])``.
     Returns ``(fired[B], keep, count, hist_sum, hist_n)``: requests that prune keep their top

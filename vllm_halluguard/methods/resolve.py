@@ -23,8 +23,9 @@ FAMILIES: dict[str, ModelFamily] = {"llava": "llava", "qwen2_vl": "qwen2_vl"}
 KV_CACHE_DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
 MAX_KVSMOOTH_WINDOW = 64
-#: FarSight's served mode when a request names none (mode A exists in the HF reference only).
-SERVED_FARSIGHT_MODE = "B"
+#: FarSight's served mode when a request names none: mode C, the closest to the paper's mode A
+#: (docs/methods.md; mode A exists in the HF reference only).
+SERVED_FARSIGHT_MODE = "C"
 
 
 def model_family(hf_config: Any) -> ModelFamily | None:
@@ -48,7 +49,7 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
         if cfg.mode == "A":
             raise SpecError(
                 "farsight mode 'A' recomputes the whole sequence at every step and exists in the HF "
-                "reference only; the engine runs mode 'B' (per-head sink, default) or 'C' (prompt rows)",
+                "reference only; the engine runs mode 'C' (prompt rows, default) or 'B' (per-head sink)",
                 "unsupported",
             )
     family = model_family(hf_config)

@@ -31,6 +31,9 @@ Grid = tuple[int, int, int]
 #: Paper's 0-based inclusive ranges as half-open [start, stop) on the family's reference depth.
 DIAG_RANGE: dict[ModelFamily, tuple[int, int]] = {"llava": (8, 17), "qwen2_vl": (8, 17)}
 INTERVENTION_RANGE: dict[ModelFamily, tuple[int, int]] = {"llava": (0, 12), "qwen2_vl": (0, 16)}
+#: Models the paper gives the ranges for (diagnostic 8-16 on all): LLaVA-1.5-7B (32 layers) and -13B (40),
+#: both intervening on 0-11; Qwen2-VL-7B (28) on 0-15. Used as they are, never scaled.
+PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32), ("llava", 40), ("qwen2_vl", 28)})
 
 
 class SCRConfig(MethodConfig):
@@ -38,6 +41,10 @@ class SCRConfig(MethodConfig):
 
     name: ClassVar[str] = "scr"
     layer_fields: ClassVar[tuple[str, ...]] = ("diag_layers", "layers")
+    preset_fields: ClassVar[tuple[str, ...]] = ("diag_layers", "layers")
+    paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(
+        PAPER_DEPTHS, frozenset(preset_fields)
+    )
 
     lam: float = Field(default=1.10, ge=1.0, le=4.0, description="sources / lam, neighbours + (lam-1) h_s")
     top_k: int = Field(default=32, ge=0, le=4096, description="number of source patches K")
@@ -51,7 +58,13 @@ class SCRConfig(MethodConfig):
 
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
-        """Paper: diagnostic layers 8-16; intervention 0-11 (LLaVA-1.5) or 0-15 (Qwen2-VL); scaled."""
+        """Paper: diagnostic layers 8-16; intervention 0-11 (LLaVA-1.5-7B/13B) or 0-15 (Qwen2-VL-7B), as
+        given at those depths and scaled from the 7B depth at any other."""
+        if (model_family, num_layers) in PAPER_DEPTHS:
+            return cls(
+                diag_layers=tuple(range(*DIAG_RANGE[model_family])),
+                layers=tuple(range(*INTERVENTION_RANGE[model_family])),
+            )
         ref = REFERENCE_DEPTH[model_family]
         return cls(
             diag_layers=scale_layer_range(*DIAG_RANGE[model_family], ref, num_layers),

@@ -1,4 +1,5 @@
-"""PruneHal reference: per-layer keep masks over the visual keys, decided after each decode step."""
+"""PruneHal reference: per-layer keep masks over the visual keys, decided after the prefill (step 1) and
+after each decode step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .base import ReferenceMethod, RequestInfo
 class PruneHalReference(ReferenceMethod):
     """Pruned visual keys get ``-inf`` logits (equal to slicing them out; positions are unchanged).
 
-    ``trace`` gets one record per decode step: ``{"step", "fired": [B], "kept": [B, n_layers],
+    The prefill's last query row is measured as step 1 (nothing is pruned yet); decode forward ``j`` is
+    step ``j + 1``. ``trace`` gets one record per step: ``{"step", "fired": [B], "kept": [B, n_layers],
     "keep": [B, n_layers, Nv]}`` (the keep mask *after* the step's decision).
     """
 
@@ -51,7 +53,7 @@ class PruneHalReference(ReferenceMethod):
         return drop.scatter(1, self._vis, pruned)
 
     def post_attention(self, layer, query, key, logits, probs, out):
-        if self.phase == "decode" and layer in self._slot:
+        if self.phase in ("prefill", "decode") and layer in self._slot:
             i = self._slot[layer]
             b, h = probs.shape[:2]
             idx = self._vis[:, None, :].expand(b, h, -1)
@@ -63,13 +65,14 @@ class PruneHalReference(ReferenceMethod):
         return out, probs
 
     def after_forward(self) -> None:
-        if self.phase != "decode" or not self._slot:
+        if self.phase not in ("prefill", "decode") or not self._slot:
             return
         if not bool(self._seen.all()):
-            raise RuntimeError("PruneHal did not see every configured layer in this decode step")
+            raise RuntimeError("PruneHal did not see every configured layer in this forward")
         self._seen.zero_()
+        step = self.fwd.step + 1  # the prefill is step 1
         fired, self._keep, self._count, self._hist_sum, self._hist_n = prune_step(
-            self.fwd.step,
+            step,
             self.config,
             self._keep,
             self._count,
@@ -80,7 +83,7 @@ class PruneHalReference(ReferenceMethod):
         )
         self.trace.append(
             {
-                "step": self.fwd.step,
+                "step": step,
                 "fired": fired.clone(),
                 "kept": self._keep.sum(-1),
                 "keep": self._keep.clone(),
