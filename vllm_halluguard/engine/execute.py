@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from vllm_halluguard.engine.backends import VERIFY_ENV
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.plan import LayerPlan, StepPlan, SubBatch
+from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch
 from vllm_halluguard.engine.registry import METHODS, method_of
 from vllm_halluguard.engine.state import current
 
@@ -33,6 +32,21 @@ def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
+
+
+class ImplMixin:
+    """Attention impl: the native forward for plain steps, the partition for mitigated ones."""
+
+    _hg_backend_name: str = ""
+
+    def forward(self, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any, attn_metadata: Any,
+                output: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        native = super().forward  # type: ignore[misc]
+        if not isinstance(attn_metadata, StepPlan):
+            return native(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        return run_layer(
+            self, native, layer, query, key, value, kv_cache, attn_metadata, output, args, kwargs
+        )
 
 
 def run_layer(

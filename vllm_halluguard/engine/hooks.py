@@ -35,7 +35,7 @@ def install_backends() -> None:
     """Register the wrapped backends over vLLM's names (the wrapped class is made on first use)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_halluguard.engine.backends import rework_engine
+    from vllm_halluguard.engine.plan import rework_engine
 
     rework_engine()  # a bad HALLUGUARD_ATTENTION fails here, at startup
     for name, attr in BACKENDS.items():

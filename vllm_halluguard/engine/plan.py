@@ -18,6 +18,7 @@ without mitigated rows never gets here: the builder returns the native metadata 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,27 @@ import torch
 
 from vllm_halluguard.engine.base import Backend, Route, RowSpan
 from vllm_halluguard.engine.registry import method_of
-from vllm_halluguard.engine.state import Row, StepView
+from vllm_halluguard.engine.state import Row, StepView, current
+
+#: Set to 1 to check, in every mitigated step, that the native rows got bit-identical outputs to the
+#: native kernel over the whole batch (:func:`vllm_halluguard.engine.execute.run_layer`; tests).
+VERIFY_ENV = "HALLUGUARD_VERIFY_NATIVE"
+#: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
+#: ``TRITON_INTERPRET=1``) instead of the torch path: the GPU code path, testable on CPU.
+ATTENTION_ENV = "HALLUGUARD_ATTENTION"
+
+
+def rework_engine() -> str:
+    """``"kernel"`` (the project's Triton kernel) on GPUs or in CPU test mode, else ``"torch"``."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "kernel"
+    choice = os.environ.get(ATTENTION_ENV, "native")
+    if choice not in ("native", "triton"):
+        raise ValueError(f"{ATTENTION_ENV} must be 'native' or 'triton', got {choice!r}")
+    return "kernel" if choice == "triton" else "torch"
+
 
 #: A sub-batch's tokens in the flat batch: a slice when they are contiguous, else an index tensor.
 Tokens = slice | torch.Tensor
@@ -229,10 +250,11 @@ def build_plan(
     for index, route in routes.items():
         for layer in route.rework:
             per_layer.setdefault(layer, set()).add(index)
-    plan.default = layer_plan(frozenset())
+    plan.layers = {layer: layer_plan(frozenset(rows)) for layer, rows in per_layer.items()}
+    if len(plan.layers) < backend.num_layers:  # some layer reworks nothing
+        plan.default = layer_plan(frozenset())
     if plan.full is None and verify:
         plan.full = build(common_prefix_len, cm)
-    plan.layers = {layer: layer_plan(frozenset(rows)) for layer, rows in per_layer.items()}
     return plan
 
 
@@ -253,3 +275,39 @@ def _kernel_batch(
             torch.int32
         ),
     )
+
+
+class BuilderMixin:
+    """Metadata builder: native metadata for plain steps, a :class:`StepPlan` for mitigated ones."""
+
+    _hg_native_sinks: bool = False
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+        from vllm_halluguard.engine.hooks import ensure_runner_hook
+
+        ensure_runner_hook()
+        self._hg_decoder = isinstance(kv_cache_spec, FullAttentionSpec) and not isinstance(
+            kv_cache_spec, MLAAttentionSpec
+        )
+        self._hg_kernel = rework_engine() == "kernel"
+        self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        parent = super().build  # type: ignore[misc]
+        runtime = current()
+        cm = common_attn_metadata
+        view = runtime.view_for(cm.num_reqs) if runtime is not None and self._hg_decoder else None
+        if view is None:
+            return parent(common_prefix_len, cm, fast_build)
+        backend = Backend(
+            kernel=self._hg_kernel,
+            native_sinks=self._hg_native_sinks and not isinstance(cm.causal, torch.Tensor),
+            num_layers=runtime.num_layers,
+            num_heads=self._hg_num_heads,
+        )
+        verify = os.environ.get(VERIFY_ENV) == "1"
+        return build_plan(lambda prefix, common: parent(prefix, common, fast_build), common_prefix_len, cm,
+                          view, backend, runtime.stats, verify)  # fmt: skip

@@ -1,0 +1,176 @@
+"""The native-first partition, without an engine: sub-batch metadata, each method's route, the per-layer
+plan, and the CUDA-graph dispatch decision."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.config import CUDAGraphMode, VllmConfig
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+from vllm_halluguard.engine import hooks, state
+from vllm_halluguard.engine.base import Backend
+from vllm_halluguard.engine.plan import build_plan, sub_common
+from vllm_halluguard.engine.prunehal import PruneState
+from vllm_halluguard.engine.state import RequestState, Row, StepView
+from vllm_halluguard.methods import FarSightConfig, KVSmoothConfig, PruneHalConfig
+
+LAYERS, HEADS = 4, 4
+# batch: row -> (query tokens, sequence length after the step)
+ROWS = [(1, 40), (5, 5), (1, 33), (7, 20), (1, 61), (1, 12)]
+
+
+def _common() -> CommonAttentionMetadata:
+    lens = torch.tensor([q for q, _ in ROWS], dtype=torch.int32)
+    qsl = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    seq = torch.tensor([s for _, s in ROWS], dtype=torch.int32)
+    t = int(qsl[-1])
+    return CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl.clone(),
+        seq_lens=seq,
+        num_reqs=len(ROWS),
+        num_actual_tokens=t,
+        max_query_len=int(lens.max()),
+        max_seq_len=int(seq.max()),
+        block_table_tensor=torch.arange(len(ROWS) * 4, dtype=torch.int32).view(len(ROWS), 4) * 10,
+        slot_mapping=torch.arange(t, dtype=torch.int64) + 1000,
+        positions=torch.arange(t) + 500,
+        seq_lens_cpu_upper_bound=seq.clone(),
+    )
+
+
+def test_sub_common_keeps_exactly_the_rows_it_names():
+    cm = _common()
+    rows = [1, 3, 4]
+    tokens = torch.tensor([1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14])
+    sub = sub_common(cm, rows, tokens, len(tokens))
+    assert sub.num_reqs == 3 and sub.num_actual_tokens == 13 and sub.max_query_len == 7
+    assert sub.query_start_loc_cpu.tolist() == [0, 5, 12, 13]
+    assert torch.equal(sub.query_start_loc, sub.query_start_loc_cpu)
+    assert sub.seq_lens.tolist() == [5, 20, 61]
+    assert torch.equal(sub.block_table_tensor, cm.block_table_tensor[rows])
+    assert sub.slot_mapping.tolist() == (tokens + 1000).tolist()
+    assert sub.positions.tolist() == (tokens + 500).tolist()
+    assert sub.seq_lens_cpu_upper_bound.tolist() == [5, 20, 61]
+    assert cm.num_reqs == len(ROWS), "the batch's own metadata is untouched"
+
+
+def _rows() -> StepView:
+    """Row 0 plain, 1 FarSight C (prefill: prompt rows), 2 FarSight B, 3 plain (prefill), 4 PruneHal
+    (decode, pruned in layer 2 only), 5 KVSmooth (decode)."""
+    farsight_c = FarSightConfig(mode="C", layers=tuple(range(LAYERS)))
+    farsight_b = FarSightConfig(mode="B", layers=(1, 2))
+    prunehal = PruneHalConfig(r=0.5, t=2, layers=(1, 2, 3))
+    kvsmooth = KVSmoothConfig(lam_ref=0.5, layers=(1, 2))
+    prune = RequestState("p", 3, prunehal, 50)
+    st = PruneState.fresh(torch.arange(4, 36), (1, 2, 3), {})
+    st.keep[1, ::2] = False  # layer 2 (index 1 of the config's layers) has pruned keys
+    prune.scratch["prunehal"] = st
+    return StepView(
+        len(ROWS),
+        (
+            Row(1, RequestState("c", 0, farsight_c, 5)),
+            Row(2, RequestState("b", 1, farsight_b, 20)),
+            Row(4, prune),
+            Row(5, RequestState("k", 2, kvsmooth, 10)),
+        ),
+    )
+
+
+class Recorder:
+    """A stand-in for the native builder's ``build``: records the rows of each metadata it builds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def __call__(self, prefix: int, cm: CommonAttentionMetadata) -> SimpleNamespace:
+        rows = cm.seq_lens.tolist()
+        self.calls.append((prefix, rows))
+        return SimpleNamespace(seq_lens=rows)
+
+
+def _seq_rows(batch) -> list[int]:
+    return [ROWS[r][1] for r in batch.rows]
+
+
+def test_torch_path_partitions_reworked_and_sink_rows_out_of_the_native_kernel():
+    build = Recorder()
+    stats = {"farsight_native_rows": 0}
+    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
+    plan = build_plan(build, 7, _common(), _rows(), backend, stats)
+    # FarSight B: its own native sub-batch with per-head sinks in its layers, never in the main one
+    (lane,) = plan.sink_lanes
+    assert lane.batch.rows == [2] and lane.layers == frozenset({1, 2}) and lane.sinks.shape == (HEADS,)
+    assert stats["farsight_native_rows"] == 1
+    # FarSight C's prompt rows are reworked in every layer; PruneHal only where it pruned (layer 2);
+    # KVSmooth keeps the native output on the torch path
+    for layer in (0, 1, 3):
+        lp = plan.layer(layer)
+        assert [r.index for r in lp.rework] == [1] and lp.native.rows == [0, 3, 4, 5] and lp.kernel is None
+    lp2 = plan.layer(2)
+    assert [r.index for r in lp2.rework] == [1, 4] and lp2.native.rows == [0, 3, 5]
+    assert plan.full is None, "no layer runs the whole batch natively"
+    # one native build per distinct row set, none for the whole batch; sub-batches start with no prefix
+    built = sorted(rows for _, rows in build.calls)
+    assert built == sorted([[33], _seq_rows(plan.layer(0).native), _seq_rows(lp2.native)])
+    assert all(prefix == 0 for prefix, _ in build.calls)
+    assert plan.layer(0) is plan.layer(3), "layers with the same rework set share one plan"
+    # the native rows' tokens: rows 0, 3, 4, 5 are not contiguous -> an index tensor
+    assert plan.layer(0).native.tokens.tolist() == [0, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert [r.index for r in plan.by_method["prunehal"]] == [4] and plan.in_sink_lanes == {2}
+
+
+def test_kernel_path_sends_every_row_with_kernel_work_to_one_launch():
+    build = Recorder()
+    backend = Backend(kernel=True, native_sinks=False, num_layers=LAYERS, num_heads=HEADS)
+    plan = build_plan(build, 0, _common(), _rows(), backend)
+    assert plan.sink_lanes == []
+    expect = {0: [1], 1: [1, 2, 4, 5], 2: [1, 2, 4, 5], 3: [1, 4]}  # C; B + PruneHal + KVSmooth layers
+    for layer, rows in expect.items():
+        lp = plan.layer(layer)
+        assert [r.index for r in lp.rework] == rows
+        assert lp.native.rows == [i for i in range(len(ROWS)) if i not in rows]
+        k = lp.kernel
+        assert k is not None and k.rows == rows
+        qlens = [ROWS[r][0] for r in rows]
+        assert k.query_start_loc.tolist() == [0, *torch.tensor(qlens).cumsum(0).tolist()]
+        assert k.seq_lens.tolist() == [ROWS[r][1] for r in rows]
+        assert k.block_table.dtype == torch.int32 and k.block_table.shape[0] == len(rows)
+
+
+def test_a_step_without_reworked_rows_runs_the_whole_batch_natively():
+    build = Recorder()
+    kvsmooth = KVSmoothConfig(lam_ref=0.5, layers=(1, 2))
+    view = StepView(len(ROWS), (Row(5, RequestState("k", 2, kvsmooth, 10)),))
+    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
+    plan = build_plan(build, 7, _common(), view, backend)
+    assert plan.default.native is None and plan.layers == {} and plan.full is not None
+    assert build.calls == [(7, [s for _, s in ROWS])], "vLLM's own metadata, built once, prefix kept"
+
+
+@pytest.fixture
+def dispatcher():
+    config = VllmConfig()
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    config.compilation_config.cudagraph_capture_sizes = [1, 2, 4, 8]
+    config.compilation_config.max_cudagraph_capture_size = 8
+    d = CudagraphDispatcher(config)
+    d.initialize_cudagraph_keys(CUDAGraphMode.FULL, 1)
+    hooks.install_cudagraph_guard()
+    yield d
+    state.set_current(None)
+
+
+def test_full_cuda_graphs_are_kept_for_plain_steps_and_excluded_for_mitigated_ones(dispatcher):
+    assert hooks.invalid_cudagraph_modes(None) is None
+    state.set_current(SimpleNamespace(step=None))  # a plain step
+    mode, _ = dispatcher.dispatch(num_tokens=4, uniform_decode=True)
+    assert mode == CUDAGraphMode.FULL
+    state.set_current(SimpleNamespace(step=_rows()))  # a step with mitigated rows
+    mode, _ = dispatcher.dispatch(num_tokens=4, uniform_decode=True)
+    assert mode == CUDAGraphMode.NONE
+    assert hooks.invalid_cudagraph_modes(state.current()) == {CUDAGraphMode.FULL}
