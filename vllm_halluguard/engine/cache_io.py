@@ -19,9 +19,12 @@ import torch
 
 from vllm_halluguard.engine import cpu_cache
 from vllm_halluguard.kernels import paged
+from vllm_halluguard.kernels.layouts import Layout, split_kv
 
 #: Native backends whose cache the plugin reads, by vLLM backend name.
 SUPPORTED = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+#: The split-K/V layouts (:mod:`vllm_halluguard.kernels.layouts`) of the GPU backends.
+LAYOUTS: dict[str, Layout] = {"FLASH_ATTN": "flash", "TRITON_ATTN": "triton"}
 
 
 class CacheIO:
@@ -145,12 +148,8 @@ def cache_io(
     """The :class:`CacheIO` of a native backend's per-layer cache tensor."""
     if backend_name == "CPU_ATTN":
         return CPUPages(kv_cache, block_table, layer.isa, impl.kv_cache_dtype)
-    if backend_name == "FLASH_ATTN":
-        k, v = kv_cache.unbind(0)
-        return SplitViews(k, v, block_table)
-    if backend_name == "TRITON_ATTN":
-        k, v = kv_cache.unbind(1)
-        return SplitViews(k, v, block_table)
+    if backend_name in LAYOUTS:
+        return SplitViews(*split_kv(kv_cache, LAYOUTS[backend_name]), block_table)
     raise NotImplementedError(
         f"halluguard reads the KV cache of {', '.join(SUPPORTED)} only, not {backend_name}"
     )

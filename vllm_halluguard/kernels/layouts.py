@@ -5,7 +5,8 @@ no copy):
 
 * ``"flash"``: FlashAttention's ``[2, NB, BS, Hkv, D]`` (vLLM's FLASH_ATTN backend);
 * ``"triton"``: vLLM Triton backend's ``[NB, 2, BS, Hkv, D]`` (TRITON_ATTN);
-* ``"hnd2d"``: the plugin's Triton backend ``[NB, Hkv, BS, 2 D]`` (K in the first ``D`` channels).
+* ``"hnd2d"``: an unpacked ``[NB, Hkv, BS, 2 D]`` cache (K in the first ``D`` channels; vLLM's CPU
+  backend has this logical shape but packs each page, see :mod:`vllm_halluguard.engine.cache_io`).
 """
 
 from __future__ import annotations
