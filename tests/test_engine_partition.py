@@ -174,3 +174,20 @@ def test_full_cuda_graphs_are_kept_for_plain_steps_and_excluded_for_mitigated_on
     mode, _ = dispatcher.dispatch(num_tokens=4, uniform_decode=True)
     assert mode == CUDAGraphMode.NONE
     assert hooks.invalid_cudagraph_modes(state.current()) == {CUDAGraphMode.FULL}
+
+
+def test_a_step_whose_rows_need_nothing_from_attention_gets_vllms_own_metadata():
+    """FarSight C decode rows (no sink for generated tokens) and SCR's real request (edited in the
+    decoder layers, not in attention): no plan, no per-layer work."""
+    from vllm_halluguard.methods import SCRConfig
+
+    build = Recorder()
+    farsight_c = FarSightConfig(mode="C", layers=tuple(range(LAYERS)))
+    scr = SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,))
+    view = StepView(
+        len(ROWS), (Row(0, RequestState("c", 0, farsight_c, 10)), Row(4, RequestState("s", 1, scr, 30)))
+    )
+    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
+    meta = build_plan(build, 7, _common(), view, backend)
+    assert isinstance(meta, SimpleNamespace), "vLLM's metadata, not a StepPlan"
+    assert build.calls == [(7, [s for _, s in ROWS])]

@@ -135,10 +135,17 @@ class EngineMethod:
         """Where the row's attention is computed this step (default: the native kernel everywhere)."""
         return NATIVE
 
+    def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
+        """Whether :meth:`run` has work for this row this step beyond computing its reworked layers
+        (statistics, cache edits). A step none of whose rows is reworked, in a sink lane or observed
+        runs entirely on vLLM's metadata (default: observed)."""
+        return True
+
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """One layer call: compute the rows this layer reworks, observe the others (torch path).
 
-        Rows the kernel lane computed (:meth:`after_kernel`) and rows of a sink lane are not passed.
+        Passed: the rows reworked in this step (torch path) and the rows :meth:`observes`; rows the
+        kernel lane computed in this layer (:meth:`after_kernel`) and rows of a sink lane are not.
 
         The default sends single-token rows to :meth:`apply_batch` together (when the backend can gather
         several rows at once) and every other row to :meth:`apply`.

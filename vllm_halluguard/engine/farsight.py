@@ -106,6 +106,9 @@ class FarSightEngine(EngineMethod):
             return NATIVE  # mode C: generated tokens carry no sink
         return Route(rework=layers)
 
+    def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
+        return False  # its only work is computing the rows it reworks
+
     apply = staticmethod(apply)  # type: ignore[assignment]
     apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
 

@@ -148,6 +148,11 @@ class KVSmoothEngine(EngineMethod):
             return NATIVE
         return Route(rework=frozenset(cfg.layers or ()))
 
+    def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
+        """Decode rows, on the torch path (entropy from K) or where the kernel lane does not serve them."""
+        decode = span.num_tokens == 1 and span.seq_len - 1 >= row.request.prompt_len
+        return decode and (not backend.kernel or self.route(row, span, backend).rework == frozenset())
+
     apply = staticmethod(apply)  # type: ignore[assignment]
     apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
 

@@ -190,8 +190,12 @@ def build_plan(
     backend: Backend,
     stats: dict[str, int] | None = None,
     verify: bool = False,
-) -> StepPlan:
-    """Partition the step ``view`` of batch ``cm``; ``build(prefix_len, common)`` is the native builder."""
+) -> StepPlan | Any:
+    """Partition the step ``view`` of batch ``cm``; ``build(prefix_len, common)`` is the native builder.
+
+    A step none of whose rows is reworked, in a sink lane or observed by its method gets vLLM's own
+    metadata (``build(common_prefix_len, cm)``), as a plain step does.
+    """
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
     seq_lens = seq_lens_cpu(cm)
     device = cm.query_start_loc.device
@@ -200,8 +204,12 @@ def build_plan(
     for row in view.rows:
         span = RowSpan(qsl[row.index], qsl[row.index + 1], seq_lens[row.index])
         method = method_of(row.request.config)
-        routes[row.index] = method.route(row, span, backend)
-        by_method.setdefault(method.name, []).append(row)
+        route = routes[row.index] = method.route(row, span, backend)
+        if (route.rework and not backend.kernel) or method.observes(row, span, backend):
+            by_method.setdefault(method.name, []).append(row)
+    busy = by_method or any(route.rework or route.sinks is not None for route in routes.values())
+    if not busy and not verify:
+        return build(common_prefix_len, cm)
     rows_by_index = {row.index: row for row in view.rows}
 
     def sub(rows: list[int]) -> SubBatch:

@@ -36,7 +36,12 @@ from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, Ro
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row, worker_log
-from vllm_halluguard.kernels.reference import attention_probs_padded, attention_rows, attention_rows_padded
+from vllm_halluguard.kernels.reference import (
+    attention_logits,
+    attention_probs_padded,
+    attention_rows,
+    attention_rows_padded,
+)
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
@@ -122,17 +127,21 @@ def apply(call: LayerCall, row: Row) -> None:
         return  # rows before the prompt's last token are never touched
     # the prompt's last token (the end of the prefill or of its last chunk) is step 1, measured on its
     # query only; a decode row is step seq_len - prompt_len + 1
-    k, v = call.gather(row.index, seq_len)
     start = end - 1
     q = call.query[start:end]
     keep = st.keep[i]
-    key_mask = None
-    if not bool(keep.all()):
-        key_mask = torch.ones(seq_len, dtype=torch.bool)
-        key_mask[st.visual] = keep
-    out, lse, _ = attention_rows(q, k, v, call.scale, torch.tensor([pos]), key_mask=key_mask)
-    if key_mask is not None:
-        call.output[start:end] = out
+    if bool(keep.all()) and call.gather_batch is not None:  # nothing pruned: the LSE from K alone
+        k = call.gather_batch([row.index], [seq_len], values=False)[0][0]
+        lse = torch.logsumexp(attention_logits(q, k, call.scale, torch.tensor([pos])), dim=-1)
+    else:
+        k, v = call.gather(row.index, seq_len)
+        key_mask = None
+        if not bool(keep.all()):
+            key_mask = torch.ones(seq_len, dtype=torch.bool)
+            key_mask[st.visual] = keep
+        out, lse, _ = attention_rows(q, k, v, call.scale, torch.tensor([pos]), key_mask=key_mask)
+        if key_mask is not None:
+            call.output[start:end] = out
     hq, hkv = q.shape[1], k.shape[1]
     qf = q[0].float().reshape(hkv, hq // hkv, -1)
     logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
@@ -289,6 +298,14 @@ class PruneHalEngine(EngineMethod):
             return Route(rework=frozenset(st.layers))
         pruned = [layer for layer, keep in zip(st.layers, st.keep, strict=True) if not bool(keep.all())]
         return Route(rework=frozenset(pruned))
+
+    def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
+        """The row that ends with the prompt's last token (step 1), and decode rows on the torch path."""
+        if _state(row) is None or span.seq_len < row.request.prompt_len:
+            return False
+        if span.seq_len == row.request.prompt_len:
+            return True
+        return span.num_tokens == 1 and not backend.kernel
 
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         st = _state(row)

@@ -273,6 +273,10 @@ class SCREngine(EngineMethod):
     init_state = staticmethod(init_state)  # type: ignore[assignment]
     apply = staticmethod(apply)  # type: ignore[assignment]
 
+    def observes(self, row: Row, span: Any, backend: Any) -> bool:
+        """Diagnostic rows (the attention map); the real request's edit is in the decoder layers."""
+        return "scr_diag" in row.request.scratch
+
     def finished(self, runtime: Any, req_id: str) -> None:
         worker(runtime).selections.pop(req_id, None)  # kept across preemption: recompute reuses it
 
