@@ -22,7 +22,31 @@ METHODS: dict[str, type[MethodConfig]] = {
 }
 
 #: Names that mean "no mitigation".
-NONE_NAMES = frozenset({"none", ""})
+NONE_NAMES = frozenset({"none"})
+#: Longest user value quoted back in an error message.
+ECHO_LIMIT = 200
+
+
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, for quoting user input in errors and logs."""
+    return text if len(text) <= limit else f"{text[:limit]}...(cut)"
+
+
+def short(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a long string is cut before its repr is built)."""
+    return cut(repr(value[: limit + 1] if isinstance(value, str) else value), limit)
+
+
+def _name(raw: str) -> str:
+    """A method name as written: stripped and lower-cased ASCII; anything else is a ``ValueError``."""
+    name = raw.strip()
+    if not name.isascii():  # before lower(): "\u212a" (Kelvin sign) lower-cases to "k"
+        raise ValueError(
+            f"method name {cut(ascii(raw[: ECHO_LIMIT + 1]))} is not ASCII; known methods: {_known()}"
+        )
+    if not name:
+        raise ValueError(f"empty method name; known methods: {_known()} ('none' for no mitigation)")
+    return name.lower()
 
 
 def parse(obj: Any) -> MethodConfig | None:
@@ -34,29 +58,30 @@ def parse(obj: Any) -> MethodConfig | None:
     if obj is None or isinstance(obj, MethodConfig):
         return obj
     if isinstance(obj, str):
-        name, params = obj.strip().lower(), {}
+        name, params = _name(obj), {}
     elif isinstance(obj, Mapping):
         if "method" not in obj:
-            raise ValueError(f"method spec {dict(obj)!r} has no 'method' key; known methods: {_known()}")
+            raise ValueError(f"method spec {short(dict(obj))} has no 'method' key; known methods: {_known()}")
         name = obj["method"]
         if not isinstance(name, str):
-            raise ValueError(f"'method' must be a string, got {name!r}")
-        name = name.strip().lower()
+            raise ValueError(f"'method' must be a string, got {short(name)}")
+        name = _name(name)
         params = {k: v for k, v in obj.items() if k != "method"}
     else:
-        raise ValueError(f"cannot parse a method spec from {type(obj).__name__}: {obj!r}")
+        raise ValueError(f"cannot parse a method spec from {type(obj).__name__}: {short(obj)}")
     if name in NONE_NAMES:
         if params:
-            raise ValueError(f"method 'none' takes no parameters, got {sorted(params)}")
+            raise ValueError(f"method 'none' takes no parameters, got {short(sorted(map(str, params)))}")
         return None
     cls = METHODS.get(name)
     if cls is None:
-        raise ValueError(f"unknown method {name!r}; known methods: {_known()}")
+        raise ValueError(f"unknown method {short(name)}; known methods: {_known()}")
     try:
         return cls(**params)
     except ValidationError as e:
         details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}" for err in e.errors()
+            f"{cut('.'.join(str(p) for p in err['loc']) or '<config>')}: {cut(err['msg'])}"
+            for err in e.errors()[:5]
         )
         raise ValueError(f"invalid {name} config: {details}") from e
 
@@ -75,6 +100,8 @@ __all__ = [
     "ModelFamily",
     "PruneHalConfig",
     "SCRConfig",
+    "cut",
     "parse",
     "scale_layer_range",
+    "short",
 ]
