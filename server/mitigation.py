@@ -9,6 +9,7 @@ reach the API process through environment variables set by :mod:`server.cli`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_halluguard.engine import requests as engine_requests
-from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, ModelFamily, parse
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, ModelFamily, parse, short
 
 FIELD = "mitigation"
 NONE = "none"
@@ -57,18 +58,16 @@ def load_spec_text(text: str) -> Any:
 
 
 def _method_name(item: Any) -> str:
-    if isinstance(item, Mapping):
-        return str(item.get("method"))
-    return str(item)
+    return short(item.get("method") if isinstance(item, Mapping) else item, 60)
 
 
 def single_spec(value: Any) -> Any:
     """Reduce the field to one method spec: a list composes methods, and the engine composes none yet."""
     if isinstance(value, list):
         if len(value) > 1:
-            names = [_method_name(v) for v in value]
+            names = ", ".join(_method_name(v) for v in value[:8]) + (", ..." if len(value) > 8 else "")
             raise MitigationError(
-                f"composing methods {names} is not supported: the engine runs one method per request "
+                f"composing methods [{names}] is not supported: the engine runs one method per request "
                 f"(supported combinations: none); send one method",
                 "composition",
             )
@@ -86,10 +85,16 @@ def parse_spec(value: Any) -> MethodConfig | None:
     """Parse (without the model) the field's value; ``None`` means no mitigation."""
     spec = single_spec(value)
     try:
-        return parse(spec)
+        cfg = parse(spec)
     except ValueError as e:
         reason = "unknown_method" if str(e).startswith("unknown method") else "invalid_params"
         raise MitigationError(str(e), reason) from e
+    for field, v in cfg or ():
+        if isinstance(v, float) and not math.isfinite(v):  # e.g. sigma "Infinity": not over HTTP
+            raise MitigationError(
+                f"invalid {cfg.name} config: {field}: must be a finite number", "invalid_params"
+            )
+    return cfg
 
 
 class _FamilyView:
