@@ -283,7 +283,7 @@ def install_connector_guard(policy: MediaPolicy) -> None:
 
     def refuse(url: str, reason: Exception | str, message: str = FETCH_FAILED) -> VLLMValidationError:
         logger.info("halluguard: media URL %s refused: %s", cut(url[:300], 120), cut(str(reason)))
-        return VLLMValidationError(message, parameter="image_url")
+        return VLLMValidationError(message)
 
     def precheck(url: str) -> bool:
         """Form checks; True when the URL is fetched over the network."""

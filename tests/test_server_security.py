@@ -339,6 +339,10 @@ def test_batch_responses_and_messages_honour_the_field(base):
         assert reply.status_code < 500, reply.text
         assert json.loads(reply.headers[HEADER])["method"] == "kvsmooth", (path, reply.text)
         assert _post(base, path, body).headers[HEADER] == "none"
+        # The config reaches the engine: its admission refuses an image-only method on a text prompt.
+        # (/v1/messages answers vLLM's errors in Anthropic's shape.)
+        reply = _post(base, path, body | {"mitigation": "scr"})
+        assert reply.status_code == 400 and "needs an image in the prompt" in reply.text, reply.text
 
 
 @pytest.mark.server
@@ -454,6 +458,8 @@ def test_openai_client_and_plugin_log(served):
     reply = client.chat.completions.create(model=MODEL, messages=_chat()["messages"], max_tokens=2)
     assert reply.choices[0].message.content is not None
     text = log.read_text()
-    api_lines = [line for line in text.splitlines() if "vllm-halluguard plugin registered" in line]
-    assert any("APIServer" in line for line in api_lines), api_lines
+    # The API process is the one whose middleware logged its settings; it logs the plugin line too.
+    (api_pid,) = set(re.findall(r"pid=(\d+)\).*halluguard: mitigation field enabled", text))
+    registered = re.findall(r"pid=(\d+)\).*vllm-halluguard plugin registered", text)
+    assert api_pid in registered and len(set(registered)) >= 2, (api_pid, registered)
     assert "halluguard: API key required" in text
