@@ -342,17 +342,44 @@ def _check_internal_keys(payload: Mapping[str, Any]) -> None:
                 )
 
 
+#: Error bodies from vLLM larger than this are shortened (vLLM quotes some request values in full).
+MAX_ERROR_BODY = 16 * 1024
+
+
 async def _forward(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope, receive: Receive,
                    send: Send) -> None:  # fmt: skip
-    """Call the app, counting 5xx answers and unhandled exceptions in the error metric."""
+    """Call the app, counting 5xx answers and unhandled exceptions in the error metric.
+
+    An error response (status >= 400) is held until complete; one over :data:`MAX_ERROR_BODY` has its
+    message cut (:func:`_shorten_error`), so that no request value is reflected at full size.
+    """
     status = 0
+    held: Message | None = None
+    chunks: list[bytes] = []
 
     async def tap(message: Message) -> None:
-        nonlocal status
+        nonlocal status, held
         if message["type"] == "http.response.start":
             status = message["status"]
             if status >= 500:
                 ERRORS.labels(reason=f"http_{status}").inc()
+            if status >= 400:
+                held = message
+                return
+        elif message["type"] == "http.response.body" and held is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _shorten_error(b"".join(chunks))
+            start = dict(held)
+            start["headers"] = [
+                (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                for k, v in held.get("headers", [])
+            ]
+            held = None
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
         await send(message)
 
     try:
@@ -361,6 +388,29 @@ async def _forward(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope
         if not status:
             ERRORS.labels(reason="unhandled_exception").inc()
         raise
+
+
+def _shorten_error(body: bytes) -> bytes:
+    """An error body cut to a bounded size: JSON string values cut to 1000 characters, else the bytes."""
+    if len(body) <= MAX_ERROR_BODY:
+        return body
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return body[:MAX_ERROR_BODY]
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict | list):
+            keys = item.keys() if isinstance(item, dict) else range(len(item))
+            for key in keys:
+                value = item[key]  # type: ignore[index]
+                if isinstance(value, str):
+                    item[key] = cut(value, 1000)  # type: ignore[index]
+                else:
+                    stack.append(value)
+    shortened = json.dumps(payload).encode()
+    return shortened if len(shortened) <= MAX_ERROR_BODY else shortened[:MAX_ERROR_BODY]
 
 
 def mitigation_schema() -> dict[str, Any]:

@@ -408,6 +408,10 @@ def test_rejected_values_are_echoed_and_logged_bounded(served):
         assert len(reply.content) < 3000, len(reply.content)
     time.sleep(1)
     assert log.stat().st_size - size_before < 20_000, "the log must not carry the value"
+    # vLLM's own errors quote some values in full (an unknown model name): the reply is cut too.
+    reply = _post(base, "/v1/completions", {"model": huge, "prompt": "hi", "max_tokens": 2})
+    assert 400 <= reply.status_code < 500 and len(reply.content) <= 16 * 1024, len(reply.content)
+    assert reply.json()["error"]["message"].endswith("...(cut)")
 
 
 @pytest.mark.server
