@@ -146,6 +146,33 @@ def test_strict_names_and_bounded_errors():
             parse({"method": "farsight", "sigma": nan})
 
 
+def test_project_options_have_their_own_help_group_and_reach_the_environment():
+    from server.cli import mitigation_env, project_parser
+
+    text = project_parser().format_help()
+    assert "vllm-halluguard options:" in text
+    options = ["--fixture", "--default-mitigation", "--mitigation-allow", "--mitigation-preset"]
+    options += ["--max-image-pixels", "--max-image-bytes", "--allow-media-fetch", "--media-fetch-allow-net"]
+    for option in [*options, "--media-fetch-timeout", "--metrics-require-key"]:
+        assert option in text, option
+    env, rest = mitigation_env(["--fixture", "llava", "--port", "1"])
+    assert rest == ["--fixture", "llava", "--port", "1"]
+    assert env[security.ALLOW_FETCH_ENV] == "" and env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert security.metrics_open(env) and not security.MediaPolicy.from_env(env).fetch
+    env, _ = mitigation_env(
+        ["--allow-media-fetch", "--media-fetch-allow-net", "10.0.0.0/8", "--metrics-require-key"]
+    )
+    policy = security.MediaPolicy.from_env(env)
+    assert policy.fetch and policy.address_allowed("10.9.9.9") and not policy.address_allowed("127.0.0.1")
+    assert not security.metrics_open(env) and not security.is_open("/metrics", False)
+    assert security.MediaPolicy.from_env({}, domains=["example.com"]).fetch, (
+        "--allowed-media-domains turns it on"
+    )
+    for bad in (["--media-fetch-allow-net", "not-a-net"], ["--media-fetch-timeout", "0"]):
+        with pytest.raises(SystemExit):
+            mitigation_env(bad)
+
+
 def test_server_errors_are_counted_with_a_bounded_label():
     async def broken(scope, receive, send):
         await send({"type": "http.response.start", "status": 503, "headers": []})
