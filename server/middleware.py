@@ -251,6 +251,11 @@ class MitigationMiddleware:
                 )
                 await self._reject(send, MitigationError(msg, "unsupported_route"))
                 return
+            try:  # tokenize, render, pooling ... parse chat messages and media too
+                security.check_media(payload, self.media)
+            except InputError as e:
+                await self._reject(send, e)
+                return
             await _forward(self.app, scope, _replay(body, receive), send)
             return
         try:

@@ -140,6 +140,8 @@ class Policy:
 
 
 def parse_allow(text: str) -> frozenset[str]:
+    if not text.isascii():
+        raise MitigationError(f"the allow-list must be ASCII method names, got {text!r}", "config")
     names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
     unknown = sorted(names - set(known_names()))
     if unknown:

@@ -418,6 +418,10 @@ def test_client_input_that_gave_5xx_is_an_openai_400(base):
     infinite = _completion(mitigation={"method": "farsight", "sigma": "Infinity"})
     _error(_post(base, "/v1/completions", infinite), needle="must be a finite number")
     _error(_post(base, "/v1/chat/completions", _chat(role="system")), needle="user messages only")
+    tokenize = {"model": MODEL, "messages": _chat(role="system")["messages"]}
+    _error(_post(base, "/tokenize", tokenize), needle="user messages only")
+    _error(_post(base, "/tokenize", {"model": MODEL, "messages": _chat("file:///etc/passwd")["messages"]}),
+           needle="file: URLs")  # fmt: skip
     _error(_post(base, "/v1/chat/completions", _chat("data:image/png,notbase64")), needle="only base64 data:")
     _error(_post(base, "/v1/chat/completions", _chat("file:///etc/passwd")), needle="file: URLs")
     assert requests.get(f"{base}/health", timeout=5).status_code == 200
