@@ -320,10 +320,22 @@ def _is_json(scope: Scope) -> bool:
 
 
 def _sets_field(payload: Mapping[str, Any]) -> bool:
-    """Whether a body sets the field, a ``halluguard*`` key or a ``vllm_xargs.halluguard*`` key."""
-    xargs = payload.get("vllm_xargs")
-    keys = [*payload, *(xargs if isinstance(xargs, Mapping) else ())]
-    return FIELD in payload or any(isinstance(k, str) and k.lower().startswith("halluguard") for k in keys)
+    """Whether a body sets the field or has a ``halluguard*`` key at any depth.
+
+    Any depth: routes such as ``/inference/v1/generate`` take ``sampling_params.extra_args`` directly.
+    """
+    if FIELD in payload:
+        return True
+    stack: list[Any] = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(isinstance(k, str) and k.lower().startswith("halluguard") for k in item):
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return False
 
 
 def _check_internal_keys(payload: Mapping[str, Any]) -> None:

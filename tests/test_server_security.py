@@ -380,6 +380,10 @@ def test_routes_that_cannot_carry_the_field_refuse_it_by_name(base):
         _post(base, "/generative_scoring", {"model": MODEL, "mitigation": "none"}),
         needle="/generative_scoring",
     )
+    # The token-in/token-out route takes SamplingParams as they are, extra_args included.
+    params = {"max_tokens": 2, "extra_args": {"halluguard": "prunehal"}}
+    generate = {"token_ids": [1, 2, 3], "sampling_params": params}
+    _error(_post(base, "/inference/v1/generate", generate), needle="/inference/v1/generate")
 
 
 @pytest.mark.server
