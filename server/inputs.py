@@ -2,10 +2,10 @@
 
 An inline image (a base64 ``data:`` URL) is measured from its encoded length (bytes) and its header only
 (pixels: PIL's ``Image.open`` reads the header and decodes nothing); one over the server's limits is a
-400 naming the message part. Images given by URL (http(s), ``file:``) are fetched by vLLM itself, which
-applies ``VLLM_MAX_IMAGE_PIXELS`` (set from ``--max-image-pixels`` by :mod:`server.cli`) and its own
-download limits. The limits reach the API processes through environment variables, like the mitigation
-options.
+400 naming the message part. Images given by URL are refused or allowed by :mod:`server.security`;
+allowed ones are fetched by vLLM itself, which applies ``VLLM_MAX_IMAGE_PIXELS`` (set from
+``--max-image-pixels`` by :mod:`server.cli`) and its own download limits. The limits reach the API
+processes through environment variables, like the mitigation options.
 """
 
 from __future__ import annotations

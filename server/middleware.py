@@ -1,33 +1,40 @@
 """ASGI middleware installed with vLLM's ``--middleware server.middleware.MitigationMiddleware``.
 
-On ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body, resolves the top-level
-``mitigation`` field (or the server default) with :class:`server.mitigation.Resolver`, and rewrites the
-body so that vLLM's own ``vllm_xargs`` carries ``{"halluguard": "<canonical config JSON>"}`` into
-``SamplingParams.extra_args``; vLLM then handles the request as usual. A bad value is answered here
-with an OpenAI-shaped 400, and so are inline images over the server's limits and a method that needs an
-image on a request without one (:mod:`server.inputs`). The response carries the chosen config in
-``x-halluguard-mitigation``.
+It is outermost, so it sees every request first:
 
-At startup (ASGI lifespan) it binds the policy to the served model (``app.state.vllm_config``, set by
-vLLM before serving) and adds ``GET /v1/mitigations`` to vLLM's FastAPI router, so that route sits
-behind vLLM's own middleware (API key included). Completion requests without a valid API key are passed
-through unread, so vLLM's 401 comes before any mitigation error.
+* **API key**: with ``--api-key`` every route needs it except :data:`server.security.OPEN_PATHS`
+  (vLLM's own check guards only some path prefixes).
+* **JSON bodies** are parsed strictly (nesting limit, no non-finite numbers): a violation is a 400.
+* **Generation routes** (:data:`GENERATION`: chat, completions, batch chat, responses, messages and
+  ``/invocations``, dispatched by body shape like vLLM does) get the ``mitigation`` field: it is
+  resolved (or the server default) with :class:`server.mitigation.Resolver` and the body rewritten so
+  that vLLM's own ``vllm_xargs`` carries ``{"halluguard": "<canonical config JSON>"}`` into
+  ``SamplingParams.extra_args``; the response carries the chosen config in ``x-halluguard-mitigation``.
+  Media URLs are checked (:func:`server.security.check_media`) and inline images against the server's
+  limits (:mod:`server.inputs`). Every other route refuses a body that sets the field (400 naming it).
+
+At startup (ASGI lifespan) it binds the policy to the served model (``app.state.vllm_config``), guards
+vLLM's media connector in this process and adds ``GET /v1/mitigations`` to vLLM's router. 5xx answers
+are counted in ``halluguard_request_errors_total`` (``http_<status>``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
+from server import security
 from server.inputs import ImageLimits, InputError, has_image
 from server.mitigation import FIELD, NONE, MitigationError, Policy, Resolver, header_value, known_names
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+from vllm_halluguard.methods import cut
 
 logger = logging.getLogger("vllm.halluguard.server")
 
@@ -37,7 +44,17 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CHAT = "/v1/chat/completions"
-PATHS = frozenset({CHAT, "/v1/completions"})
+#: Routes that generate text, by the kind of body they take (``invocations``: chat or completion).
+GENERATION = {
+    CHAT: "chat",
+    "/v1/completions": "completion",
+    "/v1/chat/completions/batch": "batch",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/invocations": "invocations",
+}
+#: Longest error message this layer sends (user values in it are cut to 200 characters each).
+MAX_MESSAGE = 2000
 HEADER = b"x-halluguard-mitigation"
 MAX_BODY = 64 * 1024 * 1024
 
@@ -61,9 +78,11 @@ TOKENS = Counter(
 )
 
 
-def error_body(message: str, param: str | None = FIELD, status: int = 400) -> bytes:
+def error_body(
+    message: str, param: str | None = FIELD, status: int = 400, err_type: str = "BadRequestError"
+) -> bytes:
     """vLLM's / OpenAI's error shape."""
-    error = {"message": message, "type": "BadRequestError", "param": param, "code": status}
+    error = {"message": cut(message, MAX_MESSAGE), "type": err_type, "param": param, "code": status}
     return json.dumps({"error": error}).encode()
 
 
@@ -89,7 +108,10 @@ class MitigationMiddleware:
         self.app = app
         self.resolver: Resolver | None = None
         self.limits = ImageLimits()
+        self.media = security.MediaPolicy()
+        self.metrics_open = security.metrics_open()
         self._auth: Any = None  # vLLM's AuthenticationMiddleware, used only for verify_token
+        self._routes_dumped = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -100,10 +122,19 @@ class MitigationMiddleware:
                 await receive()  # lifespan.startup
                 await send({"type": "lifespan.startup.failed", "message": f"halluguard: {e}"})
                 return
-        elif scope["type"] == "http" and scope["method"] == "POST" and _path(scope) in PATHS:
-            await self._completion(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        path = _path(scope)
+        if not self._routes_dumped:
+            self._dump_routes(scope.get("app"))
+        if not self._authorized(scope, path):
+            await self._unauthorized(scope, send)
+            return
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
+            await self._json_request(scope, receive, send, path)
+            return
+        await _forward(self.app, scope, receive, send)
 
     # ------------------------------------------------------------------------------------ startup
 
@@ -112,14 +143,18 @@ class MitigationMiddleware:
             return
         vllm_config = app.state.vllm_config
         self.limits = ImageLimits.from_env()
+        model_config = vllm_config.model_config
+        self.media = security.MediaPolicy.from_env(
+            domains=getattr(model_config, "allowed_media_domains", None),
+            local_path=getattr(model_config, "allowed_local_media_path", None),
+        )
+        security.install_connector_guard(self.media)
         self.resolver = Resolver(
             Policy.from_env(),
-            vllm_config.model_config.hf_config,
+            model_config.hf_config,
             str(vllm_config.cache_config.cache_dtype),
         )
         resolver = self.resolver
-        # This middleware is outermost: leave requests without a valid API key untouched so that
-        # vLLM's own AuthenticationMiddleware answers them (401) before anything is validated.
         from vllm import envs
         from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
@@ -139,41 +174,95 @@ class MitigationMiddleware:
             resolver.family,
             self.limits.model_dump(),
         )
+        logger.info(
+            "halluguard: API key %s (open: %s), media: %s",
+            "required" if self._auth is not None else "not set",
+            sorted(security.OPEN_PATHS | (security.METRICS_PATHS if self.metrics_open else set())),
+            self.media.describe(),
+        )
+
+    def _dump_routes(self, app: Any) -> None:
+        """Write the app's routes to ``$HALLUGUARD_ROUTES_FILE`` (tests check auth on each of them)."""
+        self._routes_dumped = True
+        target = os.environ.get(security.ROUTES_FILE_ENV)
+        if not target or app is None:
+            return
+        routes = [
+            {
+                "path": route.path,
+                "methods": sorted(getattr(route, "methods", None) or []),
+                "kind": type(route).__name__,
+            }
+            for route in app.routes
+            if getattr(route, "path", None) is not None
+        ]
+        with open(target, "w", encoding="utf-8") as fh:
+            json.dump(routes, fh)
+
+    # --------------------------------------------------------------------------------------- auth
+
+    def _authorized(self, scope: Scope, path: str) -> bool:
+        if self._auth is None or scope.get("method") == "OPTIONS":  # CORS preflight, as vLLM
+            return True
+        if security.is_open(path, self.metrics_open):
+            return True
+        return bool(self._auth.verify_token(Headers(scope=scope)))
+
+    async def _unauthorized(self, scope: Scope, send: Send) -> None:
+        ERRORS.labels(reason="unauthorized").inc()
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = error_body(
+            "a valid API key is required (Authorization: Bearer <key>)", None, 401, "AuthenticationError"
+        )
+        await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
 
     # ---------------------------------------------------------------------------------- requests
 
-    async def _completion(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _json_request(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         start = time.perf_counter()
-        resolver = self.resolver
-        if resolver is None or (
-            self._auth is not None and not self._auth.verify_token(Headers(scope=scope))
-        ):  # no lifespan (nothing to resolve against), or vLLM will answer 401
-            await self.app(scope, receive, send)
-            return
-        body, disconnected = await _read_body(receive)
+        body, disconnected, complete = await _read_body(receive)
         if disconnected:
             return
-        try:
-            payload = json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload = None
-        if not isinstance(payload, dict):  # not our business: vLLM answers malformed bodies itself
-            await self.app(scope, _replay(body, receive), send)
+        if not complete:
+            await self._reject(
+                send, InputError(f"request body over {MAX_BODY} bytes", "too_large", None), 413
+            )
             return
-        chat = _path(scope) == CHAT
         try:
-            cfg, _named = resolver.for_request(payload, has_image=has_image(payload) if chat else False)
-            if chat:
-                self.limits.check(payload)
-        except MitigationError as e:
-            ERRORS.labels(reason=e.reason).inc()
-            logger.info("halluguard: rejected mitigation (%s): %s", e.reason, e)
-            await send_json(send, 400, error_body(f"invalid mitigation: {e}"), [])
-            return
+            payload = security.load_json(body) if body else None
         except InputError as e:
-            ERRORS.labels(reason=e.reason).inc()
-            logger.info("halluguard: rejected input (%s): %s", e.reason, e)
-            await send_json(send, 400, error_body(str(e), e.param), [])
+            await self._reject(send, e)
+            return
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = None  # not our business: vLLM answers malformed bodies itself
+        kind = GENERATION.get(path)
+        if kind == "invocations" and isinstance(payload, dict):  # vLLM tries chat, then completion
+            kind = "chat" if "messages" in payload else "completion" if "prompt" in payload else None
+        if not isinstance(payload, dict) or self.resolver is None:
+            await _forward(self.app, scope, _replay(body, receive), send)
+            return
+        if kind is None:
+            if _sets_field(payload):
+                msg = (
+                    f"the {FIELD!r} field (and vllm_xargs.{EXTRA_ARGS_KEY}) is not supported on "
+                    f"{cut(path, 100)}; generation routes: {', '.join(GENERATION)}"
+                )
+                await self._reject(send, MitigationError(msg, "unsupported_route"))
+                return
+            try:  # tokenize, render, pooling ... parse chat messages and media too
+                security.check_media(payload, self.media)
+            except InputError as e:
+                await self._reject(send, e)
+                return
+            await _forward(self.app, scope, _replay(body, receive), send)
+            return
+        try:
+            cfg = self._check(payload, kind)
+        except (MitigationError, InputError) as e:
+            logger.debug("halluguard: rejected body of %d bytes on %s", len(body), cut(path, 100))
+            await self._reject(send, e)
             return
         rewritten = _rewrite(payload, cfg)
         if rewritten is not None:
@@ -186,7 +275,159 @@ class MitigationMiddleware:
         method = cfg.name if cfg is not None else NONE
         REQUESTS.labels(method=method).inc()
         tap = _ResponseTap(send, header_value(cfg).encode(), method, start, bool(payload.get("stream")))
-        await self.app(scope, _replay(body, receive), tap.send)
+        await _forward(self.app, scope, _replay(body, receive), tap.send)
+
+    def _check(self, payload: dict[str, Any], kind: str) -> Any:
+        """Validate a generation body: internal keys, media, the field (or default), beam search, images."""
+        assert self.resolver is not None
+        _check_internal_keys(payload)
+        security.check_media(payload, self.media)
+        conversations: list[Any] = []
+        if kind == "chat":
+            conversations = [payload]
+        elif kind == "batch" and isinstance(payload.get("messages"), list):
+            conversations = [{"messages": c} for c in payload["messages"] if isinstance(c, list)]
+        image: bool | None = None  # responses / messages: the engine checks at admission
+        if kind in ("chat", "batch"):
+            image = bool(conversations) and all(has_image(c) for c in conversations)
+        elif kind == "completion":
+            image = False
+        cfg, _named = self.resolver.for_request(payload, has_image=image)
+        if cfg is not None and payload.get("use_beam_search"):
+            raise MitigationError(
+                "mitigation methods do not run under beam search: drop use_beam_search or send "
+                f"'{FIELD}': 'none'",
+                "beam_search",
+            )
+        for conversation in conversations:
+            self.limits.check(conversation)
+        return cfg
+
+    async def _reject(self, send: Send, error: MitigationError | InputError, status: int = 400) -> None:
+        ERRORS.labels(reason=error.reason).inc()
+        if isinstance(error, MitigationError):
+            message, param = f"invalid mitigation: {error}", FIELD
+        else:
+            message, param = str(error), error.param
+        logger.info("halluguard: rejected request (%s): %s", error.reason, cut(message, 300))
+        await send_json(send, status, error_body(message, param, status), [])
+
+
+def _is_json(scope: Scope) -> bool:
+    """A body FastAPI would parse as JSON: a JSON content type, or none at all."""
+    content_type = Headers(scope=scope).get("content-type", "")
+    return not content_type or "json" in content_type.lower()
+
+
+def _sets_field(payload: Mapping[str, Any]) -> bool:
+    """Whether a body sets the field or has a ``halluguard*`` key at any depth.
+
+    Any depth: routes such as ``/inference/v1/generate`` take ``sampling_params.extra_args`` directly.
+    """
+    if FIELD in payload:
+        return True
+    stack: list[Any] = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(isinstance(k, str) and k.lower().startswith("halluguard") for k in item):
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return False
+
+
+def _check_internal_keys(payload: Mapping[str, Any]) -> None:
+    """Clients may set ``vllm_xargs.halluguard`` only: other ``halluguard*`` keys are the plugin's."""
+    xargs = payload.get("vllm_xargs")
+    for where, keys in (("", payload), ("vllm_xargs.", xargs if isinstance(xargs, Mapping) else {})):
+        for key in keys:
+            if (
+                isinstance(key, str)
+                and key.lower().startswith("halluguard")
+                and (where, key)
+                != (
+                    "vllm_xargs.",
+                    EXTRA_ARGS_KEY,
+                )
+            ):
+                raise MitigationError(
+                    f"{where}{cut(key, 60)} is not a key clients may set (use '{FIELD}' or "
+                    f"vllm_xargs.{EXTRA_ARGS_KEY})",
+                    "internal_key",
+                )
+
+
+#: Error bodies from vLLM larger than this are shortened (vLLM quotes some request values in full).
+MAX_ERROR_BODY = 16 * 1024
+
+
+async def _forward(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope, receive: Receive,
+                   send: Send) -> None:  # fmt: skip
+    """Call the app, counting 5xx answers and unhandled exceptions in the error metric.
+
+    An error response (status >= 400) is held until complete; one over :data:`MAX_ERROR_BODY` has its
+    message cut (:func:`_shorten_error`), so that no request value is reflected at full size.
+    """
+    status = 0
+    held: Message | None = None
+    chunks: list[bytes] = []
+
+    async def tap(message: Message) -> None:
+        nonlocal status, held
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            if status >= 500:
+                ERRORS.labels(reason=f"http_{status}").inc()
+            if status >= 400:
+                held = message
+                return
+        elif message["type"] == "http.response.body" and held is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _shorten_error(b"".join(chunks))
+            start = dict(held)
+            start["headers"] = [
+                (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                for k, v in held.get("headers", [])
+            ]
+            held = None
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send(message)
+
+    try:
+        await app(scope, receive, tap if scope["type"] == "http" else send)
+    except Exception:
+        if not status:
+            ERRORS.labels(reason="unhandled_exception").inc()
+        raise
+
+
+def _shorten_error(body: bytes) -> bytes:
+    """An error body cut to a bounded size: JSON string values cut to 1000 characters, else the bytes."""
+    if len(body) <= MAX_ERROR_BODY:
+        return body
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return body[:MAX_ERROR_BODY]
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict | list):
+            keys = item.keys() if isinstance(item, dict) else range(len(item))
+            for key in keys:
+                value = item[key]  # type: ignore[index]
+                if isinstance(value, str):
+                    item[key] = cut(value, 1000)  # type: ignore[index]
+                else:
+                    stack.append(value)
+    shortened = json.dumps(payload).encode()
+    return shortened if len(shortened) <= MAX_ERROR_BODY else shortened[:MAX_ERROR_BODY]
 
 
 def mitigation_schema() -> dict[str, Any]:
@@ -227,21 +468,21 @@ def _path(scope: Scope) -> str:
     return scope["path"].removeprefix(scope.get("root_path", ""))
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+async def _read_body(receive: Receive) -> tuple[bytes, bool, bool]:
+    """``(body, disconnected, complete)``; stops reading past :data:`MAX_BODY` (``complete=False``)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"", True
+            return b"", True, False
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:  # let vLLM deal with it; we never hold more than this
-            chunks.append(chunk)
-            return b"".join(chunks), False
+        if size > MAX_BODY:
+            return b"", False, False
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks), False
+            return b"".join(chunks), False, True
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -318,7 +559,8 @@ class _ResponseTap:
     def _finish(self) -> None:
         LATENCY.labels(method=self._method).observe(time.perf_counter() - self._start)
         if self._status >= 400:
-            ERRORS.labels(reason=f"http_{self._status}").inc()
+            if self._status < 500:  # 5xx: counted by _forward
+                ERRORS.labels(reason=f"http_{self._status}").inc()
             return
         tokens = _usage(b"".join(self._body)) if not self._stream else self._tokens
         if tokens:

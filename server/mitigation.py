@@ -1,7 +1,7 @@
 """What the HTTP ``mitigation`` field means: parsing, server policy and the engine's own resolution.
 
 A request's field (or the server default) is turned into the canonical config that the engine will run,
-with the same :func:`vllm_halluguard.engine.requests.resolve` the engine calls at admission, so a request
+with the same :func:`vllm_halluguard.methods.resolve.resolve` the engine calls at admission, so a request
 the server accepts is one the engine accepts. The server options (default, allow-list, preset family)
 reach the API process through environment variables set by :mod:`server.cli`.
 """
@@ -9,6 +9,7 @@ reach the API process through environment variables set by :mod:`server.cli`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -16,7 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_halluguard.engine import requests as engine_requests
-from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, ModelFamily, parse
+from vllm_halluguard.methods import (
+    METHODS,
+    MODEL_FAMILIES,
+    MethodConfig,
+    ModelFamily,
+    SpecError,
+    parse,
+    short,
+)
+from vllm_halluguard.methods.resolve import model_family, resolve
 
 FIELD = "mitigation"
 NONE = "none"
@@ -57,18 +67,16 @@ def load_spec_text(text: str) -> Any:
 
 
 def _method_name(item: Any) -> str:
-    if isinstance(item, Mapping):
-        return str(item.get("method"))
-    return str(item)
+    return short(item.get("method") if isinstance(item, Mapping) else item, 60)
 
 
 def single_spec(value: Any) -> Any:
     """Reduce the field to one method spec: a list composes methods, and the engine composes none yet."""
     if isinstance(value, list):
         if len(value) > 1:
-            names = [_method_name(v) for v in value]
+            names = ", ".join(_method_name(v) for v in value[:8]) + (", ..." if len(value) > 8 else "")
             raise MitigationError(
-                f"composing methods {names} is not supported: the engine runs one method per request "
+                f"composing methods [{names}] is not supported: the engine runs one method per request "
                 f"(supported combinations: none); send one method",
                 "composition",
             )
@@ -86,10 +94,15 @@ def parse_spec(value: Any) -> MethodConfig | None:
     """Parse (without the model) the field's value; ``None`` means no mitigation."""
     spec = single_spec(value)
     try:
-        return parse(spec)
-    except ValueError as e:
-        reason = "unknown_method" if str(e).startswith("unknown method") else "invalid_params"
-        raise MitigationError(str(e), reason) from e
+        cfg = parse(spec)
+    except SpecError as e:
+        raise MitigationError(str(e), e.reason) from e
+    for field, v in cfg or ():
+        if isinstance(v, float) and not math.isfinite(v):  # e.g. sigma "Infinity": not over HTTP
+            raise MitigationError(
+                f"invalid {cfg.name} config: {field}: must be a finite number", "invalid_params"
+            )
+    return cfg
 
 
 class _FamilyView:
@@ -135,6 +148,8 @@ class Policy:
 
 
 def parse_allow(text: str) -> frozenset[str]:
+    if not text.isascii():
+        raise MitigationError(f"the allow-list must be ASCII method names, got {text!r}", "config")
     names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
     unknown = sorted(names - set(known_names()))
     if unknown:
@@ -150,7 +165,7 @@ class Resolver:
         self.policy = policy
         self.hf_config = hf_config
         self.cache_dtype = cache_dtype
-        self.family: ModelFamily | None = policy.preset or engine_requests.model_family(hf_config)
+        self.family: ModelFamily | None = policy.preset or model_family(hf_config)
         self.num_layers: int = hf_config.get_text_config().num_hidden_layers
         self.default = self.resolve(policy.default)  # a bad default fails at startup
 
@@ -177,14 +192,13 @@ class Resolver:
             return None
         try:
             resolved = self._engine_resolve(single_spec(value))
-        except ValueError as e:
-            reason = "unsupported" if cfg.name not in engine_methods() else "invalid_params"
-            raise MitigationError(str(e), reason) from e
+        except SpecError as e:
+            raise MitigationError(str(e), e.reason) from e
         require_image(cfg.name, has_image)
         return resolved
 
     def _engine_resolve(self, spec: Any) -> MethodConfig | None:
-        return engine_requests.resolve(spec, self._model_view(), self.cache_dtype)
+        return resolve(spec, self._model_view(), self.cache_dtype)
 
     def for_request(
         self, body: Mapping[str, Any], has_image: bool | None = None

@@ -69,7 +69,8 @@ def vllm_pin() -> str:
 
 STUB = """#!/bin/sh
 # Stand-in for the image's interpreter: report the PID and argv, then wait for SIGTERM if asked.
-{ echo "pid=$$"; for a in "$@"; do printf 'arg=%s\\n' "$a"; done; } > "$STUB_OUT"
+{ echo "pid=$$"; echo "key=${VLLM_API_KEY:-}"; for a in "$@"; do printf 'arg=%s\\n' "$a"; done; } \\
+    > "$STUB_OUT"
 if [ -n "${STUB_WAIT:-}" ]; then
     trap 'echo term >> "$STUB_OUT"; exit 0' TERM
     echo ready >> "$STUB_OUT"
@@ -103,37 +104,33 @@ def parse(out: Path) -> list[str]:
     return [line.removeprefix("arg=") for line in out.read_text().splitlines() if line.startswith("arg=")]
 
 
-def test_entrypoint_adds_custom_backend_by_default(stub):
+def test_entrypoint_adds_no_attention_backend(stub):
+    """The plugin wraps the backend vLLM selects: the arguments reach the server as given."""
     assert stub("llava-hf/llava-1.5-7b-hf", "--default-mitigation", "kvsmooth") == [
         "-m", "server", "llava-hf/llava-1.5-7b-hf", "--default-mitigation", "kvsmooth",
-        "--attention-backend", "CUSTOM",
     ]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "override",
-    [["--attention-backend", "FLASH_ATTN"], ["--attention-backend=TRITON_ATTN"]],
-    ids=["separate", "equals"],
-)
-def test_entrypoint_keeps_user_backend(stub, override):
-    args = ["MODEL", *override, "--tensor-parallel-size", "2"]
+    args = ["MODEL", "--attention-backend", "TRITON_ATTN", "--tensor-parallel-size", "2"]
     assert stub(*args) == ["-m", "server", *args]
-
-
-def test_entrypoint_backend_from_environment(stub):
-    assert stub("MODEL", env={"HALLUGUARD_ATTENTION_BACKEND": "FLEX_ATTENTION"})[-2:] == [
-        "--attention-backend",
-        "FLEX_ATTENTION",
-    ]
-    # Empty: add nothing (vLLM picks its own backend).
-    assert stub("MODEL", env={"HALLUGUARD_ATTENTION_BACKEND": ""}) == ["-m", "server", "MODEL"]
 
 
 def test_entrypoint_preserves_arguments_verbatim(stub):
     spec = '{"method": "farsight", "mode": "B"}'
     tricky = ["/models/my model", "--default-mitigation", spec, "--api-key", "a$b`c'd\"e", "*"]
-    assert stub(*tricky) == ["-m", "server", *tricky, "--attention-backend", "CUSTOM"]
-    assert stub() == ["-m", "server", "--attention-backend", "CUSTOM"]
+    assert stub(*tricky) == ["-m", "server", *tricky]
+    assert stub() == ["-m", "server"]
+
+
+def test_entrypoint_reads_the_api_key_file(stub, tmp_path):
+    """``HALLUGUARD_API_KEY_FILE`` (a Compose secret) becomes ``VLLM_API_KEY``, never an argument."""
+    key = tmp_path / "api_key"
+    key.write_text("s3cret-key\n")
+    args = stub("MODEL", env={"HALLUGUARD_API_KEY_FILE": str(key)})
+    assert "key=s3cret-key" in stub.out.read_text().splitlines()
+    assert not any("s3cret" in a for a in args)
+    for missing in (tmp_path / "absent", tmp_path / "empty"):
+        (tmp_path / "empty").write_text("")
+        result = run([str(ENTRYPOINT), "MODEL"], env={**stub.env, "HALLUGUARD_API_KEY_FILE": str(missing)})
+        assert result.returncode == 1 and "missing or empty" in result.stderr
 
 
 def test_entrypoint_interpreter_override(stub):
@@ -290,6 +287,14 @@ def test_kubernetes_structure(overlay, gpus):
     assert sec["runAsNonRoot"] is True and sec["runAsUser"] == UID and sec["fsGroup"] == UID
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
+    # Safe to expose: the API key comes from a Secret (required), media fetching stays off.
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "vllm-halluguard-api-key" and not ref.get("optional", False)
+    assert not any(
+        a.startswith(("--allow-media-fetch", "--allowed-media-domains", "--api-key")) for a in c["args"]
+    )
+
 
 # --- docker compose ---------------------------------------------------------------------------
 
@@ -316,6 +321,9 @@ def test_compose_valid_and_structure(tmp_path):
     assert Path(svc["build"]["context"]).resolve() == ROOT
     assert svc["command"][0] == "llava-hf/llava-1.5-7b-hf"
     assert "--default-mitigation=kvsmooth" in svc["command"]
+    assert svc["secrets"][0]["source"] == "api_key"
+    assert svc["environment"]["HALLUGUARD_API_KEY_FILE"] == svc["secrets"][0]["target"]
+    assert not any(a.startswith(("--allow-media-fetch", "--allowed-media-domains")) for a in svc["command"])
 
     # Variables reach the command; HF_TOKEN passes through only when set.
     assert svc["environment"]["HF_TOKEN"] is None

@@ -63,6 +63,15 @@ BIG = _png(Image.new("RGB", (4097, 4097), (200, 30, 30)))
 #: 300 x 300 of noise: few pixels, but ~270 kB, over ``--max-image-bytes``.
 NOISY = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)))
 CORRUPT = "data:image/png;base64,AAAAbm90IGFuIGltYWdl"
+#: Media URLs that once gave a 5xx (non-base64 data:, file:) or that must not be fetched.
+ODD_URLS = [
+    "data:image/png,notbase64",
+    "data:image/png;base64,!!!!",
+    "data:,",
+    "file:///etc/passwd",
+    "http://127.0.0.1:1/x.png",
+    "http://169.254.169.254/latest/meta-data/",
+]
 
 
 def _chat_body(url: str | None, mitigation: Any = ..., max_tokens: int = 4) -> dict[str, Any]:
@@ -84,7 +93,7 @@ def test_image_limits_read_headers_only_and_name_the_part():
     for ok in (SMALL, exact):
         limits.check(_chat_body(_data_url(ok)))
     limits.check(_chat_body(CORRUPT))  # left to vLLM, which answers its own 400
-    limits.check(_chat_body("http://127.0.0.1:1/x.png"))  # fetched by vLLM, not here
+    limits.check(_chat_body("http://127.0.0.1:1/x.png"))  # not an inline image: server.security's
     with pytest.raises(InputError, match=r"4097x4097 \(16785409 pixels\).*16777216 pixels") as e:
         limits.check(_chat_body(_data_url(BIG)))
     assert (e.value.param, e.value.reason) == ("messages[0].content[0].image_url.url", "image_too_large")
@@ -158,8 +167,12 @@ class _ImageHost:
     """A loopback HTTP server of PNG files, for image URLs that vLLM fetches itself."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
+        self.hits: list[str] = []
+        hits = self.hits
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                hits.append(self.path)
                 data = files.get(self.path)
                 self.send_response(200 if data is not None else 404)
                 self.send_header("Content-Type", "image/png")
@@ -209,10 +222,12 @@ def test_oversized_images_are_openai_400s_while_a_normal_image_succeeds(base, cl
         error = _error(noisy.result())
         assert error["param"] == "messages[0].content[0].image_url.url"
         assert f"{len(NOISY)} bytes" in error["message"] and "--max-image-bytes" in error["message"]
-        # Fetched by vLLM: its own loader applies VLLM_MAX_IMAGE_PIXELS, which --max-image-pixels set.
-        error = _error(fetched_big.result())
-        assert "16785409 pixels" in error["message"] and "16777216" in error["message"], error
-        assert fetched_small.result().status_code == 200, fetched_small.result().text
+        # Fetching is off by default: image URLs are a 400 and the host never hears from the server.
+        for fetched in (fetched_big, fetched_small):
+            error = _error(fetched.result())
+            assert "not fetched by this server" in error["message"], error
+            assert error["param"] == "messages[0].content[0].image_url.url", error
+        assert host.hits == [], "nothing may be fetched while fetching is off"
         openai_case.result()
         assert [json.loads(h)["method"] if h != "none" else h for h in (f.result() for f in normal)] == [
             "none",
@@ -334,7 +349,7 @@ def _parameter_schema(mitigations: dict[str, Any]) -> dict[str, Any]:
 
 def _fuzz_document(mitigation: dict[str, Any]) -> dict[str, Any]:
     """A compact OpenAPI 3.1 document of our surface (the completion bodies kept small and realistic)."""
-    urls = [_data_url(SMALL), _data_url(BIG), _data_url(NOISY), CORRUPT]
+    urls = [_data_url(SMALL), _data_url(BIG), _data_url(NOISY), CORRUPT, *ODD_URLS]
     part = {
         "anyOf": [
             {
@@ -436,6 +451,12 @@ def test_openapi_documents_the_field_and_schemathesis_finds_no_5xx(base, client)
     fuzz(documented, schemathesis.GenerationMode.POSITIVE, 30)
     fuzz(with_parameters, schemathesis.GenerationMode.POSITIVE, 40)
     fuzz(documented, schemathesis.GenerationMode.NEGATIVE, 30)
+    # Deep nesting (Python's json recursion limit is ~1000) and non-finite numbers: 400, never 5xx.
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/mitigations", "/tokenize"):
+        for raw in (b"[" * 1000 + b"]" * 1000, b'{"a":' * 500 + b"1" + b"}" * 500, b'{"model": NaN}'):
+            reply = session.post(f"{base}{path}", data=raw, headers={"Content-Type": "application/json"})
+            statuses[(path, reply.status_code)] += 1
+            assert reply.status_code in (400, 405), (path, reply.status_code, reply.text[:300])
     logger.info("schemathesis cases by (path, status): %s", dict(statuses))
     paths = {path for path, _ in statuses}
     codes = {code for _, code in statuses}

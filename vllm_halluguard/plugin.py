@@ -62,5 +62,29 @@ def register() -> bool:
     if trace:
         with open(trace, "a", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()} {found}\n")
-    logger.info("vllm-halluguard plugin registered (vLLM %s, pid %d)", found, os.getpid())
+    _info_once_configured("vllm-halluguard plugin registered (vLLM %s, pid %d)", found, os.getpid())
     return True
+
+
+def _info_once_configured(msg: str, *args: object) -> None:
+    """Log at INFO now, or once vLLM has configured its logging if INFO would be dropped now.
+
+    The API server process loads plugins while building its command-line parser, before vLLM sets up
+    its log handler and level from the parsed arguments; a line logged then would be lost.
+    """
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(msg, *args)
+        return
+    try:
+        import vllm.logger as vllm_logger
+
+        original = vllm_logger._configure_vllm_root_logger
+    except (ImportError, AttributeError):
+        return
+
+    def configure(*a: object, **kw: object) -> None:
+        original(*a, **kw)
+        vllm_logger._configure_vllm_root_logger = original
+        logger.info(msg, *args)
+
+    vllm_logger._configure_vllm_root_logger = configure

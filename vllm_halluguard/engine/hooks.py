@@ -147,7 +147,17 @@ def install_admission() -> None:
     def process_inputs(
         self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        spec = spec_of(getattr(params, "extra_args", None))
+        extra_args = getattr(params, "extra_args", None)
+        internal = _internal_keys(extra_args)
+        if internal:
+            _reject(
+                self,
+                prompt,
+                ValueError(
+                    f"{internal[0][:64]!r} is an internal key; requests may set only {EXTRA_ARGS_KEY!r}"
+                ),
+            )
+        spec = spec_of(extra_args)
         cfg = None
         if spec is not None:
             try:
@@ -177,6 +187,18 @@ def install_admission() -> None:
         raise VLLMValidationError(msg, parameter=EXTRA_ARGS_KEY) from error
 
     InputProcessor.process_inputs = process_inputs
+
+
+def _internal_keys(extra_args: Any) -> list[str]:
+    """Keys of a request's ``extra_args`` that only the plugin itself may set (``halluguard*`` but not
+    ``halluguard``), e.g. the SCR diagnostic copy's parent link, which is added inside the scheduler."""
+    if not isinstance(extra_args, dict):
+        return []
+    return [
+        k
+        for k in extra_args
+        if isinstance(k, str) and k.lower().startswith("halluguard") and k != "halluguard"
+    ]
 
 
 def _forget_rendered_items(input_processor: Any, prompt: Any) -> None:

@@ -23,7 +23,34 @@ METHODS: dict[str, type[MethodConfig]] = {
 }
 
 #: Names that mean "no mitigation".
-NONE_NAMES = frozenset({"none", ""})
+NONE_NAMES = frozenset({"none"})
+#: Longest user value quoted back in an error message.
+ECHO_LIMIT = 200
+
+
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, for quoting user input in errors and logs."""
+    return text if len(text) <= limit else f"{text[:limit]}...(cut)"
+
+
+def short(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a long string is cut before its repr is built)."""
+    return cut(repr(value[: limit + 1] if isinstance(value, str) else value), limit)
+
+
+def _name(raw: str) -> str:
+    """A method name as written: stripped and lower-cased ASCII; anything else is a :class:`SpecError`."""
+    name = raw.strip()
+    if not name.isascii():  # before lower(): "\u212a" (Kelvin sign) lower-cases to "k"
+        raise SpecError(
+            f"method name {cut(ascii(raw[: ECHO_LIMIT + 1]))} is not ASCII; known methods: {_known()}",
+            "unknown_method",
+        )
+    if not name:
+        raise SpecError(
+            f"empty method name; known methods: {_known()} ('none' for no mitigation)", "unknown_method"
+        )
+    return name.lower()
 
 
 def parse(obj: Any) -> MethodConfig | None:
@@ -36,29 +63,35 @@ def parse(obj: Any) -> MethodConfig | None:
     if obj is None or isinstance(obj, MethodConfig):
         return obj
     if isinstance(obj, str):
-        name, params = obj.strip().lower(), {}
+        name, params = _name(obj), {}
     elif isinstance(obj, Mapping):
         if "method" not in obj:
-            raise SpecError(f"method spec has no 'method' key; known methods: {_known()}", "invalid_spec")
+            raise SpecError(
+                f"method spec {short(dict(obj))} has no 'method' key; known methods: {_known()}",
+                "invalid_spec",
+            )
         name = obj["method"]
         if not isinstance(name, str):
-            raise SpecError(f"'method' must be a string, got {type(name).__name__}", "invalid_spec")
-        name = name.strip().lower()
+            raise SpecError(f"'method' must be a string, got {short(name)}", "invalid_spec")
+        name = _name(name)
         params = {k: v for k, v in obj.items() if k != "method"}
     else:
-        raise SpecError(f"cannot parse a method spec from {type(obj).__name__}", "invalid_spec")
+        raise SpecError(f"cannot parse a method spec from {type(obj).__name__}: {short(obj)}", "invalid_spec")
     if name in NONE_NAMES:
         if params:
-            raise SpecError(f"method 'none' takes no parameters, got {sorted(params)}", "invalid_params")
+            raise SpecError(
+                f"method 'none' takes no parameters, got {short(sorted(map(str, params)))}", "invalid_params"
+            )
         return None
     cls = METHODS.get(name)
     if cls is None:
-        raise SpecError(f"unknown method {name!r}; known methods: {_known()}", "unknown_method")
+        raise SpecError(f"unknown method {short(name)}; known methods: {_known()}", "unknown_method")
     try:
         return cls(**params)
     except ValidationError as e:
         details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}" for err in e.errors()
+            f"{cut('.'.join(str(p) for p in err['loc']) or '<config>')}: {cut(err['msg'])}"
+            for err in e.errors()[:5]
         )
         raise SpecError(f"invalid {name} config: {details}", "invalid_params") from e
 
@@ -78,6 +111,8 @@ __all__ = [
     "PruneHalConfig",
     "SCRConfig",
     "SpecError",
+    "cut",
     "parse",
     "scale_layer_range",
+    "short",
 ]

@@ -109,6 +109,14 @@ class MethodConfig(BaseModel):
             return parse_layer_spec(v)
         return v
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _check_parsed(cls, v: Any) -> Any:
+        """Reject NaN however it was written (pydantic parses the string ``"nan"`` to a float NaN)."""
+        if isinstance(v, float) and math.isnan(v):
+            raise ValueError("NaN is not a valid value")
+        return v
+
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
         """The paper's setting for ``model_family``, with layer ranges scaled to ``num_layers``."""
