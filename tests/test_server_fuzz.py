@@ -13,11 +13,9 @@ import io
 import json
 import logging
 import shutil
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import openai
 import pytest
 import requests
 import schemathesis
+from canary import Canary
 from hypothesis import HealthCheck, given, settings
 from openai import OpenAI
 from PIL import Image
@@ -163,41 +162,8 @@ def _error(reply: requests.Response, status: int = 400) -> dict[str, Any]:
     return error
 
 
-class _ImageHost:
-    """A loopback HTTP server of PNG files, for image URLs that vLLM fetches itself."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.hits: list[str] = []
-        hits = self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hits.append(self.path)
-                data = files.get(self.path)
-                self.send_response(200 if data is not None else 404)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data or b"")))
-                self.end_headers()
-                self.wfile.write(data or b"")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> _ImageHost:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_oversized_images_are_openai_400s_while_a_normal_image_succeeds(base, client):
-    with _ImageHost({"/big.png": BIG, "/small.png": SMALL}) as host, ThreadPoolExecutor(8) as pool:
+    with Canary({"/big.png": BIG, "/small.png": SMALL}) as host, ThreadPoolExecutor(8) as pool:
 
         def post(body: dict[str, Any]) -> requests.Response:
             return requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)

@@ -14,15 +14,14 @@ import base64
 import io
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from canary import Canary
 from openai import OpenAI
 from PIL import Image
 
@@ -213,48 +212,11 @@ def test_engine_rejects_internal_keys_from_a_request(engines):
 # ------------------------------------------------------------------------------------ canaries
 
 
-class Canary:
-    """A loopback HTTP server that records every request it gets (proof of what the server fetched)."""
-
-    def __init__(self, host: str, redirect_to: str = "") -> None:
-        self.hits: list[str] = []
-        hits, files = self.hits, {"/small.png": SMALL, "/big.png": BIG, "/text.png": b"not an image"}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hits.append(self.path)
-                if self.path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", redirect_to)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.path == "/slow":
-                    time.sleep(30)
-                data = files.get(self.path)
-                self.send_response(200 if data is not None else 404)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data or b"")))
-                self.end_headers()
-                self.wfile.write(data or b"")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://{host}:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def canaries() -> Iterator[tuple[Canary, Canary]]:
-    refused = Canary("127.0.0.2")  # loopback, not in --media-fetch-allow-net
-    allowed = Canary("127.0.0.1", redirect_to=f"{refused.url}/small.png")
+    files = {"/small.png": SMALL, "/big.png": BIG, "/text.png": b"not an image"}
+    refused = Canary(files, "127.0.0.2")  # loopback, not in --media-fetch-allow-net
+    allowed = Canary(files, "127.0.0.1", redirect_to=f"{refused.url}/small.png")
     yield allowed, refused
     allowed.close()
     refused.close()

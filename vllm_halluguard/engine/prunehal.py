@@ -154,7 +154,8 @@ def apply(call: LayerCall, row: Row) -> None:
 
 
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
-    """:func:`apply` for single-token rows: one padded gather and one batched masked attention."""
+    """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
+    measured on its last token: one padded gather and one batched masked attention."""
     todo: list[tuple[Row, PruneState, int]] = []
     for row in rows:
         state = row.request
@@ -163,8 +164,9 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         if st is None or cfg.is_noop() or st.visual.numel() == 0:
             continue
         i = st.index.get(call.layer)
-        if call.seq_lens[row.index] < state.prompt_len or i is None:
-            continue  # prompt rows before its last token (1-token chunks) are never touched
+        seq_len, prompt_len = call.seq_lens[row.index], state.prompt_len
+        if i is None or seq_len < prompt_len or (seq_len > prompt_len and not call.is_single(row)):
+            continue  # rows before the prompt's last token are never touched
         todo.append((row, st, i))
     if not todo:
         return
@@ -178,7 +180,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     for b in pruned:  # pruned visual keys off
         _, st, i = todo[b]
         key_mask[b, st.visual] = st.keep[i]
-    starts = torch.tensor([call.query_start_loc[row.index] for row, _, _ in todo])
+    starts = torch.tensor([call.query_start_loc[row.index + 1] - 1 for row, _, _ in todo])  # last tokens
     if pruned:
         out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
         sel = torch.tensor(pruned)
@@ -287,6 +289,14 @@ class PruneHalEngine(EngineMethod):
     init_state = staticmethod(init_state)  # type: ignore[assignment]
     apply = staticmethod(apply)  # type: ignore[assignment]
     apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+
+    def run(self, call: LayerCall, rows: list[Row]) -> None:
+        """Every row is measured on its last token, so all rows go to one :func:`apply_batch`."""
+        if call.gather_batch is None:
+            for row in rows:
+                apply(call, row)
+        else:
+            apply_batch(call, rows)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
