@@ -7,7 +7,8 @@
 * CUDA graphs: a step with mitigated rows is dispatched without full graphs, so the per-layer
   partition runs (:func:`install_cudagraph_guard`); other steps keep every graph;
 * model runner: after vLLM updates its persistent batch, the runtime syncs its request table
-  (:func:`ensure_runner_hook`, installed lazily by our metadata builders, i.e. in workers only);
+  (:func:`vllm_halluguard.engine.runtime.ensure_runner_hook`, installed lazily by our metadata
+  builders, i.e. in workers only);
 * admission: ``InputProcessor.process_inputs`` first resolves the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
 * runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
@@ -23,9 +24,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import OrderedDict
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: Resolved specs remembered per API process (by their text; see ``install_admission``).
+MEMO_SIZE = 256
 
 #: vLLM backend names the plugin wraps, and the attribute of :mod:`.backends` that wraps each.
 BACKENDS = {"CPU_ATTN": "HG_CPU_ATTN", "FLASH_ATTN": "HG_FLASH_ATTN", "TRITON_ATTN": "HG_TRITON_ATTN"}
@@ -108,33 +113,6 @@ def install_cudagraph_guard() -> None:
 
 
 @functools.cache
-def ensure_runner_hook() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm_halluguard.engine.registry import all_methods
-    from vllm_halluguard.engine.runtime import Runtime
-    from vllm_halluguard.engine.state import set_current
-
-    original = GPUModelRunner._update_states
-
-    @functools.wraps(original)
-    def _update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
-        runtime = self.__dict__.get("_halluguard_runtime")
-        if runtime is None:
-            runtime = self._halluguard_runtime = Runtime(self.vllm_config)
-        set_current(runtime)
-        runtime.update(scheduler_output, self.input_batch, self.requests)
-        if runtime.step is not None:
-            forward_context = self.vllm_config.compilation_config.static_forward_context
-            for method in all_methods():
-                method.install_model_hooks(runtime, self.get_model(), forward_context)
-        return result
-
-    GPUModelRunner._update_states = _update_states
-
-
-@functools.cache
 def install_admission() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
@@ -165,7 +143,7 @@ def install_admission() -> None:
                     raise ValueError(
                         "mitigation methods need vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
                     )
-                cfg = resolve(spec, self.model_config.hf_config, self.vllm_config.cache_config.cache_dtype)
+                cfg = _resolve_once(self, extra_args[EXTRA_ARGS_KEY], spec)
             except ValueError as e:
                 _reject(self, prompt, e)
         request = original(self, request_id, prompt, params, *args, **kwargs)
@@ -180,6 +158,19 @@ def install_admission() -> None:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), EXTRA_ARGS_KEY: cfg.canonical()}
         return request
+
+    def _resolve_once(input_processor: Any, raw: Any, spec: Any) -> Any:
+        """:func:`resolve`, memoised per process on the spec's text: the server sends each request's
+        canonical config as JSON text, so one config is resolved once, whatever the traffic."""
+        args = (input_processor.model_config.hf_config, input_processor.vllm_config.cache_config.cache_dtype)
+        if not isinstance(raw, str):
+            return resolve(spec, *args)
+        memo = input_processor.__dict__.setdefault("_halluguard_resolved", OrderedDict())
+        if raw not in memo:
+            memo[raw] = resolve(spec, *args)  # a bad spec raises and is not remembered
+            while len(memo) > MEMO_SIZE:
+                memo.popitem(last=False)
+        return memo[raw]
 
     def _reject(input_processor: Any, prompt: Any, error: ValueError) -> None:
         _forget_rendered_items(input_processor, prompt)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from vllm_halluguard.engine.state import Row
-
-if TYPE_CHECKING:
-    from vllm_halluguard.engine.runtime import Runtime
 
 
 @dataclass
@@ -33,7 +30,7 @@ class LayerCall:
     query_start_loc: list[int]
     seq_lens: list[int]
     slot_mapping: torch.Tensor  # [T]
-    runtime: Runtime
+    runtime: Any  # the worker's :class:`~vllm_halluguard.engine.runtime.Runtime`
     gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
     gather_batch: Callable[..., tuple[torch.Tensor | None, ...]] | None = None

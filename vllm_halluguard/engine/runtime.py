@@ -10,17 +10,19 @@ requests cost nothing: a step without mitigated rows has no view.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from typing import Any
 
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.keys import config_of
+from vllm_halluguard.engine.registry import all_methods
 from vllm_halluguard.engine.state import RequestState, Row, StepView, current, set_current
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestState", "Row", "Runtime", "StepView", "current", "set_current", "worker_stats"]
+__all__ = ["RequestState", "Row", "Runtime", "StepView", "current", "ensure_runner_hook", "worker_stats"]
 
 #: Lifecycle counters of :func:`worker_stats`; each engine method adds its own (``counters``).
 #: ``kernel_rows``: row-layers the Triton kernel computed; ``native_checked`` / ``native_mismatch``:
@@ -122,3 +124,28 @@ def worker_stats(worker: Any) -> dict[str, float]:
     for method in registry.all_methods():
         extra.update(method.worker_stats(runtime))
     return {**runtime.stats, "active": len(runtime.requests), **extra}
+
+
+@functools.cache
+def ensure_runner_hook() -> None:
+    """After vLLM updates its persistent batch, sync the runner's :class:`Runtime` (installed lazily by
+    the wrapped metadata builders, i.e. in workers only)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._update_states
+
+    @functools.wraps(original)
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        runtime = self.__dict__.get("_halluguard_runtime")
+        if runtime is None:
+            runtime = self._halluguard_runtime = Runtime(self.vllm_config)
+        set_current(runtime)
+        runtime.update(scheduler_output, self.input_batch, self.requests)
+        if runtime.step is not None:
+            forward_context = self.vllm_config.compilation_config.static_forward_context
+            for method in all_methods():
+                method.install_model_hooks(runtime, self.get_model(), forward_context)
+        return result
+
+    GPUModelRunner._update_states = _update_states
