@@ -191,3 +191,21 @@ def test_a_step_whose_rows_need_nothing_from_attention_gets_vllms_own_metadata()
     meta = build_plan(build, 7, _common(), view, backend)
     assert isinstance(meta, SimpleNamespace), "vLLM's metadata, not a StepPlan"
     assert build.calls == [(7, [s for _, s in ROWS])]
+
+
+def test_a_runner_with_a_backend_the_plugin_does_not_wrap_is_named():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+
+    from vllm_halluguard.engine.backends import wrapped
+
+    class Other:
+        @staticmethod
+        def get_name() -> str:
+            return "FLEX_ATTENTION"
+
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    ours = SimpleNamespace(backend=wrapped("CPU_ATTN"), kv_cache_spec=full)
+    assert hooks.unsupported_backends([[ours]]) == []
+    other = SimpleNamespace(backend=Other, kv_cache_spec=full)
+    not_attention = SimpleNamespace(backend=Other, kv_cache_spec=MambaSpec.__new__(MambaSpec))
+    assert hooks.unsupported_backends([[ours, other], [not_attention]]) == ["FLEX_ATTENTION"]

@@ -105,7 +105,10 @@ def install_cudagraph_guard() -> None:
     @functools.wraps(original)
     def dispatch(self: Any, num_tokens: int, *args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
         extra = invalid_cudagraph_modes(current())
-        if extra:
+        valid = kwargs.get("valid_modes")
+        if extra and valid and set(valid) <= extra:  # a mode forced from outside (data-parallel sync)
+            logger.error("halluguard: a step with mitigated rows was forced to full CUDA graphs")
+        elif extra:
             invalid_modes = set(invalid_modes or ()) | extra
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 
