@@ -1,7 +1,7 @@
 """Command line: vLLM's OpenAI-compatible server with the halluguard plugin loaded.
 
-``python -m server [MODEL | --fixture llava|qwen2_vl] [--default-mitigation SPEC]
-[--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [--max-image-pixels N]
+``python -m server [MODEL | --fixture NAME] [--default-mitigation SPEC]
+[--mitigation-allow M1,M2] [--mitigation-preset FAMILY] [--max-image-pixels N]
 [--max-image-bytes N] [any vllm serve argument ...]``
 
 The plugin is loaded by vLLM itself through its ``vllm.general_plugins`` entry point, in every
@@ -28,6 +28,7 @@ from server.inputs import (
     ImageLimits,
 )
 from server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
+from vllm_halluguard.methods.base import MODEL_FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def mitigation_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         help='mitigation of requests without the field: a name or JSON, e.g. \'{"method":"kvsmooth"}\'',
     )  # fmt: skip
     parser.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
-    parser.add_argument("--mitigation-preset", choices=("llava", "qwen2_vl"), default=None)
+    parser.add_argument("--mitigation-preset", choices=MODEL_FAMILIES, default=None)
     parser.add_argument(
         "--max-image-pixels", metavar="N", type=int, default=DEFAULT_MAX_PIXELS,
         help="largest width*height of one image (0: no limit of ours); also vLLM's VLLM_MAX_IMAGE_PIXELS",
@@ -80,8 +81,10 @@ def vllm_media_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, st
 
 def build_serve_argv(argv: list[str]) -> list[str]:
     """Turn our arguments into ``vllm serve`` arguments (``--fixture`` becomes the model path)."""
+    from vllm_halluguard.testing.tiny_models import ALL_FIXTURES
+
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--fixture", choices=("llava", "qwen2_vl"), default=None)
+    parser.add_argument("--fixture", choices=ALL_FIXTURES, default=None)
     ours, rest = parser.parse_known_args(argv)
     rest = [*rest, "--middleware", MIDDLEWARE]
     if ours.fixture:

@@ -18,7 +18,13 @@ from .errors import SpecError
 from .farsight import FarSightConfig
 
 #: Model types with presets, by method-preset family.
-FAMILIES: dict[str, ModelFamily] = {"llava": "llava", "qwen2_vl": "qwen2_vl"}
+FAMILIES: dict[str, ModelFamily] = {
+    "llava": "llava",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
+}
 #: KV-cache dtypes the methods read and write (quantized caches are refused).
 KV_CACHE_DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
@@ -55,7 +61,7 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     family = model_family(hf_config)
     if family is None:
         raise SpecError(
-            f"mitigation methods have presets for LLaVA-1.5 and Qwen2-VL only, not for model type "
+            f"mitigation methods have presets for model types {sorted(FAMILIES)} only, not for "
             f"{str(getattr(hf_config, 'model_type', None))[:64]!r}",
             "model",
         )

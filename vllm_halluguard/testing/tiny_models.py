@@ -43,8 +43,12 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FixtureName = Literal["llava", "qwen2_vl"]
+FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl"]
+#: The papers' architectures, which the full engine suites run on.
 FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
+#: Architectures served today (issue 19), covered by the lean suite ``tests/test_served_vlms.py``.
+SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl",)
+ALL_FIXTURES: tuple[FixtureName, ...] = FIXTURES + SERVED_FIXTURES
 # Bump when anything below changes the files written; it keys the cache folder.
 FIXTURE_VERSION = 1
 VOCAB_SIZE = 512
@@ -297,7 +301,73 @@ def _build_qwen2_vl(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}
+# ---------------------------------------------------------------------------------------- Qwen2.5-VL
+
+
+def _build_qwen2_5_vl(out: Path) -> None:
+    """Qwen2.5-VL: Qwen2-VL's tokens and template; the vision tower has windowed attention (2x2
+    merged patches per window, so a 112 px image has 4 windows) in block 0, full attention in block 1,
+    RMSNorm/SwiGLU blocks and an MLP merger to the text width."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **TEXT_DIMS,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+            use_sliding_window=False,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=TEXT_DIMS["hidden_size"],
+            num_heads=4,
+            hidden_act="silu",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=12,
+        video_token_id=13,
+        vision_start_token_id=9,
+        vision_end_token_id=10,
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 2, 0
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 2)
+    pixels = dict(min_pixels=56 * 56, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llava": _build_llava,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+}
 
 
 def _rename_keys(folder: Path, rename: Callable[[str], str]) -> None:
@@ -372,11 +442,12 @@ def make_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
 
 def load_hf(name: FixtureName, attn_implementation: str = "eager") -> tuple[Any, Any]:
     """Load fixture ``name`` with HF transformers (fp32, eval mode): ``(model, processor)``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = ensure_fixture(name)
-    cls = LlavaForConditionalGeneration if name == "llava" else Qwen2VLForConditionalGeneration
-    model = cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=torch.float32
+    ).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -406,11 +477,11 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: write the fixtures to a folder (default: the cache) and optionally check them."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", type=Path, default=None, help="folder to write into (default: cache)")
-    parser.add_argument("--only", choices=FIXTURES, action="append", help="build only this fixture")
+    parser.add_argument("--only", choices=ALL_FIXTURES, action="append", help="build only this fixture")
     parser.add_argument("--check", action="store_true", help="report logit gaps of greedy decoding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in args.only or FIXTURES:
+    for name in args.only or ALL_FIXTURES:
         path = build_fixture(name, args.out / name) if args.out else ensure_fixture(name)
         logger.info("%s: %s", name, path)
         if args.check:
