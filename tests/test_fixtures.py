@@ -16,7 +16,12 @@ from vllm_halluguard.testing.tiny_models import (
     load_hf,
 )
 
-EXPECTED_IMAGE_TOKENS = {"llava": 8 * 8, "qwen2_vl": (8 // 2) * (8 // 2), "qwen2_5_vl": (8 // 2) * (8 // 2)}
+EXPECTED_IMAGE_TOKENS = {
+    "llava": 8 * 8,
+    "qwen2_vl": (8 // 2) * (8 // 2),
+    "qwen2_5_vl": (8 // 2) * (8 // 2),
+    "llava_next": 4 * 4 + 8 * (8 + 1),  # base grid, then 2x2 tiles of 4x4 with a newline per row
+}
 
 
 def _digests(folder):

@@ -30,7 +30,9 @@ METHODS = {
     "scr": {"method": "scr", "top_k": 6, "lam": 1.6, "diag_layers": [1, 2, 3], "layers": [0, 1, 2]},
 }
 #: Methods refused on an architecture, with the phrase the admission error must contain.
-REFUSED: dict[str, dict[str, str]] = {}
+REFUSED: dict[str, dict[str, str]] = {
+    "llava_next": {"scr": "scr defines its neighbourhoods on one patch grid"},
+}
 
 
 def _case(fixture, seed, spec, prompt="Describe the image."):

@@ -25,6 +25,17 @@ FAMILIES: dict[str, ModelFamily] = {
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
 }
+#: (method, family) pairs the engine refuses, with why (docs/methods.md, "Architectures").
+NOT_APPLICABLE: dict[tuple[str, ModelFamily], str] = {
+    ("scr", "llava_next"): (
+        "scr defines its neighbourhoods on one patch grid; a LLaVA-NeXT image is a base-image grid plus "
+        "a grid of tiles with a newline token after each row, and scr is not defined across them"
+    ),
+    ("scr", "llava_onevision"): (
+        "scr defines its neighbourhoods on one patch grid; a LLaVA-OneVision image is a base-image grid "
+        "plus a grid of tiles with a newline token after each row, and scr is not defined across them"
+    ),
+}
 #: KV-cache dtypes the methods read and write (quantized caches are refused).
 KV_CACHE_DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
@@ -43,7 +54,8 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     """Validate ``spec`` for this model and fill its presets; ``None`` = a plain request.
 
     Raises :class:`SpecError` naming the problem (reasons: those of :func:`parse`, and
-    ``unsupported`` for settings the engine does not serve, ``model`` for a model without presets,
+    ``unsupported`` for settings the engine does not serve or methods that do not apply to the
+    model's architecture (:data:`NOT_APPLICABLE`), ``model`` for a model without presets,
     ``kv_cache`` for a quantized KV cache).
     """
     cfg = parse(spec)
@@ -65,6 +77,9 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
             f"{str(getattr(hf_config, 'model_type', None))[:64]!r}",
             "model",
         )
+    refusal = NOT_APPLICABLE.get((cfg.name, family))
+    if refusal is not None:
+        raise SpecError(f"{refusal} (model type {hf_config.model_type!r})", "unsupported")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise SpecError(
             f"mitigation methods need an unquantized KV cache, not {kv_cache_dtype!r}", "kv_cache"

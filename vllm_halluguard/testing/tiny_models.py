@@ -43,11 +43,11 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl"]
+FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next"]
 #: The papers' architectures, which the full engine suites run on.
 FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
 #: Architectures served today (issue 19), covered by the lean suite ``tests/test_served_vlms.py``.
-SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl",)
+SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl", "llava_next")
 ALL_FIXTURES: tuple[FixtureName, ...] = FIXTURES + SERVED_FIXTURES
 # Bump when anything below changes the files written; it keys the cache folder.
 FIXTURE_VERSION = 1
@@ -363,10 +363,81 @@ def _build_qwen2_5_vl(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# ---------------------------------------------------------------------------------------- LLaVA-NeXT
+
+#: LLaVA-NeXT's base image and tile size (px): a CLIP tower on 56 px gives 4x4 patches per crop.
+NEXT_TILE = 56
+
+
+def _build_llava_next(out: Path) -> None:
+    """LLaVA-NeXT (any-resolution): LLaVA-1.5's tokens, template and Llama text model; the CLIP tower
+    sees the base image at 56 px plus the image resized to the one grid pinpoint 112x112, cut into
+    2x2 tiles of 56 px. The prompt holds the base grid (4x4 = 16 tokens), then the tiles' 8x8 grid
+    with an ``image_newline`` token after each row (72 tokens): 88 image tokens for a square image.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _train_tokenizer(LLAVA_SPECIALS, VOCAB_SIZE)
+    tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = LLAVA_SPECIALS[:4]
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    pinpoints = [[2 * NEXT_TILE, 2 * NEXT_TILE]]
+    vision_config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=NEXT_TILE,
+        patch_size=14,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+    )
+    text_config = LlamaConfig(
+        **TEXT_DIMS, head_dim=32, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=4,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(NEXT_TILE // 14) ** 2,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = 3
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 3)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": NEXT_TILE},
+        crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    save_llava(model, processor, out)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "llava_next": _build_llava_next,
 }
 
 
