@@ -21,6 +21,7 @@ EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": (8 // 2) * (8 // 2),
     "qwen2_5_vl": (8 // 2) * (8 // 2),
     "llava_next": 4 * 4 + 8 * (8 + 1),  # base grid, then 2x2 tiles of 4x4 with a newline per row
+    "llava_onevision": 4 * 4 + 8 * (8 + 1),  # the same layout (SigLIP: no CLS to drop)
 }
 
 

@@ -32,6 +32,7 @@ METHODS = {
 #: Methods refused on an architecture, with the phrase the admission error must contain.
 REFUSED: dict[str, dict[str, str]] = {
     "llava_next": {"scr": "scr defines its neighbourhoods on one patch grid"},
+    "llava_onevision": {"scr": "scr defines its neighbourhoods on one patch grid"},
 }
 
 

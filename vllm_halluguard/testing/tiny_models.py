@@ -43,11 +43,11 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next"]
+FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision"]
 #: The papers' architectures, which the full engine suites run on.
 FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
 #: Architectures served today (issue 19), covered by the lean suite ``tests/test_served_vlms.py``.
-SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl", "llava_next")
+SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl", "llava_next", "llava_onevision")
 ALL_FIXTURES: tuple[FixtureName, ...] = FIXTURES + SERVED_FIXTURES
 # Bump when anything below changes the files written; it keys the cache folder.
 FIXTURE_VERSION = 1
@@ -198,7 +198,7 @@ def llava_parts(
 
 
 def save_llava(model: Any, processor: Any, out: Path) -> None:
-    """Write a LLaVA model and its processor in the layout both HF and vLLM 0.32 load."""
+    """Write a LLaVA(-NeXT, -OneVision) model and its processor in the layout HF and vLLM 0.32 load."""
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
@@ -433,11 +433,92 @@ def _build_llava_next(out: Path) -> None:
     save_llava(model, processor, out)
 
 
+# ----------------------------------------------------------------------------------- LLaVA-OneVision
+
+ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_llava_onevision(out: Path) -> None:
+    """LLaVA-OneVision: a SigLIP tower (no CLS; all patch features) on the base image at 56 px and on
+    2x2 tiles of 56 px from the one grid pinpoint 112x112, a Qwen2 text model, Qwen-style template with
+    ``<image>``. The prompt holds the base grid (16 tokens), then the tiles' 8x8 grid with a newline
+    token after each row (72): 88 image tokens for a square image.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = _train_tokenizer(ONEVISION_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = ONEVISION_CHAT_TEMPLATE
+    pinpoints = [[2 * NEXT_TILE, 2 * NEXT_TILE]]
+    vision_config = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=NEXT_TILE,
+        patch_size=14,
+    )
+    text_config = Qwen2Config(
+        **TEXT_DIMS,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=3,
+        video_token_index=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = 0
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 4)
+    size = {"height": NEXT_TILE, "width": NEXT_TILE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(NEXT_TILE // 14) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )
+    save_llava(model, processor, out)  # the SigLIP tower as ``vision_tower.vision_model.*`` too
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
 }
 
 
