@@ -43,7 +43,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision"]
+FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "qwen3_vl"]
 #: The papers' architectures, which the full engine suites run on.
 FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
 #: Architectures served today (issue 19), covered by the lean suite ``tests/test_served_vlms.py``.
@@ -363,6 +363,70 @@ def _build_qwen2_5_vl(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# ------------------------------------------------------------------------------------------ Qwen3-VL
+
+
+def _build_qwen3_vl(out: Path) -> None:
+    """Qwen3-VL: Qwen2-VL's tokens and template; patch 16 with 2x2 merge (a 112 px image is resized to
+    128 px: 8x8 patches, 16 merged tokens on a 4x4 grid); DeepStack: the outputs of vision blocks 0
+    and 1 go through their own mergers and are added to the image tokens after decoder layers 0 and 1;
+    Qwen3 text model (q/k norms) with interleaved M-RoPE."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    rope = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True, "rope_theta": 5e6}
+    config = Qwen3VLConfig(
+        text_config=dict(
+            **TEXT_DIMS,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_parameters=rope,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=TEXT_DIMS["hidden_size"],
+            num_heads=4,
+            hidden_act="gelu_pytorch_tanh",
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=12,
+        video_token_id=13,
+        vision_start_token_id=9,
+        vision_end_token_id=10,
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 2, 0
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 5)
+    pixels = dict(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen3VLVideoProcessor(patch_size=16),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 # ---------------------------------------------------------------------------------------- LLaVA-NeXT
 
 #: LLaVA-NeXT's base image and tile size (px): a CLIP tower on 56 px gives 4x4 patches per crop.
@@ -519,6 +583,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "llava_next": _build_llava_next,
     "llava_onevision": _build_llava_onevision,
+    "qwen3_vl": _build_qwen3_vl,
 }
 
 
