@@ -20,6 +20,7 @@ EXPECTED_IMAGE_TOKENS = {
     "llava": 8 * 8,
     "qwen2_vl": (8 // 2) * (8 // 2),
     "qwen2_5_vl": (8 // 2) * (8 // 2),
+    "qwen3_vl": (8 // 2) * (8 // 2),  # 112 px resized to 128 px: 8x8 patches of 16 px
     "llava_next": 4 * 4 + 8 * (8 + 1),  # base grid, then 2x2 tiles of 4x4 with a newline per row
     "llava_onevision": 4 * 4 + 8 * (8 + 1),  # the same layout (SigLIP: no CLS to drop)
 }

@@ -26,6 +26,7 @@ LAMBDA_REF: dict[ModelFamily, float] = {
     "llava": 0.9,
     "qwen2_vl": 0.9,
     "qwen2_5_vl": 0.9,
+    "qwen3_vl": 0.9,
     "llava_next": 0.9,
     "llava_onevision": 0.9,
 }

@@ -33,6 +33,7 @@ PRESET_RT: dict[ModelFamily, tuple[float, int]] = {
     "llava": (0.4, 3),
     "qwen2_vl": (0.9, 4),
     "qwen2_5_vl": (0.9, 4),
+    "qwen3_vl": (0.9, 4),
     "llava_next": (0.4, 3),
     "llava_onevision": (0.9, 4),
 }

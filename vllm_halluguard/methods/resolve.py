@@ -22,6 +22,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "llava": "llava",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
 }

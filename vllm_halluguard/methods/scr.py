@@ -30,11 +30,12 @@ Grid = tuple[int, int, int]
 
 #: Paper's 0-based inclusive ranges as half-open [start, stop) on the family's reference depth.
 #: Families without a paper value reuse the ranges of their language model's family (Qwen2-VL's for
-#: the Qwen2-based Qwen2.5-VL and LLaVA-OneVision, LLaVA-1.5's for LLaVA-NeXT).
+#: Qwen2.5-VL, Qwen3-VL and the Qwen2-based LLaVA-OneVision, LLaVA-1.5's for LLaVA-NeXT).
 DIAG_RANGE: dict[ModelFamily, tuple[int, int]] = {
     "llava": (8, 17),
     "qwen2_vl": (8, 17),
     "qwen2_5_vl": (8, 17),
+    "qwen3_vl": (8, 17),
     "llava_next": (8, 17),
     "llava_onevision": (8, 17),
 }
@@ -42,6 +43,7 @@ INTERVENTION_RANGE: dict[ModelFamily, tuple[int, int]] = {
     "llava": (0, 12),
     "qwen2_vl": (0, 16),
     "qwen2_5_vl": (0, 16),
+    "qwen3_vl": (0, 16),
     "llava_next": (0, 12),
     "llava_onevision": (0, 16),
 }

@@ -14,7 +14,7 @@ from ..methods.scr import Grid, llava_grid, qwen2_vl_grid
 
 _FAMILY_BY_MODEL_TYPE: dict[str, ModelFamily] = FAMILIES
 #: Families whose image tokens carry M-RoPE ``(t, h, w)`` positions on the merged patch grid.
-_MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+_MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 
 @dataclass
