@@ -81,3 +81,14 @@ def test_server_cli_serves_the_fixture(fixture) -> None:
     argv = build_serve_argv(["--fixture", fixture, "--port", "8001"])
     assert argv[:2] == ["serve", str(ensure_fixture(fixture))]
     assert argv[argv.index("--served-model-name") + 1] == f"tiny-{fixture}"
+
+
+def test_reference_refuses_scr_on_tiled_images_when_it_attaches() -> None:
+    from vllm_halluguard import reference
+    from vllm_halluguard.testing.tiny_models import load_hf
+
+    model, _ = load_hf("llava_next")
+    with pytest.raises(ValueError, match="one patch grid"), reference.apply(model, "scr"):
+        pass
+    with reference.apply(model, "prunehal") as ref:  # the other methods attach
+        assert ref.config.layers == tuple(range(4))
