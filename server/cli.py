@@ -1,7 +1,7 @@
 """Command line: vLLM's OpenAI-compatible server with the halluguard plugin loaded.
 
-``python -m server [MODEL | --fixture llava|qwen2_vl] [--default-mitigation SPEC]
-[--mitigation-allow M1,M2] [--mitigation-preset llava|qwen2_vl] [--max-image-pixels N]
+``python -m server [MODEL | --fixture NAME] [--default-mitigation SPEC]
+[--mitigation-allow M1,M2] [--mitigation-preset FAMILY] [--max-image-pixels N]
 [--max-image-bytes N] [--allow-media-fetch] [--media-fetch-allow-net CIDR,...]
 [--media-fetch-timeout S] [--metrics-require-key] [any vllm serve argument ...]``
 
@@ -39,6 +39,7 @@ from server.security import (
     FETCH_TIMEOUT_ENV,
     METRICS_KEY_ENV,
 )
+from vllm_halluguard.methods.base import MODEL_FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 
 def project_parser() -> argparse.ArgumentParser:
     """The project's own options (everything else goes to ``vllm serve``)."""
+    from vllm_halluguard.testing.tiny_models import ALL_FIXTURES
+
     parser = argparse.ArgumentParser(
         prog="python -m server",
         add_help=False,
@@ -60,7 +63,7 @@ def project_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("vllm-halluguard options")
     group.add_argument(
-        "--fixture", choices=("llava", "qwen2_vl"), default=None,
+        "--fixture", choices=ALL_FIXTURES, default=None,
         help="serve a bundled tiny test model (offline) instead of MODEL",
     )  # fmt: skip
     group.add_argument(
@@ -69,7 +72,7 @@ def project_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     group.add_argument("--mitigation-allow", metavar="LIST", default=None, help="comma-separated methods")
     group.add_argument(
-        "--mitigation-preset", choices=("llava", "qwen2_vl"), default=None,
+        "--mitigation-preset", choices=MODEL_FAMILIES, default=None,
         help="method presets of this model family (default: the served model's own)",
     )  # fmt: skip
     group.add_argument(
@@ -143,8 +146,10 @@ def vllm_media_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, st
 
 def build_serve_argv(argv: list[str]) -> list[str]:
     """Turn our arguments into ``vllm serve`` arguments (``--fixture`` becomes the model path)."""
+    from vllm_halluguard.testing.tiny_models import ALL_FIXTURES
+
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--fixture", choices=("llava", "qwen2_vl"), default=None)
+    parser.add_argument("--fixture", choices=ALL_FIXTURES, default=None)
     ours, rest = parser.parse_known_args(argv)
     rest = [*rest, "--middleware", MIDDLEWARE]
     if ours.fixture:

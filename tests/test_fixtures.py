@@ -8,7 +8,7 @@ from transformers import AutoProcessor
 
 from vllm_halluguard.testing.parity import Case, hf_inputs
 from vllm_halluguard.testing.tiny_models import (
-    FIXTURES,
+    ALL_FIXTURES,
     VOCAB_SIZE,
     build_fixture,
     check_fixture,
@@ -16,21 +16,28 @@ from vllm_halluguard.testing.tiny_models import (
     load_hf,
 )
 
-EXPECTED_IMAGE_TOKENS = {"llava": 8 * 8, "qwen2_vl": (8 // 2) * (8 // 2)}
+EXPECTED_IMAGE_TOKENS = {
+    "llava": 8 * 8,
+    "qwen2_vl": (8 // 2) * (8 // 2),
+    "qwen2_5_vl": (8 // 2) * (8 // 2),
+    "qwen3_vl": (8 // 2) * (8 // 2),  # 112 px resized to 128 px: 8x8 patches of 16 px
+    "llava_next": 4 * 4 + 8 * (8 + 1),  # base grid, then 2x2 tiles of 4x4 with a newline per row
+    "llava_onevision": 4 * 4 + 8 * (8 + 1),  # the same layout (SigLIP: no CLS to drop)
+}
 
 
 def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_rebuild_is_byte_identical(name, tmp_path):
     cached = ensure_fixture(name)
     rebuilt = build_fixture(name, tmp_path / name)
     assert _digests(rebuilt) == _digests(cached)
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_checkpoint_loads_completely_and_matches_its_tokenizer(name):
     from transformers import AutoModelForImageTextToText
 
@@ -48,7 +55,7 @@ def test_checkpoint_loads_completely_and_matches_its_tokenizer(name):
     assert int((inputs["input_ids"] == image_id).sum()) == EXPECTED_IMAGE_TOKENS[name]
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_greedy_decoding_is_far_from_ties_and_sees_the_image(name):
     stats = check_fixture(name, n_images=4, max_new_tokens=32)
     # The engines agree to ~5e-6 in log-prob; the smallest top-1/top-2 gap must dwarf that.

@@ -41,8 +41,10 @@ def visual_positions(cached: Any, image_token_id: int | None) -> torch.Tensor:
 def patch_grid(model_type: str, cached: Any, visual: torch.Tensor) -> Grid:
     """Patch grid ``(t, h, w)`` of a request's single image, in token order.
 
-    LLaVA-1.5: the square row-major grid of the token count. Qwen2-VL: the extent of the image tokens'
-    M-RoPE ``(t, h, w)`` positions, which are the merged grid's coordinates (``(t, h/2, w/2)``).
+    LLaVA-1.5: the square row-major grid of the token count. Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the
+    extent of the image tokens' M-RoPE ``(t, h, w)`` positions, which are the merged grid's coordinates
+    (``(t, h/2, w/2)``). LLaVA-NeXT and -OneVision (a base grid plus tiles) have no single grid; SCR is
+    refused on them at admission (``methods.resolve.NOT_APPLICABLE``).
     """
     if model_type == "llava":
         return llava_grid(int(visual.numel()))

@@ -18,12 +18,29 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-ModelFamily = Literal["llava", "qwen2_vl"]
+ModelFamily = Literal["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision"]
 Provenance = Literal["paper", "extrapolated"]
-MODEL_FAMILIES: tuple[ModelFamily, ...] = ("llava", "qwen2_vl")
+MODEL_FAMILIES: tuple[ModelFamily, ...] = (
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava_next",
+    "llava_onevision",
+)
 
 #: Decoder depth of the models the papers' layer ranges were tuned on: LLaVA-1.5-7B and Qwen2-VL-7B.
-REFERENCE_DEPTH: dict[ModelFamily, int] = {"llava": 32, "qwen2_vl": 28}
+#: Families no paper evaluates use their 7B model's depth: Qwen2.5-VL-7B (28), LLaVA-NeXT-7B on
+#: Vicuna/Mistral (32), LLaVA-OneVision-7B on Qwen2-7B (28); their presets are all extrapolated.
+#: Qwen3-VL reuses Qwen2-VL-7B's 28: its ranges are Qwen2-VL's, scaled to the model's depth.
+REFERENCE_DEPTH: dict[ModelFamily, int] = {
+    "llava": 32,
+    "qwen2_vl": 28,
+    "qwen2_5_vl": 28,
+    "qwen3_vl": 28,
+    "llava_next": 32,
+    "llava_onevision": 28,
+}
 
 LayerSpec = tuple[int, ...]
 

@@ -21,8 +21,15 @@ from pydantic import Field
 
 from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_layer_range
 
-#: lambda_ref of the paper per model family. The paper has no Qwen2-VL value; LLaVA-1.5's is reused.
-LAMBDA_REF: dict[ModelFamily, float] = {"llava": 0.9, "qwen2_vl": 0.9}
+#: lambda_ref of the paper per model family. The paper has LLaVA-1.5's value only; it is reused.
+LAMBDA_REF: dict[ModelFamily, float] = {
+    "llava": 0.9,
+    "qwen2_vl": 0.9,
+    "qwen2_5_vl": 0.9,
+    "qwen3_vl": 0.9,
+    "llava_next": 0.9,
+    "llava_onevision": 0.9,
+}
 #: The paper's layers and lambda_ref are for LLaVA-1.5-7B (32 layers) only.
 PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32)})
 

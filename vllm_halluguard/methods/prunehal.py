@@ -28,7 +28,15 @@ from pydantic import Field
 from .base import LayerSpec, MethodConfig, ModelFamily
 
 #: (r, t) of the paper: LLaVA-1.5 (0.4, 3); Qwen-VL-7B (0.9, 4), reused for Qwen2-VL.
-PRESET_RT: dict[ModelFamily, tuple[float, int]] = {"llava": (0.4, 3), "qwen2_vl": (0.9, 4)}
+#: Families the paper does not evaluate reuse the values of their language model's family.
+PRESET_RT: dict[ModelFamily, tuple[float, int]] = {
+    "llava": (0.4, 3),
+    "qwen2_vl": (0.9, 4),
+    "qwen2_5_vl": (0.9, 4),
+    "qwen3_vl": (0.9, 4),
+    "llava_next": (0.4, 3),
+    "llava_onevision": (0.9, 4),
+}
 #: The paper's (r, t) and all-layer setting are for LLaVA-1.5-7B (32 layers) and -13B (40); its Qwen
 #: model is Qwen-VL-7B, not Qwen2-VL, so Qwen2-VL's values are reused, not given.
 PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32), ("llava", 40)})

@@ -18,7 +18,25 @@ from .errors import SpecError
 from .farsight import FarSightConfig
 
 #: Model types with presets, by method-preset family.
-FAMILIES: dict[str, ModelFamily] = {"llava": "llava", "qwen2_vl": "qwen2_vl"}
+FAMILIES: dict[str, ModelFamily] = {
+    "llava": "llava",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
+}
+#: (method, family) pairs the engine refuses, with why (docs/methods.md, "Architectures").
+NOT_APPLICABLE: dict[tuple[str, ModelFamily], str] = {
+    ("scr", "llava_next"): (
+        "scr defines its neighbourhoods on one patch grid; a LLaVA-NeXT image is a base-image grid plus "
+        "a grid of tiles with a newline token after each row, and scr is not defined across them"
+    ),
+    ("scr", "llava_onevision"): (
+        "scr defines its neighbourhoods on one patch grid; a LLaVA-OneVision image is a base-image grid "
+        "plus a grid of tiles with a newline token after each row, and scr is not defined across them"
+    ),
+}
 #: KV-cache dtypes the methods read and write (quantized caches are refused).
 KV_CACHE_DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 #: Longest KVSmooth entropy FIFO the engine keeps per request and layer.
@@ -37,7 +55,8 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     """Validate ``spec`` for this model and fill its presets; ``None`` = a plain request.
 
     Raises :class:`SpecError` naming the problem (reasons: those of :func:`parse`, and
-    ``unsupported`` for settings the engine does not serve, ``model`` for a model without presets,
+    ``unsupported`` for settings the engine does not serve or methods that do not apply to the
+    model's architecture (:data:`NOT_APPLICABLE`), ``model`` for a model without presets,
     ``kv_cache`` for a quantized KV cache).
     """
     cfg = parse(spec)
@@ -55,10 +74,13 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     family = model_family(hf_config)
     if family is None:
         raise SpecError(
-            f"mitigation methods have presets for LLaVA-1.5 and Qwen2-VL only, not for model type "
+            f"mitigation methods have presets for model types {sorted(FAMILIES)} only, not for "
             f"{str(getattr(hf_config, 'model_type', None))[:64]!r}",
             "model",
         )
+    refusal = NOT_APPLICABLE.get((cfg.name, family))
+    if refusal is not None:
+        raise SpecError(f"{refusal} (model type {hf_config.model_type!r})", "unsupported")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise SpecError(
             f"mitigation methods need an unquantized KV cache, not {kv_cache_dtype!r}", "kv_cache"

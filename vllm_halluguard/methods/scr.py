@@ -29,8 +29,24 @@ from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_l
 Grid = tuple[int, int, int]
 
 #: Paper's 0-based inclusive ranges as half-open [start, stop) on the family's reference depth.
-DIAG_RANGE: dict[ModelFamily, tuple[int, int]] = {"llava": (8, 17), "qwen2_vl": (8, 17)}
-INTERVENTION_RANGE: dict[ModelFamily, tuple[int, int]] = {"llava": (0, 12), "qwen2_vl": (0, 16)}
+#: Families without a paper value reuse the ranges of their language model's family (Qwen2-VL's for
+#: Qwen2.5-VL, Qwen3-VL and the Qwen2-based LLaVA-OneVision, LLaVA-1.5's for LLaVA-NeXT).
+DIAG_RANGE: dict[ModelFamily, tuple[int, int]] = {
+    "llava": (8, 17),
+    "qwen2_vl": (8, 17),
+    "qwen2_5_vl": (8, 17),
+    "qwen3_vl": (8, 17),
+    "llava_next": (8, 17),
+    "llava_onevision": (8, 17),
+}
+INTERVENTION_RANGE: dict[ModelFamily, tuple[int, int]] = {
+    "llava": (0, 12),
+    "qwen2_vl": (0, 16),
+    "qwen2_5_vl": (0, 16),
+    "qwen3_vl": (0, 16),
+    "llava_next": (0, 12),
+    "llava_onevision": (0, 16),
+}
 #: Models the paper gives the ranges for (diagnostic 8-16 on all): LLaVA-1.5-7B (32 layers) and -13B (40),
 #: both intervening on 0-11; Qwen2-VL-7B (28) on 0-15. Used as they are, never scaled.
 PAPER_DEPTHS: frozenset[tuple[ModelFamily, int]] = frozenset({("llava", 32), ("llava", 40), ("qwen2_vl", 28)})

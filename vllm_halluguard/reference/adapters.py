@@ -9,14 +9,17 @@ import torch
 from torch import nn
 
 from ..methods.base import ModelFamily
+from ..methods.resolve import FAMILIES
 from ..methods.scr import Grid, llava_grid, qwen2_vl_grid
 
-_FAMILY_BY_MODEL_TYPE: dict[str, ModelFamily] = {"llava": "llava", "qwen2_vl": "qwen2_vl"}
+_FAMILY_BY_MODEL_TYPE: dict[str, ModelFamily] = FAMILIES
+#: Families whose image tokens carry M-RoPE ``(t, h, w)`` positions on the merged patch grid.
+_MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 
 @dataclass
 class ModelAdapter:
-    """Handles on one HF LLaVA or Qwen2-VL model (``*ForConditionalGeneration``)."""
+    """Handles on one supported HF vision-language model (``*ForConditionalGeneration``)."""
 
     family: ModelFamily
     model: nn.Module
@@ -73,6 +76,8 @@ class ModelAdapter:
         num_tokens = int(visual_idx.shape[-1])
         if self.family == "llava":
             return llava_grid(num_tokens)
+        if self.family not in _MROPE_FAMILIES:
+            raise ValueError(f"no single patch grid for the {self.family} family (several image tiles)")
         grid_thw = model_kwargs.get("image_grid_thw")
         position_ids = model_kwargs.get("position_ids")
         if grid_thw is not None:

@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..methods.base import MethodConfig
+from ..methods.resolve import NOT_APPLICABLE
 from .adapters import ModelAdapter, visual_positions
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,9 @@ class ReferenceMethod:
         for layer in adapter.layers:
             if getattr(layer.self_attn, _METHOD_ATTR, None) is not None:
                 raise RuntimeError("another halluguard reference method is already attached to this model")
+        refusal = NOT_APPLICABLE.get((self.user_config.name, adapter.family))
+        if refusal is not None:  # the engine refuses it too (methods.resolve)
+            raise ValueError(refusal)
         self.config = self.user_config.for_model(adapter.family, adapter.num_layers)
         register_attention()
         self.adapter = adapter

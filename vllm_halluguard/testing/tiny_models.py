@@ -1,7 +1,7 @@
 """Tiny, real vision-language checkpoints built offline and deterministically.
 
-Two architectures are provided, both small enough for a 2-core CPU and loadable by HF transformers
-*and* vLLM 0.32 with real safetensors weights (no ``load_format="dummy"``):
+The papers' two architectures (:data:`FIXTURES`) are provided, small enough for a 2-core CPU and
+loadable by HF transformers *and* vLLM 0.32 with real safetensors weights (no ``load_format="dummy"``):
 
 * ``llava``: LLaVA-1.5 architecture. CLIP vision tower (2 layers, patch 14 on 112 px images, so an
   8x8 row-major grid of 64 image tokens after dropping CLS), 2-layer MLP projector, Llama text model
@@ -10,6 +10,10 @@ Two architectures are provided, both small enough for a 2-core CPU and loadable 
 * ``qwen2_vl``: Qwen2-VL architecture. Its own vision tower with 2x2 patch merge, M-RoPE text
   model (4 layers, hidden 128, 4 heads / 2 KV heads of size 32). A 112x112 image gives grid
   (1, 8, 8), i.e. 16 merged image tokens on a 4x4 grid; other sizes are resized dynamically.
+
+and four served today (:data:`SERVED_FIXTURES`, same text sizes): ``qwen2_5_vl`` (windowed vision
+attention), ``qwen3_vl`` (DeepStack), ``llava_next`` and ``llava_onevision`` (any-resolution tiles);
+their builders below describe them.
 
 Each checkpoint carries a byte-level BPE tokenizer trained here with ``tokenizers`` on a built-in
 corpus, whose size equals the model's vocabulary (every id decodes), its image processor, processor
@@ -43,8 +47,13 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FixtureName = Literal["llava", "qwen2_vl"]
+FixtureName = Literal["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "qwen3_vl"]
+#: The papers' architectures, which the full engine suites run on.
 FIXTURES: tuple[FixtureName, ...] = ("llava", "qwen2_vl")
+#: Architectures served today (issue 19), covered by the lean suite ``tests/test_served_vlms.py``
+#: (Gemma 3 is not among them: see docs/methods.md, "Architectures").
+SERVED_FIXTURES: tuple[FixtureName, ...] = ("qwen2_5_vl", "llava_next", "llava_onevision", "qwen3_vl")
+ALL_FIXTURES: tuple[FixtureName, ...] = FIXTURES + SERVED_FIXTURES
 # Bump when anything below changes the files written; it keys the cache folder.
 FIXTURE_VERSION = 1
 VOCAB_SIZE = 512
@@ -194,7 +203,7 @@ def llava_parts(
 
 
 def save_llava(model: Any, processor: Any, out: Path) -> None:
-    """Write a LLaVA model and its processor in the layout both HF and vLLM 0.32 load."""
+    """Write a LLaVA(-NeXT, -OneVision) model and its processor in the layout HF and vLLM 0.32 load."""
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
@@ -297,7 +306,290 @@ def _build_qwen2_vl(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}
+# ---------------------------------------------------------------------------------------- Qwen2.5-VL
+
+
+def _build_qwen2_5_vl(out: Path) -> None:
+    """Qwen2.5-VL: Qwen2-VL's tokens and template; the vision tower has windowed attention (2x2
+    merged patches per window, so a 112 px image has 4 windows) in block 0, full attention in block 1,
+    RMSNorm/SwiGLU blocks and an MLP merger to the text width."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **TEXT_DIMS,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+            use_sliding_window=False,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=TEXT_DIMS["hidden_size"],
+            num_heads=4,
+            hidden_act="silu",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=12,
+        video_token_id=13,
+        vision_start_token_id=9,
+        vision_end_token_id=10,
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 2, 0
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 2)
+    pixels = dict(min_pixels=56 * 56, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------------------------------ Qwen3-VL
+
+
+def _build_qwen3_vl(out: Path) -> None:
+    """Qwen3-VL: Qwen2-VL's tokens and template; patch 16 with 2x2 merge (a 112 px image is resized to
+    128 px: 8x8 patches, 16 merged tokens on a 4x4 grid); DeepStack: the outputs of vision blocks 0
+    and 1 go through their own mergers and are added to the image tokens after decoder layers 0 and 1;
+    Qwen3 text model (q/k norms) with interleaved M-RoPE."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    rope = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True, "rope_theta": 5e6}
+    config = Qwen3VLConfig(
+        text_config=dict(
+            **TEXT_DIMS,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_parameters=rope,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=TEXT_DIMS["hidden_size"],
+            num_heads=4,
+            hidden_act="gelu_pytorch_tanh",
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=12,
+        video_token_id=13,
+        vision_start_token_id=9,
+        vision_end_token_id=10,
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 2, 0
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 5)
+    pixels = dict(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen3VLVideoProcessor(patch_size=16),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------- LLaVA-NeXT
+
+#: LLaVA-NeXT's base image and tile size (px): a CLIP tower on 56 px gives 4x4 patches per crop.
+NEXT_TILE = 56
+
+
+def _build_llava_next(out: Path) -> None:
+    """LLaVA-NeXT (any-resolution): LLaVA-1.5's tokens, template and Llama text model; the CLIP tower
+    sees the base image at 56 px plus the image resized to the one grid pinpoint 112x112, cut into
+    2x2 tiles of 56 px. The prompt holds the base grid (4x4 = 16 tokens), then the tiles' 8x8 grid
+    with an ``image_newline`` token after each row (72 tokens): 88 image tokens for a square image.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _train_tokenizer(LLAVA_SPECIALS, VOCAB_SIZE)
+    tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = LLAVA_SPECIALS[:4]
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    pinpoints = [[2 * NEXT_TILE, 2 * NEXT_TILE]]
+    vision_config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=NEXT_TILE,
+        patch_size=14,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+    )
+    text_config = LlamaConfig(
+        **TEXT_DIMS, head_dim=32, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=4,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(NEXT_TILE // 14) ** 2,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = 3
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 3)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": NEXT_TILE},
+        crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    save_llava(model, processor, out)
+
+
+# ----------------------------------------------------------------------------------- LLaVA-OneVision
+
+ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_llava_onevision(out: Path) -> None:
+    """LLaVA-OneVision: a SigLIP tower (no CLS; all patch features) on the base image at 56 px and on
+    2x2 tiles of 56 px from the one grid pinpoint 112x112, a Qwen2 text model, Qwen-style template with
+    ``<image>``. The prompt holds the base grid (16 tokens), then the tiles' 8x8 grid with a newline
+    token after each row (72): 88 image tokens for a square image.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = _train_tokenizer(ONEVISION_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = ONEVISION_CHAT_TEMPLATE
+    pinpoints = [[2 * NEXT_TILE, 2 * NEXT_TILE]]
+    vision_config = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=NEXT_TILE,
+        patch_size=14,
+    )
+    text_config = Qwen2Config(
+        **TEXT_DIMS,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=3,
+        video_token_index=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = 0
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _init_weights(model, SEED + 4)
+    size = {"height": NEXT_TILE, "width": NEXT_TILE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(NEXT_TILE // 14) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )
+    save_llava(model, processor, out)  # the SigLIP tower as ``vision_tower.vision_model.*`` too
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llava": _build_llava,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
+    "qwen3_vl": _build_qwen3_vl,
+}
 
 
 def _rename_keys(folder: Path, rename: Callable[[str], str]) -> None:
@@ -372,11 +664,12 @@ def make_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
 
 def load_hf(name: FixtureName, attn_implementation: str = "eager") -> tuple[Any, Any]:
     """Load fixture ``name`` with HF transformers (fp32, eval mode): ``(model, processor)``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = ensure_fixture(name)
-    cls = LlavaForConditionalGeneration if name == "llava" else Qwen2VLForConditionalGeneration
-    model = cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=torch.float32
+    ).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -406,11 +699,11 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: write the fixtures to a folder (default: the cache) and optionally check them."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", type=Path, default=None, help="folder to write into (default: cache)")
-    parser.add_argument("--only", choices=FIXTURES, action="append", help="build only this fixture")
+    parser.add_argument("--only", choices=ALL_FIXTURES, action="append", help="build only this fixture")
     parser.add_argument("--check", action="store_true", help="report logit gaps of greedy decoding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in args.only or FIXTURES:
+    for name in args.only or ALL_FIXTURES:
         path = build_fixture(name, args.out / name) if args.out else ensure_fixture(name)
         logger.info("%s: %s", name, path)
         if args.check:
