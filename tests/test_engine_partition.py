@@ -209,3 +209,91 @@ def test_a_runner_with_a_backend_the_plugin_does_not_wrap_is_named():
     other = SimpleNamespace(backend=Other, kv_cache_spec=full)
     not_attention = SimpleNamespace(backend=Other, kv_cache_spec=MambaSpec.__new__(MambaSpec))
     assert hooks.unsupported_backends([[ours, other], [not_attention]]) == ["FLEX_ATTENTION"]
+
+
+def test_blocks_of_generated_tokens_a_method_rewrote_are_never_shared():
+    """KVSmooth smooths generated tokens' cached K/V in place; a later prompt holding the same tokens
+    (a multi-turn chat) must compute them raw, as the reference does, so those blocks hash per request.
+    Prompt blocks keep one hash per config (shared); plain requests are untouched."""
+    from vllm.v1.core import kv_cache_utils
+
+    hooks.install_cache_salt()
+
+    def request(rid: str, spec: str | None) -> SimpleNamespace:
+        params = SimpleNamespace(extra_args=None if spec is None else {"halluguard": spec})
+        return SimpleNamespace(request_id=rid, sampling_params=params, num_prompt_tokens=32, mm_features=[],
+                               lora_request=None, cache_salt=None, prompt_embeds=None)  # fmt: skip
+
+    def keys(req: SimpleNamespace, start: int, end: int):
+        return kv_cache_utils.generate_block_hash_extra_keys(req, start, end, 0)[0]
+
+    kvs = '{"method":"kvsmooth","lam_ref":0.9}'
+    a, b = request("a", kvs), request("b", kvs)
+    assert keys(a, 0, 16) == keys(b, 0, 16) and keys(a, 16, 32) == keys(b, 16, 32)  # the prompt
+    assert keys(a, 32, 48) != keys(b, 32, 48)  # generated tokens, rewritten by KVSmooth
+    far_a, far_b = (
+        request("c", '{"method":"farsight","mode":"B"}'),
+        request("d", '{"method":"farsight","mode":"B"}'),
+    )
+    assert keys(far_a, 32, 48) == keys(far_b, 32, 48), "FarSight does not rewrite the cache"
+    assert keys(request("e", None), 32, 48) is None
+
+
+def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
+    from vllm_halluguard.engine.requests import check_inputs
+    from vllm_halluguard.methods import SCRConfig, SpecError
+
+    def config(tp: int = 1, spec: object = None) -> SimpleNamespace:
+        return SimpleNamespace(
+            speculative_config=spec,
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
+            scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
+            compilation_config=SimpleNamespace(mode=0),
+        )
+
+    image = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=2, length=16))
+    kvsmooth, scr = (
+        KVSmoothConfig(lam_ref=0.5, layers=(1,)),
+        SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,)),
+    )
+    check_inputs(kvsmooth, [image], 30, config())
+    check_inputs(scr, [image], 30, config(tp=2))  # SCR averages its map over the ranks
+    for cfg, settings in (
+        (kvsmooth, config(tp=2)),
+        (kvsmooth, config(spec=object())),
+        (scr, config(spec=object())),
+    ):
+        with pytest.raises(SpecError) as err:
+            check_inputs(cfg, [image], 30, settings)
+        assert err.value.reason == "unsupported"
+
+
+def test_the_wrapped_builder_keeps_plain_steps_native_and_builds_plans_self_contained():
+    """Plain steps: vLLM's build, as called. Mitigated steps: every metadata of the plan is built with
+    ``fast_build`` (FlashAttention 3 otherwise shares one persistent schedule buffer between builds)."""
+    from vllm_halluguard.engine.plan import BuilderMixin, StepPlan
+
+    calls: list[tuple[list[int], bool]] = []
+
+    class Native:
+        def build(
+            self, prefix: int, cm: CommonAttentionMetadata, fast_build: bool = False
+        ) -> SimpleNamespace:
+            calls.append((cm.seq_lens.tolist(), fast_build))
+            return SimpleNamespace(seq_lens=cm.seq_lens.tolist())
+
+    builder = type("Wrapped", (BuilderMixin, Native), {"_hg_native_sinks": True})
+    b = object.__new__(builder)
+    b._hg_decoder, b._hg_kernel, b._hg_num_heads = True, False, HEADS
+    view = _rows()
+    runtime = SimpleNamespace(step=view, num_layers=LAYERS, stats={"farsight_native_rows": 0})
+    runtime.view_for = lambda n: view if n == len(ROWS) else None
+    try:
+        state.set_current(None)  # no mitigated request yet
+        assert isinstance(b.build(0, _common()), SimpleNamespace) and calls == [([s for _, s in ROWS], False)]
+        calls.clear()
+        state.set_current(runtime)
+        plan = b.build(0, _common(), fast_build=False)
+        assert isinstance(plan, StepPlan) and len(calls) >= 2 and all(fast for _, fast in calls)
+    finally:
+        state.set_current(None)

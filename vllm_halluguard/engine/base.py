@@ -90,6 +90,12 @@ class EngineMethod:
     name: ClassVar[str]
     #: The method acts on image tokens: a request without an image is refused at admission.
     needs_image: ClassVar[bool] = False
+    #: The method rewrites generated tokens' cached K/V: their blocks must not serve other requests'
+    #: prompts from the prefix cache (the reference computes those tokens' K/V raw).
+    edits_generated_kv: ClassVar[bool] = False
+    #: The method is correct with tensor parallelism (its decisions see every head: SCR all-reduces its
+    #: map); the others are refused at admission when ``tensor_parallel_size > 1``.
+    tensor_parallel: ClassVar[bool] = False
     #: Worker counters this method adds to ``worker_stats`` (start at 0), and its gauges
     #: (:meth:`worker_stats`).
     counters: ClassVar[tuple[str, ...]] = ()

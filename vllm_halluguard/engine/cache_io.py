@@ -2,9 +2,10 @@
 
 * ``CPU_ATTN``: ``[num_blocks, Hkv, block_size, 2 * D]`` with each page half packed for its SIMD
   kernel (:mod:`vllm_halluguard.engine.cpu_cache` learns the packing; writes go through vLLM's op).
-* ``FLASH_ATTN``: ``[2, num_blocks, block_size, Hkv, D]``; ``TRITON_ATTN``:
-  ``[num_blocks, 2, block_size, Hkv, D]``. Both are read and written through K/V views
-  ``[num_blocks, block_size, Hkv, D]`` (no copy; any stride order).
+* ``FLASH_ATTN`` and ``TRITON_ATTN``: vLLM 0.32 hands their impls the same logical per-layer view
+  ``[num_blocks, Hkv, block_size, 2 * D]`` (``kv_cache_interface.create_kv_cache_views``, whatever
+  the physical layout), split by them as ``kv_cache.transpose(1, 2).split(D, -1)``. The plugin reads
+  and writes it through the same K/V views ``[num_blocks, block_size, Hkv, D]`` (``"hnd2d"``, no copy).
 
 :meth:`CacheIO.kernel_views` gives the project's Triton kernel the same ``[NB, BS, Hkv, D]`` views:
 always for the split layouts, and for ``CPU_ATTN`` when its packing is a plain token- or dim-major
@@ -23,8 +24,8 @@ from vllm_halluguard.kernels.layouts import Layout, split_kv
 
 #: Native backends whose cache the plugin reads, by vLLM backend name.
 SUPPORTED = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
-#: The split-K/V layouts (:mod:`vllm_halluguard.kernels.layouts`) of the GPU backends.
-LAYOUTS: dict[str, Layout] = {"FLASH_ATTN": "flash", "TRITON_ATTN": "triton"}
+#: The split-K/V layouts (:mod:`vllm_halluguard.kernels.layouts`) of the GPU backends' per-layer views.
+LAYOUTS: dict[str, Layout] = {"FLASH_ATTN": "hnd2d", "TRITON_ATTN": "hnd2d"}
 
 
 class CacheIO:

@@ -14,7 +14,8 @@
 * runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
 * prefix cache: a request's canonical method config (resolved for the model at admission) is mixed
   into its first block's hash, so requests with different methods never share KV blocks, and
-  different spellings of one config do (:func:`install_cache_salt`);
+  different spellings of one config do; blocks of generated tokens whose K/V a method rewrote
+  (KVSmooth) hash per request (:func:`install_cache_salt`);
 * scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); engine methods may
   hook the model itself (SCR wraps the decoder layers' forward, on its first request).
 """
@@ -227,6 +228,16 @@ def method_salt(request: Any) -> str | None:
     return salt
 
 
+def _edits_generated_kv(request: Any) -> bool:
+    """Whether the request's method rewrites its generated tokens' cached K/V (KVSmooth): those blocks
+    then hash per request, so a later prompt that contains the same tokens computes them raw."""
+    from vllm_halluguard.engine.keys import config_of
+    from vllm_halluguard.engine.registry import method_of
+
+    cfg = config_of(request)
+    return cfg is not None and method_of(cfg).edits_generated_kv
+
+
 @functools.cache
 def install_cache_salt() -> None:
     from vllm.v1.core import kv_cache_utils
@@ -242,6 +253,8 @@ def install_cache_salt() -> None:
             salt = method_salt(request)
             if salt is not None:
                 keys = (*(keys or ()), ("halluguard", salt))
+        if end_token_idx > request.num_prompt_tokens and _edits_generated_kv(request):
+            keys = (*(keys or ()), ("halluguard-generated", request.request_id))
         return keys, next_mm
 
     kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys

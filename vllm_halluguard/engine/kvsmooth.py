@@ -66,6 +66,7 @@ def smooth(call: LayerCall, row: Row, z: torch.Tensor, prev: tuple, cur: tuple) 
         raw = state.scratch.setdefault("raw_prev", {})
         prev_k, prev_v = raw.get(call.layer, (prev_k, prev_v))
         raw[call.layer] = (cur_k, cur_v)
+    lam = lam.to(cur_k.device)  # the FIFOs live on the host, the cache on the device
     new_k, new_v = ema(prev_k[None], cur_k[None], lam), ema(prev_v[None], cur_v[None], lam)
     call.write(call.slot_mapping[start : start + 1], new_k, new_v)
 
@@ -108,7 +109,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         z = head_entropy(probs[sel], cfg.head_reduce)
         m = cfg.window
         queue, count = buf.queue[slots, layer, :m], buf.count[slots, layer]
-        lam[sel], queue, count = update_lambda(queue, count, z, cfg)
+        lam[sel], queue, count = update_lambda(queue, count, z.cpu(), cfg)
         buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
     for i, (row, p) in enumerate(todo):  # per-row options (see :func:`smooth`)
         state = row.request
@@ -119,7 +120,9 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
             raw = state.scratch.setdefault("raw_prev", {})
             prev_k[i], prev_v[i] = raw.get(layer, (prev_k[i].clone(), prev_v[i].clone()))
             raw[layer] = (cur_k[i].clone(), cur_v[i].clone())
-    call.write(call.slot_mapping[starts], ema(prev_k, cur_k, lam), ema(prev_v, cur_v, lam))
+    lam = lam.to(cur_k.device)
+    index = starts.to(call.slot_mapping.device)
+    call.write(call.slot_mapping[index], ema(prev_k, cur_k, lam), ema(prev_v, cur_v, lam))
 
 
 class KVSmoothEngine(EngineMethod):
@@ -127,6 +130,7 @@ class KVSmoothEngine(EngineMethod):
 
     name = "kvsmooth"
     batched = True
+    edits_generated_kv = True
 
     def setup(self, runtime: Any) -> None:
         shape = (runtime.capacity, runtime.num_layers)

@@ -224,7 +224,7 @@ def build_plan(
     for key, rows in sink_groups.items():
         route = routes[rows[0]]
         assert route.sinks is not None
-        lanes.append(SinkLane(sub(sorted(rows)), route.sinks, route.sink_layers))
+        lanes.append(SinkLane(sub(sorted(rows)), route.sinks.to(device), route.sink_layers))
         if stats is not None:
             name = f"{method_of(rows_by_index[rows[0]].request.config).name}_native_rows"
             if name in stats:
@@ -317,5 +317,9 @@ class BuilderMixin:
             num_heads=self._hg_num_heads,
         )
         verify = os.environ.get(VERIFY_ENV) == "1"
-        return build_plan(lambda prefix, common: parent(prefix, common, fast_build), common_prefix_len, cm,
+        # A plan builds several metadata per step. ``fast_build`` keeps each self-contained: FlashAttention
+        # 3 otherwise copies its ahead-of-time schedule into one persistent buffer (for full CUDA graphs,
+        # which mitigated steps do not use), so every earlier build would read the last one's schedule.
+        del fast_build
+        return build_plan(lambda prefix, common: parent(prefix, common, True), common_prefix_len, cm,
                           view, backend, runtime.stats, verify)  # fmt: skip

@@ -175,11 +175,12 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     pruned = [b for b, (_, st, i) in enumerate(todo) if not bool(st.keep[i].all())]
     # V only once something is pruned: before that the native kernel's output is already exact
     k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens, values=bool(pruned))
-    visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True)
-    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+    device = k.device  # the cache's; the request state lives on the host
+    visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True).to(device)
+    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True).to(device)
     for b in pruned:  # pruned visual keys off
         _, st, i = todo[b]
-        key_mask[b, st.visual] = st.keep[i]
+        key_mask[b, st.visual.to(device)] = st.keep[i].to(device)
     starts = torch.tensor([call.query_start_loc[row.index + 1] - 1 for row, _, _ in todo])  # last tokens
     if pruned:
         out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
@@ -196,7 +197,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         if cfg.statistic not in stats:
             stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
-        st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
+        st.A[i], st.scores[i] = A[b].cpu(), scores[b, : st.visual.numel()].cpu()
         st.seen[i] = True
         if call.layer == max(st.layers):
             deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len + 1))

@@ -34,6 +34,18 @@ def check_inputs(
     reason ``inputs``). ``features``: the request's multimodal features (``mm_position`` = placeholder
     range)."""
     method = method_of(cfg)
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise SpecError(
+            "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
+            "unsupported",
+        )
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1 and not method.tensor_parallel:
+        raise SpecError(
+            f"{cfg.name} decides from statistics over all attention heads, which are not yet reduced across "
+            f"tensor-parallel ranks (tensor_parallel_size={tp}); serve it with tensor_parallel_size=1",
+            "unsupported",
+        )
     images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
     if method.needs_image and not images:
         raise SpecError(

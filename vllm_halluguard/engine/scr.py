@@ -243,6 +243,7 @@ class SCREngine(EngineMethod):
 
     name = "scr"
     needs_image = True
+    tensor_parallel = True  # the diagnostic map is averaged across ranks
     counters = ("scr_edits", "scr_split_images", "scr_early_exits")
 
     def check_inputs(self, cfg: Any, images: Any, prompt_len: int, vllm_config: Any) -> None:

@@ -3,10 +3,12 @@
 The kernel takes K and V as two strided tensors, so every layout below is read in place (views,
 no copy):
 
-* ``"flash"``: FlashAttention's ``[2, NB, BS, Hkv, D]`` (vLLM's FLASH_ATTN backend);
-* ``"triton"``: vLLM Triton backend's ``[NB, 2, BS, Hkv, D]`` (TRITON_ATTN);
-* ``"hnd2d"``: an unpacked ``[NB, Hkv, BS, 2 D]`` cache (K in the first ``D`` channels; vLLM's CPU
-  backend has this logical shape but packs each page, see :mod:`vllm_halluguard.engine.cache_io`).
+* ``"flash"``: FlashAttention's own ``[2, NB, BS, Hkv, D]`` (what ``flash_attn`` takes; vLLM before
+  0.32 handed it to its FLASH_ATTN impl);
+* ``"triton"``: ``[NB, 2, BS, Hkv, D]`` (vLLM's TRITON_ATTN before 0.32);
+* ``"hnd2d"``: ``[NB, Hkv, BS, 2 D]`` (K in the first ``D`` channels): the per-layer view vLLM 0.32
+  hands FLASH_ATTN and TRITON_ATTN (any physical stride order); vLLM's CPU backend has this logical
+  shape but packs each page, see :mod:`vllm_halluguard.engine.cache_io`.
 """
 
 from __future__ import annotations
