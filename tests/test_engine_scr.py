@@ -213,7 +213,8 @@ def test_text_only_request_is_refused(setup, seed, prompt):
 def _config(budget=512, pp=1, mode=0):
     return SimpleNamespace(
         scheduler_config=SimpleNamespace(max_num_batched_tokens=budget),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1),
+        speculative_config=None,
         compilation_config=SimpleNamespace(mode=mode),
     )
 
