@@ -202,11 +202,24 @@ def llava_parts(
     return config, processor
 
 
-def save_llava(model: Any, processor: Any, out: Path) -> None:
-    """Write a LLaVA(-NeXT, -OneVision) model and its processor in the layout HF and vLLM 0.32 load."""
+def _qwen_tokenizer() -> Any:
+    """The Qwen-VL families' tokenizer: Qwen2-VL's special tokens and chat template."""
+    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save(model: Any, processor: Any, out: Path) -> None:
+    """Weights (safetensors), processor and tokenizer into ``out``."""
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
+
+
+def save_llava(model: Any, processor: Any, out: Path) -> None:
+    """Write a LLaVA(-NeXT, -OneVision) model and its processor in the layout HF and vLLM 0.32 load."""
+    _save(model, processor, out)
     # transformers 5.19 writes the CLIP tower as ``vision_tower.*``; vLLM 0.32's LLaVA loader wants
     # ``vision_tower.vision_model.*`` (and transformers accepts both), so store the common form.
     _rename_keys(
@@ -261,9 +274,7 @@ def _build_qwen2_vl(out: Path) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    tokenizer = _qwen_tokenizer()
     config = Qwen2VLConfig(
         text_config=dict(
             **TEXT_DIMS,
@@ -301,9 +312,7 @@ def _build_qwen2_vl(out: Path) -> None:
         tokenizer=tokenizer,
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(model, processor, out)
 
 
 # ---------------------------------------------------------------------------------------- Qwen2.5-VL
@@ -321,9 +330,7 @@ def _build_qwen2_5_vl(out: Path) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    tokenizer = _qwen_tokenizer()
     config = Qwen2_5_VLConfig(
         text_config=dict(
             **TEXT_DIMS,
@@ -363,9 +370,7 @@ def _build_qwen2_5_vl(out: Path) -> None:
         tokenizer=tokenizer,
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(model, processor, out)
 
 
 # ------------------------------------------------------------------------------------------ Qwen3-VL
@@ -384,9 +389,7 @@ def _build_qwen3_vl(out: Path) -> None:
         Qwen3VLVideoProcessor,
     )
 
-    tokenizer = _train_tokenizer(QWEN2VL_SPECIALS, VOCAB_SIZE)
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    tokenizer = _qwen_tokenizer()
     rope = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True, "rope_theta": 5e6}
     config = Qwen3VLConfig(
         text_config=dict(
@@ -427,9 +430,7 @@ def _build_qwen3_vl(out: Path) -> None:
         tokenizer=tokenizer,
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(model, processor, out)
 
 
 # ---------------------------------------------------------------------------------------- LLaVA-NeXT
