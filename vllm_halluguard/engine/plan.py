@@ -221,15 +221,13 @@ def build_plan(
         if route.sinks is not None:
             sink_groups.setdefault(route.sink_key, []).append(index)
     lanes = []
-    for key, rows in sink_groups.items():
+    for rows in sink_groups.values():
         route = routes[rows[0]]
         assert route.sinks is not None
         lanes.append(SinkLane(sub(sorted(rows)), route.sinks.to(device), route.sink_layers))
-        if stats is not None:
-            name = f"{method_of(rows_by_index[rows[0]].request.config).name}_native_rows"
-            if name in stats:
-                stats[name] += len(rows)
-        del key
+        counter = f"{method_of(rows_by_index[rows[0]].request.config).name}_native_rows"
+        if stats is not None and counter in stats:
+            stats[counter] += len(rows)
     in_lanes = frozenset(i for rows in sink_groups.values() for i in rows)
 
     plan = StepPlan(view, qsl, seq_lens, int(qsl[-1]), LayerPlan(None), sink_lanes=lanes, by_method=by_method)
