@@ -63,6 +63,8 @@ def run_layer(
     for lane in plan.sink_lanes:
         sinks = lane.sinks if lane.layers is None or index in lane.layers else None
         _native_sub(impl, native, layer, query, key, value, kv_cache, lane.batch, output, sinks, args, kwargs)
+    if not lp.rework and not plan.by_method and os.environ.get(VERIFY_ENV) != "1":
+        return output  # e.g. a layer where only sink lanes differ from the native kernel
     n = plan.num_actual_tokens
     out3 = output[:n].view(n, impl.num_heads, impl.head_size)
     io = cache_io(impl._hg_backend_name, kv_cache, plan.block_table, layer, impl)
