@@ -22,6 +22,10 @@ tokens differs per request (Qwen2-VL's dynamic resolution) and the state is drop
 (:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
 attention); the per-row :func:`apply` is the same computation for one row.
 A request without an image is refused at admission (``requests.check_inputs``).
+
+The reclaiming variant (``selection="shared"`` over all decoder layers, best with
+``granularity="block"``): after each prune the prompt blocks that no layer reads any more are handed to
+:mod:`.reclaim`, which nulls them in the worker's block table and frees them in vLLM's block pool.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 
+from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
@@ -46,6 +51,7 @@ from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
     visual_attention_stats,
+    visual_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +75,10 @@ class PruneState:
     scores: torch.Tensor  # [n, Nv] per-token scores of the current step
     seen: torch.Tensor  # [n] bool: layers measured in the current step
     record: dict[str, Any] = field(default_factory=dict)
+    req_id: str = ""
+    admission: int = 1  # how many times the worker admitted the request (1 + preemptions)
+    reclaim: bool = False  # fully pruned prompt blocks go back to the pool
+    freed: set[int] = field(default_factory=set)  # logical blocks handed to the reclaim
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
@@ -108,9 +118,15 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
         "steps": 0,
         "prunes": [],
         "reclaimable_blocks": 0,
+        "freed_blocks": 0,
     }
     runtime.remember(LOG, state.req_id, record, MAX_LOGGED_REQUESTS)
-    state.scratch["prunehal"] = PruneState.fresh(visual, layers, record)
+    st = PruneState.fresh(visual, layers, record)
+    admissions = runtime.ext.setdefault("prunehal_admissions", {})
+    admissions[state.req_id] = admissions.get(state.req_id, 0) + 1
+    st.req_id, st.admission = state.req_id, admissions[state.req_id]
+    st.reclaim = cfg.frees_blocks and set(layers) == set(range(runtime.num_layers))
+    state.scratch["prunehal"] = st
 
 
 def apply(call: LayerCall, row: Row) -> None:
@@ -218,6 +234,9 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
         groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
     for (cfg, _), members in groups.items():
         sts = [st for st, _ in members]
+        blocks = None
+        if cfg.granularity == "block":
+            blocks = torch.stack([visual_groups(st.visual, cfg.block) for st in sts])
         fired, keep, count, hist_sum, hist_n = prune_step(
             torch.tensor([step for _, step in members]),
             cfg,
@@ -227,6 +246,7 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             torch.stack([st.scores for st in sts]),
             torch.cat([st.hist_sum for st in sts]),
             torch.cat([st.hist_n for st in sts]),
+            blocks,
         )
         for j, ((st, step), prunes) in enumerate(zip(members, fired.tolist(), strict=True)):
             st.keep, st.count, st.hist_sum, st.hist_n = (
@@ -243,23 +263,29 @@ def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
     rec["steps"] = step
     if fired:
         rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
-        rec["reclaimable_blocks"] = fully_pruned_blocks(
-            st, rec["prompt_len"], runtime.block_size, runtime.num_layers
-        )
+        blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
+        rec["reclaimable_blocks"] = len(blocks)
+        new = [b for b in blocks if b not in st.freed] if st.reclaim else []
+        if new:
+            runtime.stats["prunehal_reclaiming_requests"] += not st.freed
+            st.freed.update(new)
+            rec["freed_blocks"] = len(st.freed)
+            runtime.stats["prunehal_freed_blocks"] += len(new)
+            reclaim.queue(runtime, st.req_id, st.admission, new)
 
 
-def fully_pruned_blocks(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> int:
-    """KV blocks of the prompt whose every token is pruned in every decoder layer.
+def pruned_block_ids(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> list[int]:
+    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer.
 
-    Only such blocks could go back to the pool (vLLM's block table is shared by all layers); if the
+    Only such blocks can go back to the pool (vLLM's block table is shared by all layers); if the
     config prunes a subset of layers, the others still read every block and none qualifies.
     """
     if set(st.layers) != set(range(num_layers)) or st.visual.numel() == 0:
-        return 0
+        return []
     n_blocks = -(-prompt_len // block_size)
     gone = torch.zeros(n_blocks * block_size, dtype=torch.bool)
     gone[st.visual] = ~st.keep.any(0)
-    return int(gone.view(n_blocks, block_size).all(-1).sum())
+    return torch.nonzero(gone.view(n_blocks, block_size).all(-1)).flatten().tolist()
 
 
 def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
@@ -267,7 +293,8 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
 
     Each record: ``prompt_len``, ``num_visual``, ``layers``, ``steps`` (last step decided, 1 = prefill),
     ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
-    ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
+    ``reclaimable_blocks`` (the number of :func:`pruned_block_ids`) and ``freed_blocks`` (of them, the blocks
+    given back to the pool; the reclaiming variant only). ``clear`` empties the log afterwards.
     """
     return worker_log(worker, LOG, clear)
 
@@ -286,6 +313,9 @@ class PruneHalEngine(EngineMethod):
     needs_image = True
     batched = True
     gauges = ("prunehal_reclaimable_blocks",)
+    #: ``prunehal_freed_blocks``: prompt blocks handed back to the pool (reclaiming variant), and
+    #: ``prunehal_reclaiming_requests``: requests (admissions) that gave back at least one.
+    counters = ("prunehal_freed_blocks", "prunehal_reclaiming_requests")
 
     init_state = staticmethod(init_state)  # type: ignore[assignment]
     apply = staticmethod(apply)  # type: ignore[assignment]
@@ -354,6 +384,20 @@ class PruneHalEngine(EngineMethod):
                 deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))
         if deciding:
             decide(call.runtime, deciding)
+
+    def release(self, runtime: Any, state: RequestState) -> None:
+        """Finished or preempted: blocks not yet nulled in the worker's table are another allocation's
+        after a recompute (the state starts over; the scheduler drops such stale reports too)."""
+        reclaim.forget(runtime, state.req_id)
+
+    def finished(self, runtime: Any, req_id: str) -> None:
+        runtime.ext.get("prunehal_admissions", {}).pop(req_id, None)
+
+    def plan_step(
+        self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any
+    ) -> None:
+        """Null the blocks freed after the last step in the worker's block table, before any read."""
+        reclaim.apply_pending(runtime, input_batch, requests)
 
     def worker_stats(self, runtime: Any) -> dict[str, int]:
         """KV blocks of active requests pruned in every layer (could return to the pool)."""
