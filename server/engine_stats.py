@@ -3,7 +3,8 @@
 The counters live in the engine's worker processes (:func:`vllm_halluguard.engine.runtime.worker_stats`);
 the API process asks the first worker for them (``collective_rpc`` by name) just before vLLM renders
 ``/metrics``, and mirrors them in gauges of prometheus_client's default registry. With tensor
-parallelism every rank takes the same decisions, so rank 0 speaks for all.
+parallelism every rank takes the same decisions, so rank 0 speaks for all. With several API processes
+(Prometheus multiprocess mode) the value of the latest scrape wins (``mostrecent``).
 """
 
 from __future__ import annotations
@@ -18,17 +19,25 @@ logger = logging.getLogger(__name__)
 
 #: ``worker_stats`` key -> gauge. The totals count since the engine started.
 GAUGES = {
+    "admitted": Gauge(
+        "halluguard_engine_admitted_requests",
+        "Mitigated requests the engine's workers admitted (total since start; a preempted one again)",
+        multiprocess_mode="mostrecent",
+    ),
     "prunehal_freed_blocks": Gauge(
         "halluguard_prunehal_freed_blocks",
         "KV blocks PruneHal's reclaiming variant gave back to vLLM's block pool (total since start)",
+        multiprocess_mode="mostrecent",
     ),
     "prunehal_reclaiming_requests": Gauge(
         "halluguard_prunehal_reclaiming_requests",
         "Requests that gave back at least one KV block (total since start)",
+        multiprocess_mode="mostrecent",
     ),
     "prunehal_reclaimable_blocks": Gauge(
         "halluguard_prunehal_reclaimable_blocks",
         "Prompt KV blocks of running PruneHal requests that no layer reads any more",
+        multiprocess_mode="mostrecent",
     ),
 }
 #: Longest wait for the workers' answer before ``/metrics`` is served with the previous values.

@@ -138,6 +138,11 @@ def same_as_solo(llm, processor, case, gen, atol=1e-5) -> None:
     assert report.same_tokens and report.max_abs_logprob_diff < atol, f"{case.extra_args}: {report}"
 
 
+def test_contiguous_runs_of_blocks():
+    assert reclaim.runs([5, 1, 2, 3, 7, 6, 2]) == [(1, 4), (5, 8)]
+    assert reclaim.runs([]) == []
+
+
 # ----------------------------------------------------------------------------------------- parity
 
 
@@ -229,7 +234,8 @@ def test_freed_blocks_return_to_the_pool_and_are_reused(small, processor):
         same_as_solo(llm, processor, plain, done[f"p{i}"])
     assert free_count(llm) == scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks - 1  # all back
     (stats,) = llm.collective_rpc(worker_stats)
-    assert stats["prunehal_freed_blocks"] >= 1
+    assert stats["prunehal_freed_blocks"] >= 1 and stats["prunehal_reclaiming_requests"] >= 1
+    assert llm.collective_rpc("halluguard_worker_stats") == [stats]  # by name, as the server asks
 
 
 def test_prefix_cache_shared_block_is_kept_for_the_other_holder(small, processor):
@@ -262,4 +268,62 @@ def test_prefix_cache_shared_block_is_kept_for_the_other_holder(small, processor
     assert done["a"].token_ids == done["b"].token_ids
     same_as_solo(llm, processor, case, done["a"])
     same_as_solo(llm, processor, case, done["b"])
+    assert free_count(llm) == scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks - 1
+
+
+# ------------------------------------------------------------------------------------- preemption
+
+#: Prompts of 95 and 94 tokens: their first generated block is needed at engine steps 3 and 4.
+PROMPT_95, PROMPT_94 = "Describe the image red blue.", "Describe the image of blue."
+
+
+def test_preempted_pruned_request_resumes_with_its_masks(engines, processor):
+    """A reclaiming request preempted after its prune is recomputed with the masks each of its tokens
+    saw (the prompt unmasked, later tokens under the prunes before them): its tokens, log-probs and
+    prunes equal its solo run, and it frees its image block again after the recompute.
+
+    12 blocks: p1 (95 tokens), p2, p3 (88) and r (94, last) take all 12. r's prune frees one block
+    (step 2), p1 takes it for position 96 (step 3); at step 4 r needs a block, none is free and r is
+    the last running request: vLLM preempts it. It resumes when p1 finishes and recomputes 97 tokens.
+    """
+    llm = engines.get("llava", **{**SMALL, "num_gpu_blocks_override": 13})
+    drv = Driver(llm, processor)
+    case = method_case("llava", 8, RECLAIM_ALL, PROMPT_94)
+    plains = [
+        method_case("llava", 40, None, PROMPT_95),
+        method_case("llava", 41, None),
+        method_case("llava", 42, None),
+    ]
+    core = llm.llm_engine.engine_core.engine_core
+    before = reclaim.scheduler_stats(core)
+    (stats0,) = llm.collective_rpc(worker_stats)
+    llm.collective_rpc(prunehal_trace, args=(True,))
+    preemptions: dict[str, int] = {}
+
+    def watch(step):
+        for req in scheduler(llm).requests.values():
+            preemptions[req.request_id] = req.num_preemptions
+
+    for i, plain in enumerate(plains):
+        drv.add(f"p{i}", plain)
+    drv.add("r", case)
+    done = drv.run(watch)
+    ((rec,),) = [list(log.values()) for log in llm.collective_rpc(prunehal_trace, args=(True,))]
+    rid = next(r for r in preemptions if r == "r" or r.startswith("r-"))
+    assert preemptions[rid] == 1 and rec.get("resumed") == 1, (preemptions, rec.get("resumed"))
+    (stats1,) = llm.collective_rpc(worker_stats)
+    assert stats1["preempted"] - stats0["preempted"] == 1
+    after = reclaim.scheduler_stats(core)
+    assert after["prunehal_freed_blocks"] - before["prunehal_freed_blocks"] == 2  # once per admission
+
+    llm.collective_rpc(prunehal_trace, args=(True,))
+    (solo,) = run_vllm(llm, [case], processor)
+    ((solo_rec,),) = [list(log.values()) for log in llm.collective_rpc(prunehal_trace, args=(True,))]
+    report = compare(done["r"], solo)
+    assert report.same_tokens and report.max_abs_logprob_diff < 1e-4, report
+    assert [(p["step"], p["keep"]) for p in rec["prunes"]] == [
+        (p["step"], p["keep"]) for p in solo_rec["prunes"]
+    ]
+    for i, plain in enumerate(plains):
+        same_as_solo(llm, processor, plain, done[f"p{i}"])
     assert free_count(llm) == scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks - 1

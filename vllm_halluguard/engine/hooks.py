@@ -278,7 +278,6 @@ def pin_v1_runner() -> None:
 
 def install_all() -> None:
     from vllm_halluguard.engine import reclaim, two_pass
-    from vllm_halluguard.engine.runtime import install_worker_rpc
 
     pin_v1_runner()
     install_backends()
@@ -287,5 +286,4 @@ def install_all() -> None:
     install_admission()
     install_cache_salt()
     two_pass.install()
-    reclaim.install()
-    install_worker_rpc()
+    reclaim.install_scheduler()

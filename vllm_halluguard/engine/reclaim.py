@@ -157,14 +157,31 @@ def scheduler_stats(engine_core: Any) -> dict[str, int]:
 
 
 @functools.cache
-def install() -> None:
-    """Wrap ``GPUModelRunner.sample_tokens`` (worker) and ``Scheduler.update_from_output`` (engine core)."""
+def install_scheduler() -> None:
+    """Wrap ``Scheduler.update_from_output`` (engine core): free the blocks a step's output reports."""
     from vllm.v1.core.sched.scheduler import Scheduler
+
+    update_from_output = Scheduler.update_from_output
+
+    @functools.wraps(update_from_output)
+    def _update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = update_from_output(self, scheduler_output, model_runner_output)
+        reports = getattr(model_runner_output, FIELD, None)
+        if reports:
+            free_reported(self, reports)
+        return outputs
+
+    Scheduler.update_from_output = _update_from_output
+
+
+@functools.cache
+def install_worker() -> None:
+    """Wrap ``GPUModelRunner.sample_tokens`` (worker; installed with the runner hook): the outbox
+    rides on the step's ``ModelRunnerOutput``."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     sample_tokens = GPUModelRunner.sample_tokens
-    update_from_output = Scheduler.update_from_output
 
     @functools.wraps(sample_tokens)
     def _sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -177,13 +194,4 @@ def install() -> None:
             setattr(target, FIELD, take_outbox(runtime))
         return out
 
-    @functools.wraps(update_from_output)
-    def _update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = update_from_output(self, scheduler_output, model_runner_output)
-        reports = getattr(model_runner_output, FIELD, None)
-        if reports:
-            free_reported(self, reports)
-        return outputs
-
     GPUModelRunner.sample_tokens = _sample_tokens
-    Scheduler.update_from_output = _update_from_output

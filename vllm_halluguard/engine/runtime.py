@@ -141,8 +141,14 @@ def install_worker_rpc() -> None:
 @functools.cache
 def ensure_runner_hook() -> None:
     """After vLLM updates its persistent batch, sync the runner's :class:`Runtime` (installed lazily by
-    the wrapped metadata builders, i.e. in workers only)."""
+    the wrapped metadata builders, i.e. in workers only); with it, the worker's side of PruneHal's
+    block reclaim and the ``halluguard_worker_stats`` RPC."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_halluguard.engine import reclaim
+
+    reclaim.install_worker()
+    install_worker_rpc()
 
     original = GPUModelRunner._update_states
 
