@@ -6,8 +6,8 @@ The prune is decided in the worker, the blocks belong to the scheduler's ``KVCac
    the *outbox* (for the scheduler) and to *pending* (for the worker's own block table).
 2. **Worker, end of the step** (``GPUModelRunner.sample_tokens``, wrapped): the outbox rides on that
    step's ``ModelRunnerOutput`` as the attribute :data:`FIELD` ``{req_id: (admission, [blocks])}``.
-   A dataclass attribute pickles with the output, so it crosses processes (multiprocess executors);
-   with one worker the output is the same object in the engine-core process.
+   With one worker (how PruneHal is served) the worker runs in the engine-core process and the output
+   is the same object; multi-process executors pickle it, and the attribute travels in its ``__dict__``.
 3. **Worker, next step** (:func:`apply_pending`, from ``PruneHalEngine.plan_step`` after vLLM updated
    its batch): the blocks' entries in the worker's block table and in the request's ``block_ids`` become
    the null block (id 0, zero-filled, never written), before the step's metadata is built. From then on
