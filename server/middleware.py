@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
-from server import security
+from server import engine_stats, security
 from server.inputs import ImageLimits, InputError, has_image
 from server.mitigation import FIELD, NONE, MitigationError, Policy, Resolver, header_value, known_names
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
@@ -134,6 +134,8 @@ class MitigationMiddleware:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
             await self._json_request(scope, receive, send, path)
             return
+        if scope["type"] == "http" and path in security.METRICS_PATHS:
+            await engine_stats.refresh(scope.get("app"))
         await _forward(self.app, scope, receive, send)
 
     # ------------------------------------------------------------------------------------ startup

@@ -9,12 +9,17 @@ from ..methods.prunehal import (
     PruneHalConfig,
     prune_step,
     visual_attention_stats,
+    visual_groups,
 )
 from .base import ReferenceMethod, RequestInfo
 
 
 class PruneHalReference(ReferenceMethod):
     """Pruned visual keys get ``-inf`` logits (equal to slicing them out; positions are unchanged).
+
+    The opt-in variant (``selection="shared"``, ``granularity="block"``) ranks as in
+    :func:`~vllm_halluguard.methods.prunehal.select_keep`; block groups are absolute prompt positions
+    ``// block`` (the engine's KV blocks when ``block`` is the engine's block size).
 
     The prefill's last query row is measured as step 1 (nothing is pruned yet); decode forward ``j`` is
     step ``j + 1``. ``trace`` gets one record per step: ``{"step", "fired": [B], "kept": [B, n_layers],
@@ -41,6 +46,7 @@ class PruneHalReference(ReferenceMethod):
         self._A = torch.zeros(b, n, device=device)
         self._scores = torch.zeros(b, n, nv, device=device)
         self._seen = torch.zeros(n, dtype=torch.bool, device=device)
+        self._groups = visual_groups(vis, self.config.block) if self.config.granularity == "block" else None
 
     def key_mask(self, layer: int) -> torch.Tensor | None:
         if self.phase != "decode" or layer not in self._slot:
@@ -80,6 +86,7 @@ class PruneHalReference(ReferenceMethod):
             self._scores,
             self._hist_sum,
             self._hist_n,
+            self._groups,
         )
         self.trace.append(
             {

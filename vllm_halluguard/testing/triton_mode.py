@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+#: PruneHal's reclaiming variant: on llava the image-only block is freed and nulled in the block table.
+RECLAIM = {"method": "prunehal", "r": 0.3, "t": 1, "selection": "shared", "granularity": "block", "block": 32}
 #: Cases run in Triton mode: (image seed, method spec).
 CASES: tuple[tuple[int, Any], ...] = (
     (80, None),
@@ -26,6 +28,7 @@ CASES: tuple[tuple[int, Any], ...] = (
     (83, {"method": "farsight", "mode": "C"}),
     (84, "prunehal"),
     (85, "scr"),
+    (86, RECLAIM),
 )
 MAX_TOKENS = 12
 
