@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -94,7 +94,7 @@ class PruneState:
 
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``)."""
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    cfg = cast(PruneHalConfig, state.config)
     image_token_id = getattr(runtime.hf_config, "image_token_id", None)
     visual = visual_positions(cached, image_token_id)
     layers = tuple(cfg.layers or ())
@@ -116,7 +116,7 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
 def apply(call: LayerCall, row: Row) -> None:
     """Masked attention, visual statistics and (after the last layer) the prune decision of one row."""
     state = row.request
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    cfg = cast(PruneHalConfig, state.config)
     st: PruneState | None = state.scratch.get("prunehal")
     if st is None or cfg.is_noop() or st.visual.numel() == 0:
         return
@@ -159,7 +159,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     todo: list[tuple[Row, PruneState, int]] = []
     for row in rows:
         state = row.request
-        cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, state.config)
         st: PruneState | None = state.scratch.get("prunehal")
         if st is None or cfg.is_noop() or st.visual.numel() == 0:
             continue
@@ -193,7 +193,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
-        cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, row.request.config)
         if cfg.statistic not in stats:
             stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
@@ -287,9 +287,9 @@ class PruneHalEngine(EngineMethod):
     batched = True
     gauges = ("prunehal_reclaimable_blocks",)
 
-    init_state = staticmethod(init_state)  # type: ignore[assignment]
-    apply = staticmethod(apply)  # type: ignore[assignment]
-    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+    init_state = staticmethod(init_state)
+    apply = staticmethod(apply)
+    apply_batch = staticmethod(apply_batch)
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """Every row is measured on its last token, so all rows go to one :func:`apply_batch`."""
@@ -336,7 +336,7 @@ class PruneHalEngine(EngineMethod):
         for row in rows:
             st = _state(row)
             assert st is not None
-            cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+            cfg = cast(PruneHalConfig, row.request.config)
             i = st.index[call.layer]
             start, _, seq_len = call.span(row)
             k, _ = call.gather(row.index, seq_len)
