@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vllm_halluguard.eval import chair
+from vllm_halluguard.methods import METHODS
 from vllm_halluguard.testbed import scenes as sc
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -194,8 +195,9 @@ def test_committed_model_hallucinates_the_missing_partner(testbed):
     assert min(report.probe.recall, report.control.recall) >= RECALL_MIN, report.summary()
 
 
-#: Resolved as the server resolves them and sent as it sends them (canonical JSON; farsight: mode B).
-ENGINE_METHODS = ("kvsmooth", "farsight", "prunehal", "scr")
+#: Every registered method, resolved as the server resolves them and sent as it sends them (canonical
+#: JSON; farsight: its served mode).
+ENGINE_METHODS = tuple(METHODS)
 
 
 @pytest.mark.engine
