@@ -12,6 +12,7 @@ method = the solo runs; a bad config is refused for that request only.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,9 +252,12 @@ def test_engine_matches_reference(setup, hf, name, label):
     case = method_case(fixture, 5, spec)
     (gen,) = run_vllm(llm, [case])
     (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
+    # the reference runs the config the engine resolved (e.g. "farsight" is served as mode C, while the
+    # reference's own default is the paper's mode A)
+    resolved = json.loads(resolve(spec, model.config).canonical())
 
     def ctx():
-        return reference.apply(model, spec)
+        return reference.apply(model, resolved)
 
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
     report = compare(gen, forced)
