@@ -70,7 +70,7 @@ CASES: dict[str, Cases] = {
             "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
         },
         noop=[{"method": "prunehal", "r": 1.0}],
-        bad=[({"method": "prunehal", "r": 1.5}, "r")],
+        bad=[({"method": "prunehal", "r": 1.5}, "r: Input should be less than or equal to 1")],
     ),
     "farsight": Cases(
         specs={
