@@ -222,6 +222,7 @@ class Runner:
     ) -> tuple[list[RequestRecord], float]:
         """Send one request per entry of ``methods`` at ``point``'s load: (records sent, wall time)."""
         n = len(methods)
+        limit: int | None
         if point.kind == "concurrency":
             limit, offsets = int(point.value), [0.0] * n
         else:

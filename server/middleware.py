@@ -307,6 +307,7 @@ class MitigationMiddleware:
 
     async def _reject(self, send: Send, error: MitigationError | InputError, status: int = 400) -> None:
         ERRORS.labels(reason=error.reason).inc()
+        param: str | None
         if isinstance(error, MitigationError):
             message, param = f"invalid mitigation: {error}", FIELD
         else:
@@ -423,9 +424,9 @@ def _shorten_error(body: bytes) -> bytes:
         if isinstance(item, dict | list):
             keys = item.keys() if isinstance(item, dict) else range(len(item))
             for key in keys:
-                value = item[key]  # type: ignore[index]
+                value = item[key]
                 if isinstance(value, str):
-                    item[key] = cut(value, 1000)  # type: ignore[index]
+                    item[key] = cut(value, 1000)
                 else:
                     stack.append(value)
     shortened = json.dumps(payload).encode()

@@ -99,6 +99,7 @@ def parse_spec(value: Any) -> MethodConfig | None:
         raise MitigationError(str(e), e.reason) from e
     for field, v in cfg or ():
         if isinstance(v, float) and not math.isfinite(v):  # e.g. sigma "Infinity": not over HTTP
+            assert cfg is not None
             raise MitigationError(
                 f"invalid {cfg.name} config: {field}: must be a finite number", "invalid_params"
             )
@@ -131,7 +132,7 @@ class Policy:
         preset = environ.get(PRESET_ENV) or None
         if preset is not None and preset not in MODEL_FAMILIES:
             raise MitigationError(f"preset must be one of {list(MODEL_FAMILIES)}, got {preset!r}", "config")
-        policy = cls(default, allow, preset)  # type: ignore[arg-type]
+        policy = cls(default, allow, preset)
         policy.check()
         return policy
 

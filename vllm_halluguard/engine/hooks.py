@@ -144,6 +144,7 @@ def install_admission() -> None:
         spec = spec_of(extra_args)
         cfg = None
         if spec is not None:
+            assert extra_args is not None  # spec_of found the key in it
             try:
                 if self.vllm_config.use_v2_model_runner:
                     raise ValueError(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -122,7 +122,7 @@ class PruneState:
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``); a request
     resumed after a preemption gets its state back (torch path, see :func:`park`)."""
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    cfg = cast(PruneHalConfig, state.config)
     admissions = runtime.ext.setdefault("prunehal_admissions", {})
     admissions[state.req_id] = admissions.get(state.req_id, 0) + 1
     parked: PruneState | None = runtime.ext.get(PARKED, {}).pop(state.req_id, None)
@@ -159,7 +159,7 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
 def apply(call: LayerCall, row: Row) -> None:
     """Masked attention, visual statistics and (after the last layer) the prune decision of one row."""
     state = row.request
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    cfg = cast(PruneHalConfig, state.config)
     st: PruneState | None = state.scratch.get("prunehal")
     if st is None or cfg.is_noop() or st.visual.numel() == 0:
         return
@@ -242,7 +242,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     todo: list[tuple[Row, PruneState, int]] = []
     for row in rows:
         state = row.request
-        cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, state.config)
         st: PruneState | None = state.scratch.get("prunehal")
         if st is None or cfg.is_noop() or st.visual.numel() == 0:
             continue
@@ -278,7 +278,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
-        cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, row.request.config)
         if cfg.statistic not in stats:
             stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
@@ -413,9 +413,9 @@ class PruneHalEngine(EngineMethod):
     #: ``prunehal_reclaiming_requests``: requests (admissions) that gave back at least one.
     counters = ("prunehal_freed_blocks", "prunehal_reclaiming_requests")
 
-    init_state = staticmethod(init_state)  # type: ignore[assignment]
-    apply = staticmethod(apply)  # type: ignore[assignment]
-    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+    init_state = staticmethod(init_state)
+    apply = staticmethod(apply)
+    apply_batch = staticmethod(apply_batch)
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """Every row is measured on its last token, so all rows go to one :func:`apply_batch`; chunks of
@@ -469,7 +469,7 @@ class PruneHalEngine(EngineMethod):
         for row in rows:
             st = _state(row)
             assert st is not None
-            cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+            cfg = cast(PruneHalConfig, row.request.config)
             i = st.index[call.layer]
             start, _, seq_len = call.span(row)
             k, _ = call.gather(row.index, seq_len)

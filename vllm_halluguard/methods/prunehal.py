@@ -166,6 +166,7 @@ def keep_topr(scores: torch.Tensor, keep_mask: torch.Tensor, r: float) -> torch.
     Ties break towards the lower index. Tokens outside ``keep_mask`` stay pruned.
     """
     n_keep = keep_count(keep_mask.sum(-1), r)
+    assert isinstance(n_keep, torch.Tensor)
     masked = torch.where(keep_mask, scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)

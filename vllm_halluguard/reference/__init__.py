@@ -20,25 +20,22 @@ from typing import Any
 
 from torch import nn
 
-from ..methods import METHODS, MethodConfig, parse
-from ..methods.farsight import FarSightConfig
-from ..methods.kvsmooth import KVSmoothConfig
-from ..methods.prunehal import PruneHalConfig
-from ..methods.scr import SCRConfig
+from ..methods import METHODS, MethodConfig, implementation, parse
 from .adapters import ModelAdapter
 from .base import ATTN_IMPL, ForwardInfo, ReferenceMethod, RequestInfo
-from .farsight import FarSightReference
-from .kvsmooth import KVSmoothReference
-from .prunehal import PruneHalReference
-from .scr import SCRReference
 
+
+def _reference(name: str, config_cls: type[MethodConfig]) -> type[ReferenceMethod]:
+    cls = implementation("vllm_halluguard.reference", name, ReferenceMethod)
+    if cls.config_cls is not config_cls:
+        raise ImportError(f"{cls.__module__}.{cls.__name__}.config_cls is not {config_cls.__name__}")
+    return cls
+
+
+#: Config class -> reference class, one per registered method: ``reference/<name>.py`` defines it.
 REFERENCES: dict[type[MethodConfig], type[ReferenceMethod]] = {
-    KVSmoothConfig: KVSmoothReference,
-    PruneHalConfig: PruneHalReference,
-    FarSightConfig: FarSightReference,
-    SCRConfig: SCRReference,
+    config_cls: _reference(name, config_cls) for name, config_cls in METHODS.items()
 }
-assert {cls.name for cls in REFERENCES} == set(METHODS)
 
 
 def make_reference(method: Any) -> ReferenceMethod | None:
@@ -92,14 +89,10 @@ def chat_inputs(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -
 __all__ = [
     "ATTN_IMPL",
     "REFERENCES",
-    "FarSightReference",
     "ForwardInfo",
-    "KVSmoothReference",
     "ModelAdapter",
-    "PruneHalReference",
     "ReferenceMethod",
     "RequestInfo",
-    "SCRReference",
     "apply",
     "chat_inputs",
     "generate",

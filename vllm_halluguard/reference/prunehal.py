@@ -54,8 +54,9 @@ class PruneHalReference(ReferenceMethod):
         pruned = ~self._keep[:, self._slot[layer]]
         if not bool(pruned.any()):
             return None
-        kv_len = self.fwd.past_len + self.fwd.q_len
-        drop = torch.zeros(self.fwd.batch_size, kv_len, dtype=torch.bool, device=pruned.device)
+        fwd = self.forward_info
+        kv_len = fwd.past_len + fwd.q_len
+        drop = torch.zeros(fwd.batch_size, kv_len, dtype=torch.bool, device=pruned.device)
         return drop.scatter(1, self._vis, pruned)
 
     def post_attention(self, layer, query, key, logits, probs, out):
@@ -76,7 +77,7 @@ class PruneHalReference(ReferenceMethod):
         if not bool(self._seen.all()):
             raise RuntimeError("PruneHal did not see every configured layer in this forward")
         self._seen.zero_()
-        step = self.fwd.step + 1  # the prefill is step 1
+        step = self.forward_info.step + 1  # the prefill is step 1
         fired, self._keep, self._count, self._hist_sum, self._hist_n = prune_step(
             step,
             self.config,
