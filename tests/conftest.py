@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from vllm_halluguard.testing.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
+from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
 #: block boundaries (the methods edit and read the paged cache across them).
