@@ -8,8 +8,9 @@ taking turns within each repeat. The same measurement
 of plain requests is also run in a subprocess with the plugin disabled (``VLLM_PLUGINS``), which
 gives the plugin's idle overhead. Ratios are printed as a Markdown table (and ``--json`` writes all).
 
-    PYTHONPATH=tests python benchmarks/engine_overhead.py                    # tiny LLaVA on CPU, concurrency 1 and 16
-    PYTHONPATH=tests python benchmarks/engine_overhead.py --fixture qwen2_vl --concurrency 1 4 16 --new-tokens 64
+    export PYTHONPATH=tests                         # the parity harness (tests/helpers)
+    python benchmarks/engine_overhead.py            # tiny LLaVA on CPU, concurrency 1 and 16
+    python benchmarks/engine_overhead.py --fixture qwen2_vl --concurrency 1 4 16 --new-tokens 64
 """
 
 from __future__ import annotations
