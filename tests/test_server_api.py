@@ -371,6 +371,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_request_inputs_are_openai_400s_and_the_server_keeps_serving(base, client, case):
     """vLLM's own validation answers these (our layer passes them through untouched)."""

@@ -193,6 +193,7 @@ def test_server_errors_are_counted_with_a_bounded_label():
     assert ERRORS.labels(reason="unhandled_exception")._value.get() == before["unhandled_exception"] + 1
 
 
+@pytest.mark.engine
 def test_engine_rejects_internal_keys_from_a_request(engines):
     """The engine's admission refuses ``halluguard*`` keys other than ``halluguard`` (offline LLM too)."""
     from vllm import SamplingParams

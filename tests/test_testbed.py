@@ -198,6 +198,7 @@ def test_committed_model_hallucinates_the_missing_partner(testbed):
 ENGINE_METHODS = ("kvsmooth", "farsight", "prunehal", "scr")
 
 
+@pytest.mark.engine
 def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, engines):
     """Every engine method on a *trained* model: vLLM's greedy captions = the HF dense reference's."""
     from testbed import measure
