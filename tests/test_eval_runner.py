@@ -21,20 +21,19 @@ import pytest
 
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.eval.cli import main
+from vllm_halluguard.eval.client import RetryPolicy, send
 from vllm_halluguard.eval.dataset import sample_ids
-from vllm_halluguard.eval.report import build_report, load_report, write_all
-from vllm_halluguard.eval.runner import (
+from vllm_halluguard.eval.records import (
     Mitigation,
     Protocol,
     ProtocolMismatch,
     ResultRecord,
-    RetryPolicy,
     WorkItem,
     load_results,
     merge_protocol,
     parse_mitigation,
-    send,
 )
+from vllm_halluguard.eval.report import build_report, load_report, write_all
 from vllm_halluguard.tiny_models import make_image
 
 # ------------------------------------------------------------------------------------ helpers

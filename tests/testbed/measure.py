@@ -145,7 +145,7 @@ def measure(
 
 def served_captions(results: Path, mitigation: str) -> dict[int, str]:
     """Captions of one mitigation in a ``halluguard-eval`` ``results.jsonl`` (successful records only)."""
-    from vllm_halluguard.eval.runner import load_results
+    from vllm_halluguard.eval.records import load_results
 
     return {
         int(rec.image_id): (rec.text or "").strip()
