@@ -213,6 +213,18 @@ def test_dockerfile_base_user_health_entrypoint():
     assert json.loads(dict(ins)["ENTRYPOINT"]) == [target]
 
 
+def test_image_gets_the_product_only():
+    """The image copies the package's folders and the entrypoint, never the tests or the testbed."""
+    copied = set()
+    for i, a in instructions():
+        if i == "COPY":
+            copied |= {w for w in a.split()[:-1] if not w.startswith("--")}
+    product = {"pyproject.toml", "README.md", "vllm_halluguard", "server", "loadtest"}
+    assert copied == product | {"deploy/docker-entrypoint.sh"}
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "/tests" in ignored  # not even in the build context
+
+
 # --- Kubernetes -------------------------------------------------------------------------------
 
 
