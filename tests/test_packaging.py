@@ -95,6 +95,24 @@ def test_test_extra_covers_what_the_tests_import():
     assert "pytest-xdist" in extra  # make test runs pytest -n 2
 
 
+def test_cpu_lock_satisfies_the_test_extra():
+    """The recipe's venv (requirements/cpu.lock) already has every test requirement, at a version the
+    extra accepts: ``pip install -e ".[test]"`` there changes nothing."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    locked = {}
+    for line in (ROOT / "requirements" / "cpu.lock").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith((" ", "#")):
+            locked[canonicalize_name(name)] = version.strip()
+    for text in PYPROJECT["project"]["optional-dependencies"]["test"]:
+        req = Requirement(text)
+        version = locked.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is not in cpu.lock"
+        assert req.specifier.contains(version, prereleases=True), f"{text} vs locked {version}"
+
+
 # --- the built wheel ----------------------------------------------------------------------------------
 
 
