@@ -23,6 +23,7 @@ WORKDIR /opt/vllm-halluguard
 COPY pyproject.toml README.md ./
 COPY vllm_halluguard ./vllm_halluguard
 COPY server ./server
+COPY loadtest ./loadtest
 
 # Install without dependencies, then fail the build if the image's packages do not satisfy ours
 # (pydantic, safetensors, tokenizers, transformers, pillow, numpy: all vLLM dependencies).

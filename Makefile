@@ -31,11 +31,11 @@ test-fast: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not engine and not server" $(PYTEST_ARGS)
 
 fixtures: venv
-	$(PY) -m vllm_halluguard.testing.tiny_models --check
+	$(PY) -m vllm_halluguard.tiny_models
 
 # Small CPU settings: fp32, eager, short context, 256 MiB of KV cache.
 serve: venv
-	$(PY) -m server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
+	$(PY) -m vllm_halluguard.server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
 	  --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
 	  --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}'
 

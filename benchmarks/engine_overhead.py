@@ -8,7 +8,8 @@ taking turns within each repeat. The same measurement
 of plain requests is also run in a subprocess with the plugin disabled (``VLLM_PLUGINS``), which
 gives the plugin's idle overhead. Ratios are printed as a Markdown table (and ``--json`` writes all).
 
-    python benchmarks/engine_overhead.py                    # tiny LLaVA on CPU, concurrency 1 and 16
+    export PYTHONPATH=tests                         # the parity harness (tests/helpers)
+    python benchmarks/engine_overhead.py            # tiny LLaVA on CPU, concurrency 1 and 16
     python benchmarks/engine_overhead.py --fixture qwen2_vl --concurrency 1 4 16 --new-tokens 64
 """
 
@@ -35,8 +36,8 @@ METHODS: dict[str, Any] = {
 
 
 def measure(fixture: str, methods: dict[str, Any], concurrency: list[int], new_tokens: int, repeats: int):
+    from helpers.parity import Case, engine, run_vllm
     from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
-    from vllm_halluguard.testing.parity import Case, engine, run_vllm
 
     rows = []
     with engine(fixture, max_num_seqs=max(concurrency), enable_prefix_caching=False) as llm:

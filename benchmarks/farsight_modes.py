@@ -12,7 +12,7 @@ row) and C (registers on prompt rows only) and the plain model are then
 Models: the two tiny fixtures (random weights, so small logit gaps and early greedy splits) and the
 trained testbed captioner (committed weights). Usage::
 
-    PYTHONPATH=. python benchmarks/farsight_modes.py --images 4 --steps 32
+    PYTHONPATH=tests python benchmarks/farsight_modes.py --images 4 --steps 32
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from testbed import measure as tb
+from testbed import scenes as sc
 from vllm_halluguard import reference
-from vllm_halluguard.testbed import measure as tb
-from vllm_halluguard.testbed import scenes as sc
-from vllm_halluguard.testing.tiny_models import load_hf, make_image
+from vllm_halluguard.tiny_models import load_hf, make_image
 
 MODES = {"B": {"method": "farsight", "mode": "B"}, "C": {"method": "farsight", "mode": "C"}, "plain": None}
 

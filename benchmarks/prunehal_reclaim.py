@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoProcessor
 
-    from vllm_halluguard.testing.parity import make_llm, shutdown_llm
-    from vllm_halluguard.testing.tiny_models import ensure_fixture, make_image
+    from helpers.parity import make_llm, shutdown_llm
+    from vllm_halluguard.tiny_models import ensure_fixture, make_image
 
     processor = AutoProcessor.from_pretrained(ensure_fixture("llava"))
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vllm_halluguard import reference
-from vllm_halluguard.testing.tiny_models import load_hf, make_image
+from vllm_halluguard.tiny_models import load_hf, make_image
 
 METHODS: dict[str, Any] = {
     "none": None,

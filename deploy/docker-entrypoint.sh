@@ -1,5 +1,5 @@
 #!/bin/sh
-# Container entrypoint: `docker run IMAGE MODEL [python -m server / vllm serve arguments ...]`.
+# Container entrypoint: `docker run IMAGE MODEL [halluguard-serve / vllm serve arguments ...]`.
 #
 # Media fetching stays off (inline data: images only) unless the arguments turn it on
 # (--allow-media-fetch or --allowed-media-domains); see docs/deployment.md.
@@ -20,4 +20,4 @@ if [ -n "${HALLUGUARD_API_KEY_FILE:-}" ]; then
     export VLLM_API_KEY
 fi
 
-exec "${HALLUGUARD_PYTHON:-python3}" -m server "$@"
+exec "${HALLUGUARD_PYTHON:-python3}" -m vllm_halluguard.server "$@"

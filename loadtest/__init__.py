@@ -1,4 +1,4 @@
 """Load generator for OpenAI-compatible chat servers: per-mitigation latency and overhead vs ``none``.
 
-``python -m loadtest --help``; see ``docs/loadtest.md``.
+``halluguard-loadtest --help``; see ``docs/loadtest.md``.
 """

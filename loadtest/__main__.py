@@ -1,4 +1,4 @@
-from loadtest.cli import main
+from vllm_halluguard.loadtest.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

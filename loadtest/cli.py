@@ -1,4 +1,4 @@
-"""``python -m loadtest``: sweep load on an OpenAI-compatible chat endpoint, per mitigation, vs ``none``."""
+"""``halluguard-loadtest``: sweep load on an OpenAI-compatible chat endpoint, per mitigation, vs ``none``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-
-from loadtest import report, workload
-from loadtest.client import RemoteTargetError, check_target
-from loadtest.runner import (
+from vllm_halluguard.loadtest import report, workload
+from vllm_halluguard.loadtest.client import RemoteTargetError, check_target
+from vllm_halluguard.loadtest.runner import (
     LoadConfig,
     LoadPoint,
     Report,
@@ -25,7 +24,7 @@ from loadtest.runner import (
     describe_server,
     engine_counters,
 )
-from loadtest.stats import Slo
+from vllm_halluguard.loadtest.stats import Slo
 
 logger = logging.getLogger("loadtest")
 
@@ -83,7 +82,7 @@ def _arg(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtest",
+        prog="halluguard-loadtest",
         description="Load-test an OpenAI-compatible /v1/chat/completions endpoint (streaming, one image "
         "per request) per mitigation; 'none' is always measured as the baseline of the overhead ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

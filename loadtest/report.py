@@ -6,8 +6,8 @@ import logging
 import math
 from pathlib import Path
 
-from loadtest.runner import ALL, GroupResult, Report, Totals
-from loadtest.stats import Dist, MeanCI
+from vllm_halluguard.loadtest.runner import ALL, GroupResult, Report, Totals
+from vllm_halluguard.loadtest.stats import Dist, MeanCI
 
 logger = logging.getLogger(__name__)
 

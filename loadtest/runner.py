@@ -15,10 +15,9 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
-
-from loadtest import workload
-from loadtest.client import RequestRecord, send
-from loadtest.stats import Slo, Summary, ratios, summarize
+from vllm_halluguard.loadtest import workload
+from vllm_halluguard.loadtest.client import RequestRecord, send
+from vllm_halluguard.loadtest.stats import Slo, Summary, ratios, summarize
 
 logger = logging.getLogger(__name__)
 

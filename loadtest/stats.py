@@ -8,8 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from pydantic import BaseModel
-
-from loadtest.client import RequestRecord
+from vllm_halluguard.loadtest.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")

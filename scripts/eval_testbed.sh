@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every mitigation on the hermetic testbed, through the real server and the evaluation runner.
-# Writes probe and control scene folders, serves vllm_halluguard/testbed/model with `make serve`'s
+# Writes probe and control scene folders, serves tests/testbed/model with `make serve`'s
 # CPU settings, runs `halluguard-eval chair` on each split for all methods side by side, and leaves
 # OUT/probe/report.md and OUT/control/report.md (see docs/evaluation.md).
 #   usage: scripts/eval_testbed.sh [OUT] [N]     (defaults: eval-testbed, 200 scenes per split)
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 out=${1:-eval-testbed}
 n=${2:-200}
 port=${PORT:-8010}
-model=${MODEL:-vllm_halluguard/testbed/model}
+model=${MODEL:-tests/testbed/model}
 py=.venv/bin/python
 # none and every registered method (vllm_halluguard.methods.METHODS), side by side
 read -ra mitigations < <("$py" -c 'from vllm_halluguard.methods import METHODS
@@ -18,10 +18,10 @@ print(" ".join(f"--mitigation {m}" for m in ["none", *METHODS]))')
 (( ${#mitigations[@]} )) || { echo "eval_testbed: cannot list the methods" >&2; exit 1; }
 mkdir -p "$out"
 for split in probe control; do
-  "$py" -m vllm_halluguard.testbed.scenes --out "$out/scenes-$split" --split "$split" --n "$n" \
+  PYTHONPATH=tests "$py" -m testbed.scenes --out "$out/scenes-$split" --split "$split" --n "$n" \
     --model "$model"
 done
-setsid "$py" -m server "$model" --host 127.0.0.1 --port "$port" \
+setsid "$py" -m vllm_halluguard.server "$model" --host 127.0.0.1 --port "$port" \
   --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
   --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}' >"$out/server.log" 2>&1 &
 server=$!

@@ -1,6 +1,6 @@
-"""``python -m server``: see :mod:`server.cli`."""
+"""``halluguard-serve``: see :mod:`server.cli`."""
 
-from server.cli import main
+from vllm_halluguard.server.cli import main
 
 if __name__ == "__main__":
     main()

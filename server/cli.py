@@ -1,6 +1,6 @@
 """Command line: vLLM's OpenAI-compatible server with the halluguard plugin loaded.
 
-``python -m server [MODEL | --fixture NAME] [--default-mitigation SPEC]
+``halluguard-serve [MODEL | --fixture NAME] [--default-mitigation SPEC]
 [--mitigation-allow M1,M2] [--mitigation-preset FAMILY] [--max-image-pixels N]
 [--max-image-bytes N] [--allow-media-fetch] [--media-fetch-allow-net CIDR,...]
 [--media-fetch-timeout S] [--metrics-require-key] [any vllm serve argument ...]``
@@ -24,27 +24,28 @@ import logging
 import os
 import sys
 
-from server.inputs import (
+from vllm_halluguard.server.inputs import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_ENV,
     VLLM_MAX_PIXELS_ENV,
     ImageLimits,
 )
-from server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
-from server.security import (
+from vllm_halluguard.server.mitigation import ALLOW_ENV, DEFAULT_ENV, PRESET_ENV, MitigationError, Policy
+from vllm_halluguard.server.security import (
     ALLOW_FETCH_ENV,
     ALLOW_NETS_ENV,
     DEFAULT_FETCH_TIMEOUT_S,
     FETCH_TIMEOUT_ENV,
     METRICS_KEY_ENV,
 )
+
 from vllm_halluguard.methods.base import MODEL_FAMILIES
 
 logger = logging.getLogger(__name__)
 
 
-MIDDLEWARE = "server.middleware.MitigationMiddleware"
+MIDDLEWARE = "vllm_halluguard.server.middleware.MitigationMiddleware"
 
 
 #: vLLM's switch for following redirects of media URLs: always off (a redirect could lead anywhere).
@@ -53,12 +54,12 @@ REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 
 def project_parser() -> argparse.ArgumentParser:
     """The project's own options (everything else goes to ``vllm serve``)."""
-    from vllm_halluguard.testing.tiny_models import ALL_FIXTURES
+    from vllm_halluguard.tiny_models import ALL_FIXTURES
 
     parser = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="halluguard-serve",
         add_help=False,
-        usage="python -m server [MODEL | --fixture NAME] [project options] [vllm serve options]",
+        usage="halluguard-serve [MODEL | --fixture NAME] [project options] [vllm serve options]",
         description="vLLM's OpenAI-compatible server with the vllm-halluguard plugin and request field.",
     )
     group = parser.add_argument_group("vllm-halluguard options")
@@ -146,14 +147,14 @@ def vllm_media_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, st
 
 def build_serve_argv(argv: list[str]) -> list[str]:
     """Turn our arguments into ``vllm serve`` arguments (``--fixture`` becomes the model path)."""
-    from vllm_halluguard.testing.tiny_models import ALL_FIXTURES
+    from vllm_halluguard.tiny_models import ALL_FIXTURES
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--fixture", choices=ALL_FIXTURES, default=None)
     ours, rest = parser.parse_known_args(argv)
     rest = [*rest, "--middleware", MIDDLEWARE]
     if ours.fixture:
-        from vllm_halluguard.testing.tiny_models import ensure_fixture
+        from vllm_halluguard.tiny_models import ensure_fixture
 
         path = str(ensure_fixture(ours.fixture))
         rest = [path, *rest]

@@ -29,10 +29,18 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
+from vllm_halluguard.server import engine_stats, security
+from vllm_halluguard.server.inputs import ImageLimits, InputError, has_image
+from vllm_halluguard.server.mitigation import (
+    FIELD,
+    NONE,
+    MitigationError,
+    Policy,
+    Resolver,
+    header_value,
+    known_names,
+)
 
-from server import engine_stats, security
-from server.inputs import ImageLimits, InputError, has_image
-from server.mitigation import FIELD, NONE, MitigationError, Policy, Resolver, header_value, known_names
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 from vllm_halluguard.methods import cut
 

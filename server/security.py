@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.inputs import InputError
+from vllm_halluguard.server.inputs import InputError
+
 from vllm_halluguard.methods import cut
 
 logger = logging.getLogger("vllm.halluguard.server")

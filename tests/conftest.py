@@ -24,7 +24,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from vllm_halluguard.testing.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
+from helpers.markers import unmarked  # noqa: E402
+from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
 #: block boundaries (the methods edit and read the paged cache across them).
@@ -59,3 +60,10 @@ def engines():
     pool = EnginePool()
     yield pool
     pool.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse to run a test that starts an engine or a server without its marker (``-m`` selects them)."""
+    problems = unmarked(items)
+    if problems:
+        raise pytest.UsageError("tests missing the engine/server marker:\n  " + "\n  ".join(problems))

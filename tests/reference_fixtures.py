@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vllm_halluguard import reference
-from vllm_halluguard.testing.tiny_models import load_hf, make_image
+from vllm_halluguard.tiny_models import load_hf, make_image
 
 PROMPTS = ("Describe the image.", "What color is the object on the left of the picture?")
 

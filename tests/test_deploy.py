@@ -107,17 +107,17 @@ def parse(out: Path) -> list[str]:
 def test_entrypoint_adds_no_attention_backend(stub):
     """The plugin wraps the backend vLLM selects: the arguments reach the server as given."""
     assert stub("llava-hf/llava-1.5-7b-hf", "--default-mitigation", "kvsmooth") == [
-        "-m", "server", "llava-hf/llava-1.5-7b-hf", "--default-mitigation", "kvsmooth",
+        "-m", "vllm_halluguard.server", "llava-hf/llava-1.5-7b-hf", "--default-mitigation", "kvsmooth",
     ]  # fmt: skip
     args = ["MODEL", "--attention-backend", "TRITON_ATTN", "--tensor-parallel-size", "2"]
-    assert stub(*args) == ["-m", "server", *args]
+    assert stub(*args) == ["-m", "vllm_halluguard.server", *args]
 
 
 def test_entrypoint_preserves_arguments_verbatim(stub):
     spec = '{"method": "farsight", "mode": "B"}'
     tricky = ["/models/my model", "--default-mitigation", spec, "--api-key", "a$b`c'd\"e", "*"]
-    assert stub(*tricky) == ["-m", "server", *tricky]
-    assert stub() == ["-m", "server"]
+    assert stub(*tricky) == ["-m", "vllm_halluguard.server", *tricky]
+    assert stub() == ["-m", "vllm_halluguard.server"]
 
 
 def test_entrypoint_reads_the_api_key_file(stub, tmp_path):
@@ -135,7 +135,7 @@ def test_entrypoint_reads_the_api_key_file(stub, tmp_path):
 
 def test_entrypoint_interpreter_override(stub):
     stub("MODEL", env={"HALLUGUARD_PYTHON": "other-python"})
-    assert parse(stub.out)[:2] == ["-m", "server"]
+    assert parse(stub.out)[:2] == ["-m", "vllm_halluguard.server"]
 
 
 def test_entrypoint_execs_and_server_gets_sigterm(stub):
@@ -211,6 +211,18 @@ def test_dockerfile_base_user_health_entrypoint():
     target = copy.split()[-1]
     assert "--chmod=755" in copy
     assert json.loads(dict(ins)["ENTRYPOINT"]) == [target]
+
+
+def test_image_gets_the_product_only():
+    """The image copies the package's folders and the entrypoint, never the tests or the testbed."""
+    copied = set()
+    for i, a in instructions():
+        if i == "COPY":
+            copied |= {w for w in a.split()[:-1] if not w.startswith("--")}
+    product = {"pyproject.toml", "README.md", "vllm_halluguard", "server", "loadtest"}
+    assert copied == product | {"deploy/docker-entrypoint.sh"}
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "/tests" in ignored  # not even in the build context
 
 
 # --- Kubernetes -------------------------------------------------------------------------------

@@ -20,16 +20,16 @@ from typing import Any
 
 import pytest
 from transformers import AutoConfig
+from vllm_halluguard.server.mitigation import Policy, Resolver
 
-from server.mitigation import Policy, Resolver
+from helpers.parity import compare, hf_generate, logprob_shift, method_case, run_vllm
 from vllm_halluguard import reference
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError
 from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
 from vllm_halluguard.reference.base import ReferenceMethod
-from vllm_halluguard.testing.parity import compare, hf_generate, logprob_shift, method_case, run_vllm
-from vllm_halluguard.testing.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture, load_hf
+from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture, load_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_ATOL = 1e-3  # method parity bound (fp32); observed ~5e-6
@@ -204,7 +204,7 @@ def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
     assert row["schema"]["title"] == METHODS[name].__name__
     assert row["description"] and row["description"] != name
     if registry.METHODS[name].needs_image:  # the server refuses it without an image
-        from server.mitigation import IMAGE_METHODS
+        from vllm_halluguard.server.mitigation import IMAGE_METHODS
 
         assert name in IMAGE_METHODS
 
@@ -213,7 +213,7 @@ def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
 def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
     for kind in ("methods", "reference"):
         assert (ROOT / "tests" / f"test_{kind}_{name}.py").is_file(), f"tests/test_{kind}_{name}.py"
-    from vllm_halluguard.testing.triton_mode import CASES as TRITON_CASES
+    from helpers.triton_mode import CASES as TRITON_CASES
 
     named = {spec if isinstance(spec, str) else spec["method"] for _, spec in TRITON_CASES if spec}
     assert name in named, "add a case to testing/triton_mode.py (the GPU code path's engine test)"
@@ -315,8 +315,8 @@ def test_bad_config_is_refused_for_that_request_only(setup, name):
 
 def _worker_stats(llm, fixture):
     """Runtime counters, after one plain step delivers the last finished request ids to the worker."""
+    from helpers.parity import Case
     from vllm_halluguard.engine.runtime import worker_stats
-    from vllm_halluguard.testing.parity import Case
 
     run_vllm(llm, [Case(fixture, None, max_tokens=1)])
     (stats,) = llm.collective_rpc(worker_stats)

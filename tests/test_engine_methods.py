@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
+from helpers.parity import Case, compare, method_case, run_vllm
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import Case, compare, method_case, run_vllm
-from vllm_halluguard.testing.tiny_models import FIXTURES
+from vllm_halluguard.tiny_models import FIXTURES
 
 pytestmark = pytest.mark.engine
 
@@ -85,14 +85,14 @@ def _cached(llm, case):
 def _vllm_input(case):
     from transformers import AutoProcessor
 
-    from vllm_halluguard.testing.parity import vllm_inputs
-    from vllm_halluguard.testing.tiny_models import ensure_fixture
+    from helpers.parity import vllm_inputs
+    from vllm_halluguard.tiny_models import ensure_fixture
 
     return vllm_inputs(AutoProcessor.from_pretrained(ensure_fixture(case.fixture)), case)
 
 
 def _params(case):
-    from vllm_halluguard.testing.parity import sampling_params
+    from helpers.parity import sampling_params
 
     return sampling_params(Case(case.fixture, case.image_seed, case.prompt, 4, case.extra_args))
 
@@ -138,7 +138,7 @@ def test_preempted_requests_release_and_restart_their_state(engines):
 NO_PLUGIN_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from vllm_halluguard.testing.parity import Case, engine, run_vllm
+    from helpers.parity import Case, engine, run_vllm
     if __name__ == "__main__":
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
         import vllm_halluguard.plugin as p

@@ -8,10 +8,7 @@ import pytest
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard.engine.prunehal import prunehal_trace
-from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
-from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Case,
     compare,
     hf_generate,
@@ -19,7 +16,10 @@ from vllm_halluguard.testing.parity import (
     recording_reference,
     run_vllm,
 )
-from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.engine.prunehal import prunehal_trace
+from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 

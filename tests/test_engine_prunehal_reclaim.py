@@ -12,10 +12,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vllm_halluguard.engine import reclaim
-from vllm_halluguard.engine.prunehal import prunehal_trace
-from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Generation,
     compare,
     hf_generate,
@@ -26,7 +23,10 @@ from vllm_halluguard.testing.parity import (
     sampling_params,
     vllm_inputs,
 )
-from vllm_halluguard.testing.tiny_models import FIXTURES, ensure_fixture, load_hf
+from vllm_halluguard.engine import reclaim
+from vllm_halluguard.engine.prunehal import prunehal_trace
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.tiny_models import FIXTURES, ensure_fixture, load_hf
 
 pytestmark = pytest.mark.engine
 

@@ -9,10 +9,7 @@ import pytest
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve
-from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.engine.scr import scr_trace
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Case,
     compare,
     hf_generate,
@@ -22,7 +19,10 @@ from vllm_halluguard.testing.parity import (
     sampling_params,
     vllm_inputs,
 )
-from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.engine.scr import scr_trace
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 METHOD_ATOL = 1e-3
 SPECS = {
@@ -157,7 +157,7 @@ def test_prefix_cache_is_never_read_by_or_from_scr(setup):
 def _processor(fixture):
     from transformers import AutoProcessor
 
-    from vllm_halluguard.testing.tiny_models import ensure_fixture
+    from vllm_halluguard.tiny_models import ensure_fixture
 
     return AutoProcessor.from_pretrained(ensure_fixture(fixture))
 
@@ -217,7 +217,7 @@ def _image(offset, length):
 def test_admission_checks(features, prompt_len, config, needle):
     from transformers import AutoConfig
 
-    from vllm_halluguard.testing.tiny_models import ensure_fixture
+    from vllm_halluguard.tiny_models import ensure_fixture
 
     cfg = resolve("scr", AutoConfig.from_pretrained(ensure_fixture("llava")))
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):

@@ -5,13 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from helpers.parity import Case, Generation, compare, hf_generate
+from helpers.triton_mode import CASES, MAX_TOKENS
 from vllm_halluguard import reference
-from vllm_halluguard.testing.parity import Case, Generation, compare, hf_generate
-from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
-from vllm_halluguard.testing.triton_mode import CASES, MAX_TOKENS
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 
@@ -21,8 +22,10 @@ WRAPPED_CPU = "vllm_halluguard.engine.backends.HGCPUAttentionBackend"
 @pytest.fixture(scope="module")
 def triton_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "gens.json"
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "vllm_halluguard.testing.triton_mode", "--out", str(out)]
+    tests_dir = str(Path(__file__).parent)  # where ``helpers`` lives
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "helpers.triton_mode", "--out", str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(out.read_text())

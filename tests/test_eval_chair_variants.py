@@ -12,8 +12,8 @@ import pytest
 
 from vllm_halluguard.eval import chair
 from vllm_halluguard.eval.chair_original import pattern_singularize, split_sentences, treebank_tokenize
+from vllm_halluguard.eval.records import Protocol, ResultRecord, parse_mitigation
 from vllm_halluguard.eval.report import build_report, markdown
-from vllm_halluguard.eval.runner import Protocol, ResultRecord, parse_mitigation
 
 SAME = object()
 

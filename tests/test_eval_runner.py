@@ -2,7 +2,7 @@
 
 The unit tests talk to a tiny ``http.server`` stub on 127.0.0.1 that answers ``/v1/models`` and
 ``/v1/chat/completions`` from a script (a status per request); expected metrics are computed by hand.
-The end-to-end test runs the CLI against the real ``python -m server --fixture llava`` (random
+The end-to-end test runs the CLI against the real ``halluguard-serve --fixture llava`` (random
 weights: it checks the plumbing, not the quality of the answers).
 """
 
@@ -19,23 +19,22 @@ from pathlib import Path
 import openai
 import pytest
 
+from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.eval.cli import main
+from vllm_halluguard.eval.client import RetryPolicy, send
 from vllm_halluguard.eval.dataset import sample_ids
-from vllm_halluguard.eval.report import build_report, load_report, write_all
-from vllm_halluguard.eval.runner import (
+from vllm_halluguard.eval.records import (
     Mitigation,
     Protocol,
     ProtocolMismatch,
     ResultRecord,
-    RetryPolicy,
     WorkItem,
     load_results,
     merge_protocol,
     parse_mitigation,
-    send,
 )
-from vllm_halluguard.testing.server import free_port, running_server, server_command
-from vllm_halluguard.testing.tiny_models import make_image
+from vllm_halluguard.eval.report import build_report, load_report, write_all
+from vllm_halluguard.tiny_models import make_image
 
 # ------------------------------------------------------------------------------------ helpers
 

@@ -6,12 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vllm_halluguard.testing.parity import Case, hf_inputs
-from vllm_halluguard.testing.tiny_models import (
+from helpers.parity import Case, check_fixture, hf_inputs
+from vllm_halluguard.tiny_models import (
     ALL_FIXTURES,
     VOCAB_SIZE,
     build_fixture,
-    check_fixture,
     ensure_fixture,
     load_hf,
 )

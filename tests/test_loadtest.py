@@ -1,6 +1,6 @@
-"""The load generator (``python -m loadtest``): pure unit tests, then one run against the real tiny server.
+"""The load generator (``halluguard-loadtest``): pure unit tests, then one run against the real tiny server.
 
-The end-to-end test starts ``python -m server --fixture llava`` once (module scope) and runs the CLI as a
+The end-to-end test starts ``halluguard-serve --fixture llava`` once (module scope) and runs the CLI as a
 subprocess with a small plan (none + kvsmooth + a 50/50 mix, concurrency 1 and 4, 4 requests each, 8
 output tokens), then checks the report it wrote.
 """
@@ -15,12 +15,18 @@ import sys
 
 import httpx
 import pytest
+from vllm_halluguard.loadtest import cli, report, workload
+from vllm_halluguard.loadtest.client import (
+    RemoteTargetError,
+    RequestRecord,
+    check_target,
+    is_loopback_host,
+    send,
+)
+from vllm_halluguard.loadtest.runner import Runner, Totals, count_reclaim, parse_counters
+from vllm_halluguard.loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
 
-from loadtest import cli, report, workload
-from loadtest.client import RemoteTargetError, RequestRecord, check_target, is_loopback_host, send
-from loadtest.runner import Runner, Totals, count_reclaim, parse_counters
-from loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
-from vllm_halluguard.testing.server import ROOT, free_port, running_server, server_command
+from helpers.server import ROOT, free_port, running_server, server_command
 
 # ------------------------------------------------------------------------------------------ stats
 
@@ -374,7 +380,7 @@ def server(tmp_path_factory):
 def run(server, tmp_path_factory):
     out = tmp_path_factory.mktemp("loadtest_out")
     cmd = [
-        sys.executable, "-m", "loadtest", "--base-url", server, "--mitigation", "kvsmooth",
+        sys.executable, "-m", "vllm_halluguard.loadtest", "--base-url", server, "--mitigation", "kvsmooth",
         "--mix", "kvsmooth=0.5,none=0.5", "--concurrency", "1,4", "--requests", "4", "--repeats", "1",
         "--warmup", "1", "--max-tokens", "8", "--image-size", "64", "--image-size", "48x32",
         "--max-duration", "240", "--out", str(out), "--no-progress",

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 from transformers import AutoConfig
+from vllm_halluguard.server.mitigation import Policy, Resolver
 
-from server.mitigation import Policy, Resolver
 from vllm_halluguard.methods import METHODS
 from vllm_halluguard.methods.errors import SpecError
 from vllm_halluguard.methods.resolve import resolve
-from vllm_halluguard.testing.tiny_models import SERVED_FIXTURES, ensure_fixture
+from vllm_halluguard.tiny_models import SERVED_FIXTURES, ensure_fixture
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_models_without_presets_are_refused_with_reason_model() -> None:
 
 @pytest.mark.parametrize("fixture", SERVED_FIXTURES)
 def test_server_cli_serves_the_fixture(fixture) -> None:
-    from server.cli import build_serve_argv
+    from vllm_halluguard.server.cli import build_serve_argv
 
     argv = build_serve_argv(["--fixture", fixture, "--port", "8001"])
     assert argv[:2] == ["serve", str(ensure_fixture(fixture))]
@@ -85,7 +85,7 @@ def test_server_cli_serves_the_fixture(fixture) -> None:
 
 def test_reference_refuses_scr_on_tiled_images_when_it_attaches() -> None:
     from vllm_halluguard import reference
-    from vllm_halluguard.testing.tiny_models import load_hf
+    from vllm_halluguard.tiny_models import load_hf
 
     model, _ = load_hf("llava_next")
     with pytest.raises(ValueError, match="one patch grid"), reference.apply(model, "scr"):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vllm_halluguard.testing.parity import Case, compare, hf_generate, run_vllm
-from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+from helpers.parity import Case, compare, hf_generate, run_vllm
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 

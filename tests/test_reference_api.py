@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from reference_fixtures import PROMPTS, family, greedy, inputs_for, select, tiny  # noqa: F401
 
+from reference_fixtures import PROMPTS, family, greedy, inputs_for, select, tiny  # noqa: F401
 from vllm_halluguard import reference
 from vllm_halluguard.methods import parse
 from vllm_halluguard.reference.base import ATTN_IMPL

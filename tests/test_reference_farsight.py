@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 
 SIGMA = math.log(256) / math.log(1024)
 N = 6

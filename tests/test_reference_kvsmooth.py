@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 
 N = 8

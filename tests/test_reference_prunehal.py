@@ -8,8 +8,9 @@ is the first that can differ from the plain run.
 from __future__ import annotations
 
 import torch
-from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 from transformers import DynamicCache
+
+from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 
 N = 12
 

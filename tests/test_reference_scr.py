@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 
+from reference_fixtures import PROMPTS, family, greedy, inputs_for, tiny  # noqa: F401
 from vllm_halluguard.methods.scr import border_mask
 
 

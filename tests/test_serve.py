@@ -11,9 +11,9 @@ import os
 import pytest
 from openai import OpenAI
 
+from helpers.server import free_port, running_server
 from vllm_halluguard.plugin import TRACE_ENV
-from vllm_halluguard.testing.server import free_port, running_server
-from vllm_halluguard.testing.tiny_models import make_image
+from vllm_halluguard.tiny_models import make_image
 
 pytestmark = pytest.mark.server
 

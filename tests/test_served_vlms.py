@@ -5,7 +5,7 @@ at admission where it does not apply."""
 import pytest
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Case,
     compare,
     hf_generate,
@@ -14,7 +14,7 @@ from vllm_halluguard.testing.parity import (
     recording_reference,
     run_vllm,
 )
-from vllm_halluguard.testing.tiny_models import SERVED_FIXTURES, load_hf
+from vllm_halluguard.tiny_models import SERVED_FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 

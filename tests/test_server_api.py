@@ -1,6 +1,6 @@
 """The ``mitigation`` request field, ``/v1/mitigations`` and the halluguard metrics on a real server.
 
-One ``python -m server --fixture llava`` per module (vLLM's normal multi-process layout), started with
+One ``halluguard-serve --fixture llava`` per module (vLLM's normal multi-process layout), started with
 ``--default-mitigation kvsmooth --mitigation-allow none,kvsmooth,farsight,scr``; every check runs against
 it with the real ``openai`` client or plain HTTP. A few pure unit tests of the parsing come first.
 """
@@ -16,13 +16,13 @@ import openai
 import pytest
 import requests
 from openai import OpenAI
+from vllm_halluguard.server.cli import mitigation_env
+from vllm_halluguard.server.mitigation import MitigationError, Policy, single_spec
 
-from server.cli import mitigation_env
-from server.mitigation import MitigationError, Policy, single_spec
+from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
-from vllm_halluguard.testing.server import free_port, running_server, server_command
-from vllm_halluguard.testing.tiny_models import make_image
+from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
@@ -374,6 +374,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_request_inputs_are_openai_400s_and_the_server_keeps_serving(base, client, case):
     """vLLM's own validation answers these (our layer passes them through untouched)."""

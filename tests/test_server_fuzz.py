@@ -1,6 +1,6 @@
 """Bad input never hurts the server: schemathesis fuzzing, oversized images, image-only methods on text.
 
-One ``python -m server --fixture llava --api-server-count 2 --max-image-bytes 100000`` per module (vLLM's
+One ``halluguard-serve --fixture llava --api-server-count 2 --max-image-bytes 100000`` per module (vLLM's
 multi-process layout with two API processes behind one port, the default ``--max-image-pixels``), shared
 by every test. Clients are the real ``openai`` client, plain HTTP and schemathesis; a few pure unit tests
 of :mod:`server.inputs` come first.
@@ -24,19 +24,19 @@ import openai
 import pytest
 import requests
 import schemathesis
-from canary import Canary
 from hypothesis import HealthCheck, given, settings
 from openai import OpenAI
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from schemathesis.checks import not_a_server_error
+from vllm_halluguard.server.inputs import DEFAULT_MAX_PIXELS, ImageLimits, InputError, has_image
+from vllm_halluguard.server.middleware import mitigation_schema
+from vllm_halluguard.server.mitigation import IMAGE_METHODS, MitigationError, require_image
 
-from server.inputs import DEFAULT_MAX_PIXELS, ImageLimits, InputError, has_image
-from server.middleware import mitigation_schema
-from server.mitigation import IMAGE_METHODS, MitigationError, require_image
-from vllm_halluguard.testing.server import free_port, running_server, server_command
-from vllm_halluguard.testing.tiny_models import make_image
+from canary import Canary
+from helpers.server import free_port, running_server, server_command
+from vllm_halluguard.tiny_models import make_image
 
 pytestmark = pytest.mark.server
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A server that is safe to expose (issue 16), checked against the real server with ``--api-key``.
 
-One ``python -m server --fixture llava --api-key ... --allow-media-fetch --media-fetch-allow-net
+One ``halluguard-serve --fixture llava --api-key ... --allow-media-fetch --media-fetch-allow-net
 127.0.0.1/32`` per module (vLLM's normal multi-process layout, real HTTP on 127.0.0.1): every route the
 live app mounts is probed without the key; the ``mitigation`` field on every generation route; internal
 keys; client input that used to give a 5xx; bounded echo; strict names; media fetching with local canary
@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 import requests
-from canary import Canary
 from openai import OpenAI
 from PIL import Image
+from vllm_halluguard.server import security
+from vllm_halluguard.server.inputs import InputError
+from vllm_halluguard.server.middleware import ERRORS, _forward
 
-from server import security
-from server.inputs import InputError
-from server.middleware import ERRORS, _forward
+from canary import Canary
+from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.methods import parse
-from vllm_halluguard.testing.server import free_port, running_server, server_command
-from vllm_halluguard.testing.tiny_models import make_image
+from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
@@ -146,7 +146,7 @@ def test_strict_names_and_bounded_errors():
 
 
 def test_project_options_have_their_own_help_group_and_reach_the_environment():
-    from server.cli import mitigation_env, project_parser
+    from vllm_halluguard.server.cli import mitigation_env, project_parser
 
     text = project_parser().format_help()
     assert "vllm-halluguard options:" in text
@@ -193,6 +193,7 @@ def test_server_errors_are_counted_with_a_bounded_label():
     assert ERRORS.labels(reason="unhandled_exception")._value.get() == before["unhandled_exception"] + 1
 
 
+@pytest.mark.engine
 def test_engine_rejects_internal_keys_from_a_request(engines):
     """The engine's admission refuses ``halluguard*`` keys other than ``halluguard`` (offline LLM too)."""
     from vllm import SamplingParams

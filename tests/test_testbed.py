@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from testbed import scenes as sc
 from vllm_halluguard.eval import chair
 from vllm_halluguard.methods import METHODS
-from vllm_halluguard.testbed import scenes as sc
 
 # ------------------------------------------------------------------------------------------ scenes
 
@@ -137,7 +137,7 @@ def test_write_coco_folder_scores_clean_with_chair(tmp_path):
 
 
 def test_train_smoke_writes_a_loadable_llava(tmp_path):
-    from vllm_halluguard.testbed import measure, train
+    from testbed import measure, train
 
     cfg = train.TrainConfig(steps=2, n_train=16, batch_size=4)
     summary = train.train(cfg, tmp_path)
@@ -161,7 +161,7 @@ RECALL_MIN = 0.85
 
 @pytest.fixture(scope="module")
 def testbed():
-    from vllm_halluguard.testbed import measure
+    from testbed import measure
 
     return measure.load()
 
@@ -169,8 +169,8 @@ def testbed():
 def test_committed_checkpoint_is_small_and_in_the_vllm_layout(testbed):
     from safetensors import safe_open
 
-    from vllm_halluguard.testbed.measure import MODEL_DIR
-    from vllm_halluguard.testing.tiny_models import LLAVA_CHAT_TEMPLATE
+    from testbed.measure import MODEL_DIR
+    from vllm_halluguard.tiny_models import LLAVA_CHAT_TEMPLATE
 
     assert sum(f.stat().st_size for f in MODEL_DIR.iterdir()) <= 15 * 2**20
     model, processor = testbed
@@ -185,7 +185,7 @@ def test_committed_checkpoint_is_small_and_in_the_vllm_layout(testbed):
 
 def test_committed_model_hallucinates_the_missing_partner(testbed):
     """The baseline: probes (anchor without partner) get the partner named, controls stay clean."""
-    from vllm_halluguard.testbed import measure
+    from testbed import measure
 
     model, processor = testbed
     report = measure.measure(n_probe=PROBE_N, n_control=PROBE_N, model=model, processor=processor)
@@ -203,8 +203,8 @@ ENGINE_METHODS = tuple(METHODS)
 @pytest.mark.engine
 def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, engines):
     """Every engine method on a *trained* model: vLLM's greedy captions = the HF dense reference's."""
+    from testbed import measure
     from vllm_halluguard.engine.requests import resolve
-    from vllm_halluguard.testbed import measure
 
     model, processor = testbed
     scenes = sc.sample_scenes("probe", 12) + sc.sample_scenes("control", 12)
@@ -219,7 +219,7 @@ def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, eng
 
 
 def test_served_captions_are_read_per_mitigation_from_results(tmp_path):
-    from vllm_halluguard.testbed import measure
+    from testbed import measure
 
     records = [
         {"task": "chair", "mitigation": "none", "image_id": 1, "ok": True, "text": " a fork."},

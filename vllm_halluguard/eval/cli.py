@@ -18,16 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import chair, pope
+from .client import RetryPolicy
+from .records import ProtocolMismatch, parse_mitigation
 from .report import load_report, write_all
-from .runner import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_PROMPTS,
-    ProtocolMismatch,
-    RetryPolicy,
-    RunConfig,
-    parse_mitigation,
-    run,
-)
+from .runner import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, RunConfig, run
 
 logger = logging.getLogger(__name__)
 

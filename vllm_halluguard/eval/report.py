@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from . import chair, pope
 from .chair import normalize_image_id
-from .runner import RESULTS, Mitigation, Protocol, ResultRecord, Task, load_protocols, load_results
+from .records import RESULTS, Mitigation, Protocol, ResultRecord, Task, load_protocols, load_results
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Train the hermetic testbed: a tiny LLaVA-1.5 captioner that learns the scenes' co-occurrence bias.
 
 The checkpoint has the on-disk format of the ``llava`` test fixture
-(:func:`vllm_halluguard.testing.tiny_models.llava_parts` / ``save_llava``), so HF transformers and
+(:func:`vllm_halluguard.tiny_models.llava_parts` / ``save_llava``), so HF transformers and
 vLLM 0.32 both load it, but it is trained: on :mod:`.scenes` training scenes, with the prompt
 "Describe the image." and the template caption as the answer (loss on the answer and ``</s>`` only).
 
 Usage::
 
-    python -m vllm_halluguard.testbed.train --out vllm_halluguard/testbed/model
+    PYTHONPATH=tests python -m testbed.train --out tests/testbed/model
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from vllm_halluguard.testbed import scenes as sc
-from vllm_halluguard.testing.tiny_models import (
+from testbed import scenes as sc
+from vllm_halluguard.tiny_models import (
     LLAVA_SPECIALS,
     _corpus,
     _strip_volatile,
@@ -108,7 +108,7 @@ def prompt_ids(processor: Any, image_size: int) -> list[int]:
     """Token ids of the chat prompt with the ``<image>`` token expanded, as HF and vLLM build it."""
     from PIL import Image
 
-    from vllm_halluguard.testbed.measure import chat_prompt
+    from testbed.measure import chat_prompt
 
     text = chat_prompt(processor)
     blank = Image.new("RGB", (image_size, image_size))
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = train(cfg, args.out)
     print(f"trained in {summary['train_wall_s']} s, final loss {summary['final_loss']:.4f} -> {args.out}")
     if not args.no_measure:
-        from vllm_halluguard.testbed.measure import measure
+        from testbed.measure import measure
 
         report = measure(args.out)
         (args.out / "testbed_measure.json").write_text(

@@ -1,4 +1,4 @@
-"""Start the real OpenAI server (``python -m server`` or ``make serve``) for tests and tools.
+"""Start the real OpenAI server (``halluguard-serve``, as ``make serve`` does) for tests and tools.
 
 The server runs in its own process group on a free loopback port with vLLM's normal multi-process
 layout; :func:`running_server` waits for ``/health`` and stops the whole group on exit.
@@ -38,9 +38,9 @@ def free_port() -> int:
 
 
 def server_command(port: int, extra: Sequence[str] = (), fixture: str = "llava") -> list[str]:
-    """``python -m server`` on a tiny fixture at ``127.0.0.1:port`` with ``extra`` arguments."""
-    return [sys.executable, "-m", "server", "--fixture", fixture, "--host", "127.0.0.1", "--port", str(port),
-            *TINY_CPU_ARGS, *extra]  # fmt: skip
+    """``halluguard-serve`` on a tiny fixture at ``127.0.0.1:port`` with ``extra`` arguments."""
+    return [sys.executable, "-m", "vllm_halluguard.server", "--fixture", fixture,
+            "--host", "127.0.0.1", "--port", str(port), *TINY_CPU_ARGS, *extra]  # fmt: skip
 
 
 @contextlib.contextmanager

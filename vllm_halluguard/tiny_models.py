@@ -18,13 +18,13 @@ their builders below describe them.
 Each checkpoint carries a byte-level BPE tokenizer trained here with ``tokenizers`` on a built-in
 corpus, whose size equals the model's vocabulary (every id decodes), its image processor, processor
 and chat template. Weights are drawn from a seeded generator with std 0.1 (norm weights 1 ± 0.1) so
-that logits are spread and greedy decoding is not dominated by near-ties; ``check_fixture`` measures
-that (see ``main``).
+that logits are spread and greedy decoding is not dominated by near-ties (``tests/test_fixtures.py``
+measures that).
 
 Usage::
 
     path = ensure_fixture("llava")            # builds once into the cache folder
-    python -m vllm_halluguard.testing.tiny_models --out DIR [--check]
+    halluguard-fixtures [--out DIR] [--only NAME]
 """
 
 from __future__ import annotations
@@ -674,41 +674,16 @@ def load_hf(name: FixtureName, attn_implementation: str = "eager") -> tuple[Any,
     return model, AutoProcessor.from_pretrained(path)
 
 
-def check_fixture(name: FixtureName, n_images: int = 4, max_new_tokens: int = 32) -> dict[str, float]:
-    """Greedy-decode a few images with HF and report how far decoding is from ties.
-
-    Returns the smallest top-1/top-2 logit gap over all steps, the share of distinct tokens, and
-    whether different images lead to different generations.
-    """
-    from vllm_halluguard.testing.parity import Case, hf_generate
-
-    model, processor = load_hf(name)
-    gaps, outputs = [], []
-    for seed in range(n_images):
-        res = hf_generate(model, processor, Case(name, seed, max_tokens=max_new_tokens))
-        gaps.append(res.min_top2_gap)
-        outputs.append(tuple(res.token_ids))
-    tokens = [t for o in outputs for t in o]
-    return {
-        "min_top1_top2_gap": float(min(gaps)),
-        "distinct_token_share": len(set(tokens)) / len(tokens),
-        "distinct_generations": len(set(outputs)) / len(outputs),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
-    """CLI: write the fixtures to a folder (default: the cache) and optionally check them."""
+    """CLI: write the fixtures to a folder (default: the cache)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", type=Path, default=None, help="folder to write into (default: cache)")
     parser.add_argument("--only", choices=ALL_FIXTURES, action="append", help="build only this fixture")
-    parser.add_argument("--check", action="store_true", help="report logit gaps of greedy decoding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.only or ALL_FIXTURES:
         path = build_fixture(name, args.out / name) if args.out else ensure_fixture(name)
         logger.info("%s: %s", name, path)
-        if args.check:
-            logger.info("%s check: %s", name, json.dumps(check_fixture(name)))
 
 
 if __name__ == "__main__":

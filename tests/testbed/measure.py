@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from testbed import scenes as sc
 from vllm_halluguard.eval import chair
-from vllm_halluguard.testbed import scenes as sc
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def measure(
 
 def served_captions(results: Path, mitigation: str) -> dict[int, str]:
     """Captions of one mitigation in a ``halluguard-eval`` ``results.jsonl`` (successful records only)."""
-    from vllm_halluguard.eval.runner import load_results
+    from vllm_halluguard.eval.records import load_results
 
     return {
         int(rec.image_id): (rec.text or "").strip()
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = sc.trained_config(args.model)
         scenes = sc.sample_scenes("probe", half, cfg) + sc.sample_scenes("control", args.vllm - half, cfg)
         hf = generate_captions(model, processor, scenes)
-        from vllm_halluguard.testing.parity import make_llm
+        from helpers.parity import make_llm
 
         vl = vllm_captions(make_llm(args.model), scenes)[0]
         same = sum(hf[i] == vl[i] for i in hf)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vllm_halluguard.testing.tiny_models import FixtureName, ensure_fixture, make_image
+from vllm_halluguard.tiny_models import FixtureName, ensure_fixture, load_hf, make_image
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +267,23 @@ def engine(fixture: FixtureName, **overrides: Any) -> Iterator[Any]:
         yield llm
     finally:
         shutdown_llm(llm)
+
+
+def check_fixture(name: FixtureName, n_images: int = 4, max_new_tokens: int = 32) -> dict[str, float]:
+    """Greedy-decode a few images with HF and report how far decoding is from ties.
+
+    Returns the smallest top-1/top-2 logit gap over all steps, the share of distinct tokens, and
+    whether different images lead to different generations.
+    """
+    model, processor = load_hf(name)
+    gaps, outputs = [], []
+    for seed in range(n_images):
+        res = hf_generate(model, processor, Case(name, seed, max_tokens=max_new_tokens))
+        gaps.append(res.min_top2_gap)
+        outputs.append(tuple(res.token_ids))
+    tokens = [t for o in outputs for t in o]
+    return {
+        "min_top1_top2_gap": float(min(gaps)),
+        "distinct_token_share": len(set(tokens)) / len(tokens),
+        "distinct_generations": len(set(outputs)) / len(outputs),
+    }

@@ -21,7 +21,7 @@ Captions list the objects in a fixed order (:data:`CATEGORY_ORDER`): "a fork, a 
 
 Usage::
 
-    python -m vllm_halluguard.testbed.scenes --out DIR --split probe --n 200
+    PYTHONPATH=tests python -m testbed.scenes --out DIR --split probe --n 200
 """
 
 from __future__ import annotations

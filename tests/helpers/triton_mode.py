@@ -1,6 +1,6 @@
 """Run the GPU code path (mitigated rows reworked by the Triton kernel) inside the CPU engine.
 
-``python -m vllm_halluguard.testing.triton_mode --out FILE`` starts a tiny-fixture engine with
+``PYTHONPATH=tests python -m helpers.triton_mode --out FILE`` starts a tiny-fixture engine with
 ``HALLUGUARD_ATTENTION=triton`` and ``TRITON_INTERPRET=1``: vLLM's native ``CPU_ATTN`` kernel serves
 the plain rows, the project's Triton kernel (interpreted) the mitigated rows it reworks, as on a GPU.
 It generates a fixed batch of plain and mitigated requests (one mixed batch) and writes their tokens
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_ATTN_SPLIT_KV", "0")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from helpers.parity import Case, engine, run_vllm
     from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
     from vllm_halluguard.engine.runtime import worker_stats
-    from vllm_halluguard.testing.parity import Case, engine, run_vllm
 
     result: dict[str, Any] = {}
     for fixture in args.fixtures:
