@@ -40,7 +40,8 @@ DIAG_SUFFIX = "+hg-diag"
 #: scheduler-side counters (``scr_chunk_rollbacks``, ``scr_image_holds``, ``scr_failed``).
 FAILED_KEY = "_halluguard_failed"
 STATS_KEY = "_halluguard_stats"
-#: Request attribute: the request waited for room for its whole image in the last step.
+#: Request (and scheduler) attribute: the request (some request) waited for room for its whole image
+#: in the last step.
 WAITING_KEY = "_halluguard_image_wait"
 
 
@@ -178,10 +179,9 @@ def install() -> None:
 
     @functools.wraps(schedule)
     def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
-        waited = [r for r in self.running if r.__dict__.pop(WAITING_KEY, False)]
-        if waited:  # their whole image goes first this step
-            rest = [r for r in self.running if r not in waited]
-            self.running = waited + rest
+        if self.__dict__.pop(WAITING_KEY, False):  # some request waited: its whole image goes first now
+            waited = [r for r in self.running if r.__dict__.pop(WAITING_KEY, False)]
+            self.running = waited + [r for r in self.running if r not in waited]
         output = schedule(self, *args, **kwargs)
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
@@ -196,19 +196,16 @@ def install() -> None:
     def _update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         outputs = update_from_output(self, scheduler_output, model_runner_output)
         failed = []
+        held = _held(self)
         for req_id in self.__dict__.pop(FAILED_KEY, ()):
-            request = self.requests.get(req_id)
-            if request is None:
-                continue
-            if scr_phase(request) == "diag":  # its real request is held: fail that one instead
-                request = _held(self).pop(req_id, (None, None))[1]
+            if req_id in held:  # a diagnostic: abort it and fail its held real request instead
+                _, real = held.pop(req_id)
                 finish_requests(self, req_id, RequestStatus.FINISHED_ABORTED)
-                if request is None:
-                    continue
-                add_request(self, request)
-            failed.append(request)
-        held = self.__dict__.get("_halluguard_held")
-        for diag_id, (diag, real) in list((held or {}).items()):
+                add_request(self, real)
+                failed.append(real)
+            elif (request := self.requests.get(req_id)) is not None:
+                failed.append(request)
+        for diag_id, (diag, real) in list(held.items()):
             if not diag.is_finished():
                 continue
             del held[diag_id]
@@ -260,7 +257,7 @@ def install() -> None:
                 _count(self, "scr_chunk_rollbacks")
             if n == 0:  # the image's turn, but not enough room: wait, first in line next step
                 _count(self, "scr_image_holds")
-                request.__dict__[WAITING_KEY] = True
+                request.__dict__[WAITING_KEY] = self.__dict__[WAITING_KEY] = True
                 return [], 0, budget, [], []
             num_new_tokens = n
         return schedule_encoder(self, request, num_computed_tokens, num_new_tokens, budget, *a, **kw)
