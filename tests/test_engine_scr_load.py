@@ -14,6 +14,7 @@ from vllm_halluguard.engine import two_pass
 from vllm_halluguard.engine.runtime import worker_stats
 from vllm_halluguard.testing.parity import (
     Case,
+    Generation,
     compare,
     hf_generate,
     logprob_shift,
@@ -139,8 +140,6 @@ def test_scr_image_waits_for_room_and_the_request_is_edited(llm, processor, hf):
     out = outputs["scr"].outputs[0]
     assert out.finish_reason == "length"
     steps = [{tid: lp.logprob for tid, lp in step.items()} for step in out.logprobs]
-    from vllm_halluguard.testing.parity import Generation
-
     gen = Generation(list(out.token_ids), steps, list(outputs["scr"].prompt_token_ids))
     forced = hf_generate(hf, processor, case, force=gen.token_ids, context=recording_reference(hf, SCR, []))
     report = compare(gen, forced)
