@@ -190,9 +190,9 @@ def test_text_only_request_is_refused(setup, seed, prompt):
     assert len(ok.token_ids) == 32
 
 
-def _config(budget=512, pp=1, mode=0):
+def _config(budget=512, pp=1, mode=0, cap=0):
     return SimpleNamespace(
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=budget),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=budget, long_prefill_token_threshold=cap),
         parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1),
         speculative_config=None,
         compilation_config=SimpleNamespace(mode=mode),
@@ -210,6 +210,7 @@ def _image(offset, length):
         ([_image(2, 8), _image(12, 8)], 30, _config(), "one image per request, got 2"),
         ([_image(2, 8)], 10, _config(), "needs text after the image"),
         ([_image(2, 64)], 80, _config(budget=48), "64 tokens and max_num_batched_tokens is 48"),
+        ([_image(2, 64)], 80, _config(cap=32), "64 tokens and long_prefill_token_threshold is 32"),
         ([_image(2, 8)], 20, _config(pp=2), "pipeline parallelism"),
         ([_image(2, 8)], 20, _config(mode=3), "--enforce-eager"),
     ],

@@ -232,15 +232,25 @@ def save_llava(model: Any, processor: Any, out: Path) -> None:
     )
 
 
-def _build_llava(out: Path) -> None:
+def _build_llava(out: Path, image_size: int = IMAGE_SIZE) -> None:
     from transformers import LlavaForConditionalGeneration
 
     tokenizer = _train_tokenizer(LLAVA_SPECIALS, VOCAB_SIZE)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config, processor = llava_parts(tokenizer, vision, dict(**TEXT_DIMS, head_dim=32))
+    config, processor = llava_parts(tokenizer, vision, dict(**TEXT_DIMS, head_dim=32), image_size)
     model = LlavaForConditionalGeneration(config).eval()
     _init_weights(model, SEED)
     save_llava(model, processor, out)
+
+
+def build_llava_geometry(out: Path, image_size: int) -> Path:
+    """The ``llava`` fixture's architecture with ``image_size`` px images, built into ``out``:
+    ``(image_size // 14) ** 2`` image tokens, e.g. 336 px gives LLaVA-1.5's 576 on a 24x24 grid."""
+    torch.manual_seed(SEED)
+    out.mkdir(parents=True, exist_ok=True)
+    _build_llava(out, image_size)
+    _strip_volatile(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ Qwen2-VL

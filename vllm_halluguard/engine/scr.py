@@ -101,8 +101,9 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
         state.scratch["scr_diag"] = DiagState(parent, visual, grid, tuple(sorted(cfg.diag_layers or ())))
         return
     selection = worker(runtime).selections.get(state.req_id)
-    if selection is None:
-        logger.warning("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
+    if selection is None:  # the scheduler queues it only after its diagnostic finished normally
+        runtime.stats["scr_unedited"] += 1
+        logger.error("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
         return
     state.scratch["scr_edit"] = (visual, selection)
 
@@ -174,10 +175,12 @@ def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: d
                 flat = visual - computed + offset
                 plans.append(EditPlan(flat, selection, cfg.lam, frozenset(cfg.layers or ())))
                 runtime.stats["scr_edits"] += 1
-            elif bool(inside.any()):  # two_pass keeps an image in one chunk; never expected
+            elif bool(inside.any()):  # two_pass keeps an image in one chunk and fails a request it cut
                 runtime.stats["scr_split_images"] += 1
                 logger.error(
-                    "halluguard: scr request %s has its image split across chunks; not edited", req_id
+                    "halluguard: scr request %s has its image split across chunks; not edited (the "
+                    "scheduler fails it)",
+                    req_id,
                 )
         offset += n
     w = worker(runtime)
@@ -244,7 +247,7 @@ class SCREngine(EngineMethod):
     name = "scr"
     needs_image = True
     tensor_parallel = True  # the diagnostic map is averaged across ranks
-    counters = ("scr_edits", "scr_split_images", "scr_early_exits")
+    counters = ("scr_edits", "scr_split_images", "scr_unedited", "scr_early_exits")
 
     def check_inputs(self, cfg: Any, images: Any, prompt_len: int, vllm_config: Any) -> None:
         """Exactly one image followed by text, inside one prefill chunk; one pipeline stage; eager."""
@@ -255,11 +258,18 @@ class SCREngine(EngineMethod):
         span = images[0].mm_position
         if span.offset + span.length >= prompt_len:
             raise ValueError("scr needs text after the image (the diagnostic pass reads its attention)")
-        budget = vllm_config.scheduler_config.max_num_batched_tokens
+        sched = vllm_config.scheduler_config
+        budget = sched.max_num_batched_tokens
         if span.length > budget:
             raise ValueError(
                 f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
                 f"max_num_batched_tokens is {budget}"
+            )
+        cap = sched.long_prefill_token_threshold
+        if 0 < cap < span.length:  # vLLM would never give the image's chunk room: it would wait forever
+            raise ValueError(
+                f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
+                f"long_prefill_token_threshold is {cap}"
             )
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("scr does not support pipeline parallelism")
