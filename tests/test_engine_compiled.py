@@ -7,7 +7,7 @@ refused at admission."""
 import pytest
 from vllm.exceptions import VLLMValidationError
 
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Case,
     compare,
     hf_generate,
@@ -16,7 +16,7 @@ from vllm_halluguard.testing.parity import (
     recording_reference,
     run_vllm,
 )
-from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 

@@ -10,9 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vllm_halluguard.engine import two_pass
-from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.testing.parity import (
+from helpers.parity import (
     Case,
     Generation,
     compare,
@@ -24,7 +22,9 @@ from vllm_halluguard.testing.parity import (
     sampling_params,
     vllm_inputs,
 )
-from vllm_halluguard.testing.tiny_models import build_llava_geometry
+from vllm_halluguard.engine import two_pass
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.tiny_models import build_llava_geometry
 
 pytestmark = pytest.mark.engine
 
