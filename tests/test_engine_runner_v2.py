@@ -1,5 +1,6 @@
-"""vLLM's V2 model runner without an engine: the CUDA-graph dispatch decision of its ``CudaGraphManager``
-(the engine suites run on V2 in ``tests/test_engine_modes.py``)."""
+"""Without an engine: the CUDA-graph dispatch decision of the V2 runner's ``CudaGraphManager``, and the
+settings that split a step, refused at admission (the engine suites run on V2 and with async
+scheduling in ``tests/test_engine_modes.py``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
 from vllm_halluguard.engine import hooks, state
+from vllm_halluguard.engine.requests import check_inputs
 from vllm_halluguard.engine.state import RequestState, Row, StepView
-from vllm_halluguard.methods import KVSmoothConfig
+from vllm_halluguard.methods import KVSmoothConfig, SpecError
 
 
 def _manager(mode: CUDAGraphMode) -> CudaGraphManager:
@@ -58,3 +60,21 @@ def test_mitigated_step_runs_eager_where_only_full_graphs_exist(mitigated_step):
     mitigated_step(True)
     desc = m.dispatch(3, 3, 1, 0)
     assert (desc.cg_mode, desc.num_tokens, desc.num_reqs) == (CUDAGraphMode.NONE, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("enable_dbo", True, "micro-batching"),
+        ("ubatch_size", 2, "micro-batching"),
+        ("prefill_context_parallel_size", 2, "prefill context parallelism"),
+        ("decode_context_parallel_size", 2, "decode context parallelism"),
+    ],
+)
+def test_settings_that_split_a_step_are_refused_at_admission(field, value, needle):
+    config = VllmConfig()
+    check_inputs(KVSmoothConfig(), [], 10, config)  # the default settings are served
+    setattr(config.parallel_config, field, value)
+    with pytest.raises(SpecError, match=needle) as e:
+        check_inputs(KVSmoothConfig(), [], 10, config)
+    assert e.value.reason == "unsupported"
