@@ -11,7 +11,7 @@
   builders, i.e. in workers only);
 * admission: ``InputProcessor.process_inputs`` first resolves the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
-* model runner: the plugin follows the runner vLLM picks (V1, or V2, the GPU default in vLLM 0.32;
+* runner choice: the plugin follows the model runner vLLM picks (V1, or V2, the GPU default in vLLM 0.32;
   :mod:`.runner_v2`) and never sets ``VLLM_USE_V2_MODEL_RUNNER``;
 * prefix cache: a request's canonical method config (resolved for the model at admission) is mixed
   into its first block's hash, so requests with different methods never share KV blocks, and
