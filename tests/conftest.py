@@ -24,12 +24,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+from helpers import engine_modes  # noqa: E402 (after the env above)
+
+# HALLUGUARD_TEST_ENGINE_MODE=v2,async: the V2 model runner / async scheduling for every engine of
+# the session, set up before vLLM is imported (tests/test_engine_modes.py runs suites this way).
+ENGINE_MODES = engine_modes.apply()
+
 from helpers.markers import unmarked  # noqa: E402
 from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
 #: block boundaries (the methods edit and read the paged cache across them).
-SHARED_ENGINE = {"block_size": 32}
+SHARED_ENGINE = {"block_size": 32, **engine_modes.engine_overrides()}
 
 
 class EnginePool:
@@ -46,7 +52,10 @@ class EnginePool:
     def get(self, fixture: str, **overrides: object):
         key = (fixture, tuple(sorted(overrides.items())))
         if key not in self._engines:
-            self._engines[key] = make_llm(fixture, **{**SHARED_ENGINE, **overrides})
+            llm = make_llm(fixture, **{**SHARED_ENGINE, **overrides})
+            if ENGINE_MODES:
+                engine_modes.check_engine(llm)
+            self._engines[key] = llm
         return self._engines[key]
 
     def close(self) -> None:

@@ -138,13 +138,17 @@ def test_preempted_requests_release_and_restart_their_state(engines):
 NO_PLUGIN_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from helpers import engine_modes
+    engine_modes.apply()  # the session's engine modes (tests/test_engine_modes.py), before vLLM
     from helpers.parity import Case, engine, run_vllm
     if __name__ == "__main__":
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
         import vllm_halluguard.plugin as p
         result = {}
         for fixture in ("llava", "qwen2_vl"):
-            with engine(fixture, block_size=32) as llm:
+            with engine(fixture, block_size=32, **engine_modes.engine_overrides()) as llm:
+                if engine_modes.selected():
+                    engine_modes.check_engine(llm)
                 gens = run_vllm(llm, [Case(fixture, image_seed=s) for s in (70, 71)])
             steps = [[{str(k): v for k, v in s.items()} for s in g.logprobs] for g in gens]
             result[fixture] = [[g.token_ids, st] for g, st in zip(gens, steps)]

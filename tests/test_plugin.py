@@ -44,25 +44,28 @@ def test_installed_vllm_is_supported():
     assert plugin.vllm_version().startswith(plugin.SUPPORTED_VLLM)
 
 
-def test_register_pins_the_v1_runner_unless_chosen(fresh_plugin, monkeypatch):
-    from vllm_halluguard.engine.hooks import RUNNER_ENV
-
-    monkeypatch.delenv(RUNNER_ENV, raising=False)
+def test_register_leaves_the_model_runner_choice_to_vllm(fresh_plugin, monkeypatch):
+    runner_env = "VLLM_USE_V2_MODEL_RUNNER"
+    monkeypatch.delenv(runner_env, raising=False)
     assert fresh_plugin.register()
-    assert os.environ[RUNNER_ENV] == "0"
+    assert runner_env not in os.environ, "the plugin must not pin a model runner"
     monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setenv(RUNNER_ENV, "1")
+    monkeypatch.setenv(runner_env, "1")
     assert fresh_plugin.register()
-    assert os.environ[RUNNER_ENV] == "1", "an explicit user choice is kept (and mitigations are refused)"
+    assert os.environ[runner_env] == "1"
 
 
 def test_hooks_are_installed_once(fresh_plugin):
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
 
     for _ in range(2):
         plugin._registered = False
         assert fresh_plugin.register()
-    for hooked in (InputProcessor.process_inputs, kv_cache_utils.generate_block_hash_extra_keys):
+    hooks = (InputProcessor.process_inputs, kv_cache_utils.generate_block_hash_extra_keys,
+             CudaGraphManager.dispatch, V2Runner.initialize_kv_cache)  # fmt: skip
+    for hooked in hooks:
         assert hasattr(hooked, "__wrapped__"), "hook not installed"
         assert not hasattr(hooked.__wrapped__, "__wrapped__"), "hook installed twice"

@@ -6,12 +6,13 @@
   fails at startup, naming the supported ones (:func:`install_backend_check`);
 * CUDA graphs: a step with mitigated rows is dispatched without full graphs, so the per-layer
   partition runs (:func:`install_cudagraph_guard`); other steps keep every graph;
-* model runner: after vLLM updates its persistent batch, the runtime syncs its request table
+* model runner: once vLLM knows the step's rows, the runtime syncs its request table
   (:func:`vllm_halluguard.engine.runtime.ensure_runner_hook`, installed lazily by our metadata
   builders, i.e. in workers only);
 * admission: ``InputProcessor.process_inputs`` first resolves the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
-* runner: V1 is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the user set the variable;
+* runner choice: the plugin follows the model runner vLLM picks (V1, or V2, the GPU default in vLLM 0.32;
+  :mod:`.runner_v2`) and never sets ``VLLM_USE_V2_MODEL_RUNNER``;
 * prefix cache: a request's canonical method config (resolved for the model at admission) is mixed
   into its first block's hash, so requests with different methods never share KV blocks, and
   different spellings of one config do; blocks of generated tokens whose K/V a method rewrote
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import OrderedDict
 from typing import Any
 
@@ -66,25 +66,34 @@ def unsupported_backends(attn_groups: Any) -> list[str]:
     return sorted(bad)
 
 
+def refuse_unsupported_backends(attn_groups: Any) -> None:
+    """Fail the model runner's startup if its decoder layers got a backend the plugin does not wrap."""
+    bad = unsupported_backends(attn_groups)
+    if bad:
+        raise RuntimeError(
+            f"vllm-halluguard wraps the attention backends {', '.join(BACKENDS)}, but this model's "
+            f"decoder layers use {', '.join(bad)}: start vLLM with --attention-backend FLASH_ATTN "
+            f"or TRITON_ATTN, or without the plugin (VLLM_PLUGINS excluding 'halluguard')"
+        )
+
+
 @functools.cache
 def install_backend_check() -> None:
+    """On both model runners (V1: ``initialize_attn_backend``; V2: :mod:`.runner_v2`)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_halluguard.engine import runner_v2
 
     original = GPUModelRunner.initialize_attn_backend
 
     @functools.wraps(original)
     def initialize_attn_backend(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        bad = unsupported_backends(self.attn_groups)
-        if bad:
-            raise RuntimeError(
-                f"vllm-halluguard wraps the attention backends {', '.join(BACKENDS)}, but this model's "
-                f"decoder layers use {', '.join(bad)}: start vLLM with --attention-backend FLASH_ATTN "
-                f"or TRITON_ATTN, or without the plugin (VLLM_PLUGINS excluding 'halluguard')"
-            )
+        refuse_unsupported_backends(self.attn_groups)
         return result
 
     GPUModelRunner.initialize_attn_backend = initialize_attn_backend
+    runner_v2.install_backend_check()
 
 
 def invalid_cudagraph_modes(runtime: Any) -> set[Any] | None:
@@ -99,8 +108,10 @@ def invalid_cudagraph_modes(runtime: Any) -> set[Any] | None:
 
 @functools.cache
 def install_cudagraph_guard() -> None:
+    """V1's ``CudagraphDispatcher``; V2's ``CudaGraphManager`` in :mod:`.runner_v2`."""
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
+    from vllm_halluguard.engine import runner_v2
     from vllm_halluguard.engine.state import current
 
     original = CudagraphDispatcher.dispatch
@@ -116,6 +127,7 @@ def install_cudagraph_guard() -> None:
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 
     CudagraphDispatcher.dispatch = dispatch
+    runner_v2.install_cudagraph_guard()
 
 
 @functools.cache
@@ -146,10 +158,6 @@ def install_admission() -> None:
         if spec is not None:
             assert extra_args is not None  # spec_of found the key in it
             try:
-                if self.vllm_config.use_v2_model_runner:
-                    raise ValueError(
-                        "mitigation methods need vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
-                    )
                 cfg = _resolve_once(self, extra_args[EXTRA_ARGS_KEY], spec)
             except ValueError as e:
                 _reject(self, prompt, e)
@@ -263,24 +271,9 @@ def install_cache_salt() -> None:
     kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
 
 
-#: The runner whose batch updates :func:`ensure_runner_hook` follows (CPU uses it anyway; GPUs
-#: default to V2 in vLLM 0.32, so the plugin pins V1 unless the user chose explicitly).
-RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
-
-
-def pin_v1_runner() -> None:
-    if RUNNER_ENV not in os.environ:
-        os.environ[RUNNER_ENV] = "0"
-    elif os.environ[RUNNER_ENV] not in ("0", "false", "False"):
-        logger.warning(
-            "%s=%s: requests with a mitigation method will be rejected", RUNNER_ENV, os.environ[RUNNER_ENV]
-        )
-
-
 def install_all() -> None:
     from vllm_halluguard.engine import reclaim, two_pass
 
-    pin_v1_runner()
     install_backends()
     install_backend_check()
     install_cudagraph_guard()

@@ -31,8 +31,9 @@ The reclaiming variant (``selection="shared"`` over all decoder layers, best wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -47,12 +48,16 @@ from vllm_halluguard.kernels.reference import (
     attention_rows,
     attention_rows_padded,
 )
+from vllm_halluguard.methods.errors import SpecError
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
     visual_attention_stats,
     visual_groups,
 )
+
+if TYPE_CHECKING:
+    from vllm_halluguard.methods import MethodConfig
 
 logger = logging.getLogger(__name__)
 
@@ -416,6 +421,17 @@ class PruneHalEngine(EngineMethod):
     init_state = staticmethod(init_state)
     apply = staticmethod(apply)
     apply_batch = staticmethod(apply_batch)
+
+    def check_inputs(
+        self, cfg: MethodConfig, images: Sequence[Any], prompt_len: int, vllm_config: Any
+    ) -> None:
+        """The reclaiming variant edits V1's block table and output (:mod:`.reclaim`); V2 has neither."""
+        if cast(PruneHalConfig, cfg).frees_blocks and getattr(vllm_config, "use_v2_model_runner", False):
+            raise SpecError(
+                "prunehal with selection='shared' (block reclaim) needs vLLM's V1 model runner "
+                "(VLLM_USE_V2_MODEL_RUNNER=0); use selection='per_layer' on V2",
+                "unsupported",
+            )
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """Every row is measured on its last token, so all rows go to one :func:`apply_batch`; chunks of

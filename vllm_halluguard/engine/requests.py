@@ -39,6 +39,9 @@ def check_inputs(
             "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
             "unsupported",
         )
+    split = split_steps(vllm_config)
+    if split is not None:
+        raise SpecError(f"mitigation methods do not run with {split}", "unsupported")
     tp = vllm_config.parallel_config.tensor_parallel_size
     if tp > 1 and not method.tensor_parallel:
         raise SpecError(
@@ -57,3 +60,16 @@ def check_inputs(
         raise
     except ValueError as e:
         raise SpecError(str(e), "inputs") from e
+
+
+def split_steps(vllm_config: Any) -> str | None:
+    """The engine setting, if any, that splits a step's rows or a request's KV cache in a way the
+    runtime's per-step view does not follow (on both model runners), described for the refusal."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "use_ubatching", False):
+        return "micro-batching (--enable-dbo / --ubatch-size): attention metadata is built per micro-batch"
+    if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        return "prefill context parallelism: a prefill's tokens are split across ranks"
+    if getattr(parallel, "decode_context_parallel_size", 1) > 1:
+        return "decode context parallelism: a request's KV cache is split across ranks"
+    return None

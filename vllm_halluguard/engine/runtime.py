@@ -76,8 +76,9 @@ class Runtime:
             self._free.append(state.slot)
             self.stats["released"] += 1
 
-    def update(self, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
-        """Sync with the scheduler's decisions (after the runner updated its batch) and build the view."""
+    def retire(self, scheduler_output: Any) -> None:
+        """Release the step's finished and preempted requests (idempotent: a runner may call it before
+        :meth:`update` for a step that computes nothing)."""
         for req_id in scheduler_output.finished_req_ids:
             self.release(req_id)
             for method in registry.all_methods():
@@ -85,6 +86,10 @@ class Runtime:
         for req_id in scheduler_output.preempted_req_ids or ():
             self.stats["preempted"] += req_id in self.requests
             self.release(req_id)
+
+    def update(self, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
+        """Sync with the scheduler's decisions (after the runner updated its batch) and build the view."""
+        self.retire(scheduler_output)
         rows = []
         for index, req_id in enumerate(input_batch.req_ids[: input_batch.num_reqs]):
             state = self.requests.get(req_id)
@@ -138,14 +143,31 @@ def install_worker_rpc() -> None:
     setattr(WorkerBase, RPC_NAME, worker_stats)
 
 
+def sync_step(runner: Any, scheduler_output: Any, batch: Any, requests: dict[str, Any]) -> None:
+    """Sync ``runner``'s :class:`Runtime` with one step whose rows are ``batch.req_ids[:batch.num_reqs]``
+    (``requests``: the runner's request records by id) and install the model hooks the step needs.
+    Both runners call it once per step, before the step's CUDA-graph dispatch and metadata builds."""
+    runtime = runner.__dict__.get("_halluguard_runtime")
+    if runtime is None:
+        runtime = runner._halluguard_runtime = Runtime(runner.vllm_config)
+        logger.info("halluguard: following %s.%s", type(runner).__module__, type(runner).__qualname__)
+    set_current(runtime)
+    runtime.update(scheduler_output, batch, requests)
+    if runtime.step is not None:
+        forward_context = runner.vllm_config.compilation_config.static_forward_context
+        for method in all_methods():
+            method.install_model_hooks(runtime, runner.get_model(), forward_context)
+
+
 @functools.cache
 def ensure_runner_hook() -> None:
-    """After vLLM updates its persistent batch, sync the runner's :class:`Runtime` (installed lazily by
-    the wrapped metadata builders, i.e. in workers only); with it, the worker's side of PruneHal's
-    block reclaim and the ``halluguard_worker_stats`` RPC."""
+    """Follow the model runner's steps (installed lazily by the wrapped metadata builders, i.e. in
+    workers only): V1 after it updates its persistent batch; V2 (:mod:`.runner_v2`) after it orders
+    the step's rows. With it, the worker's side of PruneHal's block reclaim and the
+    ``halluguard_worker_stats`` RPC."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_halluguard.engine import reclaim
+    from vllm_halluguard.engine import reclaim, runner_v2
 
     reclaim.install_worker()
     install_worker_rpc()
@@ -155,15 +177,8 @@ def ensure_runner_hook() -> None:
     @functools.wraps(original)
     def _update_states(self: Any, scheduler_output: Any) -> Any:
         result = original(self, scheduler_output)
-        runtime = self.__dict__.get("_halluguard_runtime")
-        if runtime is None:
-            runtime = self._halluguard_runtime = Runtime(self.vllm_config)
-        set_current(runtime)
-        runtime.update(scheduler_output, self.input_batch, self.requests)
-        if runtime.step is not None:
-            forward_context = self.vllm_config.compilation_config.static_forward_context
-            for method in all_methods():
-                method.install_model_hooks(runtime, self.get_model(), forward_context)
+        sync_step(self, scheduler_output, self.input_batch, self.requests)
         return result
 
     GPUModelRunner._update_states = _update_states
+    runner_v2.install_step_hooks()
