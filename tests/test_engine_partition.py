@@ -247,7 +247,7 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
         return SimpleNamespace(
             speculative_config=spec,
             parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
-            scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
+            scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, long_prefill_token_threshold=0),
             compilation_config=SimpleNamespace(mode=0),
         )
 

@@ -19,6 +19,7 @@ import functools
 from typing import Any
 
 from vllm_halluguard.engine.execute import ImplMixin
+from vllm_halluguard.engine.guards import WRAPPED_MARK
 from vllm_halluguard.engine.plan import BuilderMixin
 
 #: The native backends the plugin wraps (attribute of this module -> vLLM backend name).
@@ -38,7 +39,7 @@ def wrap(native: Any, backend_name: str) -> type:
     return type(f"HG{native.__name__}", (native,), {
         "__module__": __name__,
         "__doc__": f"{backend_name} with per-request hallucination mitigation (vllm-halluguard).",
-        "halluguard_native": native,
+        WRAPPED_MARK: native,
         "get_builder_cls": staticmethod(lambda: hg_builder),
         "get_impl_cls": staticmethod(lambda: hg_impl),
     })  # fmt: skip
@@ -52,10 +53,6 @@ def wrapped(backend_name: str) -> type:
 
     native = resolve_obj_by_qualname(AttentionBackendEnum[backend_name].value)
     return wrap(native, backend_name)
-
-
-def is_wrapped(backend: type) -> bool:
-    return "halluguard_native" in getattr(backend, "__dict__", {})
 
 
 def __getattr__(name: str) -> type:

@@ -7,7 +7,7 @@
 * CUDA graphs: a step with mitigated rows is dispatched without full graphs, so the per-layer
   partition runs (:func:`install_cudagraph_guard`); other steps keep every graph;
 * model runner: once vLLM knows the step's rows, the runtime syncs its request table
-  (:func:`vllm_halluguard.engine.runtime.ensure_runner_hook`, installed lazily by our metadata
+  (:func:`vllm_halluguard.engine.runners.ensure_runner_hook`, installed lazily by our metadata
   builders, i.e. in workers only);
 * admission: ``InputProcessor.process_inputs`` first resolves the request's method spec, so a bad
   spec fails that request with a clear error (:func:`install_admission`);
@@ -30,13 +30,25 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from vllm_halluguard.engine.guards import (
+    BACKENDS,
+    invalid_cudagraph_modes,
+    refuse_unsupported_backends,
+    unsupported_backends,
+)
+
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKENDS",
+    "install_all",
+    "invalid_cudagraph_modes",
+    "refuse_unsupported_backends",
+    "unsupported_backends",
+]
 
 #: Resolved specs remembered per API process (by their text; see ``install_admission``).
 MEMO_SIZE = 256
-
-#: vLLM backend names the plugin wraps, and the attribute of :mod:`.backends` that wraps each.
-BACKENDS = {"CPU_ATTN": "HG_CPU_ATTN", "FLASH_ATTN": "HG_FLASH_ATTN", "TRITON_ATTN": "HG_TRITON_ATTN"}
 
 
 def install_backends() -> None:
@@ -48,33 +60,6 @@ def install_backends() -> None:
     rework_engine()  # a bad HALLUGUARD_ATTENTION fails here, at startup
     for name, attr in BACKENDS.items():
         register_backend(AttentionBackendEnum[name], f"vllm_halluguard.engine.backends.{attr}")
-
-
-def unsupported_backends(attn_groups: Any) -> list[str]:
-    """Names of the decoder-attention backends of a runner's groups that the plugin does not wrap."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
-
-    from vllm_halluguard.engine.backends import is_wrapped
-
-    bad = set()
-    for groups in attn_groups:
-        for group in groups:
-            spec = group.kv_cache_spec
-            decoder = isinstance(spec, FullAttentionSpec) and not isinstance(spec, MLAAttentionSpec)
-            if decoder and not is_wrapped(group.backend):
-                bad.add(group.backend.get_name())
-    return sorted(bad)
-
-
-def refuse_unsupported_backends(attn_groups: Any) -> None:
-    """Fail the model runner's startup if its decoder layers got a backend the plugin does not wrap."""
-    bad = unsupported_backends(attn_groups)
-    if bad:
-        raise RuntimeError(
-            f"vllm-halluguard wraps the attention backends {', '.join(BACKENDS)}, but this model's "
-            f"decoder layers use {', '.join(bad)}: start vLLM with --attention-backend FLASH_ATTN "
-            f"or TRITON_ATTN, or without the plugin (VLLM_PLUGINS excluding 'halluguard')"
-        )
 
 
 @functools.cache
@@ -94,16 +79,6 @@ def install_backend_check() -> None:
 
     GPUModelRunner.initialize_attn_backend = initialize_attn_backend
     runner_v2.install_backend_check()
-
-
-def invalid_cudagraph_modes(runtime: Any) -> set[Any] | None:
-    """CUDA-graph modes a step must not use: full graphs when it has mitigated rows (the per-layer
-    partition is Python in the attention call, which a full graph would skip), else none."""
-    if runtime is None or runtime.step is None:
-        return None
-    from vllm.config import CUDAGraphMode
-
-    return {CUDAGraphMode.FULL}
 
 
 @functools.cache

@@ -292,7 +292,7 @@ class BuilderMixin:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
         from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
-        from vllm_halluguard.engine.runtime import ensure_runner_hook
+        from vllm_halluguard.engine.runners import ensure_runner_hook
 
         ensure_runner_hook()
         self._hg_decoder = isinstance(kv_cache_spec, FullAttentionSpec) and not isinstance(

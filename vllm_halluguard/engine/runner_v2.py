@@ -141,7 +141,7 @@ def install_cudagraph_guard() -> None:
     from vllm.config import CUDAGraphMode
     from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
-    from vllm_halluguard.engine.hooks import invalid_cudagraph_modes
+    from vllm_halluguard.engine.guards import invalid_cudagraph_modes
     from vllm_halluguard.engine.state import current
 
     original = CudaGraphManager.dispatch
@@ -170,7 +170,7 @@ def install_cudagraph_guard() -> None:
 def install_backend_check() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from vllm_halluguard.engine.hooks import refuse_unsupported_backends
+    from vllm_halluguard.engine.guards import refuse_unsupported_backends
 
     original = GPUModelRunner.initialize_kv_cache
 

@@ -22,7 +22,7 @@ from vllm_halluguard.engine.state import RequestState, Row, StepView, current, s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestState", "Row", "Runtime", "StepView", "current", "ensure_runner_hook", "worker_stats"]
+__all__ = ["RequestState", "Row", "Runtime", "StepView", "current", "sync_step", "worker_stats"]
 
 #: Lifecycle counters of :func:`worker_stats`; each engine method adds its own (``counters``).
 #: ``kernel_rows``: row-layers the Triton kernel computed; ``native_checked`` / ``native_mismatch``:
@@ -157,28 +157,3 @@ def sync_step(runner: Any, scheduler_output: Any, batch: Any, requests: dict[str
         forward_context = runner.vllm_config.compilation_config.static_forward_context
         for method in all_methods():
             method.install_model_hooks(runtime, runner.get_model(), forward_context)
-
-
-@functools.cache
-def ensure_runner_hook() -> None:
-    """Follow the model runner's steps (installed lazily by the wrapped metadata builders, i.e. in
-    workers only): V1 after it updates its persistent batch; V2 (:mod:`.runner_v2`) after it orders
-    the step's rows. With it, the worker's side of PruneHal's block reclaim and the
-    ``halluguard_worker_stats`` RPC."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm_halluguard.engine import reclaim, runner_v2
-
-    reclaim.install_worker()
-    install_worker_rpc()
-
-    original = GPUModelRunner._update_states
-
-    @functools.wraps(original)
-    def _update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
-        sync_step(self, scheduler_output, self.input_batch, self.requests)
-        return result
-
-    GPUModelRunner._update_states = _update_states
-    runner_v2.install_step_hooks()
