@@ -20,13 +20,14 @@ from typing import Any
 
 from torch import nn
 
-from ..methods import METHODS, MethodConfig, parse
+from ..methods import METHODS, Composition, MethodConfig, parse
 from ..methods.farsight import FarSightConfig
 from ..methods.kvsmooth import KVSmoothConfig
 from ..methods.prunehal import PruneHalConfig
 from ..methods.scr import SCRConfig
 from .adapters import ModelAdapter
 from .base import ATTN_IMPL, ForwardInfo, ReferenceMethod, RequestInfo
+from .compose import ComposedReference
 from .farsight import FarSightReference
 from .kvsmooth import KVSmoothReference
 from .prunehal import PruneHalReference
@@ -42,10 +43,13 @@ assert {cls.name for cls in REFERENCES} == set(METHODS)
 
 
 def make_reference(method: Any) -> ReferenceMethod | None:
-    """The reference object for a method spec (anything :func:`vllm_halluguard.methods.parse` accepts)."""
+    """The reference object for a method spec (anything :func:`vllm_halluguard.methods.parse` accepts;
+    a list composes methods, :class:`ComposedReference`)."""
     config = parse(method)
     if config is None:
         return None
+    if isinstance(config, Composition):
+        return ComposedReference(config)
     return REFERENCES[type(config)](config)
 
 
@@ -92,6 +96,7 @@ def chat_inputs(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -
 __all__ = [
     "ATTN_IMPL",
     "REFERENCES",
+    "ComposedReference",
     "FarSightReference",
     "ForwardInfo",
     "KVSmoothReference",

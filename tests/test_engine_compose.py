@@ -1,0 +1,63 @@
+"""Composed methods in the engine: every pair and one triple equal the dense reference composed the
+same way (tokens and log-probs) on both tiny fixtures, and mixed batches of compositions, single
+methods and plain rows equal solo runs. Refused settings are in tests/test_methods_compose.py."""
+
+import pytest
+
+from vllm_halluguard import reference
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.testing.parity import Case, compare, hf_generate, logprob_shift, method_case, run_vllm
+from vllm_halluguard.testing.tiny_models import FIXTURES, load_hf
+
+pytestmark = pytest.mark.engine
+
+METHOD_ATOL = 1e-3  # the single-method parity bound
+FS_B = {"method": "farsight", "mode": "B"}
+FS_C = {"method": "farsight", "mode": "C"}
+PRUNE = {"method": "prunehal", "r": 0.5}  # prunes at step 2 (the preset's forced prune)
+SCR = {"method": "scr", "top_k": 6, "lam": 1.6}
+#: Every pair of the four methods (FarSight in both served modes where the pair's terms meet in one
+#: attention call), and one triple.
+SPECS = {
+    "farsight_c+kvsmooth": [FS_C, "kvsmooth"],
+    "farsight_b+kvsmooth": ["kvsmooth", FS_B],
+    "farsight_b+prunehal": [FS_B, PRUNE],
+    "farsight_c+prunehal": [PRUNE, FS_C],
+    "kvsmooth+prunehal": ["kvsmooth", PRUNE],
+    "scr+kvsmooth": ["kvsmooth", SCR],
+    "scr+farsight_c": [SCR, FS_C],
+    "scr+prunehal": [PRUNE, SCR],
+    "triple": [FS_B, "kvsmooth", PRUNE],
+}
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def setup(request, engines):
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf(setup):
+    return load_hf(setup[0])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_engine_matches_composed_reference(setup, hf, name):
+    fixture, llm = setup
+    model, processor = hf
+    spec = SPECS[name]
+    case = method_case(fixture, 5, spec)
+    (gen,) = run_vllm(llm, [case])
+
+    def ctx():
+        return reference.apply(model, spec)
+
+    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    report = compare(gen, forced)
+    assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    free = hf_generate(model, processor, case, context=ctx)
+    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+    # every member acts: the composition differs from each of its members alone
+    for member in spec:
+        (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
+        assert gen.token_ids != alone.token_ids or logprob_shift(gen, alone) > 1e-4, member
