@@ -2,6 +2,8 @@
 same way (tokens and log-probs) on both tiny fixtures, and mixed batches of compositions, single
 methods and plain rows equal solo runs. Refused settings are in tests/test_methods_compose.py."""
 
+import itertools
+
 import pytest
 
 from vllm_halluguard import reference
@@ -61,3 +63,37 @@ def test_engine_matches_composed_reference(setup, hf, name):
     for member in spec:
         (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
         assert gen.token_ids != alone.token_ids or logprob_shift(gen, alone) > 1e-4, member
+
+
+def test_every_pair_of_methods_is_covered():
+    from vllm_halluguard.methods import METHODS, parse
+
+    covered = {frozenset(parse(spec).names) for spec in SPECS.values()}
+    pairs = {frozenset(p) for p in itertools.combinations(METHODS, 2)}
+    assert pairs <= covered, pairs - covered  # refused settings: tests/test_methods_compose.py
+    assert any(len(c) == 3 for c in covered)
+
+
+def test_mixed_batch_equals_solo_runs(setup):
+    """Compositions, their members alone and plain rows in one batch (SCR's diagnostic included)."""
+    fixture, llm = setup
+    specs = [
+        None,
+        SPECS["triple"],
+        "kvsmooth",
+        SPECS["farsight_b+prunehal"],
+        None,
+        FS_B,
+        SPECS["scr+kvsmooth"],
+        PRUNE,
+        SPECS["farsight_c+kvsmooth"],
+    ]
+    cases = [method_case(fixture, 30 + i, s) for i, s in enumerate(specs)]
+    batch = run_vllm(llm, cases)
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    run_vllm(llm, [Case(fixture, None, max_tokens=1)])  # delivers the last finished ids to the worker
+    (stats,) = llm.collective_rpc(worker_stats)
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats

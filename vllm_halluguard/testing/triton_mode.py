@@ -26,6 +26,10 @@ CASES: tuple[tuple[int, Any], ...] = (
     (83, {"method": "farsight", "mode": "C"}),
     (84, "prunehal"),
     (85, "scr"),
+    # compositions: a decode row with FarSight's sinks, PruneHal's mask and KVSmooth's entropy in one
+    # launch; SCR's edit with FarSight's prompt-row sinks
+    (86, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
+    (87, ["scr", {"method": "farsight", "mode": "C"}]),
 )
 MAX_TOKENS = 12
 
