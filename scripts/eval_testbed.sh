@@ -32,5 +32,8 @@ for split in probe control; do
     --annotations "$out/scenes-$split/instances.json" --base-url "http://127.0.0.1:$port" \
     --prompt "Describe the image." --max-tokens 24 --concurrency 16 --no-progress \
     --mitigation none --mitigation kvsmooth --mitigation farsight --mitigation prunehal \
-    --mitigation scr --out "$out/$split"
+    --mitigation scr --mitigation '["farsight", "kvsmooth"]' --mitigation '["kvsmooth", "prunehal"]' \
+    --mitigation '["farsight", "prunehal"]' --mitigation '["scr", "kvsmooth"]' \
+    --mitigation '["scr", "farsight"]' --mitigation '["scr", "prunehal"]' \
+    --mitigation '["farsight", "kvsmooth", "prunehal"]' --out "$out/$split"
 done
