@@ -97,3 +97,27 @@ def test_mixed_batch_equals_solo_runs(setup):
     run_vllm(llm, [Case(fixture, None, max_tokens=1)])  # delivers the last finished ids to the worker
     (stats,) = llm.collective_rpc(worker_stats)
     assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+def _cached_tokens(llm, case) -> int:
+    from transformers import AutoProcessor
+
+    from vllm_halluguard.testing.parity import sampling_params, vllm_inputs
+    from vllm_halluguard.testing.tiny_models import ensure_fixture
+
+    short = Case(case.fixture, case.image_seed, case.prompt, 4, case.extra_args)
+    inputs = vllm_inputs(AutoProcessor.from_pretrained(ensure_fixture(case.fixture)), short)
+    out = llm.generate([inputs], [sampling_params(short)], use_tqdm=False)[0]
+    return out.num_cached_tokens or 0
+
+
+def test_prefix_cache_salt_covers_compositions(setup):
+    fixture, llm = setup
+    llm.reset_prefix_cache()
+    composed = method_case(fixture, 41, ["kvsmooth", FS_B])
+    assert _cached_tokens(llm, method_case(fixture, 41, None)) == 0
+    assert _cached_tokens(llm, method_case(fixture, 41, "kvsmooth")) == 0
+    assert _cached_tokens(llm, composed) == 0, "a composition must not reuse plain or single-method KV"
+    assert _cached_tokens(llm, composed) > 0, "the same composition shares"
+    assert _cached_tokens(llm, method_case(fixture, 41, [FS_B, "kvsmooth"])) > 0, "written in another order"
+    assert _cached_tokens(llm, method_case(fixture, 41, [FS_C, "kvsmooth"])) == 0, "another member config"

@@ -83,3 +83,17 @@ def test_a_member_that_does_not_apply_to_the_architecture_refuses_the_compositio
 def test_short_lists_are_single_methods():
     assert resolve([], _hf()) is None
     assert resolve(["kvsmooth"], _hf()) == resolve("kvsmooth", _hf())
+
+
+def test_the_eval_runner_sends_and_reports_compositions():
+    from vllm_halluguard.eval.report import _applied_method
+    from vllm_halluguard.eval.runner import parse_mitigation
+
+    m = parse_mitigation('["farsight", {"method": "kvsmooth", "window": 4}]')
+    assert m.spec == ["farsight", {"method": "kvsmooth", "window": 4}]
+    assert m.label == "farsight+kvsmooth(window=4)"
+    assert parse_mitigation('fk=["farsight", "kvsmooth"]').label == "fk"
+    with pytest.raises(ValueError, match="list of names"):
+        parse_mitigation("[1, 2]")
+    header = resolve(["farsight", "kvsmooth"], _hf()).canonical()  # what the server echoes
+    assert _applied_method(header) == "kvsmooth+farsight"

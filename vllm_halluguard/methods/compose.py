@@ -13,7 +13,6 @@ its diagnostic pass is SCR's own: the other members do not act in it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +70,6 @@ class Composition:
 
     def is_noop(self) -> bool:
         return all(m.is_noop() for m in self.members)
-
-    def model_dump(self) -> list[dict[str, Any]]:
-        return [json.loads(m.canonical()) for m in self.members]
 
 
 #: A request's method: one config, or a composition of several.
