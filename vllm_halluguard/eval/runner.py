@@ -44,12 +44,16 @@ _LABEL_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$", re.S)
 # ------------------------------------------------------------------------------------ mitigations
 
 
+#: A ``mitigation`` value: a name, an object, or a list of them (a composition).
+Spec = str | dict[str, Any] | list[str | dict[str, Any]]
+
+
 class Mitigation(BaseModel):
     """One method to evaluate: a report label and the ``mitigation`` value sent (a name, an object or a
     list of them, which composes methods)."""
 
     label: str
-    spec: str | dict[str, Any] | list[str | dict[str, Any]]
+    spec: Spec
 
     @property
     def is_none(self) -> bool:
@@ -156,7 +160,7 @@ class ResultRecord(BaseModel):
     mitigation: str  # label
     item_id: str
     image_id: ImageId
-    spec: str | dict[str, Any] | None  # the ``mitigation`` value sent (None: the field was omitted)
+    spec: Spec | None  # the ``mitigation`` value sent (None: the field was omitted)
     ok: bool
     text: str | None = None
     finish_reason: str | None = None
