@@ -32,7 +32,7 @@ import torch
 from vllm_halluguard.engine.base import Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
-from vllm_halluguard.kernels.reference import attention_rows
+from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods.compose import ORDER, Composition
 
 MEMBERS = "compose_members"
@@ -144,11 +144,18 @@ class CompositeEngine(EngineMethod):
         self._members_act(call, rows, lse, entropy)
 
     def _attend(self, call: LayerCall, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's computation in torch, row by row: output into ``call.output``, LSE and entropy."""
+        """The kernel's computation in torch: output into ``call.output``, LSE and entropy per token.
+        Single-token rows together (:meth:`_attend_batch`), the others row by row."""
         n, hq = call.query.shape[:2]
         lse = torch.zeros(n, hq, dtype=torch.float32, device=call.query.device)
         entropy = torch.zeros_like(lse)
+        single = [row for row in rows if call.gather_batch is not None and call.is_single(row)]
+        if single:
+            self._attend_batch(call, single, lse, entropy)
+        done = {row.index for row in single}
         for row in rows:
+            if row.index in done:
+                continue
             start, end, seq_len = call.span(row)
             sinks, mask = self.kernel_args(call, row)
             k, v = call.gather(row.index, seq_len)
@@ -160,6 +167,31 @@ class CompositeEngine(EngineMethod):
             call.output[start:end] = out
             lse[start:end], entropy[start:end] = row_lse, row_entropy
         return lse, entropy
+
+    def _attend_batch(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        """:meth:`_attend` for single-token rows: one padded gather and one masked attention with
+        per-row sinks (:func:`~vllm_halluguard.kernels.reference.attention_rows_padded`)."""
+        assert call.gather_batch is not None
+        terms = [self.kernel_args(call, row) for row in rows]
+        seq_lens = [call.seq_lens[row.index] for row in rows]
+        k, v, valid = call.gather_batch([row.index for row in rows], seq_lens)
+        key_mask = valid.clone()
+        sinks = None
+        if any(s is not None for s, _ in terms):
+            sinks = torch.full((len(rows), call.query.shape[1]), float("-inf"), device=k.device)
+        for b, (s, m) in enumerate(terms):
+            if m is not None:
+                key_mask[b, : seq_lens[b]] &= m.to(key_mask.device)
+            if s is not None and sinks is not None:
+                sinks[b] = s[0].to(k.device)
+        starts = torch.tensor([call.query_start_loc[row.index] for row in rows])
+        out, row_lse, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask, sinks)
+        call.output[starts] = out
+        # the plain row's entropy over the kept keys (hidden keys have probability 0 and add nothing)
+        row_entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1)
+        lse[starts], entropy[starts] = row_lse.to(lse.device), row_entropy.to(lse.device)
 
     def _members_act(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor | None, entropy: torch.Tensor | None
