@@ -6,18 +6,29 @@ PORT ?= 8000
 FIXTURE ?= llava
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint serve fixtures eval-testbed clean
+.PHONY: venv test test-fast lint format serve fixtures eval-testbed clean
 
 venv:
 	@bash scripts/ensure_venv.sh >/dev/null
 
+# ruff, then mypy on the package (config in pyproject.toml).
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Rewrite the tree the way `make lint` wants it: ruff format, then ruff's safe fixes.
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 # Two pytest workers, one per core; a test file's tests stay on one worker (shared engines).
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The quick loop: every test that starts no vLLM engine and no server (markers `engine`, `server`).
+test-fast: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not engine and not server" $(PYTEST_ARGS)
 
 fixtures: venv
 	$(PY) -m vllm_halluguard.testing.tiny_models --check
@@ -33,4 +44,4 @@ eval-testbed: venv
 	bash scripts/eval_testbed.sh eval-testbed 200
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

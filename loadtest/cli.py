@@ -14,7 +14,17 @@ import httpx
 
 from loadtest import report, workload
 from loadtest.client import RemoteTargetError, check_target
-from loadtest.runner import LoadConfig, LoadPoint, Report, Runner, Scenario, client_setup, describe_server
+from loadtest.runner import (
+    LoadConfig,
+    LoadPoint,
+    Report,
+    Runner,
+    Scenario,
+    client_setup,
+    count_reclaim,
+    describe_server,
+    engine_counters,
+)
 from loadtest.stats import Slo
 
 logger = logging.getLogger("loadtest")
@@ -168,11 +178,13 @@ async def _run(args: argparse.Namespace) -> tuple[Report, Path]:
             from tqdm import tqdm
 
             progress = tqdm(total=planned, unit="req", desc="loadtest", file=sys.stderr)
+        before = await engine_counters(client, args.base_url)
         try:
             points, totals = await Runner(cfg, client, progress).run()
         finally:
             if progress is not None:
                 progress.close()
+        count_reclaim(totals, before, await engine_counters(client, args.base_url))
     setup = client_setup() | server
     out = args.out or Path("loadtest-results") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Report(config=cfg, setup=setup, points=points, totals=totals), out

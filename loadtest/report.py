@@ -6,7 +6,7 @@ import logging
 import math
 from pathlib import Path
 
-from loadtest.runner import ALL, GroupResult, Report
+from loadtest.runner import ALL, GroupResult, Report, Totals
 from loadtest.stats import Dist, MeanCI
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,15 @@ def _listed(setup: dict) -> str:
     return ", ".join(names) or "none"
 
 
+def _reclaim(t: Totals) -> str:
+    """The KV blocks PruneHal gave back during the run (warm-up included), from the server's /metrics."""
+    if t.freed_kv_blocks is None:
+        return "KV blocks given back by PruneHal: unknown (the server's /metrics was not readable)"
+    n, reqs = t.freed_kv_blocks, t.reclaiming_requests or 0
+    per = f", {n / reqs:.1f} per request" if reqs else ""
+    return f"KV blocks given back by PruneHal: {n:.0f} by {reqs:.0f} requests{per} (warm-up included)"
+
+
 def markdown(report: Report) -> str:
     cfg, setup, t = report.config, report.setup, report.totals
     sizes = ", ".join(f"{w}x{h}" for w, h in cfg.image_sizes)
@@ -85,6 +94,7 @@ def markdown(report: Report) -> str:
         f"- requests: {t.sent} measured ({t.ok} ok), {t.warmup_sent} warm-up; "
         f"errors {t.errors or 0}; {t.duration_s:.1f} s"
         + ("; **stopped at the time limit**" if t.truncated else ""),
+        f"- {_reclaim(t)}",
         "",
         "Latencies in ms as p50 / p90 / p99 (mean). ITL pools every gap between streamed output chunks; "
         "TPOT = (E2E − TTFT) / (output tokens − 1). Throughputs are means over repeats (± 95 % CI); "

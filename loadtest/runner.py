@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import platform
@@ -104,6 +105,9 @@ class Totals(BaseModel):
     errors: dict[str, int] = {}
     truncated: bool = False  # the time limit stopped the run early
     duration_s: float = 0.0
+    #: The server's ``/metrics`` counters of PruneHal's KV reclaim over the run (``None``: unreadable).
+    freed_kv_blocks: float | None = None
+    reclaiming_requests: float | None = None
 
 
 class Report(BaseModel):
@@ -127,6 +131,41 @@ async def describe_server(client: httpx.AsyncClient, base_url: str) -> dict[str,
         except (httpx.HTTPError, ValueError):
             pass
     return info
+
+
+#: ``/metrics`` counters read before and after a run (``Totals`` field -> metric name).
+ENGINE_COUNTERS = {
+    "freed_kv_blocks": "halluguard_prunehal_freed_blocks",
+    "reclaiming_requests": "halluguard_prunehal_reclaiming_requests",
+}
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """The :data:`ENGINE_COUNTERS` in a Prometheus text exposition (unlabelled samples)."""
+    wanted = {metric: field for field, metric in ENGINE_COUNTERS.items()}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            with contextlib.suppress(ValueError):
+                out[wanted[name]] = float(value)
+    return out
+
+
+async def engine_counters(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    """:func:`parse_counters` of the server's ``/metrics``; empty when it cannot be read."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return {}
+    return parse_counters(resp.text) if resp.status_code == 200 else {}
+
+
+def count_reclaim(totals: Totals, before: dict[str, float], after: dict[str, float]) -> None:
+    """Record the counters' growth over the run in ``totals`` (fields stay ``None`` if unread)."""
+    for field in ENGINE_COUNTERS:
+        if field in before and field in after:
+            setattr(totals, field, after[field] - before[field])
 
 
 def client_setup() -> dict[str, Any]:
@@ -183,6 +222,7 @@ class Runner:
     ) -> tuple[list[RequestRecord], float]:
         """Send one request per entry of ``methods`` at ``point``'s load: (records sent, wall time)."""
         n = len(methods)
+        limit: int | None
         if point.kind == "concurrency":
             limit, offsets = int(point.value), [0.0] * n
         else:

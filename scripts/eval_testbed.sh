@@ -12,6 +12,10 @@ n=${2:-200}
 port=${PORT:-8010}
 model=${MODEL:-vllm_halluguard/testbed/model}
 py=.venv/bin/python
+# none and every registered method (vllm_halluguard.methods.METHODS), side by side
+read -ra mitigations < <("$py" -c 'from vllm_halluguard.methods import METHODS
+print(" ".join(f"--mitigation {m}" for m in ["none", *METHODS]))')
+(( ${#mitigations[@]} )) || { echo "eval_testbed: cannot list the methods" >&2; exit 1; }
 mkdir -p "$out"
 for split in probe control; do
   "$py" -m vllm_halluguard.testbed.scenes --out "$out/scenes-$split" --split "$split" --n "$n" \
@@ -31,8 +35,7 @@ for split in probe control; do
   "$py" -m vllm_halluguard.eval chair --images "$out/scenes-$split/images" \
     --annotations "$out/scenes-$split/instances.json" --base-url "http://127.0.0.1:$port" \
     --prompt "Describe the image." --max-tokens 24 --concurrency 16 --no-progress \
-    --mitigation none --mitigation kvsmooth --mitigation farsight --mitigation prunehal \
-    --mitigation scr --mitigation '["farsight", "kvsmooth"]' --mitigation '["kvsmooth", "prunehal"]' \
+    "${mitigations[@]}" --mitigation '["farsight", "kvsmooth"]' --mitigation '["kvsmooth", "prunehal"]' \
     --mitigation '["farsight", "prunehal"]' --mitigation '["scr", "kvsmooth"]' \
     --mitigation '["scr", "farsight"]' --mitigation '["scr", "prunehal"]' \
     --mitigation '["farsight", "kvsmooth", "prunehal"]' --out "$out/$split"

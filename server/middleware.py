@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
-from server import security
+from server import engine_stats, security
 from server.inputs import ImageLimits, InputError, has_image
 from server.mitigation import FIELD, NONE, MitigationError, Policy, Resolver, header_value, known_names
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
@@ -134,6 +134,8 @@ class MitigationMiddleware:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
             await self._json_request(scope, receive, send, path)
             return
+        if scope["type"] == "http" and path in security.METRICS_PATHS:
+            await engine_stats.refresh(scope.get("app"))
         await _forward(self.app, scope, receive, send)
 
     # ------------------------------------------------------------------------------------ startup
@@ -305,6 +307,7 @@ class MitigationMiddleware:
 
     async def _reject(self, send: Send, error: MitigationError | InputError, status: int = 400) -> None:
         ERRORS.labels(reason=error.reason).inc()
+        param: str | None
         if isinstance(error, MitigationError):
             message, param = f"invalid mitigation: {error}", FIELD
         else:
@@ -421,9 +424,9 @@ def _shorten_error(body: bytes) -> bytes:
         if isinstance(item, dict | list):
             keys = item.keys() if isinstance(item, dict) else range(len(item))
             for key in keys:
-                value = item[key]  # type: ignore[index]
+                value = item[key]
                 if isinstance(value, str):
-                    item[key] = cut(value, 1000)  # type: ignore[index]
+                    item[key] = cut(value, 1000)
                 else:
                     stack.append(value)
     shortened = json.dumps(payload).encode()

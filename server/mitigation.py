@@ -126,7 +126,7 @@ class Policy:
         preset = environ.get(PRESET_ENV) or None
         if preset is not None and preset not in MODEL_FAMILIES:
             raise MitigationError(f"preset must be one of {list(MODEL_FAMILIES)}, got {preset!r}", "config")
-        policy = cls(default, allow, preset)  # type: ignore[arg-type]
+        policy = cls(default, allow, preset)
         policy.check()
         return policy
 

@@ -255,7 +255,7 @@ async def _resolve_allowed(host: str, port: int, policy: MediaPolicy) -> None:
     """Raise ``ValueError`` unless every address ``host`` resolves to is allowed."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = {info[4][0] for info in infos}
+    addresses = {str(info[4][0]) for info in infos}
     refused = sorted(a for a in addresses if not policy.address_allowed(a))
     if not addresses or refused:
         raise ValueError(f"{host} resolves to addresses that are not allowed: {refused[:4]}")
@@ -299,7 +299,7 @@ def install_connector_guard(policy: MediaPolicy) -> None:
             try:
                 host, port = _host_port(url)
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                bad = [i[4][0] for i in infos if not policy.address_allowed(i[4][0])]
+                bad = [i[4][0] for i in infos if not policy.address_allowed(str(i[4][0]))]
                 if not infos or bad:
                     raise ValueError(f"{host} resolves to addresses that are not allowed: {bad[:4]}")
                 timeout = int(min(fetch_timeout or policy.timeout_s, policy.timeout_s)) or 1

@@ -1,6 +1,6 @@
-"""In-engine PruneHal (CPU path): parity with the dense reference (tokens, log-probs and the keep masks
-of every prune), the prefill as step 1 (also when chunked), mixed batches, the block view, refused
-text-only requests and the no-op config."""
+"""In-engine PruneHal beyond the per-method contract (tests/test_engine_contract.py): its decisions are the
+reference's (prune steps and the keep masks of every prune), the prefill as step 1 (also when chunked),
+the block view and refused text-only requests."""
 
 import math
 
@@ -15,7 +15,6 @@ from vllm_halluguard.testing.parity import (
     Case,
     compare,
     hf_generate,
-    logprob_shift,
     method_case,
     recording_reference,
     run_vllm,
@@ -60,7 +59,7 @@ def _run_traced(llm, case):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_engine_matches_reference(setup, hf, name):
+def test_decisions_match_reference(setup, hf, name):
     fixture, llm = setup
     model, processor = hf
     spec = SPECS[name]
@@ -71,10 +70,8 @@ def test_engine_matches_reference(setup, hf, name):
     refs = []
     ctx = recording_reference(model, spec, refs)
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
-    report = compare(gen, forced)
+    report = compare(gen, forced)  # the reference ran on the engine's tokens (the contract checks more)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=recording_reference(model, spec, []))
-    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
 
     # the engine's decisions are the reference's: same steps, same per-layer keep masks
     trace = refs[0].trace
@@ -100,7 +97,6 @@ def test_engine_matches_reference(setup, hf, name):
     if spec == "prunehal" or spec.get("force_step", 2) == 2:
         assert first_effect == 2  # the first decode forward
     assert gen.logprobs[:first_effect] == plain.logprobs[:first_effect]
-    assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
 
 
 def test_chunked_prefill_measures_the_last_chunk_as_step_1(engines, setup):
@@ -137,22 +133,6 @@ def test_block_view_counts_blocks_pruned_in_every_layer(setup):
     assert stats["prunehal_reclaimable_blocks"] == 0 and stats["active"] == 0, stats
 
 
-def test_mixed_batch_equals_solo_runs(setup):
-    fixture, llm = setup
-    farsight = {"method": "farsight", "mode": "B"}
-    # two requests of one config decide together (one batched prune_step), apart from the third
-    specs = [None, "kvsmooth", farsight, "prunehal", SPECS["subset_first_step"], None, "prunehal"]
-    prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
-    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
-    batch = run_vllm(llm, cases)
-    for case, gen in zip(cases, batch, strict=True):
-        (solo,) = run_vllm(llm, [case])
-        report = compare(gen, solo)
-        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
-    stats = worker_stats_of(llm, fixture)
-    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
-
-
 def test_text_only_request_is_refused_and_others_are_unaffected(setup):
     """PruneHal acts on image tokens: a request without an image is refused at admission."""
     fixture, llm = setup
@@ -160,14 +140,6 @@ def test_text_only_request_is_refused_and_others_are_unaffected(setup):
         run_vllm(llm, [Case(fixture, None, "Tell me a story.", extra_args={EXTRA_ARGS_KEY: "prunehal"})])
     (ok,) = run_vllm(llm, [method_case(fixture, 3, "prunehal")])
     assert len(ok.token_ids) == 32
-
-
-def test_r1_config_equals_plain(setup):
-    fixture, llm = setup
-    gen, rec = _run_traced(llm, method_case(fixture, 9, {"method": "prunehal", "r": 1.0}))
-    (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
-    assert rec["prunes"] == []
-    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
 
 
 def worker_stats_of(llm, fixture):

@@ -1,6 +1,7 @@
-"""In-engine SCR: parity with the dense reference (tokens, log-probs, the diagnostic map and the
-selection), no-op configs, mixed batches of every method, chunked prefill, preemption, prefix-cache
-isolation, aborting a request while its diagnostic runs, and the admission checks."""
+"""In-engine SCR beyond the per-method contract (tests/test_engine_contract.py): its decisions are the
+reference's (the diagnostic map and the selection), early exit, no diagnostic for no-op configs,
+chunked prefill, preemption, prefix-cache isolation, aborting a request while its diagnostic runs, and
+the admission checks."""
 
 from types import SimpleNamespace
 
@@ -15,7 +16,6 @@ from vllm_halluguard.testing.parity import (
     Case,
     compare,
     hf_generate,
-    logprob_shift,
     method_case,
     recording_reference,
     run_vllm,
@@ -62,7 +62,7 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_engine_matches_reference(setup, hf, name):
+def test_decisions_match_reference(setup, hf, name):
     fixture, llm = setup
     model, processor = hf
     spec = SPECS[name]
@@ -72,7 +72,6 @@ def test_engine_matches_reference(setup, hf, name):
     (after,) = llm.collective_rpc(worker_stats)
     # alone in its batch, the diagnostic stopped after its last layer (the map below proves it exact)
     assert after["scr_early_exits"] > before["scr_early_exits"]
-    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
     assert len(log) == 1, "one diagnostic per SCR request"
     rec = log[0]
 
@@ -80,10 +79,8 @@ def test_engine_matches_reference(setup, hf, name):
     forced = hf_generate(
         model, processor, case, force=gen.token_ids, context=recording_reference(model, spec, refs)
     )
-    report = compare(gen, forced)
+    report = compare(gen, forced)  # the reference ran on the engine's tokens (the contract checks more)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=recording_reference(model, spec, []))
-    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
 
     # the engine's diagnostic map and selection are the reference's
     ref = refs[0].trace[0]
@@ -92,31 +89,14 @@ def test_engine_matches_reference(setup, hf, name):
     assert rec["sources"] == ref["sources"][0].tolist()
     assert rec["owner"] == ref["owner"][0].tolist()
     assert any(s >= 0 for s in rec["sources"]), "no source selected: the edit would not be exercised"
-    assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
 
 
 @pytest.mark.parametrize("noop", [{"top_k": 0}, {"lam": 1.0}, {"layers": []}])
-def test_noop_configs_equal_plain_and_skip_the_diagnostic(setup, noop):
+def test_noop_configs_skip_the_diagnostic(setup, noop):
+    """(Their output equals the plain request's: the contract.)"""
     fixture, llm = setup
-    (gen,), log = _traced(llm, [method_case(fixture, 9, {"method": "scr", **noop})])
-    (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
+    _, log = _traced(llm, [method_case(fixture, 9, {"method": "scr", **noop})])
     assert log == []
-    assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs
-
-
-def test_mixed_batch_of_every_method_equals_solo_runs(setup):
-    fixture, llm = setup
-    specs = [None, "kvsmooth", {"method": "farsight", "mode": "B"}, "prunehal", "scr", SPECS["strong"], None]
-    prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
-    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
-    batch, log = _traced(llm, cases)
-    assert len(log) == 2
-    for case, gen in zip(cases, batch, strict=True):
-        (solo,) = run_vllm(llm, [case])
-        report = compare(gen, solo)
-        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
-    stats = _stats(llm, fixture)
-    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
 
 
 def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, setup):

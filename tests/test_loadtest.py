@@ -16,9 +16,9 @@ import sys
 import httpx
 import pytest
 
-from loadtest import cli, workload
+from loadtest import cli, report, workload
 from loadtest.client import RemoteTargetError, RequestRecord, check_target, is_loopback_host, send
-from loadtest.runner import Runner
+from loadtest.runner import Runner, Totals, count_reclaim, parse_counters
 from loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
 from vllm_halluguard.testing.server import ROOT, free_port, running_server, server_command
 
@@ -340,6 +340,25 @@ def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_reclaim_counters_are_read_from_metrics_and_reported():
+    text = (
+        "# HELP halluguard_prunehal_freed_blocks KV blocks ...\n"
+        "# TYPE halluguard_prunehal_freed_blocks gauge\n"
+        "halluguard_prunehal_freed_blocks 12.0\n"
+        "halluguard_prunehal_freed_blocks_created 1.7e9\n"
+        "halluguard_prunehal_reclaiming_requests 3.0\n"
+        'halluguard_requests_total{method="prunehal"} 9.0\n'
+    )
+    assert parse_counters(text) == {"freed_kv_blocks": 12.0, "reclaiming_requests": 3.0}
+    totals = Totals()
+    count_reclaim(totals, {"freed_kv_blocks": 2.0, "reclaiming_requests": 1.0}, parse_counters(text))
+    assert (totals.freed_kv_blocks, totals.reclaiming_requests) == (10.0, 2.0)
+    assert "10 by 2 requests, 5.0 per request" in report._reclaim(totals)
+    unread = Totals()
+    count_reclaim(unread, {}, parse_counters(text))
+    assert unread.freed_kv_blocks is None and "unknown" in report._reclaim(unread)
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
@@ -380,6 +399,7 @@ def test_cli_run_counts_every_request(run):
     # 3 scenarios x 2 concurrencies x 4 requests measured; 1 warm-up per method (none, kvsmooth).
     assert (totals["sent"], totals["warmup_sent"], totals["truncated"]) == (24, 2, False)
     assert totals["ok"] + sum(totals["errors"].values()) == totals["sent"]
+    assert totals["freed_kv_blocks"] == 0 and totals["reclaiming_requests"] == 0  # read from /metrics
     assert [p["label"] for p in report["points"]] == ["concurrency=1", "concurrency=4"]
     counted = 0
     for point in report["points"]:

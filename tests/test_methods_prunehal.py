@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from vllm_halluguard.methods.prunehal import (
+    PruneHalConfig,
     history_mean,
+    keep_blocks,
     keep_topr,
     prune_schedule,
+    select_keep,
     should_prune,
     update_history,
     visual_attention_stats,
+    visual_groups,
 )
 
 
@@ -114,3 +118,49 @@ def test_synthetic_trace_576_230_92_36() -> None:
         assert bool((keep.sum(-1) == kept[-1]).all())  # every layer keeps the same number
     assert fired_at == [2, 4, 6]  # forced at 2, then two votes; step 7 would vote but t = 3 is used up
     assert kept == [576, 230, 230, 92, 92, 36, 36, 36]
+
+
+def test_shared_selection_ranks_by_the_layers_mean() -> None:
+    # [B=1, L=2, Nv=4]: layer 0 prefers token 0, layer 1 token 3; mean = [0.5, 0.1, 0.2, 0.6]
+    scores = torch.tensor([[[0.9, 0.1, 0.3, 0.2], [0.1, 0.1, 0.1, 1.0]]])
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    cfg = PruneHalConfig(r=0.5, t=1, selection="shared")
+    assert select_keep(scores, keep, cfg).tolist() == [[[True, False, False, True]] * 2]
+    per_layer = select_keep(scores, keep, PruneHalConfig(r=0.5, t=1))
+    assert per_layer.tolist() == [[[True, False, True, False], [True, False, False, True]]]
+    # layer 1 ties at 0.1: the lower index
+
+
+def test_block_granularity_keeps_whole_groups() -> None:
+    # visual positions 6..13 with block 4: groups {6,7}, {8..11}, {12,13} -> 0, 1, 2
+    visual = torch.arange(6, 14)
+    groups = visual_groups(visual, 4)
+    assert groups.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    scores = torch.tensor([[0.30, 0.30, 0.05, 0.05, 0.05, 0.05, 0.25, 0.0]])  # sums 0.6, 0.2, 0.25
+    keep = torch.ones(1, 8, dtype=torch.bool)
+    # floor(0.4 * 3) = 1 group: the first (0.6)
+    assert keep_blocks(scores, keep, groups, 0.4).tolist() == [[True, True] + [False] * 6]
+    # floor(0.7 * 3) = 2 groups: 0 (0.6) and 2 (0.25); pruned tokens stay pruned
+    keep[0, 7] = False
+    new = keep_blocks(scores, keep, groups, 0.7)
+    assert new.tolist() == [[True, True, False, False, False, False, True, False]]
+    # a group whose tokens are all pruned no longer counts: floor(0.5 * 2) = 1 of groups {0, 2}
+    only = torch.tensor([[True, True, False, False, False, False, True, True]])
+    assert keep_blocks(scores, only, groups, 0.5).tolist() == [[True, True] + [False] * 6]
+
+
+def test_shared_block_selection_equal_in_all_layers() -> None:
+    torch.manual_seed(0)
+    scores = torch.rand(2, 3, 40)
+    keep = torch.ones(2, 3, 40, dtype=torch.bool)
+    groups = visual_groups(torch.arange(5, 45).expand(2, -1), 8)
+    cfg = PruneHalConfig(r=0.4, t=3, selection="shared", granularity="block", block=8)
+    new = select_keep(scores, keep, cfg, groups)
+    assert bool((new == new[:, :1]).all())  # one mask for all layers
+    for b in range(2):  # whole aligned 8-position blocks kept: floor(0.4 * 6) = 2 of the 6 groups
+        kept_groups = set(groups[b][new[b, 0]].tolist())
+        assert len(kept_groups) == 2 and int(new[b, 0].sum()) == sum(
+            int((groups[b] == g).sum()) for g in kept_groups
+        )
+    with pytest.raises(ValueError, match="groups"):
+        select_keep(scores, keep, cfg)

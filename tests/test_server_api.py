@@ -323,6 +323,9 @@ def test_metrics_move(client, base):
     assert delta('halluguard_request_latency_seconds_count{method="farsight"}') == 1
     assert delta('halluguard_request_latency_seconds_sum{method="farsight"}') > 0
     assert delta('halluguard_generated_tokens_total{method="farsight"}') == 5
+    # read from the engine's worker process at each scrape (server/engine_stats.py)
+    assert delta("halluguard_engine_admitted_requests") == 1
+    assert after["halluguard_prunehal_freed_blocks"] == 0  # no PruneHal on this server
 
 
 @pytest.mark.server

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vllm_halluguard.eval import chair
+from vllm_halluguard.methods import METHODS
 from vllm_halluguard.testbed import scenes as sc
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -194,10 +195,12 @@ def test_committed_model_hallucinates_the_missing_partner(testbed):
     assert min(report.probe.recall, report.control.recall) >= RECALL_MIN, report.summary()
 
 
-#: Resolved as the server resolves them and sent as it sends them (canonical JSON; farsight: mode B).
-ENGINE_METHODS = ("kvsmooth", "farsight", "prunehal", "scr")
+#: Every registered method, resolved as the server resolves them and sent as it sends them (canonical
+#: JSON; farsight: its served mode).
+ENGINE_METHODS = tuple(METHODS)
 
 
+@pytest.mark.engine
 def test_engine_captions_equal_the_reference_on_the_trained_testbed(testbed, engines):
     """Every engine method on a *trained* model: vLLM's greedy captions = the HF dense reference's."""
     from vllm_halluguard.engine.requests import resolve

@@ -16,6 +16,7 @@ module), so a platform only imports its own native backend.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from vllm_halluguard.engine.execute import ImplMixin
 from vllm_halluguard.engine.plan import BuilderMixin
@@ -24,7 +25,7 @@ from vllm_halluguard.engine.plan import BuilderMixin
 WRAPPED = {"HG_CPU_ATTN": "CPU_ATTN", "HG_FLASH_ATTN": "FLASH_ATTN", "HG_TRITON_ATTN": "TRITON_ATTN"}
 
 
-def wrap(native: type, backend_name: str) -> type:
+def wrap(native: Any, backend_name: str) -> type:
     """The plugin's subclass of the native backend class ``native`` (vLLM name ``backend_name``)."""
     if getattr(native, "forward_includes_kv_cache_update", False):
         raise NotImplementedError(f"halluguard cannot wrap {backend_name}: its forward writes the KV cache")

@@ -41,7 +41,7 @@ class ImplMixin:
 
     def forward(self, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any, attn_metadata: Any,
                 output: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
-        native = super().forward  # type: ignore[misc]
+        native = super().forward  # type: ignore[misc]  # a mixin: vLLM's impl follows in the MRO
         if not isinstance(attn_metadata, StepPlan):
             return native(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         return run_layer(
@@ -66,6 +66,7 @@ def run_layer(
     if not lp.rework and not plan.by_method and os.environ.get(VERIFY_ENV) != "1":
         return output  # e.g. a layer where only sink lanes differ from the native kernel
     n = plan.num_actual_tokens
+    assert plan.slot_mapping is not None  # the builder sets it on every plan
     out3 = output[:n].view(n, impl.num_heads, impl.head_size)
     io = cache_io(impl._hg_backend_name, kv_cache, plan.block_table, layer, impl)
     call = LayerCall(

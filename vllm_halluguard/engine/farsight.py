@@ -11,6 +11,7 @@ With the Triton kernel, the other rows get their per-token sinks in the kernel's
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 
@@ -45,7 +46,7 @@ def row_sinks(
 
 def apply(call: LayerCall, row: Row) -> None:
     """Recompute this row's attention output with its FarSight sinks (in place in ``call.output``)."""
-    cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+    cfg = cast(FarSightConfig, row.request.config)
     if cfg.layers is not None and call.layer not in cfg.layers:
         return
     start, end, seq_len = call.span(row)
@@ -64,7 +65,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     todo: list[tuple[Row, int, int]] = []
     sinks = []
     for row in rows:
-        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(FarSightConfig, row.request.config)
         if cfg.layers is not None and call.layer not in cfg.layers:
             continue
         start, _, seq_len = call.span(row)
@@ -93,7 +94,7 @@ class FarSightEngine(EngineMethod):
     counters = ("farsight_native_rows",)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
-        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(FarSightConfig, row.request.config)
         if cfg.is_noop():
             return NATIVE
         layers = frozenset(cfg.layers) if cfg.layers is not None else frozenset(range(backend.num_layers))
@@ -109,10 +110,10 @@ class FarSightEngine(EngineMethod):
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         return False  # its only work is computing the rows it reworks
 
-    apply = staticmethod(apply)  # type: ignore[assignment]
-    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+    apply = staticmethod(apply)
+    apply_batch = staticmethod(apply_batch)
 
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        cfg: FarSightConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(FarSightConfig, row.request.config)
         sinks = row_sinks(cfg, call.positions(row), row.request.prompt_len, call.query.shape[1])
         return sinks, None

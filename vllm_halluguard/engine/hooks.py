@@ -17,7 +17,9 @@
   different spellings of one config do; blocks of generated tokens whose K/V a method rewrote
   (KVSmooth) hash per request (:func:`install_cache_salt`);
 * scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); engine methods may
-  hook the model itself (SCR wraps the decoder layers' forward, on its first request).
+  hook the model itself (SCR wraps the decoder layers' forward, on its first request);
+* KV blocks: PruneHal's reclaiming variant reports fully pruned prompt blocks on the model runner's
+  output and the scheduler frees them (:mod:`.reclaim`).
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def install_admission() -> None:
         spec = spec_of(extra_args)
         cfg = None
         if spec is not None:
+            assert extra_args is not None  # spec_of found the key in it
             try:
                 if self.vllm_config.use_v2_model_runner:
                     raise ValueError(
@@ -275,7 +278,7 @@ def pin_v1_runner() -> None:
 
 
 def install_all() -> None:
-    from vllm_halluguard.engine import two_pass
+    from vllm_halluguard.engine import reclaim, two_pass
 
     pin_v1_runner()
     install_backends()
@@ -284,3 +287,4 @@ def install_all() -> None:
     install_admission()
     install_cache_salt()
     two_pass.install()
+    reclaim.install_scheduler()

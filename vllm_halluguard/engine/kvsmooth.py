@@ -14,7 +14,7 @@ State: one entropy FIFO (ring buffer + push count) per slot and decoder layer (:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -40,7 +40,7 @@ def buffers(runtime: Any) -> Buffers:
 
 def decode_position(call: LayerCall, row: Row) -> int | None:
     """The position of the row's decode token if this layer smooths it, else ``None``."""
-    cfg: KVSmoothConfig = row.request.config  # type: ignore[assignment]
+    cfg = cast(KVSmoothConfig, row.request.config)
     start, end, seq_len = call.span(row)
     pos = seq_len - 1
     if end - start != 1 or pos < row.request.prompt_len or call.layer not in (cfg.layers or ()):
@@ -51,7 +51,7 @@ def decode_position(call: LayerCall, row: Row) -> int | None:
 def smooth(call: LayerCall, row: Row, z: torch.Tensor, prev: tuple, cur: tuple) -> None:
     """FIFO push of entropy ``z [1]``, rank lambda, EMA of ``cur`` (K, V of the token) with ``prev``."""
     state = row.request
-    cfg: KVSmoothConfig = state.config  # type: ignore[assignment]
+    cfg = cast(KVSmoothConfig, state.config)
     buf, slot, m = buffers(call.runtime), state.slot, cfg.window
     lam, queue, count = update_lambda(
         buf.queue[slot, call.layer, :m][None], buf.count[slot, call.layer][None], z.cpu(), cfg
@@ -76,7 +76,7 @@ def apply(call: LayerCall, row: Row) -> None:
     pos = decode_position(call, row)
     if pos is None:
         return
-    cfg: KVSmoothConfig = row.request.config  # type: ignore[assignment]
+    cfg = cast(KVSmoothConfig, row.request.config)
     start, end, seq_len = call.span(row)
     k, v = call.gather(row.index, seq_len)
     logits = attention_logits(call.query[start:end], k, call.scale, torch.tensor([pos]))[0]  # [Hq, S]
@@ -101,7 +101,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     buf, layer = buffers(call.runtime), call.layer
     groups: dict[KVSmoothConfig, list[int]] = {}
     for i, (row, _) in enumerate(todo):
-        groups.setdefault(row.request.config, []).append(i)  # type: ignore[arg-type]
+        groups.setdefault(cast(KVSmoothConfig, row.request.config), []).append(i)
     lam = torch.empty(len(todo))
     for cfg, idx in groups.items():
         sel = torch.tensor(idx)
@@ -113,7 +113,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
     for i, (row, p) in enumerate(todo):  # per-row options (see :func:`smooth`)
         state = row.request
-        cfg = state.config  # type: ignore[assignment]
+        cfg = cast(KVSmoothConfig, state.config)
         if p == state.prompt_len and not cfg.smooth_first_token:
             lam[i] = 0.0
         if not cfg.recursive:
@@ -146,7 +146,7 @@ class KVSmoothEngine(EngineMethod):
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """Torch path: native (its output is kept; the entropy comes from K). Kernel: the smoothed decode
         rows, whose output and exact entropy come from one launch."""
-        cfg: KVSmoothConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(KVSmoothConfig, row.request.config)
         decode = span.num_tokens == 1 and span.seq_len - 1 >= row.request.prompt_len
         if not backend.kernel or not decode or cfg.head_reduce != "mean_entropy":
             return NATIVE
@@ -157,8 +157,8 @@ class KVSmoothEngine(EngineMethod):
         decode = span.num_tokens == 1 and span.seq_len - 1 >= row.request.prompt_len
         return decode and (not backend.kernel or self.route(row, span, backend).rework == frozenset())
 
-    apply = staticmethod(apply)  # type: ignore[assignment]
-    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+    apply = staticmethod(apply)
+    apply_batch = staticmethod(apply_batch)
 
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor

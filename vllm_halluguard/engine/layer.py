@@ -33,7 +33,7 @@ class LayerCall:
     runtime: Any  # the worker's :class:`~vllm_halluguard.engine.runtime.Runtime`
     gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-    gather_batch: Callable[..., tuple[torch.Tensor | None, ...]] | None = None
+    gather_batch: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
     gather_slots: Callable[[list[int], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def span(self, row: Row) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -50,7 +50,7 @@ def rework_engine() -> str:
 
 
 #: A sub-batch's tokens in the flat batch: a slice when they are contiguous, else an index tensor.
-Tokens = slice | torch.Tensor
+Tokens: TypeAlias = slice | torch.Tensor
 
 
 @dataclass
@@ -289,7 +289,7 @@ class BuilderMixin:
     _hg_native_sinks: bool = False
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
         from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
         from vllm_halluguard.engine.runtime import ensure_runner_hook
@@ -302,7 +302,7 @@ class BuilderMixin:
         self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
-        parent = super().build  # type: ignore[misc]
+        parent = super().build  # type: ignore[misc]  # a mixin: vLLM's builder follows in the MRO
         runtime = current()
         cm = common_attn_metadata
         view = runtime.view_for(cm.num_reqs) if runtime is not None and self._hg_decoder else None

@@ -22,16 +22,21 @@ tokens differs per request (Qwen2-VL's dynamic resolution) and the state is drop
 (:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
 attention); the per-row :func:`apply` is the same computation for one row.
 A request without an image is refused at admission (``requests.check_inputs``).
+
+The reclaiming variant (``selection="shared"`` over all decoder layers, best with
+``granularity="block"``): after each prune the prompt blocks that no layer reads any more are handed to
+:mod:`.reclaim`, which nulls them in the worker's block table and frees them in vLLM's block pool.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
@@ -46,6 +51,7 @@ from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
     visual_attention_stats,
+    visual_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ logger = logging.getLogger(__name__)
 #: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.logs[LOG]``).
 MAX_LOGGED_REQUESTS = 256
 LOG = "prunehal_log"
+#: ``Runtime.ext`` key of the states of preempted requests, until they resume or finish.
+PARKED = "prunehal_parked"
 
 
 @dataclass
@@ -69,6 +77,25 @@ class PruneState:
     scores: torch.Tensor  # [n, Nv] per-token scores of the current step
     seen: torch.Tensor  # [n] bool: layers measured in the current step
     record: dict[str, Any] = field(default_factory=dict)
+    req_id: str = ""
+    admission: int = 1  # how many times the worker admitted the request (1 + preemptions)
+    reclaim: bool = False  # fully pruned prompt blocks go back to the pool
+    freed: set[int] = field(default_factory=set)  # logical blocks handed to the reclaim
+    #: ``(step, keep [n, Nv])`` after each prune: the masks in force at each step (recompute)
+    epochs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    resume_len: int = 0  # after a preemption: the tokens the recompute covers (its last row is measured)
+    refree: bool = False  # after a preemption: free the pruned blocks again once recomputed
+
+    def epoch_of(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """The number of prunes in force for the queries at ``positions``: the token at position ``p``
+        (generated token ``p - prompt_len + 1``) was consumed by step ``p - prompt_len + 2``, after the
+        prunes decided at steps up to ``p - prompt_len + 1``."""
+        steps = torch.tensor([step for step, _ in self.epochs], dtype=torch.long)
+        return torch.searchsorted(steps, positions - prompt_len + 1, right=True)
+
+    def keep_in(self, epoch: int, i: int) -> torch.Tensor:
+        """Layer slot ``i``'s keep mask after ``epoch`` prunes."""
+        return self.keep[i].new_ones(self.keep.shape[1]) if epoch == 0 else self.epochs[epoch - 1][1][i]
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
@@ -93,8 +120,20 @@ class PruneState:
 
 
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
-    """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``)."""
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``); a request
+    resumed after a preemption gets its state back (torch path, see :func:`park`)."""
+    cfg = cast(PruneHalConfig, state.config)
+    admissions = runtime.ext.setdefault("prunehal_admissions", {})
+    admissions[state.req_id] = admissions.get(state.req_id, 0) + 1
+    parked: PruneState | None = runtime.ext.get(PARKED, {}).pop(state.req_id, None)
+    if parked is not None:
+        parked.admission = admissions[state.req_id]
+        parked.resume_len = state.prompt_len + len(cached.output_token_ids)
+        parked.freed, parked.refree = set(), parked.reclaim and bool(parked.epochs)
+        parked.seen.zero_()
+        parked.record["resumed"] = parked.record.get("resumed", 0) + 1
+        state.scratch["prunehal"] = parked
+        return
     image_token_id = getattr(runtime.hf_config, "image_token_id", None)
     visual = visual_positions(cached, image_token_id)
     layers = tuple(cfg.layers or ())
@@ -108,21 +147,29 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
         "steps": 0,
         "prunes": [],
         "reclaimable_blocks": 0,
+        "freed_blocks": 0,
     }
     runtime.remember(LOG, state.req_id, record, MAX_LOGGED_REQUESTS)
-    state.scratch["prunehal"] = PruneState.fresh(visual, layers, record)
+    st = PruneState.fresh(visual, layers, record)
+    st.req_id, st.admission = state.req_id, admissions[state.req_id]
+    st.reclaim = cfg.frees_blocks and set(layers) == set(range(runtime.num_layers))
+    state.scratch["prunehal"] = st
 
 
 def apply(call: LayerCall, row: Row) -> None:
     """Masked attention, visual statistics and (after the last layer) the prune decision of one row."""
     state = row.request
-    cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+    cfg = cast(PruneHalConfig, state.config)
     st: PruneState | None = state.scratch.get("prunehal")
     if st is None or cfg.is_noop() or st.visual.numel() == 0:
         return
     start, end, seq_len = call.span(row)
     pos = seq_len - 1
     i = st.index.get(call.layer)
+    if i is not None and st.resume_len and seq_len > state.prompt_len and end - start > 1:
+        return _apply_recompute(call, row, st, cfg, i)
+    if st.resume_len and seq_len < st.resume_len:
+        return  # a recompute's chunk within the prompt: computed natively, not a step
     if i is None or seq_len < state.prompt_len or (seq_len > state.prompt_len and end - start != 1):
         return  # rows before the prompt's last token are never touched
     # the prompt's last token (the end of the prefill or of its last chunk) is step 1, measured on its
@@ -153,13 +200,49 @@ def apply(call: LayerCall, row: Row) -> None:
         decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
 
 
+def _apply_recompute(call: LayerCall, row: Row, st: PruneState, cfg: PruneHalConfig, i: int) -> None:
+    """A chunk of a preempted request's recompute: each query attends under the keep mask that was in
+    force when it was first computed (:meth:`PruneState.epoch_of`), so its K/V and output are the
+    unpreempted run's; the chunk that ends with the last known token is measured as that token's step."""
+    state = row.request
+    start, end, seq_len = call.span(row)
+    keep = st.keep[i]
+    if not bool(keep.all()):  # this layer is reworked (route): every query of the chunk is computed here
+        k, v = call.gather(row.index, seq_len)
+        positions = call.positions(row)
+        epochs = st.epoch_of(positions, state.prompt_len)
+        for e in torch.unique(epochs).tolist():
+            sel = torch.nonzero(epochs == e).flatten()
+            key_mask = torch.ones(seq_len, dtype=torch.bool)
+            key_mask[st.visual] = st.keep_in(e, i)
+            out, _, _ = attention_rows(
+                call.query[start + sel], k, v, call.scale, positions[sel], key_mask=key_mask
+            )
+            call.output[start + sel] = out
+    if seq_len != st.resume_len:
+        return
+    q = call.query[end - 1 : end]
+    k, _ = call.gather(row.index, seq_len)
+    key_mask = torch.ones(seq_len, dtype=torch.bool)
+    key_mask[st.visual] = keep
+    lse = torch.logsumexp(attention_logits(q, k, call.scale, torch.tensor([seq_len - 1]), key_mask), dim=-1)
+    hq, hkv = q.shape[1], k.shape[1]
+    qf = q[0].float().reshape(hkv, hq // hkv, -1)
+    logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
+    probs = torch.exp(logits - lse[0, :, None]) * keep
+    st.A[i], st.scores[i] = visual_attention_stats(probs, keep, cfg.statistic)
+    st.seen[i] = True
+    if call.layer == max(st.layers):
+        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
+
+
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
     measured on its last token: one padded gather and one batched masked attention."""
     todo: list[tuple[Row, PruneState, int]] = []
     for row in rows:
         state = row.request
-        cfg: PruneHalConfig = state.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, state.config)
         st: PruneState | None = state.scratch.get("prunehal")
         if st is None or cfg.is_noop() or st.visual.numel() == 0:
             continue
@@ -167,6 +250,8 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         seq_len, prompt_len = call.seq_lens[row.index], state.prompt_len
         if i is None or seq_len < prompt_len or (seq_len > prompt_len and not call.is_single(row)):
             continue  # rows before the prompt's last token are never touched
+        if st.resume_len and seq_len < st.resume_len:
+            continue  # a recompute's chunk within the prompt
         todo.append((row, st, i))
     if not todo:
         return
@@ -193,7 +278,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
-        cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+        cfg = cast(PruneHalConfig, row.request.config)
         if cfg.statistic not in stats:
             stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
@@ -218,6 +303,9 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
         groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
     for (cfg, _), members in groups.items():
         sts = [st for st, _ in members]
+        blocks = None
+        if cfg.granularity == "block":
+            blocks = torch.stack([visual_groups(st.visual, cfg.block) for st in sts])
         fired, keep, count, hist_sum, hist_n = prune_step(
             torch.tensor([step for _, step in members]),
             cfg,
@@ -227,6 +315,7 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             torch.stack([st.scores for st in sts]),
             torch.cat([st.hist_sum for st in sts]),
             torch.cat([st.hist_n for st in sts]),
+            blocks,
         )
         for j, ((st, step), prunes) in enumerate(zip(members, fired.tolist(), strict=True)):
             st.keep, st.count, st.hist_sum, st.hist_n = (
@@ -242,24 +331,35 @@ def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
     rec = st.record
     rec["steps"] = step
     if fired:
+        st.epochs.append((step, st.keep))
         rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
-        rec["reclaimable_blocks"] = fully_pruned_blocks(
-            st, rec["prompt_len"], runtime.block_size, runtime.num_layers
-        )
+    if st.resume_len and step + rec["prompt_len"] - 1 >= st.resume_len:
+        st.resume_len = 0  # the recompute is done
+    if fired or st.refree:
+        st.refree = False
+        blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
+        rec["reclaimable_blocks"] = len(blocks)
+        new = [b for b in blocks if b not in st.freed] if st.reclaim else []
+        if new:
+            runtime.stats["prunehal_reclaiming_requests"] += not st.freed
+            st.freed.update(new)
+            rec["freed_blocks"] = len(st.freed)
+            runtime.stats["prunehal_freed_blocks"] += len(new)
+            reclaim.queue(runtime, st.req_id, st.admission, new)
 
 
-def fully_pruned_blocks(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> int:
-    """KV blocks of the prompt whose every token is pruned in every decoder layer.
+def pruned_block_ids(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> list[int]:
+    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer.
 
-    Only such blocks could go back to the pool (vLLM's block table is shared by all layers); if the
+    Only such blocks can go back to the pool (vLLM's block table is shared by all layers); if the
     config prunes a subset of layers, the others still read every block and none qualifies.
     """
     if set(st.layers) != set(range(num_layers)) or st.visual.numel() == 0:
-        return 0
+        return []
     n_blocks = -(-prompt_len // block_size)
     gone = torch.zeros(n_blocks * block_size, dtype=torch.bool)
     gone[st.visual] = ~st.keep.any(0)
-    return int(gone.view(n_blocks, block_size).all(-1).sum())
+    return torch.nonzero(gone.view(n_blocks, block_size).all(-1)).flatten().tolist()
 
 
 def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
@@ -267,9 +367,32 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
 
     Each record: ``prompt_len``, ``num_visual``, ``layers``, ``steps`` (last step decided, 1 = prefill),
     ``prunes`` (``{"step", "kept": per-layer counts, "keep": per-layer masks}`` after each prune) and
-    ``reclaimable_blocks`` (see :func:`fully_pruned_blocks`). ``clear`` empties the log afterwards.
+    ``reclaimable_blocks`` (the number of :func:`pruned_block_ids`) and ``freed_blocks`` (of them, the blocks
+    given back to the pool; the reclaiming variant only). ``clear`` empties the log afterwards.
     """
     return worker_log(worker, LOG, clear)
+
+
+def park(runtime: Any, state: RequestState) -> None:
+    """Keep a leaving request's state until it finishes (:meth:`PruneHalEngine.finished`): if it was
+    preempted, vLLM recomputes it and :func:`init_state` resumes with the state, the recompute applying
+    each query's masks (:func:`_apply_recompute`). Torch path only: the Triton kernel takes one key mask
+    per row, so on the kernel path a resumed request starts over (not exact)."""
+    from vllm_halluguard.engine.plan import rework_engine
+
+    st: PruneState | None = state.scratch.get("prunehal")
+    if st is not None and rework_engine() == "torch":
+        runtime.ext.setdefault(PARKED, {})[state.req_id] = st
+
+
+def _recomputes(st: PruneState, row: Row, span: RowSpan) -> bool:
+    """A chunk (several tokens) of a resumed request's recompute that reaches past the prompt."""
+    return bool(st.resume_len) and span.num_tokens > 1 and span.seq_len > row.request.prompt_len
+
+
+def _resumed(row: Row) -> bool:
+    st = _state(row)
+    return st is not None and bool(st.resume_len)
 
 
 def _state(row: Row) -> PruneState | None:
@@ -286,23 +409,32 @@ class PruneHalEngine(EngineMethod):
     needs_image = True
     batched = True
     gauges = ("prunehal_reclaimable_blocks",)
+    #: ``prunehal_freed_blocks``: prompt blocks handed back to the pool (reclaiming variant), and
+    #: ``prunehal_reclaiming_requests``: requests (admissions) that gave back at least one.
+    counters = ("prunehal_freed_blocks", "prunehal_reclaiming_requests")
 
-    init_state = staticmethod(init_state)  # type: ignore[assignment]
-    apply = staticmethod(apply)  # type: ignore[assignment]
-    apply_batch = staticmethod(apply_batch)  # type: ignore[assignment]
+    init_state = staticmethod(init_state)
+    apply = staticmethod(apply)
+    apply_batch = staticmethod(apply_batch)
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
-        """Every row is measured on its last token, so all rows go to one :func:`apply_batch`."""
-        if call.gather_batch is None:
-            for row in rows:
+        """Every row is measured on its last token, so all rows go to one :func:`apply_batch`; chunks of
+        a resumed request's recompute go to :func:`apply`."""
+        recompute = {row.index for row in rows if not call.is_single(row) and _resumed(row)}
+        rest = [row for row in rows if row.index not in recompute]
+        for row in rows:
+            if row.index in recompute or call.gather_batch is None:
                 apply(call, row)
-        else:
-            apply_batch(call, rows)
+        if call.gather_batch is not None and rest:
+            apply_batch(call, rest)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
         key mask); with the kernel, every configured layer (output, mask and LSE in one launch)."""
         st = _state(row)
+        if st is not None and _recomputes(st, row, span) and not backend.kernel:
+            pruned = [layer for layer, keep in zip(st.layers, st.keep, strict=True) if not bool(keep.all())]
+            return Route(rework=frozenset(pruned))
         if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
             return NATIVE
         if backend.kernel:
@@ -312,9 +444,10 @@ class PruneHalEngine(EngineMethod):
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         """The row that ends with the prompt's last token (step 1), and decode rows on the torch path."""
-        if _state(row) is None or span.seq_len < row.request.prompt_len:
+        st = _state(row)
+        if st is None or span.seq_len < row.request.prompt_len:
             return False
-        if span.seq_len == row.request.prompt_len:
+        if span.seq_len == row.request.prompt_len or (_recomputes(st, row, span) and not backend.kernel):
             return True
         return span.num_tokens == 1 and not backend.kernel
 
@@ -336,7 +469,7 @@ class PruneHalEngine(EngineMethod):
         for row in rows:
             st = _state(row)
             assert st is not None
-            cfg: PruneHalConfig = row.request.config  # type: ignore[assignment]
+            cfg = cast(PruneHalConfig, row.request.config)
             i = st.index[call.layer]
             start, _, seq_len = call.span(row)
             k, _ = call.gather(row.index, seq_len)
@@ -354,6 +487,23 @@ class PruneHalEngine(EngineMethod):
                 deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))
         if deciding:
             decide(call.runtime, deciding)
+
+    def release(self, runtime: Any, state: RequestState) -> None:
+        """Finished or preempted. Blocks not yet nulled in the worker's table are another allocation's
+        after a recompute (the scheduler drops such stale reports too). The state is kept until the
+        request finishes: a preempted request resumes with it (:func:`park`)."""
+        reclaim.forget(runtime, state.req_id)
+        park(runtime, state)
+
+    def finished(self, runtime: Any, req_id: str) -> None:
+        runtime.ext.get("prunehal_admissions", {}).pop(req_id, None)
+        runtime.ext.get(PARKED, {}).pop(req_id, None)
+
+    def plan_step(
+        self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any
+    ) -> None:
+        """Null the blocks freed after the last step in the worker's block table, before any read."""
+        reclaim.apply_pending(runtime, input_batch, requests)
 
     def worker_stats(self, runtime: Any) -> dict[str, int]:
         """KV blocks of active requests pruned in every layer (could return to the pool)."""

@@ -1,23 +1,26 @@
 """The engine's methods by name: one :class:`~vllm_halluguard.engine.base.EngineMethod` each.
 
-Adding a method to the engine: its config and math in ``vllm_halluguard/methods/<name>.py``, its
-engine class in ``vllm_halluguard/engine/<name>.py``, one line here.
+Derived from :data:`vllm_halluguard.methods.METHODS`: a method's engine class is the
+:class:`EngineMethod` subclass of ``vllm_halluguard/engine/<name>.py`` (docs/contributing.md).
 """
 
 from __future__ import annotations
 
 from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.engine.compose import CompositeEngine
-from vllm_halluguard.engine.farsight import FarSightEngine
-from vllm_halluguard.engine.kvsmooth import KVSmoothEngine
-from vllm_halluguard.engine.prunehal import PruneHalEngine
-from vllm_halluguard.engine.scr import SCREngine
-from vllm_halluguard.methods import Composition, Config, members_of
+from vllm_halluguard.methods import METHODS as CONFIGS
+from vllm_halluguard.methods import Composition, Config, implementation, members_of
 
-METHODS: dict[str, EngineMethod] = {
-    cls.name: cls() for cls in (KVSmoothEngine, PruneHalEngine, FarSightEngine, SCREngine)
-}
-#: Methods the engine runs (the others exist in the dense reference only).
+
+def _engine_method(name: str) -> EngineMethod:
+    cls = implementation("vllm_halluguard.engine", name, EngineMethod)
+    if cls.name != name:
+        raise ImportError(f"{cls.__module__}.{cls.__name__}.name is {cls.name!r}, not {name!r}")
+    return cls()
+
+
+METHODS: dict[str, EngineMethod] = {name: _engine_method(name) for name in CONFIGS}
+#: Methods the engine runs (every registered method; the server reads this set).
 ENGINE_METHODS = frozenset(METHODS)
 #: Methods that act on image tokens: a request without an image is refused.
 IMAGE_METHODS = frozenset(name for name, method in METHODS.items() if method.needs_image)

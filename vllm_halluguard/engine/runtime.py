@@ -128,11 +128,29 @@ def worker_stats(worker: Any) -> dict[str, float]:
     return {**runtime.stats, "active": len(runtime.requests), **extra}
 
 
+#: The name under which :func:`worker_stats` is a worker method, so that a front end reaches it with
+#: ``collective_rpc(RPC_NAME)`` (a string: no function pickling across processes).
+RPC_NAME = "halluguard_worker_stats"
+
+
+@functools.cache
+def install_worker_rpc() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    setattr(WorkerBase, RPC_NAME, worker_stats)
+
+
 @functools.cache
 def ensure_runner_hook() -> None:
     """After vLLM updates its persistent batch, sync the runner's :class:`Runtime` (installed lazily by
-    the wrapped metadata builders, i.e. in workers only)."""
+    the wrapped metadata builders, i.e. in workers only); with it, the worker's side of PruneHal's
+    block reclaim and the ``halluguard_worker_stats`` RPC."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_halluguard.engine import reclaim
+
+    reclaim.install_worker()
+    install_worker_rpc()
 
     original = GPUModelRunner._update_states
 

@@ -28,7 +28,7 @@ import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -91,7 +91,7 @@ def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
 
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     """Admission in the worker: a diagnostic gets a :class:`DiagState`, a real request its selection."""
-    cfg: SCRConfig = state.config  # type: ignore[assignment]
+    cfg = cast(SCRConfig, state.config)
     if cfg.is_noop():
         return
     parent = (cached.sampling_params.extra_args or {}).get(SCR_PARENT_KEY)
@@ -115,7 +115,7 @@ def apply(call: LayerCall, row: Row) -> None:
     start, end, seq_len = call.span(row)
     pos = call.positions(row)
     prompt_len = row.request.prompt_len
-    if row.request.config.diag_rows == "last":  # type: ignore[attr-defined]
+    if cast(SCRConfig, row.request.config).diag_rows == "last":
         rows = pos == prompt_len - 1
     else:
         rows = (pos > st.visual.max()) & (pos < prompt_len)
@@ -133,7 +133,7 @@ def apply(call: LayerCall, row: Row) -> None:
 
 
 def _select(runtime: Any, state: RequestState, st: DiagState) -> None:
-    cfg: SCRConfig = state.config  # type: ignore[assignment]
+    cfg = cast(SCRConfig, state.config)
     if st.map_sum is None or st.rows == 0:
         logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
         return
@@ -270,8 +270,8 @@ class SCREngine(EngineMethod):
     def setup(self, runtime: Any) -> None:
         runtime.ext[self.name] = Worker(OrderedDict())
 
-    init_state = staticmethod(init_state)  # type: ignore[assignment]
-    apply = staticmethod(apply)  # type: ignore[assignment]
+    init_state = staticmethod(init_state)
+    apply = staticmethod(apply)
 
     def observes(self, row: Row, span: Any, backend: Any) -> bool:
         """Diagnostic rows (the attention map); the real request's edit is in the decoder layers."""

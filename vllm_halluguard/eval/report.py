@@ -106,18 +106,19 @@ def build_report(records: Iterable[ResultRecord], protocols: dict[str, Protocol]
         if r.mitigation not in mitigations:
             mitigations[r.mitigation] = Mitigation(label=r.mitigation, spec=r.spec or "none")
     order = {label: i for i, label in enumerate(mitigations)}
-    groups: dict[tuple[str, str | None, str], list[ResultRecord]] = {}
+    groups: dict[tuple[Task, str | None, str], list[ResultRecord]] = {}
     for r in recs:
         groups.setdefault((r.task, r.split, r.mitigation), []).append(r)
     # Every protocol mitigation gets a row, even before its first request.
-    for task, p in protocols.items():
-        for split in p.splits or [None]:
+    for p in protocols.values():  # keyed by p.task
+        p_splits: list[str | None] = [*p.splits] if p.splits else [None]
+        for split in p_splits:
             for m in p.mitigations:
-                groups.setdefault((task, split, m.label), [])
+                groups.setdefault((p.task, split, m.label), [])
 
-    def sort_key(key: tuple[str, str | None, str]) -> tuple[int, int, int]:
+    def sort_key(key: tuple[Task, str | None, str]) -> tuple[int, int, int]:
         task, split, label = key
-        splits = protocols[task].splits if task in protocols else list(pope.SPLITS)
+        splits: list[str | None] = [*(protocols[task].splits if task in protocols else pope.SPLITS)]
         split_i = splits.index(split) if split in splits else (-1 if split is None else len(splits))
         return (0 if task == "chair" else 1, split_i, order[label])
 
@@ -134,7 +135,7 @@ def build_report(records: Iterable[ResultRecord], protocols: dict[str, Protocol]
         planned = _planned(protocol)
         out.append(
             GroupResult(
-                task=task,  # type: ignore[arg-type]
+                task=task,
                 split=split,
                 mitigation=label,
                 chair_variant=variant if task == "chair" else None,
@@ -144,10 +145,10 @@ def build_report(records: Iterable[ResultRecord], protocols: dict[str, Protocol]
                 n_missing=None if planned is None else max(planned - len(rs), 0),
                 errors=dict(Counter(r.error or "?" for r in bad)),
                 error_example=bad[0].detail if bad else None,
-                metrics=_metrics(task, ok, style, variant),  # type: ignore[arg-type]
+                metrics=_metrics(task, ok, style, variant),
                 mean_completion_tokens=sum(tokens) / len(tokens) if tokens else None,
                 n_truncated=sum(r.finish_reason == "length" for r in ok),
-                applied=sorted({m for r in ok if (m := _applied_method(r.applied)) is not None}),
+                applied=sorted({a for r in ok if (a := _applied_method(r.applied)) is not None}),
             )
         )
     return EvalReport(

@@ -327,7 +327,7 @@ async def send(
             async with asyncio.timeout(policy.timeout_s):
                 raw = await client.chat.completions.with_raw_response.create(
                     model=model,
-                    messages=messages,  # type: ignore[arg-type]
+                    messages=messages,  # type: ignore[arg-type]  # plain dicts for openai's TypedDicts
                     max_tokens=max_tokens,
                     temperature=0.0,
                     extra_body=extra or None,

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 import triton
@@ -707,7 +708,7 @@ def paged_attention(
     sinks: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
-    **launch: object,
+    **launch: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Triton twin of :func:`~vllm_halluguard.kernels.paged.paged_attention_ref`, same arguments.
 
@@ -721,7 +722,7 @@ def paged_attention(
         entropy = torch.empty_like(lse)
     paged_attention_into(
         out, lse, entropy, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale,
-        sinks, key_mask, **launch,  # type: ignore[arg-type]
+        sinks, key_mask, **launch,
     )  # fmt: skip
     return out, lse, entropy
 
@@ -734,13 +735,13 @@ def paged_attention_stats(
     block_table: torch.Tensor,
     scale: float,
     key_mask: torch.Tensor | None = None,
-    **launch: object,
+    **launch: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``lse, entropy [T, Hq]`` of the plain rows from K alone (no V read, no output)."""
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     entropy = torch.empty_like(lse)
     paged_attention_into(
         None, lse, entropy, q, k_cache, None, query_start_loc, seq_lens, block_table, scale, None, key_mask,
-        **launch,  # type: ignore[arg-type]
+        **launch,
     )  # fmt: skip
     return lse, entropy

@@ -1,13 +1,16 @@
 """Method configs and math: one module per method, one registry.
 
 ``parse`` turns what users write (``"kvsmooth"``, ``"none"``, ``{"method": "scr", "lam": 1.1}``) into a
-config; ``METHODS`` maps names to config classes.
+config; ``METHODS`` maps names to config classes. It is the only list of methods: the dense reference
+and the engine find a method's classes in ``reference/<name>.py`` and ``engine/<name>.py``
+(:func:`implementation`), and the server lists what is registered here.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -22,6 +25,26 @@ from .scr import SCRConfig
 METHODS: dict[str, type[MethodConfig]] = {
     cls.name: cls for cls in (KVSmoothConfig, PruneHalConfig, FarSightConfig, SCRConfig)
 }
+
+_T = TypeVar("_T")
+
+
+def implementation(package: str, name: str, base: type[_T]) -> type[_T]:
+    """The one subclass of ``base`` defined in module ``package.name`` (a method's reference or engine
+    class); ``ImportError`` naming what is missing otherwise."""
+    module = importlib.import_module(f"{package}.{name}")
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise ImportError(
+            f"{module.__name__} must define exactly one {base.__name__} subclass for method {name!r}, "
+            f"found {[c.__name__ for c in found]}"
+        )
+    return found[0]
+
 
 #: Names that mean "no mitigation".
 NONE_NAMES = frozenset({"none"})
@@ -152,6 +175,7 @@ __all__ = [
     "SCRConfig",
     "SpecError",
     "cut",
+    "implementation",
     "members_of",
     "parse",
     "parse_list",

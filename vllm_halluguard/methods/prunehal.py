@@ -12,6 +12,13 @@ differ.
 Pruned keys are masked (additive -inf), which equals slicing them out of the cache as long as the remaining
 keys keep their RoPE positions (tested). Text and generated tokens are never pruned.
 
+Variant (not in the paper, opt-in): ``selection="shared"`` ranks the visual tokens once for all layers by
+the layers' mean score, so every layer keeps the same set; ``granularity="block"`` ranks groups of ``block``
+consecutive prompt positions (aligned to multiples of ``block``, like vLLM's KV blocks) by their summed
+score and keeps the top ``floor(r * |kept groups|)`` groups whole. With both, a prune leaves whole KV
+blocks unread by every layer, and the engine gives them back to vLLM's block pool
+(``docs/prunehal-blocks.md``).
+
 History (best reading, spec 4.7.1): ``history_l`` is the mean of ``A_l`` over the steps since the last
 prune (since step 1, the prefill, before any prune), re-initialised at a prune to the value measured at
 that step.
@@ -68,6 +75,18 @@ class PruneHalConfig(MethodConfig):
         default="mean", description="A_l as per-token mean or total visual attention mass"
     )
     layers: LayerSpec | None = Field(default=None, description="voting and pruned layers; None = all")
+    selection: Literal["per_layer", "shared"] = Field(
+        default="per_layer", description="a top set per layer (paper), or one for all layers (mean score)"
+    )
+    granularity: Literal["token", "block"] = Field(
+        default="token", description="rank visual tokens (paper), or groups of `block` prompt positions"
+    )
+    block: int = Field(default=16, ge=1, le=1024, description="positions per group (granularity=block)")
+
+    @property
+    def frees_blocks(self) -> bool:
+        """Whether a prune can leave whole KV blocks unread by all layers (the reclaiming variant)."""
+        return self.selection == "shared" and not self.is_noop()
 
     @classmethod
     def preset(cls, model_family: ModelFamily, num_layers: int) -> Self:
@@ -147,11 +166,55 @@ def keep_topr(scores: torch.Tensor, keep_mask: torch.Tensor, r: float) -> torch.
     Ties break towards the lower index. Tokens outside ``keep_mask`` stay pruned.
     """
     n_keep = keep_count(keep_mask.sum(-1), r)
+    assert isinstance(n_keep, torch.Tensor)
     masked = torch.where(keep_mask, scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return keep_mask & (ranks < n_keep.unsqueeze(-1))
+
+
+def keep_blocks(
+    scores: torch.Tensor, keep_mask: torch.Tensor, groups: torch.Tensor, r: float
+) -> torch.Tensor:
+    """Block-granular :func:`keep_topr`: groups ranked by the summed scores of their kept tokens.
+
+    ``groups[..., Nv]``: group index of each visual token (``position // block``, counted from the
+    request's first group). Keeps the ``floor(r * |groups with a kept token|)`` best groups whole;
+    ties break towards the lower group. Tokens outside ``keep_mask`` stay pruned.
+    """
+    groups = groups.expand_as(keep_mask)
+    n = int(groups.max()) + 1 if groups.numel() else 1
+    shape = (*keep_mask.shape[:-1], n)
+    kept = keep_mask.to(torch.float32)
+    zeros = torch.zeros(shape, dtype=torch.float32, device=keep_mask.device)
+    summed = zeros.scatter_add(-1, groups, scores.float() * kept)
+    alive = zeros.scatter_add(-1, groups, kept) > 0
+    return keep_mask & keep_topr(summed, alive, r).gather(-1, groups)
+
+
+def select_keep(
+    scores: torch.Tensor, keep_mask: torch.Tensor, cfg: PruneHalConfig, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The keep mask after a prune of ``[B, L, Nv]``: per layer (paper) or shared, by token or by group.
+
+    ``selection="shared"`` ranks by the mean score over the layers (all layers' masks are equal then);
+    ``granularity="block"`` needs ``groups`` (``[B, Nv]``, see :func:`keep_blocks`).
+    """
+    assert cfg.r is not None
+    if cfg.selection == "shared":
+        scores = scores.float().mean(-2, keepdim=True).expand_as(scores)
+    if cfg.granularity == "token":
+        return keep_topr(scores, keep_mask, cfg.r)
+    if groups is None:
+        raise ValueError("granularity='block' needs the visual tokens' groups")
+    return keep_blocks(scores, keep_mask, groups.unsqueeze(-2), cfg.r)
+
+
+def visual_groups(visual: torch.Tensor, block: int) -> torch.Tensor:
+    """Group index (``position // block``, from the first group) of each visual position ``[..., Nv]``."""
+    g = torch.div(visual, block, rounding_mode="floor")
+    return g - g[..., :1] if g.numel() else g
 
 
 def update_history(
@@ -199,12 +262,15 @@ def prune_step(
     scores: torch.Tensor,
     hist_sum: torch.Tensor,
     hist_n: torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole decision after step ``step`` (1 = the prefill) for a batch of requests.
 
-    ``keep[B, L, Nv]``, ``count[B]``, ``A[B, L]``, ``scores[B, L, Nv]``, history ``(sum[B, L], n[B])``.
+    ``keep[B, L, Nv]``, ``count[B]``, ``A[B, L]``, ``scores[B, L, Nv]``, history ``(sum[B, L], n[B])``;
+    ``groups[B, Nv]`` for ``granularity="block"`` (:func:`visual_groups`).
     Returns ``(fired[B], keep, count, hist_sum, hist_n)``: requests that prune keep their top
-    ``floor(r |S_l|)`` per layer, count one more prune and restart their history.
+    ``floor(r |S_l|)`` per layer (:func:`select_keep` for the variant), count one more prune and
+    restart their history.
     """
     if cfg.r is None or cfg.t is None:
         raise ValueError("PruneHalConfig.r/t are unresolved; call cfg.for_model(...) first")
@@ -219,6 +285,7 @@ def prune_step(
         force_step=cfg.force_step,
         threshold=cfg.threshold(),
     )
-    keep = torch.where(fired[:, None, None], keep_topr(scores, keep, cfg.r), keep)
+    if bool(fired.any()):
+        keep = torch.where(fired[:, None, None], select_keep(scores, keep, cfg, groups), keep)
     hist_sum, hist_n = update_history(hist_sum, hist_n, A, fired, cfg.history)
     return fired, keep, count + fired.long(), hist_sum, hist_n

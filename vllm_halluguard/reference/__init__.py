@@ -20,26 +20,23 @@ from typing import Any
 
 from torch import nn
 
-from ..methods import METHODS, Composition, MethodConfig, parse
-from ..methods.farsight import FarSightConfig
-from ..methods.kvsmooth import KVSmoothConfig
-from ..methods.prunehal import PruneHalConfig
-from ..methods.scr import SCRConfig
+from ..methods import METHODS, Composition, MethodConfig, implementation, parse
 from .adapters import ModelAdapter
 from .base import ATTN_IMPL, ForwardInfo, ReferenceMethod, RequestInfo
 from .compose import ComposedReference
-from .farsight import FarSightReference
-from .kvsmooth import KVSmoothReference
-from .prunehal import PruneHalReference
-from .scr import SCRReference
 
+
+def _reference(name: str, config_cls: type[MethodConfig]) -> type[ReferenceMethod]:
+    cls = implementation("vllm_halluguard.reference", name, ReferenceMethod)
+    if cls.config_cls is not config_cls:
+        raise ImportError(f"{cls.__module__}.{cls.__name__}.config_cls is not {config_cls.__name__}")
+    return cls
+
+
+#: Config class -> reference class, one per registered method: ``reference/<name>.py`` defines it.
 REFERENCES: dict[type[MethodConfig], type[ReferenceMethod]] = {
-    KVSmoothConfig: KVSmoothReference,
-    PruneHalConfig: PruneHalReference,
-    FarSightConfig: FarSightReference,
-    SCRConfig: SCRReference,
+    config_cls: _reference(name, config_cls) for name, config_cls in METHODS.items()
 }
-assert {cls.name for cls in REFERENCES} == set(METHODS)
 
 
 def make_reference(method: Any) -> ReferenceMethod | None:
@@ -97,14 +94,10 @@ __all__ = [
     "ATTN_IMPL",
     "REFERENCES",
     "ComposedReference",
-    "FarSightReference",
     "ForwardInfo",
-    "KVSmoothReference",
     "ModelAdapter",
-    "PruneHalReference",
     "ReferenceMethod",
     "RequestInfo",
-    "SCRReference",
     "apply",
     "chat_inputs",
     "generate",

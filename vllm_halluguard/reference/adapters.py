@@ -37,7 +37,7 @@ class ModelAdapter:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelAdapter:
-        config = getattr(model, "config", None)
+        config: Any = getattr(model, "config", None)
         family = _FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
         if family is None:
             model_type = getattr(config, "model_type", None)

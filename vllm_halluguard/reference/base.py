@@ -201,6 +201,20 @@ class ReferenceMethod:
     def phase(self) -> Phase | None:
         return None if self.fwd is None else self.fwd.phase
 
+    @property
+    def forward_info(self) -> ForwardInfo:
+        """The running forward (the hooks that call subclasses run only inside one)."""
+        if self.fwd is None:
+            raise RuntimeError(f"{type(self).__name__}: no forward is running")
+        return self.fwd
+
+    @property
+    def attached(self) -> ModelAdapter:
+        """The adapter of the attached model (set by ``with method(model)``)."""
+        if self.adapter is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a model")
+        return self.adapter
+
     def run_diagnostic(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Run a cache-free copy of the prefill forward with ``phase == "diagnostic"``.
 
@@ -369,7 +383,7 @@ class ReferenceMethod:
                 self._warned_no_cache = True
             vis = None
             if input_ids is not None:
-                vis = visual_positions(input_ids, self.adapter.image_token_id)
+                vis = visual_positions(input_ids, self.attached.image_token_id)
             if vis is None and self.needs_visual:
                 raise ValueError(f"{self.config.name} needs image tokens in the prompt (pass input_ids)")
             self._step = 0

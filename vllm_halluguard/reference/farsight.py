@@ -44,8 +44,8 @@ class FarSightReference(ReferenceMethod):
 
     def _log_r(self) -> torch.Tensor | None:
         """``log R`` broadcastable to ``[B, H, q]`` for this forward, or ``None`` when no row changes."""
-        cfg, fwd = self.config, self.fwd
-        h = self.adapter.num_heads
+        cfg, fwd = self.config, self.forward_info
+        h = self.attached.num_heads
         if math.isinf(cfg.sigma):
             return None
         if cfg.mode == "B":

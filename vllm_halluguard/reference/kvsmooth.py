@@ -50,7 +50,7 @@ class KVSmoothReference(ReferenceMethod):
             self._queue[:, i], self._count[:, i], self._z.pop(layer), self.config
         )
         self._queue[:, i], self._count[:, i] = queue, count
-        if self.fwd.step == 1 and not self.config.smooth_first_token:
+        if self.forward_info.step == 1 and not self.config.smooth_first_token:
             lam = torch.zeros_like(lam)
         self._lam[:, i] = lam
         keys, values = cache_layer.keys, cache_layer.values
@@ -65,4 +65,4 @@ class KVSmoothReference(ReferenceMethod):
 
     def after_forward(self) -> None:
         if self.phase == "decode":
-            self.trace.append({"step": self.fwd.step, "lam": self._lam.clone()})
+            self.trace.append({"step": self.forward_info.step, "lam": self._lam.clone()})

@@ -9,12 +9,17 @@ from ..methods.prunehal import (
     PruneHalConfig,
     prune_step,
     visual_attention_stats,
+    visual_groups,
 )
 from .base import ReferenceMethod, RequestInfo
 
 
 class PruneHalReference(ReferenceMethod):
     """Pruned visual keys get ``-inf`` logits (equal to slicing them out; positions are unchanged).
+
+    The opt-in variant (``selection="shared"``, ``granularity="block"``) ranks as in
+    :func:`~vllm_halluguard.methods.prunehal.select_keep`; block groups are absolute prompt positions
+    ``// block`` (the engine's KV blocks when ``block`` is the engine's block size).
 
     The prefill's last query row is measured as step 1 (nothing is pruned yet); decode forward ``j`` is
     step ``j + 1``. ``trace`` gets one record per step: ``{"step", "fired": [B], "kept": [B, n_layers],
@@ -41,6 +46,7 @@ class PruneHalReference(ReferenceMethod):
         self._A = torch.zeros(b, n, device=device)
         self._scores = torch.zeros(b, n, nv, device=device)
         self._seen = torch.zeros(n, dtype=torch.bool, device=device)
+        self._groups = visual_groups(vis, self.config.block) if self.config.granularity == "block" else None
 
     def key_mask(self, layer: int) -> torch.Tensor | None:
         if self.phase != "decode" or layer not in self._slot:
@@ -48,8 +54,9 @@ class PruneHalReference(ReferenceMethod):
         pruned = ~self._keep[:, self._slot[layer]]
         if not bool(pruned.any()):
             return None
-        kv_len = self.fwd.past_len + self.fwd.q_len
-        drop = torch.zeros(self.fwd.batch_size, kv_len, dtype=torch.bool, device=pruned.device)
+        fwd = self.forward_info
+        kv_len = fwd.past_len + fwd.q_len
+        drop = torch.zeros(fwd.batch_size, kv_len, dtype=torch.bool, device=pruned.device)
         return drop.scatter(1, self._vis, pruned)
 
     def post_attention(self, layer, query, key, logits, probs, out):
@@ -70,7 +77,7 @@ class PruneHalReference(ReferenceMethod):
         if not bool(self._seen.all()):
             raise RuntimeError("PruneHal did not see every configured layer in this forward")
         self._seen.zero_()
-        step = self.fwd.step + 1  # the prefill is step 1
+        step = self.forward_info.step + 1  # the prefill is step 1
         fired, self._keep, self._count, self._hist_sum, self._hist_n = prune_step(
             step,
             self.config,
@@ -80,6 +87,7 @@ class PruneHalReference(ReferenceMethod):
             self._scores,
             self._hist_sum,
             self._hist_n,
+            self._groups,
         )
         self.trace.append(
             {

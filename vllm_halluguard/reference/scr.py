@@ -27,6 +27,7 @@ class SCRReference(ReferenceMethod):
     def reset(self, request: RequestInfo) -> None:
         self._diag = frozenset(self.config.diag_layers or ())
         self._edit = frozenset(self.config.layers or ())
+        assert request.visual_idx is not None  # needs_visual: the base refuses prompts without an image
         self._vis = request.visual_idx
         self._map_sum: torch.Tensor | None = None
         self._sources: torch.Tensor | None = None
@@ -41,7 +42,7 @@ class SCRReference(ReferenceMethod):
             self.run_diagnostic(model, args, kwargs)
             assert self._map_sum is not None
             attn_map = self._map_sum / len(self._diag)
-        grids = [self.adapter.image_grid(i, self._vis, kwargs) for i in range(b)]
+        grids = [self.attached.image_grid(i, self._vis, kwargs) for i in range(b)]
         sources, owners = [], []
         for i, grid in enumerate(grids):
             sel = select_sources(
@@ -61,7 +62,7 @@ class SCRReference(ReferenceMethod):
 
     def _row_mask(self) -> torch.Tensor:
         """Diagnostic query rows ``[B, T]``: real text tokens after the image, or the last prompt token."""
-        positions = self.fwd.positions
+        positions = self.forward_info.positions
         t = positions.shape[1]
         cols = torch.arange(t, device=positions.device)
         if self.config.diag_rows == "last":

@@ -33,7 +33,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
@@ -255,7 +255,7 @@ def to_coco(scenes: Sequence[Scene], image_size: int = 112) -> tuple[dict, dict]
         {"id": s.image_id, "file_name": f"{s.image_id:012d}.png", "width": image_size, "height": image_size}
         for s in scenes
     ]
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for s in scenes:
         for o in s.objects:
             x, y, w, h = o.bbox

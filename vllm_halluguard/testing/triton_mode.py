@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+#: PruneHal's reclaiming variant: on llava the image-only block is freed and nulled in the block table.
+RECLAIM = {"method": "prunehal", "r": 0.3, "t": 1, "selection": "shared", "granularity": "block", "block": 32}
 #: Cases run in Triton mode: (image seed, method spec).
 CASES: tuple[tuple[int, Any], ...] = (
     (80, None),
@@ -26,10 +28,11 @@ CASES: tuple[tuple[int, Any], ...] = (
     (83, {"method": "farsight", "mode": "C"}),
     (84, "prunehal"),
     (85, "scr"),
+    (86, RECLAIM),
     # compositions: a decode row with FarSight's sinks, PruneHal's mask and KVSmooth's entropy in one
     # launch; SCR's edit with FarSight's prompt-row sinks
-    (86, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
-    (87, ["scr", {"method": "farsight", "mode": "C"}]),
+    (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
+    (88, ["scr", {"method": "farsight", "mode": "C"}]),
 )
 MAX_TOKENS = 12
 

@@ -1,0 +1,323 @@
+"""The contract every registered method fulfils, parametrised over ``vllm_halluguard.methods.METHODS``.
+
+A method registered there gets every test below; its entry in :data:`CASES` names the configs they run.
+
+Without an engine (``make test-fast``): the method has all its parts (config, dense reference, engine
+class, request contract, server listing, unit tests, GPU-path case, docs; docs/contributing.md).
+On the shared engines of both architectures: engine = reference (tokens, log-probs, free greedy run) and
+the method changes the output; a no-op config = the plain request, bit for bit; a mixed batch of every
+method = the solo runs; a bad config is refused for that request only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoConfig
+
+from server.mitigation import Policy, Resolver
+from vllm_halluguard import reference
+from vllm_halluguard.engine import registry
+from vllm_halluguard.engine.base import EngineMethod
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError
+from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
+from vllm_halluguard.reference.base import ReferenceMethod
+from vllm_halluguard.testing.parity import compare, hf_generate, logprob_shift, method_case, run_vllm
+from vllm_halluguard.testing.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture, load_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_ATOL = 1e-3  # method parity bound (fp32); observed ~5e-6
+
+
+@dataclass(frozen=True)
+class Cases:
+    """What the contract runs for one method (specs as users write them)."""
+
+    #: label -> a config checked against the dense reference; the first is the method's preset.
+    specs: dict[str, Any]
+    #: Configs that make the method the identity (``MethodConfig.is_noop``).
+    noop: list[Any]
+    #: Configs refused at admission, with a word the error names.
+    bad: list[tuple[Any, str]] = field(default_factory=list)
+
+
+CASES: dict[str, Cases] = {
+    "kvsmooth": Cases(
+        specs={"preset": "kvsmooth"},
+        noop=[{"method": "kvsmooth", "layers": []}],
+        bad=[
+            ({"method": "kvsmooth", "window": 0}, "window"),
+            ({"method": "kvsmooth", "lam_ref": "high"}, "lam_ref"),
+            ({"method": "kvsmooth", "layers": [99]}, "do not exist"),
+        ],
+    ),
+    "prunehal": Cases(
+        specs={
+            "preset": "prunehal",
+            "subset_first_step": {
+                "method": "prunehal",
+                "r": 0.5,
+                "t": 5,
+                "history": "first_step",
+                "layers": [1, 2],
+            },
+            "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
+        },
+        noop=[{"method": "prunehal", "r": 1.0}],
+        bad=[({"method": "prunehal", "r": 1.5}, "r: Input should be less than or equal to 1")],
+    ),
+    "farsight": Cases(
+        specs={
+            "preset": "farsight",  # mode C, the served default
+            "b": {"method": "farsight", "mode": "B"},
+            "b_sparse": {"method": "farsight", "mode": "B", "sigma": 0.5, "layers": [1, 2]},
+        },
+        noop=[{"method": "farsight", "layers": []}],
+        bad=[({"method": "farsight", "mode": "A"}, "mode 'A'")],
+    ),
+    "scr": Cases(
+        specs={
+            "preset": "scr",
+            "strong": {
+                "method": "scr",
+                "top_k": 6,
+                "lam": 1.6,
+                "diag_layers": [1, 2, 3],
+                "layers": [0, 1, 2],
+            },
+            "last_row_4conn": {
+                "method": "scr",
+                "top_k": 3,
+                "lam": 2.0,
+                "connectivity": 4,
+                "diag_rows": "last",
+            },
+        },
+        noop=[{"method": "scr", "top_k": 0}, {"method": "scr", "lam": 1.0}, {"method": "scr", "layers": []}],
+        bad=[({"method": "scr", "top_k": -1}, "top_k")],
+    ),
+}
+
+NAMES = sorted(METHODS)
+SPEC_CASES = [(name, label) for name in NAMES for label in CASES.get(name, Cases({}, [])).specs]
+
+# ------------------------------------------------------------------------ completeness (no engine)
+
+#: The hooks through which the base classes call a method; a method overrides at least one of each.
+ENGINE_WORK = ("route", "observes", "run", "apply", "apply_batch", "kernel_args", "after_kernel", "plan_step")
+REFERENCE_WORK = (
+    "key_mask",
+    "post_attention",
+    "after_attention",
+    "layer_output",
+    "after_forward",
+    "on_prefill",
+)
+
+
+@pytest.fixture(scope="module")
+def hf_configs() -> dict[str, Any]:
+    return {f: AutoConfig.from_pretrained(ensure_fixture(f)) for f in (*FIXTURES, *SERVED_FIXTURES)}
+
+
+def test_every_method_has_contract_cases() -> None:
+    assert set(CASES) == set(METHODS), "add the method's configs to CASES"
+    for name, cases in CASES.items():
+        assert cases.specs and next(iter(cases.specs.values())) == name, f"{name}: first spec = the preset"
+        assert cases.noop and cases.bad, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_class(name: str) -> None:
+    cls = METHODS[name]
+    assert issubclass(cls, MethodConfig) and cls.name == name
+    assert cls.__module__ == f"vllm_halluguard.methods.{name}", "one module per method: methods/<name>.py"
+    assert (inspect.getmodule(cls).__doc__ or "").strip(), "the module docstring explains the method"
+    assert set(cls.preset_fields) <= set(cls.model_fields)
+    for family in MODEL_FAMILIES:
+        cfg = cls().for_model(family, 4)
+        assert all(getattr(cfg, f) is not None for f in cls.preset_fields), (family, cfg)
+        assert set(cls.provenance(family, 4)) == set(cls.preset_fields)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
+    for spec in CASES[name].noop:
+        cfg = resolve(spec, hf_configs["llava"])
+        assert cfg is not None and cfg.is_noop(), spec
+    assert not resolve(name, hf_configs["llava"]).is_noop()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_class(name: str) -> None:
+    cls = reference.REFERENCES[METHODS[name]]
+    assert issubclass(cls, ReferenceMethod) and cls.config_cls is METHODS[name]
+    assert cls.__module__ == f"vllm_halluguard.reference.{name}"
+    assert _overrides(cls, ReferenceMethod, REFERENCE_WORK), "the reference hooks into no forward"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_class(name: str) -> None:
+    method = registry.METHODS[name]
+    cls = type(method)
+    assert isinstance(method, EngineMethod) and cls.name == name
+    assert cls.__module__ == f"vllm_halluguard.engine.{name}"
+    assert name in registry.ENGINE_METHODS
+    assert _overrides(cls, EngineMethod, ENGINE_WORK), "the engine class does no work in any layer"
+    for hook in vars(EngineMethod):
+        mine, base = inspect.getattr_static(cls, hook), inspect.getattr_static(EngineMethod, hook)
+        if callable(base) and not hook.startswith("_") and mine is not base:
+            assert _params(getattr(method, hook)) == _params(getattr(EngineMethod(), hook)), (
+                f"{cls.__name__}.{hook} does not take the base hook's arguments"
+            )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_request_contract_resolves_or_refuses_it_on_every_served_architecture(
+    name: str, hf_configs: dict[str, Any]
+) -> None:
+    for fixture, hf_config in hf_configs.items():
+        family = model_family(hf_config)
+        if (name, family) in NOT_APPLICABLE:
+            with pytest.raises(SpecError) as err:
+                resolve(name, hf_config)
+            assert err.value.reason == "unsupported", fixture
+            continue
+        cfg = resolve(name, hf_config)
+        assert type(cfg) is METHODS[name], fixture
+        assert all(getattr(cfg, f) is not None for f in METHODS[name].preset_fields), (fixture, cfg)
+        with pytest.raises(SpecError):
+            resolve({"method": name, "no_such_field": 1}, hf_config)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
+    rows = {r["method"]: r for r in Resolver(Policy(), hf_configs["llava"]).describe()["data"]}
+    row = rows[name]
+    assert row["engine_supported"] and row["allowed"] and row["defaults"]["method"] == name
+    assert row["schema"]["title"] == METHODS[name].__name__
+    assert row["description"] and row["description"] != name
+    if registry.METHODS[name].needs_image:  # the server refuses it without an image
+        from server.mitigation import IMAGE_METHODS
+
+        assert name in IMAGE_METHODS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
+    for kind in ("methods", "reference"):
+        assert (ROOT / "tests" / f"test_{kind}_{name}.py").is_file(), f"tests/test_{kind}_{name}.py"
+    from vllm_halluguard.testing.triton_mode import CASES as TRITON_CASES
+
+    named = {spec if isinstance(spec, str) else spec["method"] for _, spec in TRITON_CASES if spec}
+    assert name in named, "add a case to testing/triton_mode.py (the GPU code path's engine test)"
+    headings = re.findall(r"^## (\w+)", (ROOT / "docs" / "methods.md").read_text(), re.M)
+    assert name in {h.lower() for h in headings}, "docs/methods.md needs a '## <Name>' section"
+    assert f"| `{name}` |" in (ROOT / "README.md").read_text(), "README's method table needs a row"
+
+
+def _overrides(cls: type, base: type, hooks: tuple[str, ...]) -> list[str]:
+    return [h for h in hooks if inspect.getattr_static(cls, h) is not inspect.getattr_static(base, h)]
+
+
+def _params(fn: Any) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+# ------------------------------------------------------------------------------ on the engines
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def setup(request, engines):
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf(setup):
+    return load_hf(setup[0])
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("name", "label"), SPEC_CASES)
+def test_engine_matches_reference(setup, hf, name, label):
+    fixture, llm = setup
+    model, processor = hf
+    spec = CASES[name].specs[label]
+    case = method_case(fixture, 5, spec)
+    (gen,) = run_vllm(llm, [case])
+    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
+    # the reference runs the config the engine resolved (e.g. "farsight" is served as mode C, while the
+    # reference's own default is the paper's mode A)
+    resolved = json.loads(resolve(spec, model.config).canonical())
+
+    def ctx():
+        return reference.apply(model, resolved)
+
+    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    report = compare(gen, forced)
+    assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    free = hf_generate(model, processor, case, context=ctx)
+    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+    # the method is wired in: tokens or log-probs move away from the plain run's
+    assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", NAMES)
+def test_noop_config_equals_plain(setup, name):
+    fixture, llm = setup
+    (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
+    for spec in CASES[name].noop:
+        (gen,) = run_vllm(llm, [method_case(fixture, 9, spec)])
+        assert gen.token_ids == plain.token_ids and gen.logprobs == plain.logprobs, spec
+
+
+@pytest.mark.engine
+def test_mixed_batch_of_every_method_equals_solo_runs(setup):
+    """Every spec of every method, each preset twice (rows of one config are batched together), and
+    plain rows, in one batch."""
+    fixture, llm = setup
+    specs: list[Any] = [None]
+    for name in NAMES:
+        specs += [*CASES[name].specs.values(), name]
+    specs.append(None)
+    prompts = ["Describe the image.", "What is in the picture?", "Is there a cat?"]
+    cases = [method_case(fixture, 20 + i, s, prompts[i % len(prompts)]) for i, s in enumerate(specs)]
+    batch = run_vllm(llm, cases)
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    stats = _worker_stats(llm, fixture)
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", [*NAMES, None])
+def test_bad_config_is_refused_for_that_request_only(setup, name):
+    from vllm.exceptions import VLLMValidationError
+
+    fixture, llm = setup
+    bad = CASES[name].bad if name else [("bogus", "unknown method 'bogus'")]
+    for spec, needle in bad:
+        with pytest.raises(VLLMValidationError, match="halluguard") as err:
+            run_vllm(llm, [method_case(fixture, 1, spec)])
+        assert needle in str(err.value), (spec, str(err.value))
+    (ok,) = run_vllm(llm, [method_case(fixture, 1, name or "kvsmooth")])  # the engine keeps serving
+    assert len(ok.token_ids) == 32
+
+
+def _worker_stats(llm, fixture):
+    """Runtime counters, after one plain step delivers the last finished request ids to the worker."""
+    from vllm_halluguard.engine.runtime import worker_stats
+    from vllm_halluguard.testing.parity import Case
+
+    run_vllm(llm, [Case(fixture, None, max_tokens=1)])
+    (stats,) = llm.collective_rpc(worker_stats)
+    return stats
