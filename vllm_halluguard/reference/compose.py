@@ -24,7 +24,7 @@ class ComposedReference(ReferenceMethod):
     config_cls = Composition  # type: ignore[assignment]
     config: Composition  # type: ignore[assignment]
 
-    def __init__(self, config: Composition) -> None:  # type: ignore[override]
+    def __init__(self, config: Composition) -> None:
         from . import REFERENCES
 
         super().__init__(config)  # type: ignore[arg-type]
