@@ -11,6 +11,10 @@ gives the plugin's idle overhead. Ratios are printed as a Markdown table (and ``
     export PYTHONPATH=tests                         # the parity harness (tests/helpers)
     python benchmarks/engine_overhead.py            # tiny LLaVA on CPU, concurrency 1 and 16
     python benchmarks/engine_overhead.py --fixture qwen2_vl --concurrency 1 4 16 --new-tokens 64
+    python benchmarks/engine_overhead.py --methods kvsmooth farsight-B farsight-B+kvsmooth  # a composition
+
+A method name joined with ``+`` (``farsight-B+kvsmooth``) is the composition of those entries; its
+row is compared with the sum of its parts' overheads when the parts are measured too.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ METHODS: dict[str, Any] = {
 }
 
 
-def measure(fixture: str, methods: dict[str, Any], concurrency: list[int], new_tokens: int, repeats: int):
+def measure(
+    fixture: str,
+    methods: dict[str, Any],
+    concurrency: list[int],
+    new_tokens: int,
+    repeats: int,
+    reduce: Any = statistics.median,
+):
     from helpers.parity import Case, engine, run_vllm
     from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 
@@ -57,7 +68,7 @@ def measure(fixture: str, methods: dict[str, Any], concurrency: list[int], new_t
                     run_vllm(llm, cases)
                     samples[key].append(time.perf_counter() - start)
             for name in methods:
-                first, total = (statistics.median(samples[name, m]) for m in (1, 1 + new_tokens))
+                first, total = (reduce(samples[name, m]) for m in (1, 1 + new_tokens))
                 rows.append(
                     {
                         "concurrency": n,
@@ -75,6 +86,40 @@ def _without_plugin(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def spec_of(name: str) -> Any:
+    """The spec of a ``--methods`` entry: a name of :data:`METHODS`, or names joined by ``+``."""
+    parts = name.split("+")
+    if len(parts) == 1:
+        return METHODS[name]
+    return [METHODS[p] for p in parts]
+
+
+def method_name(text: str) -> str:
+    """argparse type of ``--methods``: known entries (besides plain), alone or joined by ``+``."""
+    parts = text.split("+")
+    if any(p not in METHODS or p == "plain" for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: use {list(METHODS)[1:]}, or several joined by '+'")
+    return text
+
+
+def sum_of_parts(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each composition's TPOT overhead against the sum of its parts' (same run)."""
+    by = {(r["concurrency"], r["method"]): r for r in rows}
+    lines = [
+        "| concurrency | composition | TPOT / plain | parts' sum: 1 + sum(part TPOT / plain - 1) |",
+        "|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        parts = r["method"].split("+")
+        plain = by.get((r["concurrency"], "plain"))
+        if len(parts) < 2 or plain is None or any((r["concurrency"], p) not in by for p in parts):
+            continue
+        ratio = r["tpot_ms"] / plain["tpot_ms"]
+        parts_sum = 1 + sum(by[r["concurrency"], p]["tpot_ms"] / plain["tpot_ms"] - 1 for p in parts)
+        lines.append(f"| {r['concurrency']} | {r['method']} | {ratio:.3f} | {parts_sum:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
@@ -105,25 +150,36 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS)[1:], default=list(METHODS)[1:], help="besides plain"
+        "--methods",
+        nargs="+",
+        type=method_name,
+        default=list(METHODS)[1:],
+        help="besides plain; entries joined by '+' compose",
     )
     parser.add_argument("--json", default=None, help="also write all measurements to this file")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--fastest", action="store_true", help="time = the fastest repeat, not the median (a shared machine)"
+    )
     parser.add_argument("--child-plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    reduce = min if args.fastest else statistics.median
     if args.child_plain:
-        rows = measure(args.fixture, {"plain": None}, args.concurrency, args.new_tokens, args.repeats)
+        rows = measure(args.fixture, {"plain": None}, args.concurrency, args.new_tokens, args.repeats, reduce)
         print(json.dumps(rows))
         return
     baseline = _without_plugin(args)
-    methods = {name: spec for name, spec in METHODS.items() if name == "plain" or name in args.methods}
-    rows = measure(args.fixture, methods, args.concurrency, args.new_tokens, args.repeats)
+    methods = {"plain": None, **{name: spec_of(name) for name in args.methods}}
+    rows = measure(args.fixture, methods, args.concurrency, args.new_tokens, args.repeats, reduce)
     report = "\n".join(
         [
-            f"engine overhead: {args.fixture}, {args.new_tokens} new tokens, median of {args.repeats}, "
+            f"engine overhead: {args.fixture}, {args.new_tokens} new tokens, "
+            f"{reduce.__name__} of {args.repeats}, "
             f"{platform.machine()} with {os.cpu_count()} cores (CPU numbers are indicative)",
             "",
             table(rows, baseline),
+            "",
+            sum_of_parts(rows),
         ]
     )
     print(report)

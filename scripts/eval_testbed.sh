@@ -35,5 +35,8 @@ for split in probe control; do
   "$py" -m vllm_halluguard.eval chair --images "$out/scenes-$split/images" \
     --annotations "$out/scenes-$split/instances.json" --base-url "http://127.0.0.1:$port" \
     --prompt "Describe the image." --max-tokens 24 --concurrency 16 --no-progress \
-    "${mitigations[@]}" --out "$out/$split"
+    "${mitigations[@]}" --mitigation '["farsight", "kvsmooth"]' --mitigation '["kvsmooth", "prunehal"]' \
+    --mitigation '["farsight", "prunehal"]' --mitigation '["scr", "kvsmooth"]' \
+    --mitigation '["scr", "farsight"]' --mitigation '["scr", "prunehal"]' \
+    --mitigation '["farsight", "kvsmooth", "prunehal"]' --out "$out/$split"
 done

@@ -20,11 +20,13 @@ from vllm_halluguard.engine import requests as engine_requests
 from vllm_halluguard.methods import (
     METHODS,
     MODEL_FAMILIES,
+    ORDER,
+    Config,
     MethodConfig,
     ModelFamily,
     SpecError,
+    members_of,
     parse,
-    short,
 )
 from vllm_halluguard.methods.resolve import model_family, resolve
 
@@ -66,22 +68,9 @@ def load_spec_text(text: str) -> Any:
     return text
 
 
-def _method_name(item: Any) -> str:
-    return short(item.get("method") if isinstance(item, Mapping) else item, 60)
-
-
-def single_spec(value: Any) -> Any:
-    """Reduce the field to one method spec: a list composes methods, and the engine composes none yet."""
-    if isinstance(value, list):
-        if len(value) > 1:
-            names = ", ".join(_method_name(v) for v in value[:8]) + (", ..." if len(value) > 8 else "")
-            raise MitigationError(
-                f"composing methods [{names}] is not supported: the engine runs one method per request "
-                f"(supported combinations: none); send one method",
-                "composition",
-            )
-        return value[0] if value else NONE
-    if value is None or isinstance(value, str | Mapping):
+def field_spec(value: Any) -> Any:
+    """Check the field's shape: a name, an object, or a list of them (a list composes methods)."""
+    if value is None or isinstance(value, str | Mapping | list):
         return value
     raise MitigationError(
         f"must be a method name, an object {{'method': name, ...params}} or a list of them, "
@@ -90,20 +79,25 @@ def single_spec(value: Any) -> Any:
     )
 
 
-def parse_spec(value: Any) -> MethodConfig | None:
+def parse_spec(value: Any) -> Config | None:
     """Parse (without the model) the field's value; ``None`` means no mitigation."""
-    spec = single_spec(value)
+    spec = field_spec(value)
     try:
         cfg = parse(spec)
     except SpecError as e:
         raise MitigationError(str(e), e.reason) from e
-    for field, v in cfg or ():
-        if isinstance(v, float) and not math.isfinite(v):  # e.g. sigma "Infinity": not over HTTP
-            assert cfg is not None
-            raise MitigationError(
-                f"invalid {cfg.name} config: {field}: must be a finite number", "invalid_params"
-            )
+    for member in members_of(cfg) if cfg is not None else ():
+        for field, v in member:
+            if isinstance(v, float) and not math.isfinite(v):  # e.g. sigma "Infinity": not over HTTP
+                raise MitigationError(
+                    f"invalid {member.name} config: {field}: must be a finite number", "invalid_params"
+                )
     return cfg
+
+
+def names_of(cfg: Config | None) -> list[str]:
+    """The method names of a config (each member of a composition); ``["none"]`` for no mitigation."""
+    return [m.name for m in members_of(cfg)] if cfg is not None else [NONE]
 
 
 class _FamilyView:
@@ -140,12 +134,12 @@ class Policy:
         """Model-independent checks of the settings themselves."""
         cfg = parse_spec(self.default)
         if self.allow is not None:
-            name = cfg.name if cfg is not None else NONE
-            if name not in self.allow:
-                raise MitigationError(
-                    f"the default mitigation {name!r} is not in the allow-list {sorted(self.allow)}",
-                    "config",
-                )
+            for name in names_of(cfg):
+                if name not in self.allow:
+                    raise MitigationError(
+                        f"the default mitigation {name!r} is not in the allow-list {sorted(self.allow)}",
+                        "config",
+                    )
 
 
 def parse_allow(text: str) -> frozenset[str]:
@@ -175,35 +169,36 @@ class Resolver:
             return self.hf_config
         return _FamilyView(self.hf_config, self.policy.preset)
 
-    def resolve(self, value: Any, has_image: bool | None = None) -> MethodConfig | None:
+    def resolve(self, value: Any, has_image: bool | None = None) -> Config | None:
         """Validate a request's value (parse, allow-list, engine, image): the config the engine runs.
 
-        ``has_image=False`` (a request without an image) rejects the methods of :data:`IMAGE_METHODS`;
-        ``None`` skips that check.
+        A composition needs every member allowed. ``has_image=False`` (a request without an image)
+        rejects the methods of :data:`IMAGE_METHODS` (and compositions holding one); ``None`` skips
+        that check.
         """
         cfg = parse_spec(value)
-        name = cfg.name if cfg is not None else NONE
         allow = self.policy.allow
-        if allow is not None and name not in allow:
-            raise MitigationError(
-                f"method {name!r} is not allowed on this server (allowed: {', '.join(sorted(allow))})",
-                "not_allowed",
-            )
+        for name in names_of(cfg):
+            if allow is not None and name not in allow:
+                raise MitigationError(
+                    f"method {name!r} is not allowed on this server (allowed: {', '.join(sorted(allow))})",
+                    "not_allowed",
+                )
         if cfg is None:
             return None
         try:
-            resolved = self._engine_resolve(single_spec(value))
+            resolved = self._engine_resolve(value)
         except SpecError as e:
             raise MitigationError(str(e), e.reason) from e
         require_image(cfg.name, has_image)
         return resolved
 
-    def _engine_resolve(self, spec: Any) -> MethodConfig | None:
+    def _engine_resolve(self, spec: Any) -> Config | None:
         return resolve(spec, self._model_view(), self.cache_dtype)
 
     def for_request(
         self, body: Mapping[str, Any], has_image: bool | None = None
-    ) -> tuple[MethodConfig | None, bool]:
+    ) -> tuple[Config | None, bool]:
         """The config of a request body and whether it named one (else the server default applies).
 
         The field may also come as ``vllm_xargs.halluguard`` (the engine's own key), which goes through
@@ -258,14 +253,27 @@ class Resolver:
             "model_family": self.family,
             "num_layers": self.num_layers,
             "default": json.loads(self.default.canonical()) if self.default is not None else NONE,
-            "composition": {"supported": [], "note": "one method per request"},
+            "composition": composition_info(),
             "data": methods,
         }
 
 
+def composition_info() -> dict[str, Any]:
+    """The ``composition`` entry of ``GET /v1/mitigations``: every pair composes, in one order."""
+    pairs = [f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]]
+    return {
+        "supported": pairs,
+        "order": list(ORDER),
+        "note": "a list composes methods (each once); members act in 'order' whatever order they are "
+        "written in. Refused: farsight mode 'A' in any composition; kvsmooth head_reduce "
+        "'entropy_of_mean' with prunehal (docs/methods.md, 'Composing methods')",
+    }
+
+
 def require_image(name: str, has_image: bool | None, origin: str = "") -> None:
-    """Reject a method of :data:`IMAGE_METHODS` on a request known to have no image."""
-    if has_image is False and name in IMAGE_METHODS:
+    """Reject a method of :data:`IMAGE_METHODS` (or a composition ``a+b`` holding one) on a request
+    known to have no image."""
+    if has_image is False and any(n in IMAGE_METHODS for n in name.split("+")):
         raise MitigationError(
             f"method {name!r}{origin} acts on image tokens only and needs an image in the request; "
             f"this request has none (send an image part in a chat message; /v1/completions is text-only)",
@@ -278,6 +286,6 @@ def _summary(cls: type[MethodConfig]) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else cls.name
 
 
-def header_value(cfg: MethodConfig | None) -> str:
+def header_value(cfg: Config | None) -> str:
     """Value of the ``x-halluguard-mitigation`` response header."""
     return cfg.canonical() if cfg is not None else NONE

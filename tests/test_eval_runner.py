@@ -180,7 +180,7 @@ def test_parse_mitigation_forms():
     m = parse_mitigation('fsC={"method": "farsight", "mode": "C"}')
     assert (m.label, m.spec) == ("fsC", {"method": "farsight", "mode": "C"})
     assert parse_mitigation("k=kvsmooth") == Mitigation(label="k", spec="kvsmooth")
-    for bad in ('{"mode": "C"}', "{not json", "two words", '["kvsmooth"]'):
+    for bad in ('{"mode": "C"}', "{not json", "two words", "[]", '["kvsmooth", 3]'):
         with pytest.raises(ValueError):
             parse_mitigation(bad)
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 from openai import OpenAI
 from vllm_halluguard.server.cli import mitigation_env
-from vllm_halluguard.server.mitigation import MitigationError, Policy, single_spec
+from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spec, parse_spec
 
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
@@ -55,12 +55,17 @@ def test_spec_of_decodes_json_object_text():
     assert spec_of({"halluguard": "{not json"}) == "{not json"  # rejected later as an unknown method
 
 
-def test_list_of_methods_is_one_method_or_an_error_naming_them():
-    assert single_spec(["farsight"]) == "farsight"
-    assert single_spec([]) == "none"
-    with pytest.raises(MitigationError, match=r"'kvsmooth', 'farsight'") as e:
-        single_spec(["kvsmooth", {"method": "farsight"}])
-    assert e.value.reason == "composition"
+def test_list_of_methods_is_one_method_none_or_a_composition():
+    assert parse_spec(["farsight"]).name == "farsight"
+    assert parse_spec([]) is None
+    composed = parse_spec(["kvsmooth", {"method": "farsight"}])
+    assert composed.name == "kvsmooth+farsight" == parse_spec(["farsight", "kvsmooth"]).name
+    assert [m["method"] for m in json.loads(composed.canonical())] == ["kvsmooth", "farsight"]
+    with pytest.raises(MitigationError, match="appears twice") as e:
+        parse_spec(["kvsmooth", "kvsmooth"])
+    assert e.value.reason == "invalid_spec"
+    with pytest.raises(MitigationError, match="got int"):
+        field_spec(3)
 
 
 def test_server_settings_are_checked_before_vllm_starts():
@@ -199,7 +204,12 @@ BAD = [
     ({"method": "kvsmooth", "clip": 3}, "clip: Input should be less than or equal to 1"),
     ({"method": "kvsmooth", "nope": 1}, "nope: Extra inputs are not permitted"),
     ({"method": "kvsmooth", "layers": [9]}, "layer indices [9] do not exist"),
-    (["kvsmooth", "farsight"], "composing methods ['kvsmooth', 'farsight'] is not supported"),
+    ([{"method": "farsight", "mode": "A"}, "kvsmooth"], "composes with no other method"),
+    ([{"method": "kvsmooth", "head_reduce": "entropy_of_mean"}, "prunehal"], "not compose with prunehal"),
+    (["kvsmooth", "none"], "'none' cannot be composed"),
+    (["kvsmooth", "kvsmooth"], "appears twice"),
+    (["kvsmooth", "prunehal"], "method 'prunehal' is not allowed on this server"),
+    (["kvsmooth", {"method": "farsight", "layers": [9]}], "layer indices [9] do not exist"),
     ({"method": "farsight", "mode": "A"}, "farsight mode 'A'"),
     ("prunehal", "method 'prunehal' is not allowed on this server"),
     ({"window": 3}, "has no 'method' key"),
@@ -274,7 +284,9 @@ def test_mitigations_endpoint(base):
     body = reply.json()
     assert (body["model_family"], body["num_layers"]) == ("llava", 4)
     assert body["default"]["method"] == "kvsmooth"
-    assert body["composition"]["supported"] == []
+    pairs = body["composition"]["supported"]
+    assert len(pairs) == 6 and "kvsmooth+farsight" in pairs and "scr+prunehal" in pairs
+    assert all(len(set(p.split("+")) & set(METHODS)) == 2 for p in pairs)
     rows = {row["method"]: row for row in body["data"]}
     assert set(rows) == set(METHODS)
     for name, row in rows.items():
@@ -314,6 +326,25 @@ def test_metrics_move(client, base):
     # read from the engine's worker process at each scrape (server/engine_stats.py)
     assert delta("halluguard_engine_admitted_requests") == 1
     assert after["halluguard_prunehal_freed_blocks"] == 0  # no PruneHal on this server
+
+
+@pytest.mark.server
+def test_composition_is_served_echoed_and_labelled(client, base):
+    before = _metrics(base)
+    text, logprobs, header = _chat(client, [{"method": "farsight", "mode": "B"}, "kvsmooth"], max_tokens=6)
+    after = _metrics(base)
+    members = json.loads(header)
+    assert [m["method"] for m in members] == ["kvsmooth", "farsight"], "the canonical order"
+    assert members[1]["mode"] == "B" and all(m["layers"] for m in members), "resolved for the model"
+    label = 'halluguard_requests_total{method="kvsmooth+farsight"}'
+    assert after.get(label, 0.0) - before.get(label, 0.0) == 1
+    # the same composition written the other way round is the same request
+    again = _chat(client, ["kvsmooth", {"method": "farsight", "mode": "B"}], max_tokens=6)
+    assert again[0] == text and again[2] == header
+    assert again[1] == pytest.approx(logprobs, abs=1e-5)
+    members = ("kvsmooth", {"method": "farsight", "mode": "B"})
+    parts = [_chat(client, spec, max_tokens=6)[1] for spec in members]
+    assert all(p != logprobs for p in parts), "both members act"
 
 
 def _fuzz_values(n: int, seed: int = 0) -> list:

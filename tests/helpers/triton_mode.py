@@ -29,6 +29,10 @@ CASES: tuple[tuple[int, Any], ...] = (
     (84, "prunehal"),
     (85, "scr"),
     (86, RECLAIM),
+    # compositions: a decode row with FarSight's sinks, PruneHal's mask and KVSmooth's entropy in one
+    # launch; SCR's edit with FarSight's prompt-row sinks
+    (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
+    (88, ["scr", {"method": "farsight", "mode": "C"}]),
 )
 MAX_TOKENS = 12
 

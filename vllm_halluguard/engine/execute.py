@@ -6,8 +6,8 @@
 2. Reworked rows: on the kernel path, one launch of the project's Triton kernel computes them all
    (per-token sinks and key masks from the methods' ``kernel_args``; LSE and entropy for their
    ``after_kernel``); on the torch path their method computes them in ``run``.
-3. Every method then runs over its other rows (statistics, cache edits, SCR's diagnostic map); rows
-   of a sink lane are done.
+3. Every method then runs over its other rows (statistics, cache edits, SCR's diagnostic map); a
+   sink lane's rows only where their method observes them (a composition's other members).
 
 Each mitigated row's attention is computed once per layer.
 """
@@ -23,7 +23,7 @@ import torch
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch
-from vllm_halluguard.engine.registry import METHODS, method_of
+from vllm_halluguard.engine.registry import method_of, named
 from vllm_halluguard.engine.state import current
 
 
@@ -85,7 +85,7 @@ def run_layer(
     )
     if os.environ.get(VERIFY_ENV) == "1":
         _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)
-    skip = plan.in_sink_lanes  # their route was the whole of their method's work
+    skip: frozenset[int] = frozenset()  # a sink lane's rows are run only if their method observes them
     if lp.rework:
         _check_plain(impl)
         if lp.kernel is not None:
@@ -98,7 +98,7 @@ def run_layer(
     for name, rows in plan.by_method.items():
         todo = [row for row in rows if row.index not in skip]
         if todo:
-            METHODS[name].run(call, todo)
+            named(name).run(call, todo)
     return output
 
 
@@ -180,9 +180,9 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     lse_all[sub.tokens], entropy_all[sub.tokens] = lse, entropy
     groups: dict[str, list[Any]] = {}
     for row in lp.rework:
-        groups.setdefault(row.request.config.name, []).append(row)
+        groups.setdefault(method_of(row.request.config).name, []).append(row)
     for name, rows in groups.items():
-        METHODS[name].after_kernel(call, rows, lse_all, entropy_all)
+        named(name).after_kernel(call, rows, lse_all, entropy_all)
 
 
 def _verify_native(

@@ -218,10 +218,10 @@ def _edits_generated_kv(request: Any) -> bool:
     """Whether the request's method rewrites its generated tokens' cached K/V (KVSmooth): those blocks
     then hash per request, so a later prompt that contains the same tokens computes them raw."""
     from vllm_halluguard.engine.keys import config_of
-    from vllm_halluguard.engine.registry import method_of
+    from vllm_halluguard.engine.registry import member_methods
 
     cfg = config_of(request)
-    return cfg is not None and method_of(cfg).edits_generated_kv
+    return cfg is not None and any(m.edits_generated_kv for m in member_methods(cfg))
 
 
 @functools.cache

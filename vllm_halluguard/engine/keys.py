@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_halluguard.methods import MethodConfig, parse
+from vllm_halluguard.methods import Config, parse
 
 EXTRA_ARGS_KEY = "halluguard"
 #: On SCR's hidden diagnostic copy of a request (engine/two_pass.py): the id of the real request.
@@ -25,12 +25,12 @@ _MEMO = "_halluguard_config"
 def spec_of(extra_args: Mapping[str, Any] | None) -> Any:
     """The request's method spec (``None`` if absent).
 
-    A string that starts with ``{`` is decoded as JSON: the OpenAI server's ``vllm_xargs`` only carries
-    flat values, so the server sends an object spec as its JSON text. Text that is not valid JSON is
-    returned as is, and parsing rejects it as an unknown method.
+    A string that starts with ``{`` or ``[`` is decoded as JSON: the OpenAI server's ``vllm_xargs`` only
+    carries flat values, so the server sends an object spec (or a composition's list) as its JSON text.
+    Text that is not valid JSON is returned as is, and parsing rejects it as an unknown method.
     """
     spec = None if not extra_args else extra_args.get(EXTRA_ARGS_KEY)
-    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+    if isinstance(spec, str) and spec.lstrip()[:1] in ("{", "["):
         try:
             return json.loads(spec)
         except json.JSONDecodeError:
@@ -38,7 +38,7 @@ def spec_of(extra_args: Mapping[str, Any] | None) -> Any:
     return spec
 
 
-def config_of(holder: Any) -> MethodConfig | None:
+def config_of(holder: Any) -> Config | None:
     """The config of an admitted request (an engine-core ``Request`` or a runner's cached request),
     parsed once and memoised on it; ``None`` for plain requests and specs that do not parse (a request
     rejected at admission is never scheduled)."""

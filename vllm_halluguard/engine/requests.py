@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY, SCR_PARENT_KEY, spec_of
-from vllm_halluguard.engine.registry import ENGINE_METHODS, IMAGE_METHODS, method_of
-from vllm_halluguard.methods import MethodConfig, SpecError
+from vllm_halluguard.engine.registry import ENGINE_METHODS, IMAGE_METHODS, METHODS
+from vllm_halluguard.methods import Config, SpecError, members_of
 from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW, model_family, resolve
 
 __all__ = [
@@ -27,13 +27,16 @@ __all__ = [
 ]
 
 
-def check_inputs(
-    cfg: MethodConfig, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any
-) -> None:
+def check_inputs(cfg: Config, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
     """Refuse a request whose prompt or engine settings the method cannot work with (:class:`SpecError`,
-    reason ``inputs``). ``features``: the request's multimodal features (``mm_position`` = placeholder
-    range)."""
-    method = method_of(cfg)
+    reason ``inputs``); a composition is refused if one of its members is. ``features``: the request's
+    multimodal features (``mm_position`` = placeholder range)."""
+    for member in members_of(cfg):
+        _check_one(member, features, prompt_len, vllm_config)
+
+
+def _check_one(cfg: Any, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
+    method = METHODS[cfg.name]
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SpecError(
             "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",

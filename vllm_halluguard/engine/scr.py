@@ -105,7 +105,7 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
         runtime.stats["scr_unedited"] += 1
         logger.error("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
         return
-    state.scratch["scr_edit"] = (visual, selection)
+    state.scratch["scr_edit"] = (visual, selection, cfg)  # the member config (the request may compose)
 
 
 def apply(call: LayerCall, row: Row) -> None:
@@ -167,11 +167,10 @@ def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: d
         state = runtime.requests.get(req_id)
         edit = state.scratch.get("scr_edit") if state is not None else None
         if edit is not None:
-            visual, selection = edit
+            visual, selection, cfg = edit
             computed = requests[req_id].num_computed_tokens
             inside = (visual >= computed) & (visual < computed + n)
             if bool(inside.all()):
-                cfg = cast(SCRConfig, state.config)
                 flat = visual - computed + offset
                 plans.append(EditPlan(flat, selection, cfg.lam, frozenset(cfg.layers or ())))
                 runtime.stats["scr_edits"] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_halluguard.methods import MethodConfig
+from vllm_halluguard.methods import Config
 
 
 @dataclass
@@ -14,7 +14,7 @@ class RequestState:
 
     req_id: str
     slot: int
-    config: MethodConfig
+    config: Config  # a method's config, or a composition (engine/compose.py gives each member its own)
     prompt_len: int
     #: Method-specific small state that is not worth a persistent tensor (e.g. PruneHal's masks).
     scratch: dict[str, Any] = field(default_factory=dict)

@@ -94,15 +94,25 @@ def scr_phase(request: Any) -> str | None:
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
     phase = None
     if EXTRA_ARGS_KEY in extra:
-        cfg = config_of(request)
+        cfg = scr_config(config_of(request))
         if isinstance(cfg, SCRConfig) and not cfg.is_noop():
             phase = "diag" if SCR_PARENT_KEY in extra else "real"
     request.__dict__["_halluguard_scr"] = phase
     return phase
 
 
+def scr_config(cfg: Any) -> Any:
+    """The SCR config of a request's config (itself, or a composition's SCR member), else ``None``."""
+    from vllm_halluguard.methods import SCRConfig, members_of
+
+    return next((m for m in members_of(cfg) if isinstance(m, SCRConfig)), None) if cfg is not None else None
+
+
 def diagnostic_copy(real: Any) -> Any:
-    """The hidden diagnostic request of ``real``: its prompt and images, one token, no prefix-cache reads."""
+    """The hidden diagnostic request of ``real``: its prompt and images, one token, no prefix-cache reads.
+
+    The diagnostic runs SCR alone, also for a composition (its other members do not act in SCR's
+    diagnostic pass; docs/methods.md, "Composing methods")."""
     from vllm.v1.request import Request
 
     params = real.sampling_params.clone()
@@ -110,7 +120,12 @@ def diagnostic_copy(real: Any) -> Any:
     params.logprobs = params.prompt_logprobs = None
     params.structured_outputs = None
     params.skip_reading_prefix_cache = True
-    params.extra_args = {**(params.extra_args or {}), SCR_PARENT_KEY: real.request_id}
+    scr = scr_config(config_of(real))
+    params.extra_args = {
+        **(params.extra_args or {}),
+        EXTRA_ARGS_KEY: scr.canonical(),
+        SCR_PARENT_KEY: real.request_id,
+    }
     return Request(
         request_id=real.request_id + DIAG_SUFFIX,
         prompt_token_ids=real.prompt_token_ids,

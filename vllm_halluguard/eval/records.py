@@ -29,18 +29,25 @@ _LABEL_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$", re.S)
 # ------------------------------------------------------------------------------------ mitigations
 
 
+#: A ``mitigation`` value: a name, an object, or a list of them (a composition).
+Spec = str | dict[str, Any] | list[str | dict[str, Any]]
+
+
 class Mitigation(BaseModel):
-    """One method to evaluate: a report label and the ``mitigation`` value sent (a name or an object)."""
+    """One method to evaluate: a report label and the ``mitigation`` value sent (a name, an object or a
+    list of them, which composes methods)."""
 
     label: str
-    spec: str | dict[str, Any]
+    spec: Spec
 
     @property
     def is_none(self) -> bool:
         return self.spec == "none"
 
 
-def _label_of(spec: str | dict[str, Any]) -> str:
+def _label_of(spec: str | dict[str, Any] | list[Any]) -> str:
+    if isinstance(spec, list):
+        return "+".join(_label_of(s) for s in spec)
     if isinstance(spec, str):
         return spec
     rest = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in spec.items() if k != "method"]
@@ -48,7 +55,8 @@ def _label_of(spec: str | dict[str, Any]) -> str:
 
 
 def parse_mitigation(text: str) -> Mitigation:
-    """``NAME``, ``{"method": ..., ...}`` or ``LABEL=NAME|JSON`` -> :class:`Mitigation`.
+    """``NAME``, ``{"method": ..., ...}``, a JSON list of them (a composition) or ``LABEL=NAME|JSON``
+    -> :class:`Mitigation`.
 
     >>> parse_mitigation('fs-C={"method": "farsight", "mode": "C"}').label
     'fs-C'
@@ -56,15 +64,21 @@ def parse_mitigation(text: str) -> Mitigation:
     text = text.strip()
     label = None
     m = _LABEL_RE.match(text)
-    if m and not text.startswith("{"):
+    if m and not text.startswith(("{", "[")):
         label, text = m.group(1), m.group(2).strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
-            spec: str | dict[str, Any] = json.loads(text)
+            spec: str | dict[str, Any] | list[Any] = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"mitigation {text!r} is not valid JSON: {e}") from None
-        if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
-            raise ValueError(f"a JSON mitigation must be an object with a 'method' string, got {text!r}")
+        items = spec if isinstance(spec, list) else [spec]
+        if not items or not all(
+            isinstance(s, str) or (isinstance(s, dict) and isinstance(s.get("method"), str)) for s in items
+        ):
+            raise ValueError(
+                f"a JSON mitigation must be an object with a 'method' string or a list of names and such "
+                f"objects, got {text!r}"
+            )
     elif re.fullmatch(r"[A-Za-z0-9_.+-]+", text):
         spec = text
     else:
@@ -131,7 +145,7 @@ class ResultRecord(BaseModel):
     mitigation: str  # label
     item_id: str
     image_id: ImageId
-    spec: str | dict[str, Any] | None  # the ``mitigation`` value sent (None: the field was omitted)
+    spec: Spec | None  # the ``mitigation`` value sent (None: the field was omitted)
     ok: bool
     text: str | None = None
     finish_reason: str | None = None

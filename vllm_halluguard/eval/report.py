@@ -67,6 +67,8 @@ def _applied_method(header: str | None) -> str | None:
         value = json.loads(header)
     except json.JSONDecodeError:
         return header
+    if isinstance(value, list):  # a composition: its members in the server's order
+        return "+".join(str(v.get("method", v)) if isinstance(v, dict) else str(v) for v in value)
     return str(value.get("method", header)) if isinstance(value, dict) else str(value)
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from .base import MODEL_FAMILIES, REFERENCE_DEPTH, MethodConfig, ModelFamily, scale_layer_range
+from .compose import ORDER, Composition, Config, check_pairs, members_of
 from .errors import SpecError
 from .farsight import FarSightConfig
 from .kvsmooth import KVSmoothConfig
@@ -76,15 +77,18 @@ def _name(raw: str) -> str:
     return name.lower()
 
 
-def parse(obj: Any) -> MethodConfig | None:
+def parse(obj: Any) -> Config | None:
     """Parse a method spec; ``None`` for no method.
 
-    Accepts ``None``, a :class:`MethodConfig`, a method name (``"kvsmooth"``, ``"none"``) or a mapping
-    ``{"method": name, **params}``. Raises :class:`SpecError` (a ``ValueError``) naming the offending
-    name or field otherwise.
+    Accepts ``None``, a :class:`MethodConfig` or :class:`Composition`, a method name (``"kvsmooth"``,
+    ``"none"``), a mapping ``{"method": name, **params}`` or a list of names and mappings (``[]`` is
+    no method, one item is that method, several compose: :func:`parse_list`). Raises
+    :class:`SpecError` (a ``ValueError``) naming the offending name or field otherwise.
     """
-    if obj is None or isinstance(obj, MethodConfig):
+    if obj is None or isinstance(obj, MethodConfig | Composition):
         return obj
+    if isinstance(obj, list | tuple):
+        return parse_list(obj)
     if isinstance(obj, str):
         name, params = _name(obj), {}
     elif isinstance(obj, Mapping):
@@ -119,6 +123,39 @@ def parse(obj: Any) -> MethodConfig | None:
         raise SpecError(f"invalid {name} config: {details}", "invalid_params") from e
 
 
+def parse_list(items: list[Any] | tuple[Any, ...]) -> Config | None:
+    """A list spec: ``None`` when empty, the method of a single item, else a :class:`Composition`.
+
+    Members are names or mappings (no nested lists, no ``"none"``, no method twice); a FarSight member
+    that names no mode runs the engine's mode C (mode A composes with nothing, :func:`check_pairs`).
+    """
+    if len(items) <= 1:
+        if items and isinstance(items[0], list | tuple):
+            raise SpecError("a method list holds names or objects, not lists", "invalid_spec")
+        return parse(items[0]) if items else None
+    if len(items) > len(METHODS):
+        raise SpecError(
+            f"a composition holds at most {len(METHODS)} methods (each once), got {len(items)}",
+            "invalid_spec",
+        )
+    members = []
+    for item in items:
+        if isinstance(item, list | tuple | MethodConfig | Composition):
+            raise SpecError(f"a method list holds names or objects, got {short(item, 60)}", "invalid_spec")
+        cfg = parse(item)
+        if cfg is None:
+            raise SpecError("'none' cannot be composed with other methods", "invalid_spec")
+        assert isinstance(cfg, MethodConfig)
+        if isinstance(cfg, FarSightConfig) and "mode" not in cfg.model_fields_set:
+            cfg = cfg.model_copy(update={"mode": "C"})
+        members.append(cfg)
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise SpecError(f"a method appears twice in the composition {names}", "invalid_spec")
+    check_pairs(tuple(members))
+    return Composition(tuple(members))
+
+
 def _known() -> str:
     return ", ".join(["none", *METHODS])
 
@@ -126,7 +163,10 @@ def _known() -> str:
 __all__ = [
     "METHODS",
     "MODEL_FAMILIES",
+    "ORDER",
     "REFERENCE_DEPTH",
+    "Composition",
+    "Config",
     "FarSightConfig",
     "KVSmoothConfig",
     "MethodConfig",
@@ -136,7 +176,9 @@ __all__ = [
     "SpecError",
     "cut",
     "implementation",
+    "members_of",
     "parse",
+    "parse_list",
     "scale_layer_range",
     "short",
 ]

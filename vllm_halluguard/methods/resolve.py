@@ -14,6 +14,7 @@ from typing import Any
 
 from . import parse
 from .base import MethodConfig, ModelFamily
+from .compose import Composition, Config
 from .errors import SpecError
 from .farsight import FarSightConfig
 
@@ -51,9 +52,10 @@ def model_family(hf_config: Any) -> ModelFamily | None:
     return FAMILIES.get(getattr(hf_config, "model_type", ""))
 
 
-def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodConfig | None:
+def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> Config | None:
     """Validate ``spec`` for this model and fill its presets; ``None`` = a plain request.
 
+    A composition (a list spec) is resolved member by member, each as if it came alone.
     Raises :class:`SpecError` naming the problem (reasons: those of :func:`parse`, and
     ``unsupported`` for settings the engine does not serve or methods that do not apply to the
     model's architecture (:data:`NOT_APPLICABLE`), ``model`` for a model without presets,
@@ -62,8 +64,14 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> MethodCo
     cfg = parse(spec)
     if cfg is None:
         return None
+    if isinstance(cfg, Composition):
+        return Composition(tuple(_resolve_one(m, True, hf_config, kv_cache_dtype) for m in cfg.members))
+    return _resolve_one(cfg, _names_mode(spec), hf_config, kv_cache_dtype)
+
+
+def _resolve_one(cfg: MethodConfig, names_mode: bool, hf_config: Any, kv_cache_dtype: str) -> MethodConfig:
     if isinstance(cfg, FarSightConfig):
-        if not _names_mode(spec):
+        if not names_mode:
             cfg = cfg.model_copy(update={"mode": SERVED_FARSIGHT_MODE})
         if cfg.mode == "A":
             raise SpecError(

@@ -20,9 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from ..methods import METHODS, MethodConfig, implementation, parse
+from ..methods import METHODS, Composition, MethodConfig, implementation, parse
 from .adapters import ModelAdapter
 from .base import ATTN_IMPL, ForwardInfo, ReferenceMethod, RequestInfo
+from .compose import ComposedReference
 
 
 def _reference(name: str, config_cls: type[MethodConfig]) -> type[ReferenceMethod]:
@@ -39,10 +40,13 @@ REFERENCES: dict[type[MethodConfig], type[ReferenceMethod]] = {
 
 
 def make_reference(method: Any) -> ReferenceMethod | None:
-    """The reference object for a method spec (anything :func:`vllm_halluguard.methods.parse` accepts)."""
+    """The reference object for a method spec (anything :func:`vllm_halluguard.methods.parse` accepts;
+    a list composes methods, :class:`ComposedReference`)."""
     config = parse(method)
     if config is None:
         return None
+    if isinstance(config, Composition):
+        return ComposedReference(config)
     return REFERENCES[type(config)](config)
 
 
@@ -89,6 +93,7 @@ def chat_inputs(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -
 __all__ = [
     "ATTN_IMPL",
     "REFERENCES",
+    "ComposedReference",
     "ForwardInfo",
     "ModelAdapter",
     "ReferenceMethod",

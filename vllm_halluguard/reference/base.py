@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..methods.base import MethodConfig
+from ..methods.compose import members_of
 from ..methods.resolve import NOT_APPLICABLE
 from .adapters import ModelAdapter, visual_positions
 
@@ -140,6 +141,8 @@ class ReferenceMethod:
     needs_visual: ClassVar[bool] = False
     #: The method only acts on decode steps that reuse the KV cache.
     needs_cache: ClassVar[bool] = False
+    #: The method acts in its own diagnostic forward (SCR); in a composition only such members do.
+    has_diagnostic: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -153,6 +156,8 @@ class ReferenceMethod:
         self._step = 0
         self._in_diagnostic = False
         self._warned_no_cache = False
+        #: The attached method whose hooks see the forwards (a composition's, for its members).
+        self._host: ReferenceMethod = self
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -215,22 +220,27 @@ class ReferenceMethod:
 
         :meth:`layer_output` may raise :meth:`stop_forward` to end it early.
         """
+        host = self._host
         diag_kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
         diag_kwargs["use_cache"] = False
-        saved = self.fwd
+        saved = host.fwd
         assert saved is not None
-        self.fwd = ForwardInfo(
-            "diagnostic", saved.batch_size, 0, saved.q_len, saved.positions, saved.lengths, 0
+        host.set_forward(
+            ForwardInfo("diagnostic", saved.batch_size, 0, saved.q_len, saved.positions, saved.lengths, 0)
         )
-        self._in_diagnostic = True
+        host._in_diagnostic = True
         try:
             with torch.no_grad():
                 model(*args, **diag_kwargs)
         except _StopForward:
             pass
         finally:
-            self._in_diagnostic = False
-            self.fwd = saved
+            host._in_diagnostic = False
+            host.set_forward(saved)
+
+    def set_forward(self, fwd: ForwardInfo | None) -> None:
+        """The running forward's :class:`ForwardInfo` (a composition passes it to its members)."""
+        self.fwd = fwd
 
     @staticmethod
     def stop_forward() -> None:
@@ -254,9 +264,10 @@ class ReferenceMethod:
         for layer in adapter.layers:
             if getattr(layer.self_attn, _METHOD_ATTR, None) is not None:
                 raise RuntimeError("another halluguard reference method is already attached to this model")
-        refusal = NOT_APPLICABLE.get((self.user_config.name, adapter.family))
-        if refusal is not None:  # the engine refuses it too (methods.resolve)
-            raise ValueError(refusal)
+        for member in members_of(self.user_config):
+            refusal = NOT_APPLICABLE.get((member.name, adapter.family))
+            if refusal is not None:  # the engine refuses it too (methods.resolve)
+                raise ValueError(refusal)
         self.config = self.user_config.for_model(adapter.family, adapter.num_layers)
         register_attention()
         self.adapter = adapter
@@ -377,7 +388,7 @@ class ReferenceMethod:
                 raise ValueError(f"{self.config.name} needs image tokens in the prompt (pass input_ids)")
             self._step = 0
             self.request = RequestInfo(b, q, lengths, vis, dict(kwargs))
-            self.fwd = ForwardInfo("prefill", b, 0, q, positions, lengths, 0)
+            self.set_forward(ForwardInfo("prefill", b, 0, q, positions, lengths, 0))
             self.reset(self.request)
             self.on_prefill(module, args, kwargs)
         else:
@@ -386,7 +397,7 @@ class ReferenceMethod:
             if q != 1:
                 raise ValueError(f"decode forwards must add one token per row, got {q}")
             self._step += 1
-            self.fwd = ForwardInfo("decode", b, past, q, positions, lengths, self._step)
+            self.set_forward(ForwardInfo("decode", b, past, q, positions, lengths, self._step))
         return None
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -21,6 +21,7 @@ class SCRReference(ReferenceMethod):
 
     config_cls = SCRConfig
     needs_visual = True
+    has_diagnostic = True
     config: SCRConfig
 
     def reset(self, request: RequestInfo) -> None:

@@ -1,0 +1,123 @@
+"""Composed methods in the engine: every pair and one triple equal the dense reference composed the
+same way (tokens and log-probs) on both tiny fixtures, and mixed batches of compositions, single
+methods and plain rows equal solo runs. Refused settings are in tests/test_methods_compose.py."""
+
+import itertools
+
+import pytest
+
+from helpers.parity import Case, compare, hf_generate, logprob_shift, method_case, run_vllm
+from vllm_halluguard import reference
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.tiny_models import FIXTURES, load_hf
+
+pytestmark = pytest.mark.engine
+
+METHOD_ATOL = 1e-3  # the single-method parity bound
+FS_B = {"method": "farsight", "mode": "B"}
+FS_C = {"method": "farsight", "mode": "C"}
+PRUNE = {"method": "prunehal", "r": 0.5}  # prunes at step 2 (the preset's forced prune)
+SCR = {"method": "scr", "top_k": 6, "lam": 1.6}
+#: Every pair of the four methods (FarSight in both served modes where the pair's terms meet in one
+#: attention call), and one triple.
+SPECS = {
+    "farsight_c+kvsmooth": [FS_C, "kvsmooth"],
+    "farsight_b+kvsmooth": ["kvsmooth", FS_B],
+    "farsight_b+prunehal": [FS_B, PRUNE],
+    "farsight_c+prunehal": [PRUNE, FS_C],
+    "kvsmooth+prunehal": ["kvsmooth", PRUNE],
+    "scr+kvsmooth": ["kvsmooth", SCR],
+    "scr+farsight_c": [SCR, FS_C],
+    "scr+prunehal": [PRUNE, SCR],
+    "triple": [FS_B, "kvsmooth", PRUNE],
+}
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def setup(request, engines):
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf(setup):
+    return load_hf(setup[0])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_engine_matches_composed_reference(setup, hf, name):
+    fixture, llm = setup
+    model, processor = hf
+    spec = SPECS[name]
+    case = method_case(fixture, 5, spec)
+    (gen,) = run_vllm(llm, [case])
+
+    def ctx():
+        return reference.apply(model, spec)
+
+    forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+    report = compare(gen, forced)
+    assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    free = hf_generate(model, processor, case, context=ctx)
+    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+    # every member acts: the composition differs from each of its members alone
+    for member in spec:
+        (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
+        assert gen.token_ids != alone.token_ids or logprob_shift(gen, alone) > 1e-4, member
+
+
+def test_every_pair_of_methods_is_covered():
+    from vllm_halluguard.methods import METHODS, parse
+
+    covered = {frozenset(parse(spec).names) for spec in SPECS.values()}
+    pairs = {frozenset(p) for p in itertools.combinations(METHODS, 2)}
+    assert pairs <= covered, pairs - covered  # refused settings: tests/test_methods_compose.py
+    assert any(len(c) == 3 for c in covered)
+
+
+def test_mixed_batch_equals_solo_runs(setup):
+    """Compositions, their members alone and plain rows in one batch (SCR's diagnostic included)."""
+    fixture, llm = setup
+    specs = [
+        None,
+        SPECS["triple"],
+        "kvsmooth",
+        SPECS["farsight_b+prunehal"],
+        None,
+        FS_B,
+        SPECS["scr+kvsmooth"],
+        PRUNE,
+        SPECS["farsight_c+kvsmooth"],
+    ]
+    cases = [method_case(fixture, 30 + i, s) for i, s in enumerate(specs)]
+    batch = run_vllm(llm, cases)
+    for case, gen in zip(cases, batch, strict=True):
+        (solo,) = run_vllm(llm, [case])
+        report = compare(gen, solo)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-5, f"{case.extra_args}: {report}"
+    run_vllm(llm, [Case(fixture, None, max_tokens=1)])  # delivers the last finished ids to the worker
+    (stats,) = llm.collective_rpc(worker_stats)
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+
+
+def _cached_tokens(llm, case) -> int:
+    from transformers import AutoProcessor
+
+    from helpers.parity import sampling_params, vllm_inputs
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    short = Case(case.fixture, case.image_seed, case.prompt, 4, case.extra_args)
+    inputs = vllm_inputs(AutoProcessor.from_pretrained(ensure_fixture(case.fixture)), short)
+    out = llm.generate([inputs], [sampling_params(short)], use_tqdm=False)[0]
+    return out.num_cached_tokens or 0
+
+
+def test_prefix_cache_salt_covers_compositions(setup):
+    fixture, llm = setup
+    llm.reset_prefix_cache()
+    composed = method_case(fixture, 41, ["kvsmooth", FS_B])
+    assert _cached_tokens(llm, method_case(fixture, 41, None)) == 0
+    assert _cached_tokens(llm, method_case(fixture, 41, "kvsmooth")) == 0
+    assert _cached_tokens(llm, composed) == 0, "a composition must not reuse plain or single-method KV"
+    assert _cached_tokens(llm, composed) > 0, "the same composition shares"
+    assert _cached_tokens(llm, method_case(fixture, 41, [FS_B, "kvsmooth"])) > 0, "written in another order"
+    assert _cached_tokens(llm, method_case(fixture, 41, [FS_C, "kvsmooth"])) == 0, "another member config"

@@ -1,0 +1,220 @@
+"""Compositions in the engine: one :class:`CompositeEngine` that runs its members' hooks in order.
+
+A composed request (:class:`~vllm_halluguard.methods.compose.Composition`) keeps one slot and one
+``scratch``; each member gets a :class:`RequestState` of its own config sharing both (the members'
+scratch keys and per-slot buffers do not collide), so every member method runs unchanged on a
+``Row`` of that state.
+
+Attention is computed once per row and layer. The members describe their terms with the *kernel
+protocol* of :class:`~vllm_halluguard.engine.base.EngineMethod` (routes for a backend with the
+Triton kernel, ``kernel_args``, ``after_kernel``), whatever the real backend:
+
+* a layer some member reworks is computed with every member's sinks and key mask together: by the
+  Triton kernel in one launch (kernel path), or by the same computation in torch
+  (:func:`~vllm_halluguard.kernels.reference.attention_rows`, CPU path); the row's LSE and entropy
+  (kept keys, no sink) go to each reworking member's ``after_kernel``;
+* members that only observe the row (PruneHal's prompt row, KVSmooth's ``entropy_of_mean``) then
+  run as they do alone;
+* a FarSight mode-B sink stays a native sink lane while no other member reworks the row in that
+  step; otherwise the sink joins the reworked layers.
+
+Members act in :data:`~vllm_halluguard.methods.compose.ORDER` (docs/methods.md, "Composing methods").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vllm_halluguard.engine.base import Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.state import RequestState, Row
+from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
+from vllm_halluguard.methods.compose import ORDER, Composition
+
+MEMBERS = "compose_members"
+PLAN = "compose_plan"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberStep:
+    """One member of a composed row in this step: its method, row, route and whether it observes."""
+
+    method: EngineMethod
+    row: Row
+    route: Route
+    observes: bool
+
+
+def _method(name: str) -> EngineMethod:
+    from vllm_halluguard.engine.registry import METHODS
+
+    return METHODS[name]
+
+
+def member_rows(row: Row) -> list[tuple[EngineMethod, Row]]:
+    """The single-method rows of a composed row, in order (``[(method, row)]`` for a plain method row)."""
+    states: list[RequestState] | None = row.request.scratch.get(MEMBERS)
+    if states is None:
+        from vllm_halluguard.engine.registry import method_of
+
+        return [(method_of(row.request.config), row)]
+    return [(_method(s.config.name), Row(row.index, s)) for s in states]
+
+
+def _plan(row: Row) -> list[MemberStep]:
+    return row.request.scratch[PLAN]
+
+
+class CompositeEngine(EngineMethod):
+    """Two or more methods on one request (see the module docstring)."""
+
+    name = "compose"
+
+    def check_inputs(self, cfg: Any, images: Sequence[Any], prompt_len: int, vllm_config: Any) -> None:
+        for member in cfg.members:
+            _method(member.name).check_inputs(member, images, prompt_len, vllm_config)
+
+    def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
+        cfg: Composition = state.config  # type: ignore[assignment]
+        states = [
+            RequestState(state.req_id, state.slot, m, state.prompt_len, state.scratch) for m in cfg.members
+        ]
+        state.scratch[MEMBERS] = states
+        for s in states:
+            _method(s.config.name).init_state(runtime, s, cached)
+
+    def release(self, runtime: Any, state: RequestState) -> None:
+        for s in state.scratch.get(MEMBERS, ()):
+            _method(s.config.name).release(runtime, s)
+
+    def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
+        """The union of the members' kernel-protocol reworks, or a member's native sink lane alone."""
+        view = dataclasses.replace(backend, kernel=True)
+        members = member_rows(row)
+        routes = [m.route(r, span, view) for m, r in members]
+        reworks = any(rt.rework for rt in routes)
+        if reworks and any(rt.sinks is not None for rt in routes):  # the sink joins the reworked layers
+            no_lane = dataclasses.replace(view, native_sinks=False)
+            routes = [
+                m.route(r, span, no_lane) if rt.sinks is not None else rt
+                for (m, r), rt in zip(members, routes, strict=True)
+            ]
+        row.request.scratch[PLAN] = [
+            MemberStep(m, r, rt, m.observes(r, span, view))
+            for (m, r), rt in zip(members, routes, strict=True)
+        ]
+        lanes = [rt for rt in routes if rt.sinks is not None]
+        if lanes:
+            return lanes[0]
+        return Route(rework=frozenset().union(*(rt.rework for rt in routes)))
+
+    def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
+        return any(step.observes for step in _plan(row))
+
+    def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sinks (summed masses) and key masks (intersected) of the members reworking this layer."""
+        sinks: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
+        for step in _plan(row):
+            if call.layer not in step.route.rework:
+                continue
+            s, m = step.method.kernel_args(call, step.row)
+            if s is not None:
+                sinks = s.float() if sinks is None else torch.logaddexp(sinks, s.float())
+            if m is not None:
+                mask = m if mask is None else mask & m
+        return sinks, mask
+
+    def after_kernel(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        self._members_act(call, rows, lse, entropy)
+
+    def run(self, call: LayerCall, rows: list[Row]) -> None:
+        """Torch path: the rows reworked in this layer computed once (every member's sinks and mask),
+        then the members act in order; on the kernel path only the other rows come here."""
+        reworked = [row for row in rows if any(call.layer in s.route.rework for s in _plan(row))]
+        lse = entropy = None
+        if reworked:
+            lse, entropy = self._attend(call, reworked)
+        self._members_act(call, rows, lse, entropy)
+
+    def _attend(self, call: LayerCall, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's computation in torch: output into ``call.output``, LSE and entropy per token.
+        Single-token rows together (:meth:`_attend_batch`), the others row by row."""
+        n, hq = call.query.shape[:2]
+        lse = torch.zeros(n, hq, dtype=torch.float32, device=call.query.device)
+        entropy = torch.zeros_like(lse)
+        single = [row for row in rows if call.gather_batch is not None and call.is_single(row)]
+        if single:
+            self._attend_batch(call, single, lse, entropy)
+        done = {row.index for row in single}
+        for row in rows:
+            if row.index in done:
+                continue
+            start, end, seq_len = call.span(row)
+            sinks, mask = self.kernel_args(call, row)
+            k, v = call.gather(row.index, seq_len)
+            pos = call.positions(row).to(k.device)
+            out, row_lse, row_entropy = attention_rows(
+                call.query[start:end], k, v, call.scale, pos,
+                None if sinks is None else sinks.to(k.device), None if mask is None else mask.to(k.device),
+            )  # fmt: skip
+            call.output[start:end] = out
+            lse[start:end], entropy[start:end] = row_lse, row_entropy
+        return lse, entropy
+
+    def _attend_batch(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
+    ) -> None:
+        """:meth:`_attend` for single-token rows: one padded gather and one masked attention with
+        per-row sinks (:func:`~vllm_halluguard.kernels.reference.attention_rows_padded`)."""
+        assert call.gather_batch is not None
+        terms = [self.kernel_args(call, row) for row in rows]
+        seq_lens = [call.seq_lens[row.index] for row in rows]
+        k, v, valid = call.gather_batch([row.index for row in rows], seq_lens)
+        key_mask = valid.clone()
+        sinks = None
+        if any(s is not None for s, _ in terms):
+            sinks = torch.full((len(rows), call.query.shape[1]), float("-inf"), device=k.device)
+        for b, (s, m) in enumerate(terms):
+            if m is not None:
+                key_mask[b, : seq_lens[b]] &= m.to(key_mask.device)
+            if s is not None and sinks is not None:
+                sinks[b] = s[0].to(k.device)
+        starts = torch.tensor([call.query_start_loc[row.index] for row in rows])
+        out, row_lse, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask, sinks)
+        call.output[starts] = out
+        # the plain row's entropy over the kept keys (hidden keys have probability 0 and add nothing)
+        row_entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1)
+        lse[starts], entropy[starts] = row_lse.to(lse.device), row_entropy.to(lse.device)
+
+    def _members_act(
+        self, call: LayerCall, rows: list[Row], lse: torch.Tensor | None, entropy: torch.Tensor | None
+    ) -> None:
+        """Per member method, in order: ``after_kernel`` on the rows it reworks in this layer, ``run`` on
+        the rows it observes."""
+        for name in ORDER:
+            reworking: list[Row] = []
+            observing: list[Row] = []
+            method: EngineMethod | None = None
+            for row in rows:
+                for step in _plan(row):
+                    if step.method.name != name:
+                        continue
+                    method = step.method
+                    if call.layer in step.route.rework:
+                        reworking.append(step.row)
+                    elif step.observes:
+                        observing.append(step.row)
+            if method is None:
+                continue
+            if reworking:
+                assert lse is not None and entropy is not None
+                method.after_kernel(call, reworking, lse, entropy)
+            if observing:
+                method.run(call, observing)
