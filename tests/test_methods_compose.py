@@ -86,8 +86,8 @@ def test_short_lists_are_single_methods():
 
 
 def test_the_eval_runner_sends_and_reports_compositions():
+    from vllm_halluguard.eval.records import parse_mitigation
     from vllm_halluguard.eval.report import _applied_method
-    from vllm_halluguard.eval.runner import parse_mitigation
 
     m = parse_mitigation('["farsight", {"method": "kvsmooth", "window": 4}]')
     assert m.spec == ["farsight", {"method": "kvsmooth", "window": 4}]

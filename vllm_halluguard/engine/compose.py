@@ -24,7 +24,7 @@ Members act in :data:`~vllm_halluguard.methods.compose.ORDER` (docs/methods.md, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,22 +49,6 @@ class MemberStep:
     observes: bool
 
 
-def _method(name: str) -> EngineMethod:
-    from vllm_halluguard.engine.registry import METHODS
-
-    return METHODS[name]
-
-
-def member_rows(row: Row) -> list[tuple[EngineMethod, Row]]:
-    """The single-method rows of a composed row, in order (``[(method, row)]`` for a plain method row)."""
-    states: list[RequestState] | None = row.request.scratch.get(MEMBERS)
-    if states is None:
-        from vllm_halluguard.engine.registry import method_of
-
-        return [(method_of(row.request.config), row)]
-    return [(_method(s.config.name), Row(row.index, s)) for s in states]
-
-
 def _plan(row: Row) -> list[MemberStep]:
     return row.request.scratch[PLAN]
 
@@ -74,9 +58,17 @@ class CompositeEngine(EngineMethod):
 
     name = "compose"
 
+    def __init__(self, methods: Mapping[str, EngineMethod]) -> None:
+        self.methods = methods  # the registry's single methods, by name
+
+    def member_rows(self, row: Row) -> list[tuple[EngineMethod, Row]]:
+        """The single-method rows of a composed row, in order."""
+        states: list[RequestState] = row.request.scratch[MEMBERS]
+        return [(self.methods[s.config.name], Row(row.index, s)) for s in states]
+
     def check_inputs(self, cfg: Any, images: Sequence[Any], prompt_len: int, vllm_config: Any) -> None:
         for member in cfg.members:
-            _method(member.name).check_inputs(member, images, prompt_len, vllm_config)
+            self.methods[member.name].check_inputs(member, images, prompt_len, vllm_config)
 
     def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
         cfg: Composition = state.config  # type: ignore[assignment]
@@ -85,16 +77,16 @@ class CompositeEngine(EngineMethod):
         ]
         state.scratch[MEMBERS] = states
         for s in states:
-            _method(s.config.name).init_state(runtime, s, cached)
+            self.methods[s.config.name].init_state(runtime, s, cached)
 
     def release(self, runtime: Any, state: RequestState) -> None:
         for s in state.scratch.get(MEMBERS, ()):
-            _method(s.config.name).release(runtime, s)
+            self.methods[s.config.name].release(runtime, s)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """The union of the members' kernel-protocol reworks, or a member's native sink lane alone."""
         view = dataclasses.replace(backend, kernel=True)
-        members = member_rows(row)
+        members = self.member_rows(row)
         routes = [m.route(r, span, view) for m, r in members]
         reworks = any(rt.rework for rt in routes)
         if reworks and any(rt.sinks is not None for rt in routes):  # the sink joins the reworked layers

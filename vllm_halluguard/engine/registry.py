@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.engine.compose import CompositeEngine
+from vllm_halluguard.engine.state import Row
 from vllm_halluguard.methods import METHODS as CONFIGS
 from vllm_halluguard.methods import Composition, Config, implementation, members_of
 
@@ -25,7 +26,7 @@ ENGINE_METHODS = frozenset(METHODS)
 #: Methods that act on image tokens: a request without an image is refused.
 IMAGE_METHODS = frozenset(name for name, method in METHODS.items() if method.needs_image)
 #: The engine method of every composition (engine/compose.py).
-COMPOSITE = CompositeEngine()
+COMPOSITE = CompositeEngine(METHODS)
 
 
 def all_methods() -> tuple[EngineMethod, ...]:
@@ -45,3 +46,10 @@ def named(name: str) -> EngineMethod:
 def member_methods(cfg: Config) -> tuple[EngineMethod, ...]:
     """The engine methods of a config's members (one for a single method), in order."""
     return tuple(METHODS[m.name] for m in members_of(cfg))
+
+
+def member_rows(row: Row) -> list[tuple[EngineMethod, Row]]:
+    """The single-method rows of a row: a composed row's members, else ``[(its method, row)]``."""
+    if isinstance(row.request.config, Composition):
+        return COMPOSITE.member_rows(row)
+    return [(METHODS[row.request.config.name], row)]

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from typing import Any
 
 from vllm_halluguard.engine import registry
-from vllm_halluguard.engine.compose import member_rows
 from vllm_halluguard.engine.keys import config_of
 from vllm_halluguard.engine.registry import all_methods
 from vllm_halluguard.engine.state import RequestState, Row, StepView, current, set_current
@@ -101,7 +100,7 @@ class Runtime:
         self.step = StepView(input_batch.num_reqs, tuple(rows)) if rows else None
         by_method: dict[str, list[Row]] = {}
         for row in rows:  # a composed row is planned by each of its members
-            for method, member_row in member_rows(row):
+            for method, member_row in registry.member_rows(row):
                 by_method.setdefault(method.name, []).append(member_row)
         for method in registry.all_methods():
             method.plan_step(self, by_method.get(method.name, []), scheduler_output, input_batch, requests)

@@ -46,7 +46,7 @@ def make_reference(method: Any) -> ReferenceMethod | None:
     if config is None:
         return None
     if isinstance(config, Composition):
-        return ComposedReference(config)
+        return ComposedReference(config, [REFERENCES[type(m)](m) for m in config.members])
     return REFERENCES[type(config)](config)
 
 

@@ -9,6 +9,7 @@ turn. In SCR's diagnostic forward only SCR acts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,11 +25,10 @@ class ComposedReference(ReferenceMethod):
     config_cls = Composition  # type: ignore[assignment]
     config: Composition  # type: ignore[assignment]
 
-    def __init__(self, config: Composition) -> None:
-        from . import REFERENCES
-
+    def __init__(self, config: Composition, members: Sequence[ReferenceMethod]) -> None:
+        """``members``: one reference object per member config, in ``config.members``' order."""
         super().__init__(config)  # type: ignore[arg-type]
-        self.members = [REFERENCES[type(m)](m) for m in config.members]
+        self.members = list(members)
         self.needs_visual = any(m.needs_visual for m in self.members)  # type: ignore[misc]
         self.needs_cache = any(m.needs_cache for m in self.members)  # type: ignore[misc]
         for m in self.members:
