@@ -39,11 +39,18 @@ def check_inputs(
             "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
             "unsupported",
         )
-    tp = vllm_config.parallel_config.tensor_parallel_size
+    parallel = vllm_config.parallel_config
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     if tp > 1 and not method.tensor_parallel:
         raise SpecError(
-            f"{cfg.name} decides from statistics over all attention heads, which are not yet reduced across "
-            f"tensor-parallel ranks (tensor_parallel_size={tp}); serve it with tensor_parallel_size=1",
+            f"{cfg.name} is not supported with tensor parallelism (tensor_parallel_size={tp}); "
+            "serve it with tensor_parallel_size=1",
+            "unsupported",
+        )
+    if pp > 1 and not method.pipeline_parallel:
+        raise SpecError(
+            f"{cfg.name} is not supported with pipeline parallelism (pipeline_parallel_size={pp}): "
+            f"{method.pipeline_reason}; serve it with pipeline_parallel_size=1",
             "unsupported",
         )
     images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
