@@ -21,24 +21,17 @@ __all__ = [
     "MAX_KVSMOOTH_WINDOW",
     "SCR_PARENT_KEY",
     "check_inputs",
+    "check_parallel",
     "model_family",
     "resolve",
     "spec_of",
 ]
 
 
-def check_inputs(
-    cfg: MethodConfig, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any
-) -> None:
-    """Refuse a request whose prompt or engine settings the method cannot work with (:class:`SpecError`,
-    reason ``inputs``). ``features``: the request's multimodal features (``mm_position`` = placeholder
-    range)."""
+def check_parallel(cfg: MethodConfig, vllm_config: Any) -> None:
+    """Refuse a method the engine's tensor/pipeline parallel layout cannot serve (:class:`SpecError`,
+    reason ``unsupported``). Admission calls it per request, the server at startup for its default."""
     method = method_of(cfg)
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise SpecError(
-            "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
-            "unsupported",
-        )
     parallel = vllm_config.parallel_config
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     if tp > 1 and not method.tensor_parallel:
@@ -53,6 +46,21 @@ def check_inputs(
             f"{method.pipeline_reason}; serve it with pipeline_parallel_size=1",
             "unsupported",
         )
+
+
+def check_inputs(
+    cfg: MethodConfig, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any
+) -> None:
+    """Refuse a request whose prompt or engine settings the method cannot work with (:class:`SpecError`,
+    reason ``inputs``). ``features``: the request's multimodal features (``mm_position`` = placeholder
+    range)."""
+    method = method_of(cfg)
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise SpecError(
+            "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
+            "unsupported",
+        )
+    check_parallel(cfg, vllm_config)
     images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
     if method.needs_image and not images:
         raise SpecError(
