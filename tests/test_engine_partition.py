@@ -257,6 +257,8 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
         SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,)),
     )
     prunehal, farsight = PruneHalConfig(r=0.5, t=2, layers=(1,)), FarSightConfig(mode="B")
+    dcp = config()
+    dcp.parallel_config.decode_context_parallel_size = 2
     for cfg in (kvsmooth, scr, prunehal, farsight):  # every method reduces its statistics over the ranks
         check_inputs(cfg, [image], 30, config())
         check_inputs(cfg, [image], 30, config(tp=2))
@@ -264,6 +266,7 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
         (kvsmooth, config(spec=object()), "speculative decoding"),
         (scr, config(spec=object()), "speculative decoding"),
         *((cfg, config(pp=2), "pipeline_parallel_size=2") for cfg in (kvsmooth, scr, prunehal, farsight)),
+        *((cfg, dcp, "context parallelism") for cfg in (kvsmooth, scr, prunehal, farsight)),
     ):
         with pytest.raises(SpecError, match=needle) as err:
             check_inputs(cfg, [image], 30, settings)

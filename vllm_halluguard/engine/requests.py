@@ -29,7 +29,7 @@ __all__ = [
 
 
 def check_parallel(cfg: MethodConfig, vllm_config: Any) -> None:
-    """Refuse a method the engine's tensor/pipeline parallel layout cannot serve (:class:`SpecError`,
+    """Refuse a method the engine's tensor/pipeline/context parallel layout cannot serve (:class:`SpecError`,
     reason ``unsupported``). Admission calls it per request, the server at startup for its default."""
     method = method_of(cfg)
     parallel = vllm_config.parallel_config
@@ -38,6 +38,14 @@ def check_parallel(cfg: MethodConfig, vllm_config: Any) -> None:
         raise SpecError(
             f"{cfg.name} is not supported with tensor parallelism (tensor_parallel_size={tp}); "
             "serve it with tensor_parallel_size=1",
+            "unsupported",
+        )
+    cp = {k: getattr(parallel, f"{k}_context_parallel_size", 1) for k in ("decode", "prefill")}
+    if any(n > 1 for n in cp.values()):
+        sizes = ", ".join(f"{k}_context_parallel_size={n}" for k, n in cp.items())
+        raise SpecError(
+            f"{cfg.name} is not supported with context parallelism ({sizes}): the methods read every key "
+            "of a row from one worker's cache, which context parallelism splits across ranks",
             "unsupported",
         )
     if pp > 1 and not method.pipeline_parallel:
