@@ -56,7 +56,7 @@ _local = threading.local()
 @pytest.fixture(autouse=True)
 def _thread_tp_group(monkeypatch):
     """``tp.tp_group()`` is the calling thread's rank of :func:`on_ranks` (as vLLM's is the worker's)."""
-    monkeypatch.setattr(tp, "tp_group", lambda: getattr(_local, "group", None) or tp._Single())
+    monkeypatch.setattr(tp, "tp_group", lambda: getattr(_local, "group", None) or tp._SINGLE)
 
 
 def on_ranks(world: int, fn):

@@ -15,7 +15,7 @@ With one rank nothing is communicated and the statistic is computed exactly as b
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -39,13 +39,19 @@ class _Single:
         return input_
 
 
+_SINGLE = _Single()
+_parallel_state: Any = None
+
+
 def tp_group() -> Group:
     """vLLM's tensor-parallel group of this worker (a one-rank group where vLLM set up none)."""
-    from vllm.distributed import parallel_state
+    global _parallel_state
+    if _parallel_state is None:  # imported on first use: the reference and unit tests need no vLLM
+        from vllm.distributed import parallel_state
 
-    if parallel_state._TP is None:
-        return _Single()
-    return parallel_state.get_tp_group()
+        _parallel_state = parallel_state
+    group = _parallel_state._TP
+    return _SINGLE if group is None else group
 
 
 def head_mean(x: torch.Tensor, dim: int, group: Group | None = None) -> torch.Tensor:
