@@ -42,10 +42,15 @@ SPECS = {
 @contextlib.contextmanager
 def _thread_binding_for_ranks():
     """One OpenMP binding per rank: under pytest-xdist both ranks share the worker's core (conftest pins
-    it); otherwise unbound (vLLM's automatic binding reserves more cores than this machine has)."""
+    it); otherwise one core each. vLLM's automatic binding reserves more cores than this machine has,
+    and unbound ranks make every all-reduce wait ~5 ms for the other rank to be scheduled."""
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    single = old is not None and old.isdigit()
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join([old] * TP) if single else "nobind"
+    cores = (
+        [old] * TP
+        if old is not None and old.isdigit()
+        else [str(r % (os.cpu_count() or 1)) for r in range(TP)]
+    )
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cores)
     try:
         yield
     finally:
