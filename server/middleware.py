@@ -163,6 +163,7 @@ class MitigationMiddleware:
             Policy.from_env(),
             model_config.hf_config,
             str(vllm_config.cache_config.cache_dtype),
+            vllm_config,
         )
         resolver = self.resolver
         from vllm import envs

@@ -156,13 +156,20 @@ def parse_allow(text: str) -> frozenset[str]:
 class Resolver:
     """The policy bound to the served model: request field → resolved config (or ``None``)."""
 
-    def __init__(self, policy: Policy, hf_config: Any, cache_dtype: str = "auto") -> None:
+    def __init__(
+        self, policy: Policy, hf_config: Any, cache_dtype: str = "auto", vllm_config: Any = None
+    ) -> None:
         self.policy = policy
         self.hf_config = hf_config
         self.cache_dtype = cache_dtype
         self.family: ModelFamily | None = policy.preset or model_family(hf_config)
         self.num_layers: int = hf_config.get_text_config().num_hidden_layers
         self.default = self.resolve(policy.default)  # a bad default fails at startup
+        if self.default is not None and vllm_config is not None:  # so does one the layout refuses
+            try:
+                engine_requests.check_parallel(self.default, vllm_config)
+            except SpecError as e:
+                raise MitigationError(f"the default mitigation: {e}", e.reason) from e
 
     def _model_view(self) -> Any:
         if self.policy.preset is None:

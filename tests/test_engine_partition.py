@@ -243,10 +243,10 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
     from vllm_halluguard.engine.requests import check_inputs
     from vllm_halluguard.methods import SCRConfig, SpecError
 
-    def config(tp: int = 1, spec: object = None) -> SimpleNamespace:
+    def config(tp: int = 1, spec: object = None, pp: int = 1) -> SimpleNamespace:
         return SimpleNamespace(
             speculative_config=spec,
-            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
             scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, long_prefill_token_threshold=0),
             compilation_config=SimpleNamespace(mode=0),
         )
@@ -256,16 +256,41 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
         KVSmoothConfig(lam_ref=0.5, layers=(1,)),
         SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,)),
     )
-    check_inputs(kvsmooth, [image], 30, config())
-    check_inputs(scr, [image], 30, config(tp=2))  # SCR averages its map over the ranks
-    for cfg, settings in (
-        (kvsmooth, config(tp=2)),
-        (kvsmooth, config(spec=object())),
-        (scr, config(spec=object())),
+    prunehal, farsight = PruneHalConfig(r=0.5, t=2, layers=(1,)), FarSightConfig(mode="B")
+    dcp = config()
+    dcp.parallel_config.decode_context_parallel_size = 2
+    for cfg in (kvsmooth, scr, prunehal, farsight):  # every method reduces its statistics over the ranks
+        check_inputs(cfg, [image], 30, config())
+        check_inputs(cfg, [image], 30, config(tp=2))
+    for cfg, settings, needle in (
+        (kvsmooth, config(spec=object()), "speculative decoding"),
+        (scr, config(spec=object()), "speculative decoding"),
+        *((cfg, config(pp=2), "pipeline_parallel_size=2") for cfg in (kvsmooth, scr, prunehal, farsight)),
+        *((cfg, dcp, "context parallelism") for cfg in (kvsmooth, scr, prunehal, farsight)),
     ):
-        with pytest.raises(SpecError) as err:
+        with pytest.raises(SpecError, match=needle) as err:
             check_inputs(cfg, [image], 30, settings)
         assert err.value.reason == "unsupported"
+
+
+def test_a_server_default_the_parallel_layout_refuses_fails_at_startup():
+    from transformers import AutoConfig
+    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
+
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    hf_config = AutoConfig.from_pretrained(ensure_fixture("llava"))
+
+    def layout(tp: int, pp: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        )
+
+    for default in ("kvsmooth", "prunehal", "scr", {"method": "farsight", "mode": "B"}):
+        assert Resolver(Policy(default), hf_config, "auto", layout(2, 1)).default is not None
+        with pytest.raises(MitigationError, match="pipeline_parallel_size=2"):
+            Resolver(Policy(default), hf_config, "auto", layout(1, 2))
+    assert Resolver(Policy(), hf_config, "auto", layout(1, 2)).default is None  # plain serving is fine
 
 
 def test_the_wrapped_builder_keeps_plain_steps_native_and_builds_plans_self_contained():

@@ -93,9 +93,14 @@ class EngineMethod:
     #: The method rewrites generated tokens' cached K/V: their blocks must not serve other requests'
     #: prompts from the prefix cache (the reference computes those tokens' K/V raw).
     edits_generated_kv: ClassVar[bool] = False
-    #: The method is correct with tensor parallelism (its decisions see every head: SCR all-reduces its
-    #: map); the others are refused at admission when ``tensor_parallel_size > 1``.
+    #: The method is correct with tensor parallelism (its decisions see every head, reduced across the
+    #: ranks by :mod:`vllm_halluguard.engine.tp`); others are refused when ``tensor_parallel_size > 1``.
     tensor_parallel: ClassVar[bool] = False
+    #: The method is correct with pipeline parallelism (no decision reads layers of another stage);
+    #: others are refused at admission when ``pipeline_parallel_size > 1``.
+    pipeline_parallel: ClassVar[bool] = False
+    #: Why :attr:`pipeline_parallel` is off (the admission error).
+    pipeline_reason: ClassVar[str] = "it has not been run across pipeline stages"
     #: Worker counters this method adds to ``worker_stats`` (start at 0), and its gauges
     #: (:meth:`worker_stats`).
     counters: ClassVar[tuple[str, ...]] = ()

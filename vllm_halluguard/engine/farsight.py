@@ -6,6 +6,8 @@ of a layer call together in :func:`apply_batch`, other rows one by one in :func:
 Mode B's sink is one constant per head for every token, so where the native kernel takes per-head
 sinks (vLLM's ``s_aux``, FlashAttention's sinks) those rows run natively, one sub-batch per config.
 With the Triton kernel, the other rows get their per-token sinks in the kernel's launch.
+Under tensor parallelism each rank takes the sinks of its own heads (the ALiBi slope of head ``h`` is
+``2^(-8(h+1)/H)`` over all ``H`` heads).
 """
 
 from __future__ import annotations
@@ -18,20 +20,28 @@ import torch
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import Row
+from vllm_halluguard.engine.tp import head_slice
 from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods.farsight import FarSightConfig, row_log_r, sink_logits
 
 
-@functools.lru_cache(maxsize=64)
 def steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
-    """Mode B's per-head sink logits ``[H]`` (a pure function of the frozen config)."""
+    """Mode B's sink logits ``[H]`` of this rank's ``num_heads`` query heads."""
+    total, heads = head_slice(num_heads)
+    return _steady_sinks(cfg, total)[heads]
+
+
+@functools.lru_cache(maxsize=64)
+def _steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
+    """Mode B's per-head sink logits ``[H]`` of all heads (a pure function of the frozen config)."""
     return sink_logits(num_heads, cfg.sigma, cfg.alibi, cfg.progressive_c)
 
 
 def row_sinks(
     cfg: FarSightConfig, positions: torch.Tensor, prompt_len: int, num_heads: int
 ) -> torch.Tensor | None:
-    """Sink logits ``[n, H]`` for tokens at ``positions`` of a request, or ``None`` if none applies."""
+    """Sink logits ``[n, H]`` for tokens at ``positions`` of a request, or ``None`` if none applies
+    (``num_heads``: this rank's query heads; the ALiBi slopes depend on the head's global index)."""
     if cfg.is_noop():
         return None
     if cfg.mode == "B":
@@ -40,7 +50,8 @@ def row_sinks(
     if not bool(prompt.any()):
         return None
     length = torch.full_like(positions, prompt_len)
-    log_r = row_log_r(positions, length, num_heads, cfg.sigma, cfg.alibi, cfg.progressive).T  # [n, H]
+    total, heads = head_slice(num_heads)
+    log_r = row_log_r(positions, length, total, cfg.sigma, cfg.alibi, cfg.progressive)[heads].T  # [n, H]
     return torch.where(prompt[:, None], log_r, torch.full_like(log_r, float("-inf")))
 
 
@@ -91,6 +102,7 @@ class FarSightEngine(EngineMethod):
 
     name = "farsight"
     batched = True
+    tensor_parallel = True  # per-head sinks of the rank's own heads; no cross-head decision
     counters = ("farsight_native_rows",)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:

@@ -9,6 +9,8 @@ the native kernel's output is kept). With the Triton kernel the smoothed decode 
 the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`).
 
 State: one entropy FIFO (ring buffer + push count) per slot and decoder layer (:class:`Buffers`).
+Under tensor parallelism the entropy is averaged over every rank's heads (:func:`entropy`), so all ranks
+push the same value and smooth with the same lambda.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
+from vllm_halluguard.engine.tp import head_mean
 from vllm_halluguard.kernels.reference import attention_logits, attention_logits_padded
-from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, head_entropy, update_lambda
+from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, row_entropy, update_lambda
 from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW
 
 
@@ -36,6 +39,14 @@ class Buffers:
 
 def buffers(runtime: Any) -> Buffers:
     return runtime.ext["kvsmooth"]
+
+
+def entropy(probs: torch.Tensor, reduce: str) -> torch.Tensor:
+    """:func:`~vllm_halluguard.methods.kvsmooth.head_entropy` of rows ``probs [..., Hq, S]`` over the heads
+    of every tensor-parallel rank (this rank holds ``Hq`` of them)."""
+    if reduce == "mean_entropy":
+        return head_mean(row_entropy(probs), -1)
+    return row_entropy(head_mean(probs.float(), -2))
 
 
 def decode_position(call: LayerCall, row: Row) -> int | None:
@@ -80,7 +91,7 @@ def apply(call: LayerCall, row: Row) -> None:
     start, end, seq_len = call.span(row)
     k, v = call.gather(row.index, seq_len)
     logits = attention_logits(call.query[start:end], k, call.scale, torch.tensor([pos]))[0]  # [Hq, S]
-    z = head_entropy(torch.softmax(logits, dim=-1), cfg.head_reduce).reshape(1)
+    z = entropy(torch.softmax(logits, dim=-1), cfg.head_reduce).reshape(1)
     smooth(call, row, z, (k[pos - 1], v[pos - 1]), (k[pos], v[pos]))
 
 
@@ -106,7 +117,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     for cfg, idx in groups.items():
         sel = torch.tensor(idx)
         slots = torch.tensor([todo[i][0].request.slot for i in idx])
-        z = head_entropy(probs[sel], cfg.head_reduce)
+        z = entropy(probs[sel], cfg.head_reduce)
         m = cfg.window
         queue, count = buf.queue[slots, layer, :m], buf.count[slots, layer]
         lam[sel], queue, count = update_lambda(queue, count, z.cpu(), cfg)
@@ -130,6 +141,7 @@ class KVSmoothEngine(EngineMethod):
 
     name = "kvsmooth"
     batched = True
+    tensor_parallel = True  # entropy averaged over every rank's heads (engine/tp.py)
     edits_generated_kv = True
 
     def setup(self, runtime: Any) -> None:
@@ -169,6 +181,7 @@ class KVSmoothEngine(EngineMethod):
         assert call.gather_slots is not None
         pos = torch.tensor([p for _, p in todo])
         k2, v2 = call.gather_slots([row.index for row, _ in todo], torch.stack([pos - 1, pos], dim=1))
+        starts = torch.tensor([call.query_start_loc[row.index] for row, _ in todo])
+        z = head_mean(entropy[starts.to(entropy.device)], -1)  # [rows]: one reduction for all rows
         for i, (row, _) in enumerate(todo):
-            z = entropy[call.query_start_loc[row.index]].mean().reshape(1)
-            smooth(call, row, z, (k2[i, 0], v2[i, 0]), (k2[i, 1], v2[i, 1]))
+            smooth(call, row, z[i].reshape(1), (k2[i, 0], v2[i, 0]), (k2[i, 1], v2[i, 1]))

@@ -42,6 +42,7 @@ from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, Ro
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row, worker_log
+from vllm_halluguard.engine.tp import head_mean
 from vllm_halluguard.kernels.reference import (
     attention_logits,
     attention_probs_padded,
@@ -52,7 +53,7 @@ from vllm_halluguard.methods.errors import SpecError
 from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
-    visual_attention_stats,
+    scores_statistic,
     visual_groups,
 )
 
@@ -198,7 +199,7 @@ def apply(call: LayerCall, row: Row) -> None:
     qf = q[0].float().reshape(hkv, hq // hkv, -1)
     logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
     probs = torch.exp(logits - lse[0, :, None]) * keep  # [Hq, Nv]; pruned keys have probability 0
-    A, scores = visual_attention_stats(probs, keep, cfg.statistic)
+    A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
     st.A[i], st.scores[i] = A, scores
     st.seen[i] = True
     if call.layer == max(st.layers):
@@ -235,7 +236,7 @@ def _apply_recompute(call: LayerCall, row: Row, st: PruneState, cfg: PruneHalCon
     qf = q[0].float().reshape(hkv, hq // hkv, -1)
     logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
     probs = torch.exp(logits - lse[0, :, None]) * keep
-    st.A[i], st.scores[i] = visual_attention_stats(probs, keep, cfg.statistic)
+    st.A[i], st.scores[i] = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
     st.seen[i] = True
     if call.layer == max(st.layers):
         decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
@@ -280,12 +281,13 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         _, probs = attention_probs_padded(call.query[starts], k, call.scale, key_mask)
     hq = probs.shape[1]
     on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
+    head_avg = head_mean(on_visual.float(), -2)  # [B, Nv] over every rank's heads
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
         cfg = cast(PruneHalConfig, row.request.config)
         if cfg.statistic not in stats:
-            stats[cfg.statistic] = visual_attention_stats(on_visual, keep, cfg.statistic)
+            stats[cfg.statistic] = scores_statistic(head_avg, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
         st.A[i], st.scores[i] = A[b].cpu(), scores[b, : st.visual.numel()].cpu()
         st.seen[i] = True
@@ -412,6 +414,8 @@ class PruneHalEngine(EngineMethod):
 
     name = "prunehal"
     needs_image = True
+    tensor_parallel = True  # statistics averaged over every rank's heads (engine/tp.py)
+    pipeline_reason = "its prune vote reads every configured layer, and the layers sit on different stages"
     batched = True
     gauges = ("prunehal_reclaimable_blocks",)
     #: ``prunehal_freed_blocks``: prompt blocks handed back to the pool (reclaiming variant), and
@@ -496,7 +500,7 @@ class PruneHalEngine(EngineMethod):
             logits = torch.einsum("kgd,skd->kgs", qf, kv).reshape(hq, -1) * call.scale
             keep = st.keep[i]
             probs = torch.exp(logits - lse[start, :, None].float()).cpu() * keep
-            A, scores = visual_attention_stats(probs, keep, cfg.statistic)
+            A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
             st.A[i], st.scores[i] = A, scores
             st.seen[i] = True
             if call.layer == max(st.layers):

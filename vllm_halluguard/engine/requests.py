@@ -21,10 +21,37 @@ __all__ = [
     "MAX_KVSMOOTH_WINDOW",
     "SCR_PARENT_KEY",
     "check_inputs",
+    "check_parallel",
     "model_family",
     "resolve",
     "spec_of",
 ]
+
+
+def check_parallel(cfg: Config, vllm_config: Any) -> None:
+    """Refuse a method (each member of a composition) that the engine's parallel layout cannot serve
+    (:class:`SpecError`, reason ``unsupported``): tensor parallel for a method without TP-consistent
+    decisions, settings that split a step's rows or a request's KV cache (:func:`split_steps`), pipeline
+    parallel. Admission calls it per request, the server at startup for its default."""
+    parallel = vllm_config.parallel_config
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    split = split_steps(vllm_config)
+    for member in members_of(cfg):
+        method = METHODS[member.name]
+        if tp > 1 and not method.tensor_parallel:
+            raise SpecError(
+                f"{member.name} is not supported with tensor parallelism (tensor_parallel_size={tp}); "
+                "serve it with tensor_parallel_size=1",
+                "unsupported",
+            )
+        if split is not None:
+            raise SpecError(f"{member.name} does not run with {split}", "unsupported")
+        if pp > 1 and not method.pipeline_parallel:
+            raise SpecError(
+                f"{member.name} is not supported with pipeline parallelism (pipeline_parallel_size={pp}): "
+                f"{method.pipeline_reason}; serve it with pipeline_parallel_size=1",
+                "unsupported",
+            )
 
 
 def check_inputs(cfg: Config, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
@@ -42,16 +69,7 @@ def _check_one(cfg: Any, features: Sequence[Any] | None, prompt_len: int, vllm_c
             "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
             "unsupported",
         )
-    split = split_steps(vllm_config)
-    if split is not None:
-        raise SpecError(f"mitigation methods do not run with {split}", "unsupported")
-    tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp > 1 and not method.tensor_parallel:
-        raise SpecError(
-            f"{cfg.name} decides from statistics over all attention heads, which are not yet reduced across "
-            f"tensor-parallel ranks (tensor_parallel_size={tp}); serve it with tensor_parallel_size=1",
-            "unsupported",
-        )
+    check_parallel(cfg, vllm_config)
     images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
     if method.needs_image and not images:
         raise SpecError(

@@ -19,7 +19,9 @@ An SCR request runs as two engine requests (:mod:`vllm_halluguard.engine.two_pas
   diagnostic's blocks are never read from the prefix cache).
 
 A selection lives until its real request finishes; a preempted request is recomputed with the same one.
-With tensor parallelism each rank sees its own heads, so the map is averaged across ranks.
+With tensor parallelism each rank sees its own heads, so the map is averaged across ranks: every rank
+holds as many query heads (vLLM splits them evenly), so the mean of the ranks' head means is the mean
+over all heads.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from vllm_halluguard.engine.images import patch_grid, visual_positions
 from vllm_halluguard.engine.keys import SCR_PARENT_KEY
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row, current, worker_log
+from vllm_halluguard.engine.tp import rank_mean
 from vllm_halluguard.kernels.reference import attention_logits
 from vllm_halluguard.methods.scr import Grid, SCRConfig, Selection, apply_edit, select_sources
 
@@ -139,7 +142,7 @@ def _select(runtime: Any, state: RequestState, st: DiagState) -> None:
         logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
         return
     attn_map = st.map_sum / (st.rows * len(st.layers))
-    attn_map = _mean_over_tp_ranks(attn_map).float().cpu()
+    attn_map = rank_mean(attn_map).float().cpu()  # equal head counts per rank: the mean over all heads
     picked = select_sources(
         attn_map, st.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
     )
@@ -147,13 +150,6 @@ def _select(runtime: Any, state: RequestState, st: DiagState) -> None:
     record = {"attn_map": attn_map.tolist(), "grid": list(st.grid), "sources": picked.sources[0].tolist(),
               "owner": picked.owner[0].tolist(), "num_visual": int(st.visual.numel())}  # fmt: skip
     runtime.remember(LOG, st.parent, record, MAX_KEPT)
-
-
-def _mean_over_tp_ranks(x: torch.Tensor) -> torch.Tensor:
-    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
-
-    world = get_tensor_model_parallel_world_size()
-    return x if world == 1 else tensor_model_parallel_all_reduce(x.clone()) / world
 
 
 def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
@@ -246,10 +242,12 @@ class SCREngine(EngineMethod):
     name = "scr"
     needs_image = True
     tensor_parallel = True  # the diagnostic map is averaged across ranks
+    pipeline_reason = "its diagnostic layers and its edit layers can sit on different pipeline stages"
     counters = ("scr_edits", "scr_split_images", "scr_unedited", "scr_early_exits")
 
     def check_inputs(self, cfg: Any, images: Any, prompt_len: int, vllm_config: Any) -> None:
-        """Exactly one image followed by text, inside one prefill chunk; one pipeline stage; eager."""
+        """Exactly one image followed by text, inside one prefill chunk; eager (one pipeline stage: see
+        :attr:`pipeline_reason`)."""
         if cfg.is_noop():
             return
         if len(images) != 1:
@@ -270,8 +268,6 @@ class SCREngine(EngineMethod):
                 f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
                 f"long_prefill_token_threshold is {cap}"
             )
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise ValueError("scr does not support pipeline parallelism")
         if int(vllm_config.compilation_config.mode) != 0:
             raise ValueError(
                 "scr edits the residual stream with forward hooks and needs eager execution (--enforce-eager)"

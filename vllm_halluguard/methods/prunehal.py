@@ -124,7 +124,13 @@ def visual_attention_stats(
     normalisation); ``keep_mask[..., Nv]`` bool. Returns ``(A[...], scores[..., Nv])`` where
     ``scores = mean_h p`` and ``A`` is the mean (or sum, ``statistic="mass"``) of the scores over kept tokens.
     """
-    scores = probs_on_visual.float().mean(-2)
+    return scores_statistic(probs_on_visual.float().mean(-2), keep_mask, statistic)
+
+
+def scores_statistic(
+    scores: torch.Tensor, keep_mask: torch.Tensor, statistic: Literal["mean", "mass"] = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visual_attention_stats` from the head-averaged ``scores[..., Nv]`` (fp32)."""
     keep = keep_mask.to(scores.dtype)
     total = (scores * keep).sum(-1)
     if statistic == "mass":
