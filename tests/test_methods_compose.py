@@ -54,6 +54,7 @@ def test_the_triple_and_the_quadruple_compose():
             if other != "farsight"
         ],
         ([{"method": "kvsmooth", "head_reduce": "entropy_of_mean"}, "prunehal"], "unsupported", "prunehal"),
+        (["kvsmooth", {"method": "prunehal", "selection": "shared"}], "unsupported", "served alone"),
         (["kvsmooth", "KVSmooth"], "invalid_spec", "appears twice"),
         (["none", "farsight"], "invalid_spec", "'none' cannot be composed"),
         ([["kvsmooth"], "farsight"], "invalid_spec", "names or objects"),

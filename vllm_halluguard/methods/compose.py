@@ -88,7 +88,8 @@ def check_pairs(members: tuple[MethodConfig, ...]) -> None:
     whole sequence without a KV cache at every step, so there is no cached step for the others to act
     on, and the engine does not serve it), and KVSmooth's ``entropy_of_mean`` next to PruneHal (that
     head reduction is computed from the cached keys outside the attention call, where PruneHal's key
-    mask of the layer is not applied).
+    mask of the layer is not applied). PruneHal's block-reclaiming variant (``selection: "shared"``)
+    is served alone only: its freeing of KV blocks has not been tested inside a composition.
     """
     names = {m.name for m in members}
     for m in members:
@@ -96,6 +97,12 @@ def check_pairs(members: tuple[MethodConfig, ...]) -> None:
             raise SpecError(
                 "farsight mode 'A' recomputes the whole sequence without a KV cache at every step and "
                 "composes with no other method; compose mode 'C' (default) or 'B'",
+                "unsupported",
+            )
+        if m.name == "prunehal" and getattr(m, "selection", "per_layer") != "per_layer":
+            raise SpecError(
+                "prunehal with selection 'shared' (block reclaim) is served alone, not in a composition; "
+                "compose the paper's selection 'per_layer'",
                 "unsupported",
             )
         if m.name == "kvsmooth" and getattr(m, "head_reduce", None) != "mean_entropy" and "prunehal" in names:
