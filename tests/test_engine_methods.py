@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,7 +164,9 @@ def no_plugin_run(tmp_path_factory):
     """Both fixtures' plain generations from a process where vLLM loads no plugin at all."""
     script = tmp_path_factory.mktemp("no_plugin") / "no_plugin.py"
     script.write_text(NO_PLUGIN_SCRIPT)
-    env = {**os.environ, "VLLM_PLUGINS": "none-at-all", "VLLM_LOGGING_LEVEL": "WARNING"}
+    tests_dir = str(Path(__file__).resolve().parent)  # the script imports helpers.*
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "VLLM_PLUGINS": "none-at-all", "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": path}
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -29,41 +29,47 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
     # The GPU defaults: V2 runner, async scheduling. Both fixtures (LLaVA; Qwen2-VL's M-RoPE grid).
     "v2,async": (
-        ["test_parity.py", "test_engine_methods.py", "test_engine_scr.py", "test_engine_prunehal.py"],
+        [
+            "test_parity.py",
+            "test_engine_contract.py",
+            "test_engine_methods.py",
+            "test_engine_scr.py",
+            "test_engine_prunehal.py",
+        ],
         " or ".join(
             [
                 "test_vllm_matches_hf",
                 "test_batch_of_four",
-                "(test_engine_methods and (test_engine_matches_reference or test_mixed_batch"
-                " or test_preempted or test_prefix_cache or test_plain_requests_equal))",
-                "(test_engine_scr and (preset or test_mixed_batch or test_preempted"
+                "(test_engine_contract and (test_engine_matches_reference or test_mixed_batch))",
+                "(test_engine_methods and (test_preempted or test_prefix_cache"
+                " or test_plain_requests_equal))",
+                "(test_engine_scr and ((test_decisions and preset) or test_preempted"
                 " or (test_prefix_cache and llava)))",
-                "(test_engine_prunehal and (preset or (test_mixed_batch and llava)))",
+                "(test_engine_prunehal and test_decisions and preset)",
             ]
         ),
         {
             "test_vllm_matches_hf_greedy_and_teacher_forced_logprobs",
             "test_batch_of_four_matches_solo_runs",
             "test_engine_matches_reference",
-            "test_mixed_batch_equals_solo_runs",
+            "test_mixed_batch_of_every_method_equals_solo_runs",
             "test_preempted_requests_release_and_restart_their_state",
             "test_prefix_cache_is_isolated_per_method_config",
             "test_plain_requests_equal_a_run_without_the_plugin",
-            "test_mixed_batch_of_every_method_equals_solo_runs",
+            "test_decisions_match_reference",
             "test_preempted_scr_requests_recompute_with_their_selection",
             "test_prefix_cache_is_never_read_by_or_from_scr",
         },
     ),
     # The CPU default runner (V1) with async scheduling: LLaVA.
     "async": (
-        ["test_engine_methods.py", "test_engine_scr.py", "test_engine_prunehal.py"],
-        "(llava and (test_engine_methods or preset) and test_engine_matches_reference)"
-        " or (llava and test_mixed_batch) or test_preempted",
+        ["test_engine_contract.py", "test_engine_methods.py", "test_engine_scr.py"],
+        "(llava and test_engine_contract and (test_engine_matches_reference or test_mixed_batch))"
+        " or test_preempted",
         {
             "test_engine_matches_reference",
-            "test_mixed_batch_equals_solo_runs",
-            "test_preempted_requests_release_and_restart_their_state",
             "test_mixed_batch_of_every_method_equals_solo_runs",
+            "test_preempted_requests_release_and_restart_their_state",
             "test_preempted_scr_requests_recompute_with_their_selection",
         },
     ),

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from vllm import envs
 
 from helpers.parity import (
     Case,
@@ -51,6 +52,9 @@ def _thread_binding_for_ranks():
         else [str(r % (os.cpu_count() or 1)) for r in range(TP)]
     )
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cores)
+    # An engine started earlier in this process froze vLLM's env reads (``enable_envs_cache``): unfreeze
+    # them so this engine sees the binding, and again after it so later engines see the old one.
+    envs.disable_envs_cache()
     try:
         yield
     finally:
@@ -58,6 +62,7 @@ def _thread_binding_for_ranks():
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+        envs.disable_envs_cache()
 
 
 @pytest.fixture(scope="module")
