@@ -1,6 +1,7 @@
 """Tensor parallelism: a TP=2 engine (two CPU worker processes, each holding half of the attention heads)
 serves every method in one mixed batch equal to the dense reference (tokens, log-probs, PruneHal's keep
-masks and SCR's map and selection, on both ranks), and plain requests as without the plugin."""
+masks and SCR's map and selection, on both ranks), and plain requests as without the plugin. The same
+runs on a compiled TP=2 engine (no ``--enforce-eager``), where SCR is refused."""
 
 import contextlib
 import os
@@ -8,6 +9,7 @@ import os
 import pytest
 import torch
 from vllm import envs
+from vllm.exceptions import VLLMValidationError
 
 from helpers.parity import (
     Case,
@@ -28,6 +30,9 @@ pytestmark = pytest.mark.engine
 FIXTURE = "llava"  # 4 query heads, 2 KV heads: each rank holds 2 query heads and 1 KV head
 TP = 2
 METHOD_ATOL = 1e-3  # the method parity bound of the single-worker suites
+#: Engine settings per mode: eager (every method), compiled (Dynamo + Inductor; SCR is refused there).
+MODES = {"eager": {}, "compiled": {"enforce_eager": False}}
+EAGER_ONLY = {"scr"}  # needs --enforce-eager (tests/test_engine_compiled.py)
 PLAIN_ATOL = 1e-4  # test_parity's bound for plain requests
 SPECS = {
     "kvsmooth": "kvsmooth",
@@ -65,11 +70,18 @@ def _thread_binding_for_ranks():
         envs.disable_envs_cache()
 
 
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def llm(engines):
+def llm(engines, mode):
     with _thread_binding_for_ranks():
-        llm = engines.get(FIXTURE, tensor_parallel_size=TP, distributed_executor_backend="mp")
-    assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == TP
+        llm = engines.get(FIXTURE, tensor_parallel_size=TP, distributed_executor_backend="mp", **MODES[mode])
+    config = llm.llm_engine.vllm_config
+    assert config.parallel_config.tensor_parallel_size == TP
+    assert (int(config.compilation_config.mode) != 0) == (mode == "compiled")
     return llm
 
 
@@ -79,10 +91,10 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def mixed(llm):
-    """One batch: two plain requests around every method, with PruneHal's and SCR's worker traces of
-    each rank."""
-    names = [None, *SPECS, None]
+def mixed(llm, mode):
+    """One batch: two plain requests around every method (SCR on the eager engine only), with PruneHal's
+    and SCR's worker traces of each rank."""
+    names = [None, *(n for n in SPECS if mode == "eager" or n not in EAGER_ONLY), None]
     # the single-worker suites' cases (their greedy runs never meet EOS, which the HF reference stops at)
     cases = [method_case(FIXTURE, 5, None if n is None else SPECS[n]) for n in names]
     cases[-1] = Case(FIXTURE, image_seed=10, prompt="Describe the image.")  # test_parity's first case
@@ -108,9 +120,13 @@ def test_plain_requests_match_the_reference(mixed, hf):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_every_method_matches_the_reference(mixed, hf, name):
+def test_every_method_matches_the_reference(llm, mode, mixed, hf, name):
     model, processor = hf
     spec = SPECS[name]
+    if name not in mixed[0]:  # SCR on the compiled engine: refused, and the engine keeps serving
+        with pytest.raises(VLLMValidationError, match="--enforce-eager"):
+            run_vllm(llm, [method_case(FIXTURE, 5, spec)])
+        return
     case, gen = mixed[0][name]
     refs: list = []
     forced = hf_generate(
@@ -151,4 +167,5 @@ def test_ranks_kept_identical_books(llm, mixed):
     assert len(stats) == TP
     keys = ("admitted", "released", "active", "scr_edits")
     assert all({k: s[k] for k in keys} == {k: stats[0][k] for k in keys} for s in stats), stats
-    assert stats[0]["scr_edits"] >= 1 and stats[0]["active"] == 0
+    assert stats[0]["active"] == 0 and stats[0]["admitted"] >= len(mixed[0])
+    assert (stats[0]["scr_edits"] >= 1) == ("scr" in mixed[0])
