@@ -80,16 +80,18 @@ def test_settings_that_split_a_step_are_refused_at_admission(field, value, needl
     assert e.value.reason == "unsupported"
 
 
-@pytest.mark.parametrize("v2", [False, True])
-def test_prunehal_block_reclaim_is_refused_on_v2_only(monkeypatch, v2):
-    # The reclaim nulls entries of V1's block table and rides V1's model-runner output.
+@pytest.mark.parametrize(("v2", "async_scheduling"), [(False, False), (True, False), (False, True)])
+def test_prunehal_block_reclaim_needs_v1_and_synchronous_scheduling(monkeypatch, v2, async_scheduling):
+    # The reclaim nulls entries of V1's block table and rides V1's model-runner output; under async
+    # scheduling its reports arrive a step late (not served).
     config, image = VllmConfig(), [SimpleNamespace(modality="image")]
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: v2))
-    check_inputs(PruneHalConfig(), image, 10, config)  # the paper's per-layer selection: both runners
+    config.scheduler_config.async_scheduling = async_scheduling
+    check_inputs(PruneHalConfig(), image, 10, config)  # the paper's per-layer selection: every setting
     reclaiming = PruneHalConfig(selection="shared")
-    if not v2:
+    if not (v2 or async_scheduling):
         check_inputs(reclaiming, image, 10, config)
         return
-    with pytest.raises(SpecError, match="V1 model runner") as e:
+    with pytest.raises(SpecError, match="V1 model runner" if v2 else "synchronous scheduling") as e:
         check_inputs(reclaiming, image, 10, config)
     assert e.value.reason == "unsupported"

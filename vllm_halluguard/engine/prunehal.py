@@ -429,11 +429,20 @@ class PruneHalEngine(EngineMethod):
     def check_inputs(
         self, cfg: MethodConfig, images: Sequence[Any], prompt_len: int, vllm_config: Any
     ) -> None:
-        """The reclaiming variant edits V1's block table and output (:mod:`.reclaim`); V2 has neither."""
-        if cast(PruneHalConfig, cfg).frees_blocks and getattr(vllm_config, "use_v2_model_runner", False):
+        """The reclaiming variant edits V1's block table and output (:mod:`.reclaim`), which V2 does not
+        have, and its frees are step-exact only without async scheduling (tested that way only)."""
+        if not cast(PruneHalConfig, cfg).frees_blocks:
+            return
+        if getattr(vllm_config, "use_v2_model_runner", False):
             raise SpecError(
                 "prunehal with selection='shared' (block reclaim) needs vLLM's V1 model runner "
                 "(VLLM_USE_V2_MODEL_RUNNER=0); use selection='per_layer' on V2",
+                "unsupported",
+            )
+        if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+            raise SpecError(
+                "prunehal with selection='shared' (block reclaim) needs synchronous scheduling "
+                "(--no-async-scheduling); use selection='per_layer' with async scheduling",
                 "unsupported",
             )
 
