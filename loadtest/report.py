@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 from vllm_halluguard.loadtest.runner import ALL, GroupResult, Report, Totals
 from vllm_halluguard.loadtest.stats import Dist, MeanCI
+
+from vllm_halluguard import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,12 @@ def _reclaim(t: Totals) -> str:
     return f"KV blocks given back by PruneHal: {n:.0f} by {reqs:.0f} requests{per} (warm-up included)"
 
 
+def _plugin_version(setup: dict[str, Any]) -> str:
+    """The plugin version the server lists on ``/v1/mitigations`` ("unknown" from an older server)."""
+    version = setup.get("mitigations", {}).get("version")
+    return str(version.get("vllm_halluguard", "unknown")) if isinstance(version, dict) else "unknown"
+
+
 def markdown(report: Report) -> str:
     cfg, setup, t = report.config, report.setup, report.totals
     sizes = ", ".join(f"{w}x{h}" for w, h in cfg.image_sizes)
@@ -85,7 +94,8 @@ def markdown(report: Report) -> str:
         "",
         f"- target: `{cfg.base_url}`, model `{cfg.model}`; started {setup.get('started_at')}, "
         f"git `{setup.get('git_sha') or 'unknown'}`",
-        f"- server: vLLM {setup.get('version', {}).get('version', 'unknown')}, max_model_len "
+        f"- server: vLLM {setup.get('version', {}).get('version', 'unknown')}, vllm-halluguard "
+        f"{_plugin_version(setup)}; load test vllm-halluguard {__version__}; max_model_len "
         f"{_max_len(setup)}; mitigations listed: {_listed(setup)}",
         f"- workload: 1 image per request ({cfg.images} seeded images, {sizes}), prompt "
         f"{cfg.prompt!r}, {cfg.max_tokens} output tokens (ignore_eos={cfg.ignore_eos}), seed {cfg.seed}",

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_halluguard import __version__
 from vllm_halluguard.engine import requests as engine_requests
 from vllm_halluguard.methods import (
     METHODS,
@@ -29,6 +30,7 @@ from vllm_halluguard.methods import (
     parse,
 )
 from vllm_halluguard.methods.resolve import model_family, resolve
+from vllm_halluguard.plugin import vllm_version
 
 FIELD = "mitigation"
 NONE = "none"
@@ -257,6 +259,7 @@ class Resolver:
             )
         return {
             "object": "list",
+            "version": {"vllm_halluguard": __version__, "vllm": vllm_version()},
             "model_family": self.family,
             "num_layers": self.num_layers,
             "default": json.loads(self.default.canonical()) if self.default is not None else NONE,

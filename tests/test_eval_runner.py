@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+import vllm_halluguard
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.eval.cli import main
 from vllm_halluguard.eval.client import RetryPolicy, send
@@ -393,6 +394,7 @@ def test_report_from_hand_written_results(tmp_path):
     assert "| kvsmooth | 3 | 33.3 | 20.0 | 66.7 | 80.0 | 72.7 | 4.0 |" in md
     assert "| random | none | 5 | 60.0 | 50.0 | 50.0 | 50.0 | 40.0 |" in md
     assert '| prompt | "Describe." |' in md
+    assert f"by vllm-halluguard {vllm_halluguard.__version__}." in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
 

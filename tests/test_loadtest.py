@@ -26,6 +26,7 @@ from vllm_halluguard.loadtest.client import (
 from vllm_halluguard.loadtest.runner import Runner, Totals, count_reclaim, parse_counters
 from vllm_halluguard.loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
 
+import vllm_halluguard
 from helpers.server import ROOT, free_port, running_server, server_command
 
 # ------------------------------------------------------------------------------------------ stats
@@ -449,6 +450,8 @@ def test_cli_run_writes_markdown_and_plots(run):
     proc, out = run
     md = (out / "report.md").read_text()
     assert "## concurrency=1" in md and "## concurrency=4" in md and "Overhead vs `none`" in md
+    plugin = f"vllm-halluguard {vllm_halluguard.__version__}"
+    assert f"{plugin}; load test {plugin};" in md, "the server's and the client's plugin versions"
     assert md in proc.stdout, "the CLI prints the same table"
     pytest.importorskip("matplotlib")
     for name in ("latency.png", "overhead.png"):
