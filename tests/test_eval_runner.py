@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -401,6 +402,16 @@ def test_report_from_hand_written_results(tmp_path):
 
 def test_report_command_needs_results(tmp_path):
     assert main(["report", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_without_a_server_says_so(tmp_path, caplog):
+    images, instances = make_coco(tmp_path / "coco", size=32)
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["chair", "--images", str(images), "--annotations", str(instances), "--out", str(tmp_path / "o"),
+            "--base-url", url, "--mitigation", "none", "--retries", "0"]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert any(f"no server answered at {url} (is it running?" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------ real server
