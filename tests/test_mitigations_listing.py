@@ -6,6 +6,7 @@ Real ``VllmConfig`` objects stand for the server's settings; the tiny fixtures' 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +15,9 @@ from vllm.config import CompilationConfig, VllmConfig
 from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 
 from vllm_halluguard.engine import requests as engine_requests
-from vllm_halluguard.methods import METHODS, ORDER, SpecError
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, ORDER, SpecError
 from vllm_halluguard.methods.compose import REFUSED_IN_COMPOSITION
-from vllm_halluguard.tiny_models import ensure_fixture
+from vllm_halluguard.tiny_models import ALL_FIXTURES, ensure_fixture
 
 ALL_PAIRS = {f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]}
 
@@ -82,3 +83,15 @@ def test_the_note_names_each_setting_a_composition_refuses(hf, spec, setting):
     assert e.value.reason == "unsupported"
     note = resolver.describe()["composition"]["note"]
     assert REFUSED_IN_COMPOSITION[setting] in note
+
+
+def test_docs_list_every_fixture_and_preset():
+    """docs/api.md names every fixture ``--fixture`` takes and every ``--mitigation-preset`` family."""
+
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text().splitlines()
+    (fixtures,) = [
+        i for i, line in enumerate(lines) if line.startswith("`halluguard-serve MODEL|--fixture NAME")
+    ]
+    (presets,) = [line for line in lines if line.startswith("| `--mitigation-preset FAMILY`")]
+    assert all(f"`{f}`" in lines[fixtures] + lines[fixtures + 1] for f in ALL_FIXTURES)
+    assert all(f"`{f}`" in presets for f in MODEL_FAMILIES)
