@@ -10,6 +10,8 @@
 ARG VLLM_VERSION=v0.32.0
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
+# No usage statistics leave the node (vLLM's usage reporting is off; `-e VLLM_NO_USAGE_STATS=0 -e
+# DO_NOT_TRACK=0` turns it back on).
 # Caches (model weights, vLLM's and Triton's compile caches) live under /cache: mount a volume there.
 ENV HOME=/home/halluguard \
     HF_HOME=/cache/huggingface \
@@ -17,7 +19,9 @@ ENV HOME=/home/halluguard \
     TRITON_CACHE_DIR=/cache/triton \
     XDG_CACHE_HOME=/cache \
     HALLUGUARD_PORT=8000 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
 
 WORKDIR /opt/vllm-halluguard
 COPY pyproject.toml README.md ./

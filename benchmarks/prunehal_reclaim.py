@@ -11,8 +11,8 @@ The prompt puts the 64 image tokens at positions 32..95 (a text prefix fills blo
 prompt's four 32-token blocks are image-only; with 64 generated tokens a request needs 6 blocks, or 4
 once the reclaim took the image blocks back.
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/prunehal_reclaim.py            # the table
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/prunehal_reclaim.py --json out.json
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONPATH=tests python benchmarks/prunehal_reclaim.py  # the table
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONPATH=tests python benchmarks/prunehal_reclaim.py --json out.json
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from vllm_halluguard.loadtest import report, workload
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
+    a("--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is accepted)")
     a("--model", default=None, help="model name (default: the first one /v1/models lists)")
     a("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
     a("--mitigation", action="append", default=[], metavar="NAMES",
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="send no 'mitigation' field for none (for servers that do not know it)")  # fmt: skip
     a("--allow-remote", action="store_true", help="allow a target that is not loopback")
     a("--out", type=Path, default=None, help="output folder (default loadtest-results/<UTC time>)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (there is none when stderr is no terminal)")
     a("-v", "--verbose", action="store_true")
     return p
 
@@ -163,17 +164,24 @@ async def _run(args: argparse.Namespace) -> tuple[Report, Path]:
         server = await describe_server(client, args.base_url)
         model = args.model
         if model is None:
+            if not server:
+                raise SystemExit(_no_server(args.base_url))
             try:
                 model = server["models"]["data"][0]["id"]
             except (KeyError, IndexError, TypeError):
-                raise SystemExit("no --model given and the server's /v1/models lists none") from None
+                raise SystemExit(f"no --model given and {args.base_url}/v1/models lists no model") from None
         cfg = config_from_args(args, model)
         planned = cfg.planned_requests()
         if planned > cfg.max_requests:
             raise SystemExit(f"the plan needs {planned} requests, above --max-requests {cfg.max_requests}")
+        if not server:
+            raise SystemExit(_no_server(args.base_url))
+        refused = refused_methods(cfg, server)
+        if refused:
+            raise SystemExit(f"the server does not offer {', '.join(refused)} (GET /v1/mitigations)")
         logger.info("%d requests planned, %d scenarios", planned, len(cfg.scenarios))
         progress = None
-        if not args.no_progress:
+        if not args.no_progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             progress = tqdm(total=planned, unit="req", desc="loadtest", file=sys.stderr)
@@ -187,6 +195,26 @@ async def _run(args: argparse.Namespace) -> tuple[Report, Path]:
     setup = client_setup() | server
     out = args.out or Path("loadtest-results") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Report(config=cfg, setup=setup, points=points, totals=totals), out
+
+
+def _no_server(base_url: str) -> str:
+    return f"no server answered at {base_url} (GET /v1/models, /version and /v1/mitigations all failed)"
+
+
+def server_root(base_url: str) -> str:
+    """The server root of ``--base-url``: an OpenAI-style ``.../v1`` (with or without ``/``) is cut."""
+    root = base_url.rstrip("/")
+    return root.removesuffix("/v1") if root.endswith("/v1") else root
+
+
+def refused_methods(cfg: LoadConfig, server: dict[str, Any]) -> list[str]:
+    """Methods of the plan the server's ``/v1/mitigations`` does not list as allowed (none if unknown)."""
+    listing = server.get("mitigations", {}).get("data")
+    if not isinstance(listing, list):
+        return []
+    offered = {row.get("method") for row in listing if isinstance(row, dict) and row.get("allowed", True)}
+    planned = {name for scenario in cfg.scenarios for name in scenario.mix}
+    return sorted(planned - offered - {workload.BASELINE})
 
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -210,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
+    args.base_url = server_root(args.base_url)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

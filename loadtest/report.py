@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
-from vllm_halluguard.loadtest.runner import ALL, GroupResult, Report, Totals
-from vllm_halluguard.loadtest.stats import Dist, MeanCI
+from vllm_halluguard.loadtest.runner import ALL, GroupResult, PointResult, Report, Totals
+from vllm_halluguard.loadtest.stats import LATENCY_METRICS, MIN_BASELINE_MS, Dist, MeanCI
+from vllm_halluguard.loadtest.workload import BASELINE
+
+from vllm_halluguard import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,22 @@ def _reclaim(t: Totals) -> str:
     return f"KV blocks given back by PruneHal: {n:.0f} by {reqs:.0f} requests{per} (warm-up included)"
 
 
+def _plugin_version(setup: dict[str, Any]) -> str:
+    """The plugin version the server lists on ``/v1/mitigations`` ("unknown" from an older server)."""
+    version = setup.get("mitigations", {}).get("version")
+    return str(version.get("vllm_halluguard", "unknown")) if isinstance(version, dict) else "unknown"
+
+
+def _degenerate_baseline(point: PointResult) -> str:
+    """The latency metrics (e.g. ``TPOT, ITL``) whose ``none`` p50 at ``point`` is too small to divide by."""
+    whole = (g.summary for g in point.groups if g.scenario == BASELINE and g.mitigation in (ALL, BASELINE))
+    base = next(whole, None)
+    if base is None:
+        return ""
+    low = [m for m in LATENCY_METRICS if (d := getattr(base, m)) is not None and d.p50 < MIN_BASELINE_MS]
+    return ", ".join(m.upper() for m in low)
+
+
 def markdown(report: Report) -> str:
     cfg, setup, t = report.config, report.setup, report.totals
     sizes = ", ".join(f"{w}x{h}" for w, h in cfg.image_sizes)
@@ -85,7 +105,8 @@ def markdown(report: Report) -> str:
         "",
         f"- target: `{cfg.base_url}`, model `{cfg.model}`; started {setup.get('started_at')}, "
         f"git `{setup.get('git_sha') or 'unknown'}`",
-        f"- server: vLLM {setup.get('version', {}).get('version', 'unknown')}, max_model_len "
+        f"- server: vLLM {setup.get('version', {}).get('version', 'unknown')}, vllm-halluguard "
+        f"{_plugin_version(setup)}; load test vllm-halluguard {__version__}; max_model_len "
         f"{_max_len(setup)}; mitigations listed: {_listed(setup)}",
         f"- workload: 1 image per request ({cfg.images} seeded images, {sizes}), prompt "
         f"{cfg.prompt!r}, {cfg.max_tokens} output tokens (ignore_eos={cfg.ignore_eos}), seed {cfg.seed}",
@@ -133,6 +154,13 @@ def markdown(report: Report) -> str:
             r = g.ratios_vs_none
             keys = ("ttft_p50", "tpot_p50", "itl_p50", "e2e_p50", "e2e_p99", "output_throughput")
             lines.append(f"| {_name(g)} | " + " | ".join(_f(r.get(k), 3) for k in keys) + " |")
+        degenerate = _degenerate_baseline(point)
+        if degenerate:
+            lines += [
+                "",
+                f"No ratio for {degenerate}: `none`'s p50 is below {MIN_BASELINE_MS} ms at this load point "
+                "(its tokens arrived together), so a ratio against it would measure nothing.",
+            ]
         lines.append("")
     return "\n".join(lines)
 

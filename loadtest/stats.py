@@ -12,6 +12,10 @@ from vllm_halluguard.loadtest.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+#: A latency baseline below this (ms) is no measurement to divide by: a CPU engine can deliver a short
+#: stream's tokens in one burst, so plain requests' TPOT and ITL come out near 0 and a ratio against them
+#: reads as a huge overhead. Such ratios are left out (``None``) and the report says why.
+MIN_BASELINE_MS = 0.1
 
 # Two-sided 95 % Student t quantiles by degrees of freedom (1..30); normal beyond.
 _T95 = (
@@ -146,9 +150,9 @@ def summarize(
     )
 
 
-def ratio(value: float | None, baseline: float | None) -> float | None:
-    """``value / baseline``; ``None`` when either is missing or the baseline is not positive."""
-    if value is None or baseline is None or baseline <= 0 or not math.isfinite(baseline):
+def ratio(value: float | None, baseline: float | None, floor: float = 0.0) -> float | None:
+    """``value / baseline``; ``None`` when either is missing or the baseline is not above ``floor``."""
+    if value is None or baseline is None or baseline <= max(floor, 0.0) or not math.isfinite(baseline):
         return None
     return value / baseline
 
@@ -156,7 +160,8 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
 def ratios(group: Summary, baseline: Summary, throughput: bool = True) -> dict[str, float | None]:
     """Ratios of ``group`` to the ``none`` baseline measured at the same load point.
 
-    Latency keys ``<metric>_<stat>`` (e.g. ``ttft_p50``): group / baseline, > 1 means slower.
+    Latency keys ``<metric>_<stat>`` (e.g. ``ttft_p50``): group / baseline, > 1 means slower; ``None``
+    where the baseline is below :data:`MIN_BASELINE_MS`.
     Throughput keys: group / baseline, < 1 means less throughput; ``None`` unless ``throughput``
     (one method inside a mix carries only its share of the traffic, so its throughput is not comparable).
     """
@@ -164,7 +169,8 @@ def ratios(group: Summary, baseline: Summary, throughput: bool = True) -> dict[s
     for metric in LATENCY_METRICS:
         g, b = getattr(group, metric), getattr(baseline, metric)
         for stat in ("mean", "p50", "p90", "p99"):
-            out[f"{metric}_{stat}"] = ratio(getattr(g, stat) if g else None, getattr(b, stat) if b else None)
+            value, base = (getattr(g, stat) if g else None), (getattr(b, stat) if b else None)
+            out[f"{metric}_{stat}"] = ratio(value, base, floor=MIN_BASELINE_MS)
     for key in ("output_throughput", "request_throughput"):
         g, b = getattr(group, key).mean, getattr(baseline, key).mean
         out[key] = ratio(g, b) if throughput else None

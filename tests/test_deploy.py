@@ -205,6 +205,8 @@ def test_dockerfile_base_user_health_entrypoint():
 
     (health,) = [a for i, a in ins if i == "HEALTHCHECK"]
     assert "/health" in health and "--start-period=" in health
+    env = " ".join(a for i, a in ins if i == "ENV").split()
+    assert {"VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"} <= set(env), "usage statistics must be off"
     assert ("EXPOSE", "8000") in ins
 
     (copy,) = [a for i, a in ins if i == "COPY" and "docker-entrypoint.sh" in a]
@@ -301,6 +303,7 @@ def test_kubernetes_structure(overlay, gpus):
 
     # Safe to expose: the API key comes from a Secret (required), media fetching stays off.
     env = {e["name"]: e for e in c["env"]}
+    assert env["VLLM_NO_USAGE_STATS"]["value"] == env["DO_NOT_TRACK"]["value"] == "1"
     ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "vllm-halluguard-api-key" and not ref.get("optional", False)
     assert not any(
@@ -336,6 +339,7 @@ def test_compose_valid_and_structure(tmp_path):
     assert svc["secrets"][0]["source"] == "api_key"
     assert svc["environment"]["HALLUGUARD_API_KEY_FILE"] == svc["secrets"][0]["target"]
     assert not any(a.startswith(("--allow-media-fetch", "--allowed-media-domains")) for a in svc["command"])
+    assert svc["environment"]["VLLM_NO_USAGE_STATS"] == svc["environment"]["DO_NOT_TRACK"] == "1"
 
     # Variables reach the command; HF_TOKEN passes through only when set.
     assert svc["environment"]["HF_TOKEN"] is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+import vllm_halluguard
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.eval.cli import main
 from vllm_halluguard.eval.client import RetryPolicy, send
@@ -393,12 +395,23 @@ def test_report_from_hand_written_results(tmp_path):
     assert "| kvsmooth | 3 | 33.3 | 20.0 | 66.7 | 80.0 | 72.7 | 4.0 |" in md
     assert "| random | none | 5 | 60.0 | 50.0 | 50.0 | 50.0 | 40.0 |" in md
     assert '| prompt | "Describe." |' in md
+    assert f"by vllm-halluguard {vllm_halluguard.__version__}." in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
 
 
 def test_report_command_needs_results(tmp_path):
     assert main(["report", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_without_a_server_says_so(tmp_path, caplog):
+    images, instances = make_coco(tmp_path / "coco", size=32)
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["chair", "--images", str(images), "--annotations", str(instances), "--out", str(tmp_path / "o"),
+            "--base-url", url, "--mitigation", "none", "--retries", "0"]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert any(f"no server answered at {url} (is it running?" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------ real server

@@ -24,8 +24,18 @@ from vllm_halluguard.loadtest.client import (
     send,
 )
 from vllm_halluguard.loadtest.runner import Runner, Totals, count_reclaim, parse_counters
-from vllm_halluguard.loadtest.stats import Slo, dist, mean_ci, percentile, ratio, ratios, summarize
+from vllm_halluguard.loadtest.stats import (
+    MIN_BASELINE_MS,
+    Slo,
+    dist,
+    mean_ci,
+    percentile,
+    ratio,
+    ratios,
+    summarize,
+)
 
+import vllm_halluguard
 from helpers.server import ROOT, free_port, running_server, server_command
 
 # ------------------------------------------------------------------------------------------ stats
@@ -118,6 +128,11 @@ def test_ratio_logic():
     assert r["request_throughput"] == pytest.approx(0.5)
     part = ratios(slow, base, throughput=False)
     assert part["output_throughput"] is None and part["e2e_p50"] == pytest.approx(2.0)
+    # A baseline whose tokens all arrived together (TPOT/ITL ~0) gives no ratio, and the report says so.
+    burst = summarize([([_rec("none", e2e=0.1 + 1e-6), _rec("none", e2e=0.1 + 2e-6)], 1.0)], 8)
+    assert burst.tpot.p50 < MIN_BASELINE_MS
+    r = ratios(slow, burst)
+    assert r["tpot_p50"] is None and r["ttft_p50"] is not None
 
 
 # --------------------------------------------------------------------------------------- workload
@@ -346,6 +361,21 @@ def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_names_what_is_wrong_before_sending(tmp_path):
+    """A base URL with /v1 is the server root; no server, or a method the server does not offer,
+    stops the run up front with a message that says so."""
+    assert cli.server_root("http://127.0.0.1:8000/v1/") == cli.server_root("http://127.0.0.1:8000")
+    assert cli.server_root("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000"
+    port = free_port()
+    with pytest.raises(SystemExit, match=f"no server answered at http://127.0.0.1:{port} "):
+        cli.main(["--base-url", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path), "--no-progress"])
+    args = cli.build_parser().parse_args(["--mitigation", "kvsmooth,bogus", "--mix", "farsight=0.5,none=0.5"])
+    cfg = cli.config_from_args(args, "m")
+    listing = {"data": [{"method": "kvsmooth", "allowed": True}, {"method": "farsight", "allowed": False}]}
+    assert cli.refused_methods(cfg, {"mitigations": listing}) == ["bogus", "farsight"]
+    assert cli.refused_methods(cfg, {}) == [], "an older server without the listing is not second-guessed"
+
+
 def test_reclaim_counters_are_read_from_metrics_and_reported():
     text = (
         "# HELP halluguard_prunehal_freed_blocks KV blocks ...\n"
@@ -380,7 +410,8 @@ def server(tmp_path_factory):
 def run(server, tmp_path_factory):
     out = tmp_path_factory.mktemp("loadtest_out")
     cmd = [
-        sys.executable, "-m", "vllm_halluguard.loadtest", "--base-url", server, "--mitigation", "kvsmooth",
+        sys.executable, "-m", "vllm_halluguard.loadtest", "--base-url", f"{server}/v1/", "--mitigation",
+        "kvsmooth",
         "--mix", "kvsmooth=0.5,none=0.5", "--concurrency", "1,4", "--requests", "4", "--repeats", "1",
         "--warmup", "1", "--max-tokens", "8", "--image-size", "64", "--image-size", "48x32",
         "--max-duration", "240", "--out", str(out), "--no-progress",
@@ -449,6 +480,8 @@ def test_cli_run_writes_markdown_and_plots(run):
     proc, out = run
     md = (out / "report.md").read_text()
     assert "## concurrency=1" in md and "## concurrency=4" in md and "Overhead vs `none`" in md
+    plugin = f"vllm-halluguard {vllm_halluguard.__version__}"
+    assert f"{plugin}; load test {plugin};" in md, "the server's and the client's plugin versions"
     assert md in proc.stdout, "the CLI prints the same table"
     pytest.importorskip("matplotlib")
     for name in ("latency.png", "overhead.png"):

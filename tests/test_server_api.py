@@ -19,6 +19,7 @@ from openai import OpenAI
 from vllm_halluguard.server.cli import mitigation_env
 from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spec, parse_spec
 
+import vllm_halluguard
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
@@ -283,6 +284,8 @@ def test_mitigations_endpoint(base):
     assert reply.status_code == 200
     body = reply.json()
     assert (body["model_family"], body["num_layers"]) == ("llava", 4)
+    assert body["version"]["vllm_halluguard"] == vllm_halluguard.__version__
+    assert body["version"]["vllm"].startswith("0.32.")
     assert body["default"]["method"] == "kvsmooth"
     pairs = body["composition"]["supported"]
     assert len(pairs) == 6 and "kvsmooth+farsight" in pairs and "scr+prunehal" in pairs

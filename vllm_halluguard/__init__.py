@@ -1,5 +1,8 @@
 """Training-free hallucination mitigation for VLMs inside vLLM."""
 
+#: The package version: the one place it is written (pyproject.toml reads it from here).
+__version__ = "0.1.0"
+
 from pathlib import Path as _Path
 
 # The server and the load generator live in the repository's top-level folders `server/` and

@@ -12,6 +12,8 @@ import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
 
+from vllm_halluguard import __version__
+
 # A child of "vllm" so that the line shows in vLLM's own log format in every process.
 logger = logging.getLogger("vllm.plugins.halluguard")
 
@@ -62,7 +64,9 @@ def register() -> bool:
     if trace:
         with open(trace, "a", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()} {found}\n")
-    _info_once_configured("vllm-halluguard plugin registered (vLLM %s, pid %d)", found, os.getpid())
+    _info_once_configured(
+        "vllm-halluguard plugin registered (version %s, vLLM %s, pid %d)", __version__, found, os.getpid()
+    )
     return True
 
 

@@ -108,6 +108,10 @@ class EngineMethod:
 
     # --------------------------------------------------------------------- admission (front end)
 
+    def check_settings(self, cfg: MethodConfig, vllm_config: Any) -> None:
+        """Raise ``ValueError`` if the engine's settings alone rule ``cfg`` out, whatever the request
+        (admission refuses it; ``GET /v1/mitigations`` reports it as not served, with the message)."""
+
     def check_inputs(
         self, cfg: MethodConfig, images: Sequence[Any], prompt_len: int, vllm_config: Any
     ) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "SCR_PARENT_KEY",
     "check_inputs",
     "check_parallel",
+    "check_settings",
     "model_family",
     "resolve",
     "spec_of",
@@ -54,22 +55,35 @@ def check_parallel(cfg: Config, vllm_config: Any) -> None:
             )
 
 
-def check_inputs(cfg: Config, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
-    """Refuse a request whose prompt or engine settings the method cannot work with (:class:`SpecError`,
-    reason ``inputs``); a composition is refused if one of its members is. ``features``: the request's
-    multimodal features (``mm_position`` = placeholder range)."""
-    for member in members_of(cfg):
-        _check_one(member, features, prompt_len, vllm_config)
-
-
-def _check_one(cfg: Any, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
-    method = METHODS[cfg.name]
+def check_settings(cfg: Config, vllm_config: Any) -> None:
+    """Refuse a config that the engine's settings alone rule out, whatever the request
+    (:class:`SpecError`, reason ``unsupported``): speculative decoding, the parallel layout
+    (:func:`check_parallel`), each member's own ``EngineMethod.check_settings``. Admission calls it
+    per request; ``GET /v1/mitigations`` uses it to say what this server serves."""
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SpecError(
             "mitigation methods do not run with speculative decoding (decode rows carry draft tokens)",
             "unsupported",
         )
     check_parallel(cfg, vllm_config)
+    for member in members_of(cfg):
+        try:
+            METHODS[member.name].check_settings(member, vllm_config)
+        except ValueError as e:
+            raise SpecError(str(e), "unsupported") from e
+
+
+def check_inputs(cfg: Config, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
+    """Refuse a request whose engine settings (:func:`check_settings`) or prompt the method cannot work
+    with (:class:`SpecError`, reason ``unsupported`` or ``inputs``); a composition is refused if one of
+    its members is. ``features``: the request's multimodal features (``mm_position`` = placeholder range)."""
+    check_settings(cfg, vllm_config)
+    for member in members_of(cfg):
+        _check_one(member, features, prompt_len, vllm_config)
+
+
+def _check_one(cfg: Any, features: Sequence[Any] | None, prompt_len: int, vllm_config: Any) -> None:
+    method = METHODS[cfg.name]
     images = [f for f in features or () if getattr(f, "modality", "image") == "image"]
     if method.needs_image and not images:
         raise SpecError(

@@ -246,8 +246,8 @@ class SCREngine(EngineMethod):
     counters = ("scr_edits", "scr_split_images", "scr_unedited", "scr_early_exits")
 
     def check_inputs(self, cfg: Any, images: Any, prompt_len: int, vllm_config: Any) -> None:
-        """Exactly one image followed by text, inside one prefill chunk; eager (one pipeline stage: see
-        :attr:`pipeline_reason`)."""
+        """Exactly one image followed by text, inside one prefill chunk (one pipeline stage: see
+        :attr:`pipeline_reason`; eager: :meth:`check_settings`)."""
         if cfg.is_noop():
             return
         if len(images) != 1:
@@ -268,7 +268,10 @@ class SCREngine(EngineMethod):
                 f"scr keeps an image inside one prefill chunk, but the image has {span.length} tokens and "
                 f"long_prefill_token_threshold is {cap}"
             )
-        if int(vllm_config.compilation_config.mode) != 0:
+
+    def check_settings(self, cfg: Any, vllm_config: Any) -> None:
+        """Eager execution: the edit is a forward hook, which a traced graph never calls."""
+        if not cfg.is_noop() and int(vllm_config.compilation_config.mode) != 0:
             raise ValueError(
                 "scr edits the residual stream with forward hooks and needs eager execution (--enforce-eager)"
             )

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import openai
+
 from . import chair, pope
 from .client import RetryPolicy
 from .records import ProtocolMismatch, parse_mitigation
@@ -87,7 +89,7 @@ def _add_run_options(p: argparse.ArgumentParser, task: str) -> None:
     a("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each retry)")
     a("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     a("--retry-errors", action="store_true", help="on resume, also resend requests that failed with 4xx")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (there is none when stderr is no terminal)")
     a("--no-report", action="store_true", help="only run the requests")
 
 
@@ -136,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         retry=RetryPolicy(retries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout),
         retry_errors=args.retry_errors,
         omit_none_field=args.omit_none_field,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),
         **extra,
     )
 
@@ -152,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run(cfg)
         except (ProtocolMismatch, FileNotFoundError, ValueError) as e:
             logger.error("%s", e)
+            return 2
+        except openai.APIConnectionError:
+            logger.error(
+                "no server answered at %s (is it running? --base-url sets the address)", cfg.base_url
+            )
+            return 2
+        except openai.APIStatusError as e:
+            logger.error("the server at %s answered HTTP %d: %.200s", cfg.base_url, e.status_code, e.message)
             return 2
         logger.info(
             "%s: sent %d (ok %d, errors %s), skipped %d already done",

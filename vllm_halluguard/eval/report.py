@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from vllm_halluguard import __version__
+
 from . import chair, pope
 from .chair import normalize_image_id
 from .records import RESULTS, Mitigation, Protocol, ResultRecord, Task, load_protocols, load_results
@@ -214,7 +216,8 @@ def markdown(report: EvalReport) -> str:
     lines = [
         "# Hallucination evaluation",
         "",
-        f"Created {report.created} from {report.n_records} results. Metrics in %, over successful requests;",
+        f"Created {report.created} from {report.n_records} results by vllm-halluguard {__version__}. "
+        "Metrics in %, over successful requests;",
         "`errors` counts failed requests (not scored) and requests not run yet.",
         "",
         "| mitigation | sent as |",

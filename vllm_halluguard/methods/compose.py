@@ -81,6 +81,15 @@ def members_of(cfg: Config) -> tuple[MethodConfig, ...]:
     return cfg.members if isinstance(cfg, Composition) else (cfg,)
 
 
+#: The settings :func:`check_pairs` refuses in a composition, as ``GET /v1/mitigations`` states them
+#: (tests/test_methods_compose.py checks each is refused).
+REFUSED_IN_COMPOSITION: tuple[str, ...] = (
+    "farsight mode 'A'",
+    "prunehal selection 'shared' (the block-reclaiming variant)",
+    "kvsmooth head_reduce 'entropy_of_mean' together with prunehal",
+)
+
+
 def check_pairs(members: tuple[MethodConfig, ...]) -> None:
     """Refuse the members that do not compose (:class:`SpecError`, reason ``unsupported``).
 

@@ -1,0 +1,97 @@
+"""``GET /v1/mitigations`` answers for this server: each method served or not (and why), from the checks
+that refuse a request, and the composition pairs and rules from the same source.
+
+Real ``VllmConfig`` objects stand for the server's settings; the tiny fixtures' HF configs for the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoConfig
+from vllm.config import CompilationConfig, VllmConfig
+from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
+
+from vllm_halluguard.engine import requests as engine_requests
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, ORDER, SpecError
+from vllm_halluguard.methods.compose import REFUSED_IN_COMPOSITION
+from vllm_halluguard.tiny_models import ALL_FIXTURES, ensure_fixture
+
+ALL_PAIRS = {f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]}
+
+
+@pytest.fixture(scope="module")
+def hf() -> dict[str, Any]:
+    return {f: AutoConfig.from_pretrained(ensure_fixture(f)) for f in ("llava", "llava_next")}
+
+
+def eager(mode: int = 0) -> VllmConfig:
+    return VllmConfig(compilation_config=CompilationConfig(mode=mode))
+
+
+def listing(resolver: Resolver) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    body = resolver.describe()
+    return {r["method"]: r for r in body["data"]}, set(body["composition"]["supported"])
+
+
+def test_an_eager_llava_server_runs_every_method_and_pair(hf):
+    rows, pairs = listing(Resolver(Policy(), hf["llava"], vllm_config=eager()))
+    assert set(rows) == set(METHODS)
+    assert all(r["engine_supported"] and r["unsupported_reason"] is None for r in rows.values())
+    assert pairs == ALL_PAIRS
+
+
+def test_scr_is_not_listed_where_the_model_refuses_it(hf):
+    resolver = Resolver(Policy(), hf["llava_next"], vllm_config=eager())
+    rows, pairs = listing(resolver)
+    with pytest.raises(MitigationError) as refused:
+        resolver.resolve("scr")
+    assert rows["scr"]["engine_supported"] is False
+    assert rows["scr"]["unsupported_reason"] == str(refused.value)
+    assert all(rows[m]["engine_supported"] for m in METHODS if m != "scr")
+    assert pairs == {p for p in ALL_PAIRS if "scr" not in p.split("+")}
+
+
+def test_a_compiled_server_does_not_list_scr(hf):
+    compiled = eager(mode=3)
+    rows, pairs = listing(Resolver(Policy(), hf["llava"], vllm_config=compiled))
+    assert rows["scr"]["engine_supported"] is False and "--enforce-eager" in rows["scr"]["unsupported_reason"]
+    cfg = Resolver(Policy(), hf["llava"]).resolve("scr")
+    with pytest.raises(SpecError, match="--enforce-eager") as e:  # admission refuses it the same way
+        engine_requests.check_settings(cfg, compiled)
+    assert e.value.reason == "unsupported" and str(e.value) == rows["scr"]["unsupported_reason"]
+    assert all(rows[m]["engine_supported"] for m in METHODS if m != "scr")
+    assert pairs == {p for p in ALL_PAIRS if "scr" not in p.split("+")}
+    with pytest.raises(MitigationError, match="--enforce-eager"):  # a default it refuses stops the server
+        Resolver(Policy(default="scr"), hf["llava"], vllm_config=compiled)
+
+
+@pytest.mark.parametrize(
+    ("spec", "setting"),
+    [
+        ([{"method": "farsight", "mode": "A"}, "kvsmooth"], 0),
+        ([{"method": "prunehal", "selection": "shared", "granularity": "block"}, "kvsmooth"], 1),
+        ([{"method": "kvsmooth", "head_reduce": "entropy_of_mean"}, "prunehal"], 2),
+    ],
+)
+def test_the_note_names_each_setting_a_composition_refuses(hf, spec, setting):
+    resolver = Resolver(Policy(), hf["llava"], vllm_config=eager())
+    with pytest.raises(MitigationError) as e:
+        resolver.resolve(spec)
+    assert e.value.reason == "unsupported"
+    note = resolver.describe()["composition"]["note"]
+    assert REFUSED_IN_COMPOSITION[setting] in note
+
+
+def test_docs_list_every_fixture_and_preset():
+    """docs/api.md names every fixture ``--fixture`` takes and every ``--mitigation-preset`` family."""
+
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text().splitlines()
+    (fixtures,) = [
+        i for i, line in enumerate(lines) if line.startswith("`halluguard-serve MODEL|--fixture NAME")
+    ]
+    (presets,) = [line for line in lines if line.startswith("| `--mitigation-preset FAMILY`")]
+    assert all(f"`{f}`" in lines[fixtures] + lines[fixtures + 1] for f in ALL_FIXTURES)
+    assert all(f"`{f}`" in presets for f in MODEL_FAMILIES)
