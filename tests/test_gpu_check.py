@@ -41,7 +41,8 @@ FAKE_FA3 = textwrap.dedent(
     def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, page_table=None,
                                 cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None, causal=False):
         assert causal and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-        return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, page_table, softmax_scale)[0]
+        ref = paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, page_table, softmax_scale)
+        return ref[0]
     """
 )
 
