@@ -17,6 +17,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKED_RUN = textwrap.dedent(
     """
@@ -111,3 +113,32 @@ def test_the_watchdog_ends_a_hung_stage(tmp_path):
     )
     assert rc == 3, log
     assert [x["stage"] for x in lines] == ["watchdog"] and lines[0]["status"] == "timeout"
+
+
+def test_the_timed_views_are_vllms_own_per_layer_views(monkeypatch):
+    """ "hnd2d" / "hnd2d-nhd" in the check have the shape and strides of vLLM 0.32's
+    ``create_kv_cache_views`` for its LBHNC / LBNHC layouts (LBNHC: what FLASH_ATTN and TRITON_ATTN
+    get, neither declaring a layout), and the kernel's K/V halves are the impls' split of it."""
+    import importlib.util
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor, create_kv_cache_views
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    spec_ = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec_ is not None and spec_.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec_)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up
+    spec_.loader.exec_module(gpu_check)
+    nb, bs, hkv, d = 5, 16, 3, 8
+    spec = FullAttentionSpec(block_size=bs, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16)
+    for case, physical in (("hnd2d", KVCacheLayout.LBHNC), ("hnd2d-nhd", KVCacheLayout.LBNHC)):
+        raw = torch.zeros(spec.page_size_bytes * nb, dtype=torch.int8)
+        tensor = KVCacheTensor(
+            size=raw.numel(), layers=["l0"], layer_stride=raw.numel(), block_stride=spec.page_size_bytes
+        )
+        (view,) = create_kv_cache_views(raw, spec, nb, physical, tensor)
+        cache, k_cache, v_cache = gpu_check.kv_cache(case, nb, bs, hkv, d, torch.bfloat16, "cpu")
+        assert cache.shape == view.shape and cache.stride() == view.stride(), case
+        vk, vv = view.transpose(1, 2).split(d, dim=-1)  # as vLLM's FLASH_ATTN / TRITON_ATTN impls
+        assert (k_cache.shape, k_cache.stride()) == (vk.shape, vk.stride()), case
+        assert (v_cache.shape, v_cache.stride()) == (vv.shape, vv.stride()), case
