@@ -259,7 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", choices=DTYPES, default="fp16")
     p.add_argument("--heads", nargs="*", default=["32/32", "28/4"], help="Hq/Hkv configurations")
-    p.add_argument("--layout", choices=["triton", "flash"], default="triton", help="KV cache layout")
+    p.add_argument(
+        "--layout",
+        choices=["triton", "flash", "hnd2d"],
+        default="triton",
+        help="KV cache layout (hnd2d: vLLM 0.32's per-layer view; scripts/gpu_check.py also times it)",
+    )
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 32, 64])

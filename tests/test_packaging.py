@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE = "vllm_halluguard"
 #: Console scripts the docs name (README, docs/).
-SCRIPTS = {"halluguard-serve", "halluguard-loadtest", "halluguard-eval", "halluguard-fixtures"}
+SCRIPTS = {
+    "halluguard-serve",
+    "halluguard-loadtest",
+    "halluguard-eval",
+    "halluguard-fixtures",
+    "halluguard-check",
+}
 
 
 def source_dir(package: str) -> Path:
@@ -151,7 +157,8 @@ def test_wheel_holds_the_product_only(wheel):
         for f in (ROOT / folder).rglob("*.py")
     }
     assert set(files) == expected
-    for unwanted in ("testbed", "helpers", "testing", ".safetensors", "parity", "triton_mode", "train"):
+    # (the parity harness is product code: halluguard-check runs it; tests/helpers/parity.py re-exports it)
+    for unwanted in ("testbed", "helpers", "testing", ".safetensors", "triton_mode", "train"):
         assert not [n for n in files if unwanted in n], unwanted
     assert f"{PACKAGE}/server/cli.py" in files and f"{PACKAGE}/loadtest/cli.py" in files
 
