@@ -293,6 +293,39 @@ def test_a_server_default_the_parallel_layout_refuses_fails_at_startup():
     assert Resolver(Policy(), hf_config, "auto", layout(1, 2)).default is None  # plain serving is fine
 
 
+def test_mitigated_requests_are_refused_when_a_kv_connector_is_configured():
+    """vLLM calls a KV connector's ``save_kv_layer`` with the layer's attention metadata, which on a
+    mitigated step is the plugin's plan: a real config with a connector refuses every method at admission
+    and a server default at startup; without one, the same config admits them."""
+    from transformers import AutoConfig
+    from vllm.config import KVTransferConfig
+    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
+
+    from vllm_halluguard.engine.requests import check_inputs
+    from vllm_halluguard.methods import SCRConfig, SpecError
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    transfer = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+    with_connector, without = VllmConfig(kv_transfer_config=transfer), VllmConfig()
+    image = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=2, length=16))
+    methods = (
+        KVSmoothConfig(lam_ref=0.5, layers=(1,)),
+        PruneHalConfig(r=0.5, t=2, layers=(1,)),
+        FarSightConfig(mode="B"),
+        SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,)),
+    )
+    for cfg in methods:
+        if cfg.name != "scr":  # SCR also needs --enforce-eager (unset here); the connector is refused first
+            check_inputs(cfg, [image], 30, without)
+        with pytest.raises(SpecError, match="KV connector \\(ExampleConnector\\)") as err:
+            check_inputs(cfg, [image], 30, with_connector)
+        assert err.value.reason == "unsupported"
+    hf_config = AutoConfig.from_pretrained(ensure_fixture("llava"))
+    with pytest.raises(MitigationError, match="KV connector"):
+        Resolver(Policy("kvsmooth"), hf_config, "auto", with_connector)
+    assert Resolver(Policy(), hf_config, "auto", with_connector).default is None  # plain serving is fine
+
+
 def test_the_wrapped_builder_keeps_plain_steps_native_and_builds_plans_self_contained():
     """Plain steps: vLLM's build, as called. Mitigated steps: every metadata of the plan is built with
     ``fast_build`` (FlashAttention 3 otherwise shares one persistent schedule buffer between builds)."""
