@@ -176,6 +176,96 @@ def test_full_cuda_graphs_are_kept_for_plain_steps_and_excluded_for_mitigated_on
     assert hooks.invalid_cudagraph_modes(state.current()) == {CUDAGraphMode.FULL}
 
 
+class _Dispatched(Exception):
+    """Raised once V1's ``_dummy_run`` is past its CUDA-graph dispatch and data-parallel sync."""
+
+
+class _IdleRank:
+    """The attributes V1's ``_dummy_run`` reads of its runner up to the dispatch and the DP sync (the
+    real ``_determine_batch_execution_and_padding`` and ``coordinate_batch_across_dp`` run); its next
+    read stops the run."""
+
+    def __init__(self, dispatcher: CudagraphDispatcher, runtime: object) -> None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        self.__dict__["_halluguard_runtime"] = runtime
+        self.parallel_config = SimpleNamespace(
+            data_parallel_size=2, data_parallel_rank=1, use_ubatching=False, num_ubatches=1,
+            disable_nccl_for_dp_synchronization=True,
+        )  # fmt: skip
+        self.model_config = SimpleNamespace(multimodal_config=None, is_encoder_decoder=False)
+        self.vllm_config = SimpleNamespace(
+            model_config=self.model_config,
+            parallel_config=self.parallel_config,
+            observability_config=SimpleNamespace(cudagraph_metrics=False),
+        )
+        self.uniform_decode_query_len, self.max_num_tokens = 1, 64
+        self.scheduler_config = SimpleNamespace(max_num_seqs=8)
+        self.input_batch = SimpleNamespace(lora_id_to_lora_request={})
+        self.cudagraph_dispatcher = dispatcher
+        self._is_uniform_decode = GPUModelRunner._is_uniform_decode
+        determine = GPUModelRunner._determine_batch_execution_and_padding.__get__(self)
+
+        def record(*args, **kwargs):
+            self.decided = determine(*args, **kwargs)
+            return self.decided
+
+        self._determine_batch_execution_and_padding = record
+
+    @property
+    def dcp_world_size(self) -> int:
+        raise _Dispatched
+
+
+def test_an_idle_data_parallel_rank_does_not_keep_full_graphs_from_the_others(monkeypatch):
+    """V1 + data parallel: a rank with no work runs ``execute_dummy_batch`` (``_dummy_run(1,
+    uniform_decode=True)``) while rank 0 runs plain decode rows in a FULL graph, and the DP sync gives
+    every rank the smallest mode. The idle rank's last step had mitigated rows: its dummy run must not
+    dispatch with that stale view (it would pull rank 0 down to PIECEWISE)."""
+    from vllm.config import CompilationMode
+    from vllm.v1.worker import dp_utils
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_halluguard.engine.runners import ensure_runner_hook
+
+    config = VllmConfig()  # vLLM 0.32's GPU default: FULL graphs for uniform decode, piecewise otherwise
+    config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    config.compilation_config.splitting_ops = list(config.compilation_config._attention_ops)
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    config.compilation_config.cudagraph_capture_sizes = [1, 2, 4, 8]
+    config.compilation_config.max_cudagraph_capture_size = 8
+    dispatcher = CudagraphDispatcher(config)
+    dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
+    hooks.install_cudagraph_guard()
+    ensure_runner_hook()
+    busy = {"tokens": 4, "mode": CUDAGraphMode.FULL.value}  # rank 0: plain decode rows, a FULL graph
+    sent = []
+
+    def all_reduce(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch, cudagraph_mode,
+                   parallel_config):  # fmt: skip
+        sent.append(CUDAGraphMode(cudagraph_mode))
+        return torch.tensor(
+            [[busy["tokens"], orig_num_tokens_per_ubatch], [busy["tokens"], padded_num_tokens_per_ubatch],
+             [0, int(should_ubatch)], [busy["mode"], cudagraph_mode]], dtype=torch.int32,
+        )  # fmt: skip
+
+    monkeypatch.setattr(dp_utils, "_run_ar", all_reduce)
+    runtime = SimpleNamespace(step=_rows())  # the rank's last step had mitigated rows
+    state.set_current(runtime)
+    try:
+        idle = _IdleRank(dispatcher, runtime)
+        with pytest.raises(_Dispatched):
+            GPUModelRunner._dummy_run(idle, 1, uniform_decode=True)
+        assert sent == [CUDAGraphMode.FULL], "the idle rank proposed a mode without FULL graphs"
+        assert idle.decided[0] == CUDAGraphMode.FULL  # what every rank runs after the sync
+        assert runtime.step is None, "a dummy batch holds no mitigated row"
+        # and a real mitigated step on that rank still excludes them
+        runtime.step = _rows()
+        assert dispatcher.dispatch(num_tokens=1, uniform_decode=True)[0] != CUDAGraphMode.FULL
+    finally:
+        state.set_current(None)
+
+
 def test_a_step_whose_rows_need_nothing_from_attention_gets_vllms_own_metadata():
     """FarSight C decode rows (no sink for generated tokens) and SCR's real request (edited in the
     decoder layers, not in attention): no plan, no per-layer work."""
@@ -291,6 +381,39 @@ def test_a_server_default_the_parallel_layout_refuses_fails_at_startup():
         with pytest.raises(MitigationError, match="pipeline_parallel_size=2"):
             Resolver(Policy(default), hf_config, "auto", layout(1, 2))
     assert Resolver(Policy(), hf_config, "auto", layout(1, 2)).default is None  # plain serving is fine
+
+
+def test_mitigated_requests_are_refused_when_a_kv_connector_is_configured():
+    """vLLM calls a KV connector's ``save_kv_layer`` with the layer's attention metadata, which on a
+    mitigated step is the plugin's plan: a real config with a connector refuses every method at admission
+    and a server default at startup; without one, the same config admits them."""
+    from transformers import AutoConfig
+    from vllm.config import KVTransferConfig
+    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
+
+    from vllm_halluguard.engine.requests import check_inputs
+    from vllm_halluguard.methods import SCRConfig, SpecError
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    transfer = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+    with_connector, without = VllmConfig(kv_transfer_config=transfer), VllmConfig()
+    image = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=2, length=16))
+    methods = (
+        KVSmoothConfig(lam_ref=0.5, layers=(1,)),
+        PruneHalConfig(r=0.5, t=2, layers=(1,)),
+        FarSightConfig(mode="B"),
+        SCRConfig(top_k=2, lam=1.1, layers=(0,), diag_layers=(1,)),
+    )
+    for cfg in methods:
+        if cfg.name != "scr":  # SCR also needs --enforce-eager (unset here); the connector is refused first
+            check_inputs(cfg, [image], 30, without)
+        with pytest.raises(SpecError, match="KV connector \\(ExampleConnector\\)") as err:
+            check_inputs(cfg, [image], 30, with_connector)
+        assert err.value.reason == "unsupported"
+    hf_config = AutoConfig.from_pretrained(ensure_fixture("llava"))
+    with pytest.raises(MitigationError, match="KV connector"):
+        Resolver(Policy("kvsmooth"), hf_config, "auto", with_connector)
+    assert Resolver(Policy(), hf_config, "auto", with_connector).default is None  # plain serving is fine
 
 
 def test_the_wrapped_builder_keeps_plain_steps_native_and_builds_plans_self_contained():

@@ -29,8 +29,9 @@ from vllm_halluguard.engine.base import Backend, Route, RowSpan
 from vllm_halluguard.engine.registry import method_of
 from vllm_halluguard.engine.state import Row, StepView, current
 
-#: Set to 1 to check, in every mitigated step, that the native rows got bit-identical outputs to the
-#: native kernel over the whole batch (:func:`vllm_halluguard.engine.execute.run_layer`; tests).
+#: Set to 1 to compare, in every mitigated step, the native rows' outputs with the native kernel's over
+#: the whole batch (:func:`vllm_halluguard.engine.execute.run_layer`; tests). They are bit-identical only
+#: where vLLM's kernel is batch-invariant (:func:`vllm_halluguard.engine.execute.native_exact`).
 VERIFY_ENV = "HALLUGUARD_VERIFY_NATIVE"
 #: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
 #: ``TRITON_INTERPRET=1``) instead of the torch path: the GPU code path, testable on CPU.

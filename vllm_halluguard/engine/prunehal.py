@@ -507,10 +507,12 @@ class PruneHalEngine(EngineMethod):
             qf = q.float().reshape(hkv, hq // hkv, -1)
             kv = k[st.visual.to(k.device)].float()
             logits = torch.einsum("kgd,skd->kgs", qf, kv).reshape(hq, -1) * call.scale
-            keep = st.keep[i]
-            probs = torch.exp(logits - lse[start, :, None].float()).cpu() * keep
+            keep = st.keep[i].to(k.device)
+            probs = torch.exp(logits - lse[start, :, None].float()) * keep
+            # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only);
+            # the request state lives on the host
             A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
-            st.A[i], st.scores[i] = A, scores
+            st.A[i], st.scores[i] = A.cpu(), scores.cpu()
             st.seen[i] = True
             if call.layer == max(st.layers):
                 deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))

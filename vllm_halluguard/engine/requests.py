@@ -33,10 +33,20 @@ def check_parallel(cfg: Config, vllm_config: Any) -> None:
     """Refuse a method (each member of a composition) that the engine's parallel layout cannot serve
     (:class:`SpecError`, reason ``unsupported``): tensor parallel for a method without TP-consistent
     decisions, settings that split a step's rows or a request's KV cache (:func:`split_steps`), pipeline
-    parallel. Admission calls it per request, the server at startup for its default."""
+    parallel, a KV connector (:func:`kv_connector`). Admission calls it per request, the server at
+    startup for its default."""
     parallel = vllm_config.parallel_config
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     split = split_steps(vllm_config)
+    connector = kv_connector(vllm_config)
+    if connector is not None:
+        raise SpecError(
+            f"mitigation methods do not run with a KV connector ({connector}): vLLM hands the connector "
+            "each layer's attention metadata, which on a mitigated step is the plugin's plan, and the "
+            "KV it moves or reloads would leave the method's per-request state behind; serve mitigated "
+            "requests without --kv-transfer-config / --kv-offloading-size",
+            "unsupported",
+        )
     for member in members_of(cfg):
         method = METHODS[member.name]
         if tp > 1 and not method.tensor_parallel:
@@ -108,3 +118,14 @@ def split_steps(vllm_config: Any) -> str | None:
     if getattr(parallel, "decode_context_parallel_size", 1) > 1:
         return "decode context parallelism: a request's KV cache is split across ranks"
     return None
+
+
+def kv_connector(vllm_config: Any) -> str | None:
+    """The KV connector vLLM runs (P/D disaggregation, LMCache, KV offloading), if any.
+
+    vLLM's ``maybe_transfer_kv_layer`` (``model_executor/layers/attention/kv_transfer_utils.py``) calls
+    the connector's ``save_kv_layer`` with the layer's ``attn_metadata`` from the forward context: on a
+    mitigated step that is the plugin's ``StepPlan``, which no connector knows. Mitigated requests are
+    refused instead (plain requests are served as usual)."""
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return getattr(transfer, "kv_connector", None) if transfer is not None else None

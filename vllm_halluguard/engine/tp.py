@@ -25,6 +25,7 @@ class Group(Protocol):
 
     world_size: int
     rank_in_group: int
+    device: torch.device  # where its collectives take tensors (vLLM: the worker's GPU, or the CPU)
 
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor: ...
 
@@ -34,6 +35,7 @@ class _Single:
 
     world_size = 1
     rank_in_group = 0
+    device = torch.device("cpu")
 
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
         return input_
@@ -64,7 +66,7 @@ def head_mean(x: torch.Tensor, dim: int, group: Group | None = None) -> torch.Te
     if group.world_size == 1:
         return x.mean(dim)
     total = x.shape[dim] * group.world_size
-    summed = group.all_reduce(x.float().sum(dim).contiguous())
+    summed = group.all_reduce(_on_group_device(x.float().sum(dim).contiguous(), group))
     return summed / total
 
 
@@ -73,7 +75,19 @@ def rank_mean(x: torch.Tensor, group: Group | None = None) -> torch.Tensor:
     group = group or tp_group()
     if group.world_size == 1:
         return x
-    return group.all_reduce(x.clone()) / group.world_size
+    return group.all_reduce(_on_group_device(x.clone(), group)) / group.world_size
+
+
+def _on_group_device(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """``x`` if it lives where the group's collectives run. On CUDA vLLM's all-reduce is a custom op
+    registered for the CUDA dispatch key only: a host tensor would fail deep in the dispatcher, so a
+    statistic moved to the host before its reduction is a bug, reported here by name."""
+    if x.device.type != group.device.type:
+        raise RuntimeError(
+            f"halluguard: a tensor-parallel statistic on {x.device} reached the all-reduce of a group on "
+            f"{group.device}; reduce on the layer's device and move to the host afterwards"
+        )
+    return x
 
 
 def head_slice(num_local: int, group: Group | None = None) -> tuple[int, slice]:
