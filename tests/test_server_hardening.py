@@ -442,3 +442,39 @@ def test_prunehal_reclaim_frees_blocks_over_http(served):
         assert json.loads(reply.headers[HEADER])["selection"] == "shared"
     after = _metrics(served.url).get(key, 0.0)
     assert after >= before + 2, (before, after)
+
+
+def test_chunked_bodies_of_any_type_are_cut_at_the_cap(monkeypatch):
+    """A body without Content-Length: past the cap the app is told the client left."""
+    from vllm_halluguard.server import middleware
+
+    monkeypatch.setattr(middleware, "MAX_BODY", 1000)
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                return
+
+    async def run(chunks: int) -> None:
+        queue = [
+            {"type": "http.request", "body": b"x" * 400, "more_body": i + 1 < chunks} for i in range(chunks)
+        ]
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0)
+
+        async def send(message: Any) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/audio/transcriptions", "root_path": "",
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=x")]}  # fmt: skip
+        await middleware.MitigationMiddleware(app)(scope, receive, send)
+
+    asyncio.run(run(2))
+    assert seen == ["http.request", "http.request"]
+    seen.clear()
+    asyncio.run(run(5))
+    assert seen == ["http.request", "http.request", "http.disconnect"]
