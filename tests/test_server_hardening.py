@@ -232,8 +232,10 @@ def test_parser_confusion_reaches_nothing_on_any_media_route(served):
     ]
     for path, body in MEDIA_ROUTES.items():
         for url in tricks:
-            _error(_post(served.url, path, body(url)), 400, "not accepted")
-    assert served.refused.hits == [] and served.allowed.hits == ["/x.png"]
+            reply = _post(served.url, path, body(url))
+            assert served.refused.hits == [], (path, url, reply.status_code, served.refused.hits)
+            _error(reply, 400, "not accepted")
+    assert served.allowed.hits == ["/x.png"]
 
 
 # ---------------------------------------------------------------- 3. metrics key, every method
@@ -478,3 +480,16 @@ def test_chunked_bodies_of_any_type_are_cut_at_the_cap(monkeypatch):
     seen.clear()
     asyncio.run(run(5))
     assert seen == ["http.request", "http.request", "http.disconnect"]
+
+
+def test_long_error_bodies_from_vllm_are_cut():
+    """vLLM quotes some request values in full; the middleware cuts error bodies over 16 KiB (the HTTP
+    probe of ``tests/test_server_security.py`` now meets the ``model`` cap first)."""
+    from vllm_halluguard.server.middleware import MAX_ERROR_BODY, _shorten_error
+
+    body = json.dumps({"error": {"message": "The model `" + "m" * 50_000 + "` does not exist.", "code": 404}})
+    short = json.loads(_shorten_error(body.encode()))
+    assert short["error"]["message"].endswith("...(cut)") and len(short["error"]["message"]) < 1100
+    assert short["error"]["code"] == 404
+    assert _shorten_error(b"x" * 20_000) == b"x" * MAX_ERROR_BODY
+    assert _shorten_error(b'{"a": "b"}') == b'{"a": "b"}'
