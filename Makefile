@@ -6,7 +6,7 @@ PORT ?= 8000
 FIXTURE ?= llava
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint format serve fixtures eval-testbed clean
+.PHONY: venv test test-fast lint format serve serve-reclaim fixtures eval-testbed clean
 
 venv:
 	@bash scripts/ensure_venv.sh >/dev/null
@@ -38,6 +38,15 @@ serve: venv
 	$(PY) -m vllm_halluguard.server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
 	  --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
 	  --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}'
+
+# `make serve` with 32-token KV blocks and synchronous scheduling: PruneHal's reclaiming variant
+# ({"method":"prunehal","selection":"shared","granularity":"block","block":32}) frees the tiny
+# model's image-only block (docs/api.md, "PruneHal's block reclaim over HTTP").
+serve-reclaim: venv
+	$(PY) -m vllm_halluguard.server --fixture $(FIXTURE) --host 127.0.0.1 --port $(PORT) \
+	  --dtype float32 --enforce-eager --max-model-len 512 --max-num-seqs 16 \
+	  --kv-cache-memory-bytes 268435456 --limit-mm-per-prompt '{"image": 1}' \
+	  --block-size 32 --no-async-scheduling
 
 # Every method on the hermetic testbed (docs/evaluation.md): scenes, server, halluguard-eval.
 eval-testbed: venv

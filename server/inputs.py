@@ -73,10 +73,21 @@ class ImageLimits(BaseModel):
             if isinstance(url, str) and url[:5].lower() == "data:":
                 self._check_data_url(url, param)
 
+    def check_body(self, body: Any) -> None:
+        """:meth:`check` for every inline image anywhere in a request body, whatever the route: chat
+        parts, Responses ``input_image``, Anthropic base64 ``source`` blocks."""
+        if not (self.max_pixels or self.max_bytes):
+            return
+        for param, data in inline_images(body):
+            self._check_base64(data, param)
+
     def _check_data_url(self, url: str, param: str) -> None:
         spec, sep, data = url[5:].partition(",")
         if not sep or not spec.lower().endswith(";base64"):
             return  # vLLM rejects non-base64 data URLs itself
+        self._check_base64(data, param)
+
+    def _check_base64(self, data: str, param: str) -> None:
         size = len(data) * 3 // 4 - data[-2:].count("=")
         if self.max_bytes and size > self.max_bytes:
             raise InputError(
@@ -134,6 +145,51 @@ def _image_urls(body: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             yield f"{param}.image_url.url", url.get("url")
         elif url is not None:
             yield f"{param}.image_url", url
+
+
+def inline_images(body: Any) -> Iterator[tuple[str, str]]:
+    """``(param path, base64 data)`` of every inline image anywhere in a body (iterative walk): an
+    ``image_url`` that is a base64 ``data:`` URL (a string or ``{"url": ...}``), and an Anthropic
+    ``{"type": "image", "source": {"type": "base64", "data": ...}}`` block."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+            continue
+        if not isinstance(item, Mapping):
+            continue
+        source = item.get("source")
+        if (
+            item.get("type") == "image"
+            and isinstance(source, Mapping)
+            and source.get("type") == "base64"
+            and isinstance(source.get("data"), str)
+        ):
+            yield f"{path}.source.data".lstrip("."), source["data"]
+        url = item.get("image_url")
+        where = f"{path}.image_url".lstrip(".")
+        if isinstance(url, Mapping):
+            url, where = url.get("url"), f"{where}.url"
+        if isinstance(url, str) and url[:5].lower() == "data:":
+            spec, sep, data = url[5:].partition(",")
+            if sep and spec.lower().endswith(";base64"):
+                yield where, data
+        stack.extend((v, f"{path}.{k}".lstrip(".")) for k, v in item.items() if isinstance(v, Mapping | list))
+
+
+def any_image(body: Any) -> bool:
+    """Whether a body holds an image part anywhere (any route's shape: chat, Responses, Anthropic)."""
+    stack: list[Any] = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, Mapping):
+            if item.get("type") in IMAGE_PART_TYPES or any(key in item for key in _UNTYPED_IMAGE_KEYS):
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, Mapping | list))
+    return False
 
 
 def has_image(body: Mapping[str, Any]) -> bool:

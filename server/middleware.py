@@ -4,14 +4,19 @@ It is outermost, so it sees every request first:
 
 * **API key**: with ``--api-key`` every route needs it except :data:`server.security.OPEN_PATHS`
   (vLLM's own check guards only some path prefixes).
-* **JSON bodies** are parsed strictly (nesting limit, no non-finite numbers): a violation is a 400.
+* **JSON bodies** are parsed strictly (nesting limit, no non-finite numbers, no lone surrogates, a
+  bounded ``model``): a violation is a 400. Bodies of any type over :data:`MAX_BODY` are a 413.
+* **Routes**: WebSocket upgrades only on WebSocket routes; on a server that forces a mitigation, the
+  model-running routes without the field (:data:`UNMITIGATED`) are a 400.
 * **Generation routes** (:data:`GENERATION`: chat, completions, batch chat, responses, messages and
   ``/invocations``, dispatched by body shape like vLLM does) get the ``mitigation`` field: it is
   resolved (or the server default) with :class:`server.mitigation.Resolver` and the body rewritten so
   that vLLM's own ``vllm_xargs`` carries ``{"halluguard": "<canonical config JSON>"}`` into
   ``SamplingParams.extra_args``; the response carries the chosen config in ``x-halluguard-mitigation``.
   Media URLs are checked (:func:`server.security.check_media`) and inline images against the server's
-  limits (:mod:`server.inputs`). Every other route refuses a body that sets the field (400 naming it).
+  limits (:mod:`server.inputs`), on every route that takes media. Every other route refuses a body that
+  sets the field (400 naming it). The echo header and the request counter are set only on answers
+  below 400.
 
 At startup (ASGI lifespan) it binds the policy to the served model (``app.state.vllm_config``), guards
 vLLM's media connector in this process and adds ``GET /v1/mitigations`` to vLLM's router. 5xx answers
@@ -28,9 +33,11 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
+from starlette.routing import Match, WebSocketRoute
 from vllm_halluguard.server import engine_stats, security
-from vllm_halluguard.server.inputs import ImageLimits, InputError, has_image
+from vllm_halluguard.server.inputs import ImageLimits, InputError, any_image, has_image
 from vllm_halluguard.server.mitigation import (
     FIELD,
     NONE,
@@ -61,10 +68,39 @@ GENERATION = {
     "/v1/messages": "messages",
     "/invocations": "invocations",
 }
+#: vLLM routes that run the model but take no ``mitigation`` field (generative scoring, the token-in
+#: generate API, Cohere chat, structured decisions, speech, pooling). A server that forces a mitigation
+#: (``none`` not in ``--mitigation-allow``) refuses them; elsewhere they run unmitigated.
+UNMITIGATED = frozenset(
+    {
+        "/generative_scoring",
+        "/inference/v1/generate",
+        "/cohere/v2/chat",
+        "/v1/systemone",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/realtime",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/v1/score",
+        "/rerank",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/v1/embeddings",
+        "/v2/embed",
+    }
+)
+#: Routes vLLM mounts whatever the model, answering 501 when the model does not serve them, by the
+#: ``app.state`` attribute that holds their handler: a 404 here.
+UNSERVED_WITHOUT = {"/v1/systemone": "serving_structured_decisions"}
 #: Longest error message this layer sends (user values in it are cut to 200 characters each).
 MAX_MESSAGE = 2000
 HEADER = b"x-halluguard-mitigation"
 MAX_BODY = 64 * 1024 * 1024
+#: Longest ``model`` value accepted (vLLM logs and echoes it).
+MAX_MODEL_NAME = 512
+_BOOL = TypeAdapter(bool)
 
 # vLLM's /metrics serves prometheus_client's default registry (or the multiprocess collector over it).
 REQUESTS = Counter("halluguard_requests_total", "Accepted completion requests by method", ["method"])
@@ -119,7 +155,9 @@ class MitigationMiddleware:
         self.media = security.MediaPolicy()
         self.metrics_open = security.metrics_open()
         self._auth: Any = None  # vLLM's AuthenticationMiddleware, used only for verify_token
+        self._cors = False  # vLLM's CORS middleware has allowed origins: it answers preflights
         self._routes_dumped = False
+        self._ws_routes: list[WebSocketRoute] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -134,17 +172,58 @@ class MitigationMiddleware:
             await self.app(scope, receive, send)
             return
         path = _path(scope)
+        app = scope.get("app")
         if not self._routes_dumped:
-            self._dump_routes(scope.get("app"))
+            self._dump_routes(app)
         if not self._authorized(scope, path):
             await self._unauthorized(scope, send)
             return
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
+        if scope["type"] == "websocket" and not self._websocket_route(scope, app):
+            await send({"type": "websocket.close", "code": 1008})  # before accept: an HTTP 403
+            return
+        refusal = self._route_refusal(path, app)
+        if scope["type"] == "websocket":
+            if refusal is not None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await _forward(self.app, scope, receive, send)
+            return
+        if refusal is not None:
+            await self._reject(send, refusal[1], refusal[0])
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            too_large = InputError(f"request body over {MAX_BODY} bytes", "too_large", None)
+            await self._reject(send, too_large, 413)
+            return
+        if scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
             await self._json_request(scope, receive, send, path)
             return
-        if scope["type"] == "http" and path in security.METRICS_PATHS:
-            await engine_stats.refresh(scope.get("app"))
-        await _forward(self.app, scope, receive, send)
+        if path in security.METRICS_PATHS:
+            await engine_stats.refresh(app)
+        await _forward(self.app, scope, _capped(receive), send)
+
+    def _websocket_route(self, scope: Scope, app: Any) -> bool:
+        """Whether a WebSocket scope is for one of the app's WebSocket routes."""
+        if self._ws_routes is None:
+            routes = getattr(app, "routes", None) or []
+            self._ws_routes = [r for r in routes if isinstance(r, WebSocketRoute)]
+        return any(route.matches(scope)[0] == Match.FULL for route in self._ws_routes)
+
+    def _route_refusal(self, path: str, app: Any) -> tuple[int, MitigationError | InputError] | None:
+        """``(status, error)`` for a route refused whatever the body: a model-running route without the
+        field on a server that forces a mitigation (400), a route the model does not serve (404)."""
+        attr = UNSERVED_WITHOUT.get(path)
+        if attr is not None and getattr(getattr(app, "state", None), attr, True) is None:
+            return 404, InputError(f"{path} is not served by this model", "not_served", None)
+        allow = self.resolver.policy.allow if self.resolver is not None else None
+        if path in UNMITIGATED and allow is not None and NONE not in allow:
+            msg = (
+                f"this server requires a mitigation ('{NONE}' is not allowed) and {cut(path, 100)} runs the "
+                f"model without one; generation routes: {', '.join(GENERATION)}"
+            )
+            return 400, MitigationError(msg, "unmitigated_route")
+        return None
 
     # ------------------------------------------------------------------------------------ startup
 
@@ -170,6 +249,7 @@ class MitigationMiddleware:
         from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
         args = getattr(app.state, "args", None)
+        self._cors = bool(getattr(args, "allowed_origins", None))
         if tokens := [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]:
             self._auth = AuthenticationMiddleware(self.app, tokens=tokens)
 
@@ -213,11 +293,17 @@ class MitigationMiddleware:
     # --------------------------------------------------------------------------------------- auth
 
     def _authorized(self, scope: Scope, path: str) -> bool:
-        if self._auth is None or scope.get("method") == "OPTIONS":  # CORS preflight, as vLLM
+        if self._auth is None or security.is_open(path, self.metrics_open):
             return True
-        if security.is_open(path, self.metrics_open):
+        headers = Headers(scope=scope)
+        if (
+            self._cors
+            and scope.get("method") == "OPTIONS"
+            and "origin" in headers
+            and "access-control-request-method" in headers
+        ):  # a CORS preflight: vLLM's CORS middleware answers it itself, the route never runs
             return True
-        return bool(self._auth.verify_token(Headers(scope=scope)))
+        return bool(self._auth.verify_token(headers))
 
     async def _unauthorized(self, scope: Scope, send: Send) -> None:
         ERRORS.labels(reason="unauthorized").inc()
@@ -248,6 +334,11 @@ class MitigationMiddleware:
             return
         except (json.JSONDecodeError, UnicodeDecodeError):
             payload = None  # not our business: vLLM answers malformed bodies itself
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if isinstance(model, str) and len(model) > MAX_MODEL_NAME:
+            error = InputError(f"'model' is over {MAX_MODEL_NAME} characters", "model_name", "model")
+            await self._reject(send, error)
+            return
         kind = GENERATION.get(path)
         if kind == "invocations" and isinstance(payload, dict):  # vLLM tries chat, then completion
             kind = "chat" if "messages" in payload else "completion" if "prompt" in payload else None
@@ -264,6 +355,7 @@ class MitigationMiddleware:
                 return
             try:  # tokenize, render, pooling ... parse chat messages and media too
                 security.check_media(payload, self.media)
+                self.limits.check_body(payload)
             except InputError as e:
                 await self._reject(send, e)
                 return
@@ -284,7 +376,6 @@ class MitigationMiddleware:
                 for k, v in scope["headers"]
             ]
         method = cfg.name if cfg is not None else NONE
-        REQUESTS.labels(method=method).inc()
         tap = _ResponseTap(send, header_value(cfg).encode(), method, start, bool(payload.get("stream")))
         await _forward(self.app, scope, _replay(body, receive), tap.send)
 
@@ -298,20 +389,21 @@ class MitigationMiddleware:
             conversations = [payload]
         elif kind == "batch" and isinstance(payload.get("messages"), list):
             conversations = [{"messages": c} for c in payload["messages"] if isinstance(c, list)]
-        image: bool | None = None  # responses / messages: the engine checks at admission
+        image: bool | None = None  # unknown: the engine checks at admission
         if kind in ("chat", "batch"):
             image = bool(conversations) and all(has_image(c) for c in conversations)
         elif kind == "completion":
             image = False
+        elif kind == "messages" or (kind == "responses" and _stateless_response(payload)):
+            image = any_image(payload.get("messages" if kind == "messages" else "input"))
         cfg, _named = self.resolver.for_request(payload, has_image=image)
-        if cfg is not None and payload.get("use_beam_search"):
+        if cfg is not None and _beam_search(payload.get("use_beam_search", False)):
             raise MitigationError(
                 "mitigation methods do not run under beam search: drop use_beam_search or send "
                 f"'{FIELD}': 'none'",
                 "beam_search",
             )
-        for conversation in conversations:
-            self.limits.check(conversation)
+        self.limits.check_body(payload)
         return cfg
 
     async def _reject(self, send: Send, error: MitigationError | InputError, status: int = 400) -> None:
@@ -321,8 +413,39 @@ class MitigationMiddleware:
             message, param = f"invalid mitigation: {error}", FIELD
         else:
             message, param = str(error), error.param
-        logger.info("halluguard: rejected request (%s): %s", error.reason, cut(message, 300))
+        logger.info("halluguard: rejected request (%s): %s", error.reason, security.loggable(message, 300))
         await send_json(send, status, error_body(message, param, status), [])
+
+
+def _beam_search(value: Any) -> bool:
+    """``use_beam_search`` read as vLLM's pydantic model reads it (``"false"``, ``0`` are False); a value
+    it would refuse is left to it (False here)."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
+
+
+def _stateless_response(payload: Mapping[str, Any]) -> bool:
+    """Whether a Responses body carries its whole input (no stored response, conversation or prompt
+    template that could hold an image)."""
+    return not any(payload.get(key) for key in ("previous_response_id", "conversation", "prompt"))
+
+
+def _capped(receive: Receive) -> Receive:
+    """``receive`` that ends the request (``http.disconnect``) once the body passes :data:`MAX_BODY`."""
+    size = 0
+
+    async def capped() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > MAX_BODY:
+                return {"type": "http.disconnect"}
+        return message
+
+    return capped
 
 
 def _is_json(scope: Scope) -> bool:
@@ -546,8 +669,10 @@ class _ResponseTap:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self._status = message["status"]
-            message = dict(message)
-            message["headers"] = [*message.get("headers", []), (HEADER, self._header)]
+            if self._status < 400:  # the echo and the count only for requests vLLM accepted
+                REQUESTS.labels(method=self._method).inc()
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), (HEADER, self._header)]
         elif message["type"] == "http.response.body":
             chunk = message.get("body", b"")
             if self._status == 200 and chunk:

@@ -64,30 +64,51 @@ def scale_layer_range(start: int, stop: int, ref_depth: int, depth: int) -> Laye
     return tuple(range(new_start, new_stop))
 
 
+#: Most layer indices a spec may hold (no served model has this many decoder layers).
+MAX_LAYERS = 1024
+#: Longest quote of a user's value in these errors (as ``methods.ECHO_LIMIT``).
+_ECHO = 200
+
+
+def _echo(value: Any) -> str:
+    """``repr(value)`` cut to 200 characters (a long sequence is cut before its repr is built)."""
+    text = repr(value[: _ECHO + 1] if isinstance(value, str | list | tuple | range) else value)
+    return text if len(text) <= _ECHO else f"{text[:_ECHO]}...(cut)"
+
+
 def parse_layer_spec(value: Any) -> LayerSpec | None:
-    """Accept ``None``, an iterable of ints, a ``range`` or a ``"start:stop"`` string (slice semantics)."""
+    """Accept ``None``, an iterable of ints, a ``range`` or a ``"start:stop"`` string (slice semantics).
+
+    At most :data:`MAX_LAYERS` indices; values are quoted back cut to 200 characters.
+    """
     if value is None:
         return None
     if isinstance(value, str):
         parts = value.split(":")
         if len(parts) != 2:
-            raise ValueError(f"layer string must look like 'start:stop', got {value!r}")
+            raise ValueError(f"layer string must look like 'start:stop', got {_echo(value)}")
         try:
             start, stop = int(parts[0]), int(parts[1])
         except ValueError as e:
-            raise ValueError(f"layer string must look like 'start:stop', got {value!r}") from e
+            raise ValueError(f"layer string must look like 'start:stop', got {_echo(value)}") from e
         value = range(start, stop)
     if isinstance(value, bool | int | float):
-        raise ValueError(f"layers must be a list of indices or 'start:stop', got {value!r}")
+        raise ValueError(f"layers must be a list of indices or 'start:stop', got {_echo(value)}")
+    if isinstance(value, range) and value.step == 1 and value.stop - value.start > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} layer indices, got range({_echo(value.start)}, ...)")
+    if isinstance(value, list | tuple) and len(value) > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} layer indices, got {len(value)}")
     layers = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"layer indices must be ints, got {v!r}")
+            raise ValueError(f"layer indices must be ints, got {_echo(v)}")
         layers.append(v)
+        if len(layers) > MAX_LAYERS:
+            raise ValueError(f"at most {MAX_LAYERS} layer indices")
     if any(v < 0 for v in layers):
-        raise ValueError(f"layer indices must be >= 0, got {layers}")
+        raise ValueError(f"layer indices must be >= 0, got {_echo([v for v in layers if v < 0])}")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"duplicate layer indices in {layers}")
+        raise ValueError(f"duplicate layer indices in {_echo(layers)}")
     return tuple(sorted(layers))
 
 
@@ -95,7 +116,7 @@ def check_layers(layers: LayerSpec, num_layers: int, field: str) -> None:
     """Raise ``ValueError`` if any index in ``layers`` is outside a ``num_layers``-layer decoder."""
     bad = [layer for layer in layers if layer >= num_layers]
     if bad:
-        raise ValueError(f"{field}: layer indices {bad} do not exist in a {num_layers}-layer decoder")
+        raise ValueError(f"{field}: layer indices {_echo(bad)} do not exist in a {num_layers}-layer decoder")
 
 
 class MethodConfig(BaseModel):
