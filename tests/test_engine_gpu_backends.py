@@ -61,7 +61,9 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
         assert run["fa_versions"] == [3], run["fa_versions"]
         # FarSight B ran as FA3's native sink lane, with bf16 s_aux; plain steps used FA3's schedule
         assert stats["farsight_native_rows"] > 0, stats
-        assert "fa3:torch.bfloat16:False" in run["fa_calls"] and "fa3:None:True" in run["fa_calls"], run["fa_calls"]
+        assert "fa3:torch.bfloat16:False" in run["fa_calls"] and "fa3:None:True" in run["fa_calls"], run[
+            "fa_calls"
+        ]
     model, processor = hf
     plain = [g for (_, spec), g in zip(CASES, run["gens"], strict=True) if spec is None]
     for (seed, spec), got in zip(CASES, run["gens"], strict=True):

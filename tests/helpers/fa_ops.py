@@ -71,9 +71,17 @@ def _check_qkv_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: boo
 
 
 def paged_attention(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, cu_q: torch.Tensor, seqused_k: torch.Tensor,
-    page_table: torch.Tensor, scale: float, causal: bool, window: tuple[int, int], s_aux: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    cu_q: torch.Tensor,
+    seqused_k: torch.Tensor,
+    page_table: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: tuple[int, int],
+    s_aux: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention over paged K/V (``[pages, page_size, Hk, D]``), bottom-right causal, fp32 math;
     ``s_aux`` [H]: a per-head sink logit in each row's softmax denominator. Returns out, lse ``[H, T]``."""
     hq, hk = q.shape[1], k_pages.shape[2]
@@ -112,12 +120,30 @@ def paged_attention(
 
 
 def fa3_get_scheduler_metadata(
-    batch_size: int, max_seqlen_q: int, max_seqlen_k: int, num_heads: int, num_heads_k: int, headdim: int,
-    headdim_v: int, qkv_dtype: torch.dtype, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: Any, cu_seqlens_k_new: Any, seqused_q: Any, leftpad_k: Any, page_size: int | None,
-    max_seqlen_k_new: int, is_causal: bool, window_size_left: int, window_size_right: int, has_softcap: bool,
-    num_splits: int, pack_gqa: Any, sm_margin: int,
-) -> torch.Tensor:  # fmt: skip
+    batch_size: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_heads: int,
+    num_heads_k: int,
+    headdim: int,
+    headdim_v: int,
+    qkv_dtype: torch.dtype,
+    seqused_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: Any,
+    cu_seqlens_k_new: Any,
+    seqused_q: Any,
+    leftpad_k: Any,
+    page_size: int | None,
+    max_seqlen_k_new: int,
+    is_causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    has_softcap: bool,
+    num_splits: int,
+    pack_gqa: Any,
+    sm_margin: int,
+) -> torch.Tensor:
     """hopper/flash_api.cpp ``mha_fwd_get_scheduler_metadata``."""
     allowed = (*HALF, torch.float8_e4m3fn) + ((torch.float32,) if RELAX_FP32 else ())
     _check(qkv_dtype in allowed, "FlashAttention only supports fp16, bf16, and fp8_e4m3 data type")
@@ -135,22 +161,58 @@ def fa3_get_scheduler_metadata(
 
 
 def fa3_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: Any, v_new: Any, q_v: Any, out: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: Any, cu_seqlens_k_new: Any, seqused_q: Any,
-    seqused_k: torch.Tensor | None, max_seqlen_q: int | None, max_seqlen_k: int | None,
-    page_table: torch.Tensor | None, kv_batch_idx: Any, leftpad_k: Any, rotary_cos: Any, rotary_sin: Any,
-    seqlens_rotary: Any, q_descale: Any, k_descale: Any, v_descale: Any, softmax_scale: float,
-    is_causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-    is_rotary_interleaved: bool, scheduler_metadata: torch.Tensor | None, num_splits: int, pack_gqa: Any,
-    sm_margin: int, s_aux: torch.Tensor | None, cp_world_size: int, cp_rank: int, cp_tot_seqused_k: Any,
-) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_new: Any,
+    v_new: Any,
+    q_v: Any,
+    out: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: Any,
+    cu_seqlens_k_new: Any,
+    seqused_q: Any,
+    seqused_k: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    page_table: torch.Tensor | None,
+    kv_batch_idx: Any,
+    leftpad_k: Any,
+    rotary_cos: Any,
+    rotary_sin: Any,
+    seqlens_rotary: Any,
+    q_descale: Any,
+    k_descale: Any,
+    v_descale: Any,
+    softmax_scale: float,
+    is_causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    is_rotary_interleaved: bool,
+    scheduler_metadata: torch.Tensor | None,
+    num_splits: int,
+    pack_gqa: Any,
+    sm_margin: int,
+    s_aux: torch.Tensor | None,
+    cp_world_size: int,
+    cp_rank: int,
+    cp_tot_seqused_k: Any,
+) -> tuple[torch.Tensor, torch.Tensor, None, None]:
     """hopper/flash_api.cpp ``mha_fwd`` (the paged, varlen-q decoder call vLLM makes)."""
     arch = _ARCH["arch"]()
     CALLS.append(("fa3", None if s_aux is None else s_aux.dtype, scheduler_metadata is not None))
     _check(arch >= 80, "FlashAttention only supports Ampere GPUs or newer.")
     _check_qkv_dtype(q, k, v, fp8=arch >= 90)
-    for unsupported, name in ((k_new, "k_new"), (q_v, "q_v"), (rotary_cos, "rotary_cos"), (kv_batch_idx, "kv_batch_idx"),
-                              (leftpad_k, "leftpad_k"), (seqused_q, "seqused_q"), (cp_tot_seqused_k, "cp_tot_seqused_k")):  # fmt: skip
+    for unsupported, name in (
+        (k_new, "k_new"),
+        (q_v, "q_v"),
+        (rotary_cos, "rotary_cos"),
+        (kv_batch_idx, "kv_batch_idx"),
+        (leftpad_k, "leftpad_k"),
+        (seqused_q, "seqused_q"),
+        (cp_tot_seqused_k, "cp_tot_seqused_k"),
+    ):
         if unsupported is not None:
             raise NotImplementedError(f"stand-in: {name} is not computed")
     _check(page_table is not None, "stand-in: only the paged KV call vLLM's decoder path makes")
@@ -166,7 +228,10 @@ def fa3_fwd(
     num_heads, head_size = q.shape[1], q.shape[2]
     num_pages, page_size, num_heads_k = k.shape[0], k.shape[1], k.shape[2]
     head_size_v = v.shape[-1]
-    _check(head_size <= FA3_MAX_HEADDIM, f"FlashAttention forward only supports head dimension at most {FA3_MAX_HEADDIM}")
+    _check(
+        head_size <= FA3_MAX_HEADDIM,
+        f"FlashAttention forward only supports head dimension at most {FA3_MAX_HEADDIM}",
+    )
     _check(num_heads % num_heads_k == 0, "Number of heads in key/value must divide number of heads in query")
     _check_shape(q, "q", q.shape[0], num_heads, head_size)
     _check_shape(k, "k", num_pages, page_size, num_heads_k, head_size)
@@ -181,8 +246,11 @@ def fa3_fwd(
     _check(head_size % alignment == 0, f"head_size should be a multiple of {alignment}")
     _check(head_size_v % alignment == 0, f"head_size_v should be a multiple of {alignment}")
     if out is not None:
-        _check(out.dtype == (torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype),
-               "For FP16/BF16 input, output must have the same dtype as inputs. For FP8 input, output must have dtype BF16")  # fmt: skip
+        _check(
+            out.dtype == (torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype),
+            "For FP16/BF16 input, output must have the same dtype as inputs. "
+            "For FP8 input, output must have dtype BF16",
+        )
         _check(out.stride(-1) == 1, "Output tensor must have contiguous last dimension")
         _check_shape(out, "out", q.shape[0], num_heads, head_size_v)
     if scheduler_metadata is not None:
@@ -190,9 +258,11 @@ def fa3_fwd(
         _check(scheduler_metadata.dtype == torch.int32, "scheduler_metadata must have dtype int32")
         _check_shape(scheduler_metadata, "scheduler_metadata", 1 + -(-batch_size // 4) * 4 * 4)
         made_for = scheduler_metadata[:3].tolist()
-        _check(made_for == [batch_size, max_seqlen_k, int(seqused_k.sum())],
-               f"stand-in: a schedule made for the batch {made_for}, used for "
-               f"{[batch_size, max_seqlen_k, int(seqused_k.sum())]}")  # fmt: skip
+        _check(
+            made_for == [batch_size, max_seqlen_k, int(seqused_k.sum())],
+            f"stand-in: a schedule made for the batch {made_for}, used for "
+            f"{[batch_size, max_seqlen_k, int(seqused_k.sum())]}",
+        )
     _check(num_splits <= 256, "num_splits > 256 not supported")
     if q.dtype == torch.float8_e4m3fn:
         for d, name in ((q_descale, "q_descale"), (k_descale, "k_descale"), (v_descale, "v_descale")):
@@ -209,8 +279,18 @@ def fa3_fwd(
     _check(cp_world_size != 1 or cp_rank == 0, "When context parallelism is disabled, cp_rank must be zero")
     if softcap:
         raise NotImplementedError("stand-in: soft-capping is not computed")
-    res, lse = paged_attention(q, k, v, cu_seqlens_q, seqused_k, page_table, softmax_scale, is_causal,
-                               (window_size_left, window_size_right), s_aux)  # fmt: skip
+    res, lse = paged_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        seqused_k,
+        page_table,
+        softmax_scale,
+        is_causal,
+        (window_size_left, window_size_right),
+        s_aux,
+    )
     if out is None:
         out = torch.empty(q.shape[0], num_heads, head_size_v, dtype=q.dtype)
     out.copy_(res)
@@ -221,12 +301,29 @@ def fa3_fwd(
 
 
 def fa2_varlen_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, seqused_k: torch.Tensor | None, leftpad_k: Any, block_table: torch.Tensor | None,
-    alibi_slopes: Any, max_seqlen_q: int, max_seqlen_k: int, p_dropout: float, softmax_scale: float,
-    zero_tensors: bool, is_causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-    return_softmax: bool, num_splits: int, unused_generator_compat: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    seqused_k: torch.Tensor | None,
+    leftpad_k: Any,
+    block_table: torch.Tensor | None,
+    alibi_slopes: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    p_dropout: float,
+    softmax_scale: float,
+    zero_tensors: bool,
+    is_causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    return_softmax: bool,
+    num_splits: int,
+    unused_generator_compat: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """csrc/flash_attn/flash_api.cpp ``mha_varlen_fwd`` (FA2 takes no ``s_aux``, schedule or descale:
     ``flash_attn_varlen_func`` refuses those before this op)."""
     CALLS.append(("fa2", None, False))
@@ -265,8 +362,18 @@ def fa2_varlen_fwd(
         _check_shape(out, "out", q.shape[0], num_heads, head_size)
     if alibi_slopes is not None or softcap or p_dropout:
         raise NotImplementedError("stand-in: ALiBi, soft-capping and dropout are not computed")
-    res, lse = paged_attention(q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, is_causal,
-                               (window_size_left, window_size_right), None)  # fmt: skip
+    res, lse = paged_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        seqused_k,
+        block_table,
+        softmax_scale,
+        is_causal,
+        (window_size_left, window_size_right),
+        None,
+    )
     if out is None:
         out = torch.empty_like(q)
     out.copy_(res)
@@ -277,9 +384,15 @@ def fa2_varlen_fwd(
 
 
 def reshape_and_cache_flash(
-    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, kv_cache_dtype: str, k_scale: torch.Tensor, v_scale: torch.Tensor,
-) -> None:  # fmt: skip
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> None:
     """vLLM csrc/cache_kernels.cu ``reshape_and_cache_flash``: one token per slot of ``slot_mapping``
     (its length is the token count; ``key`` may be longer, padded), negative slots skipped; caches
     ``[num_blocks, block_size, num_heads, head_size]`` (any block/page/head strides, contiguous last
@@ -289,14 +402,19 @@ def reshape_and_cache_flash(
     _check(kv_cache_dtype == "auto", "stand-in: only kv_cache_dtype='auto'")
     n = slot_mapping.shape[0]
     _check(key.shape[0] >= n and value.shape[0] >= n, "key/value hold fewer tokens than slot_mapping")
-    _check(key_cache.dim() == 4 and key_cache.shape == value_cache.shape, "caches: [blocks, block_size, heads, head_size]")
+    _check(
+        key_cache.dim() == 4 and key_cache.shape == value_cache.shape,
+        "caches: [blocks, block_size, heads, head_size]",
+    )
     _, block_size, num_heads, head_size = key_cache.shape
     for t, name in ((key, "key"), (value, "value")):
         _check(tuple(t.shape[1:]) == (num_heads, head_size), f"{name}: [tokens, {num_heads}, {head_size}]")
         _check(t.stride(2) == 1 and t.stride(1) == head_size, f"{name}: each token's heads must be one run")
     for c, name in ((key_cache, "key_cache"), (value_cache, "value_cache")):
         _check(c.stride(-1) == 1, f"{name} must have a contiguous last dimension")
-        _check(c.dtype == key.dtype, f"{name}: dtype {c.dtype} != key dtype {key.dtype} (kv_cache_dtype='auto')")
+        _check(
+            c.dtype == key.dtype, f"{name}: dtype {c.dtype} != key dtype {key.dtype} (kv_cache_dtype='auto')"
+        )
     slots = slot_mapping
     valid = slots >= 0
     _check(bool((slots[valid] < key_cache.shape[0] * block_size).all()), "slot out of range")

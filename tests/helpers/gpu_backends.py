@@ -63,7 +63,9 @@ def _select_backend_as_cuda_does() -> None:
 
     original = CpuPlatform.get_attn_backend_cls.__func__  # type: ignore[attr-defined]
 
-    def get_attn_backend_cls(cls: Any, selected_backend: Any, attn_selector_config: Any, num_heads: Any = None) -> str:
+    def get_attn_backend_cls(
+        cls: Any, selected_backend: Any, attn_selector_config: Any, num_heads: Any = None
+    ) -> str:
         name = _SELECTED["backend"]
         if name is None or attn_selector_config.use_mla:
             return original(cls, selected_backend, attn_selector_config, num_heads)
@@ -136,7 +138,11 @@ def impl_versions(worker: Any) -> list[int | None]:
 
     model = worker.model_runner.get_model()
     return sorted(
-        {getattr(m.impl, "vllm_flash_attn_version", None) for m in model.modules() if isinstance(m, Attention)},
+        {
+            getattr(m.impl, "vllm_flash_attn_version", None)
+            for m in model.modules()
+            if isinstance(m, Attention)
+        },
         key=str,
     )
 
@@ -205,7 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             "stats": stats,
             "fa_calls": sorted({f"{op}:{dt}:{sched}" for op, dt, sched in fa_ops.CALLS}),
             "gens": [
-                {"token_ids": g.token_ids, "logprobs": [{str(k): v for k, v in s.items()} for s in g.logprobs]}
+                {
+                    "token_ids": g.token_ids,
+                    "logprobs": [{str(k): v for k, v in s.items()} for s in g.logprobs],
+                }
                 for g in gens
             ],
         }
