@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.gpu_backends import CASES, MAX_TOKENS, RUNS
+from helpers.gpu_backends import MAX_TOKENS, RUNS, cases_of
 from helpers.parity import Case, Generation, compare, hf_generate
 from vllm_halluguard import reference
 from vllm_halluguard.tiny_models import load_hf
@@ -65,8 +65,8 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
             "fa_calls"
         ]
     model, processor = hf
-    plain = [g for (_, spec), g in zip(CASES, run["gens"], strict=True) if spec is None]
-    for (seed, spec), got in zip(CASES, run["gens"], strict=True):
+    plain = [g for (_, spec), g in zip(cases_of(key), run["gens"], strict=True) if spec is None]
+    for (seed, spec), got in zip(cases_of(key), run["gens"], strict=True):
         extra = None if spec is None else {"halluguard": spec}
         case = Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=extra)
         gen = Generation(got["token_ids"], [{int(k): v for k, v in s.items()} for s in got["logprobs"]])
@@ -80,3 +80,16 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
         free = hf_generate(model, processor, case, context=ctx if spec else None)
         assert free.token_ids == gen.token_ids, f"{key} {spec}: greedy tokens differ from the reference"
     assert plain, "the batch must hold plain rows"
+
+
+def test_flash_attn_keeps_prefix_cache_isolation_and_recovers_from_preemption(gpu_run):
+    run = gpu_run["FLASH_ATTN3"]
+    cached = run["prefix_cache"]
+    assert cached["plain"] == 0 and cached["plain_again"] > 0, cached  # plain requests share
+    assert cached["kvsmooth"] == 0 and cached["kvsmooth_again"] > 0, cached  # a method never reads plain KV
+    assert cached["farsight_b"] == 0 and cached["plain_last"] > 0, cached
+    pre = run["preemption"]
+    assert pre["stats"]["preempted"] > 0, pre["stats"]
+    assert pre["stats"]["active"] == 0 and pre["stats"]["admitted"] == pre["stats"]["released"], pre["stats"]
+    # recompute after preemption: every request (plain and KVSmooth) = its run alone
+    assert pre["batch"] == pre["solo"]

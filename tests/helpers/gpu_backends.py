@@ -165,9 +165,17 @@ CASES: tuple[tuple[int, Any], ...] = (
     (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
     (88, ["scr", {"method": "farsight", "mode": "C"}]),
 )
+#: TRITON_ATTN's kernels run in Triton's interpreter (minutes per batch): plain, FarSight B (the
+#: kernel's sink lane), SCR, the reclaim and the composition (KVSmooth, PruneHal, FarSight B).
+TRITON_CASES = tuple(c for c in CASES if c[0] in (80, 82, 85, 86, 87))
 MAX_TOKENS = 4
 #: (backend, FlashAttention version) runs: FLASH_ATTN as on SM90 (FA3); TRITON_ATTN.
 RUNS = (("FLASH_ATTN", 3), ("TRITON_ATTN", None))
+
+
+def cases_of(key: str) -> tuple[tuple[int, Any], ...]:
+    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``)."""
+    return TRITON_CASES if key == "TRITON_ATTN" else CASES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         engines.append(llm)
         cases = [
             Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
-            for seed, s in CASES
+            for seed, s in cases_of(key)
         ]
         gens = run_vllm(llm, cases)
         run_vllm(llm, [Case("llava", None, max_tokens=1)])  # delivers the finished ids to the worker
@@ -218,8 +226,50 @@ def main(argv: list[str] | None = None) -> None:
                 for g in gens
             ],
         }
+        if backend == "FLASH_ATTN":  # cheap with the torch stand-ins; TRITON_ATTN's interpreter is not
+            result[key].update(prefix_cache=_prefix_cache(llm), preemption=_preemption(engines))
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(result, fh)
+
+
+def _prefix_cache(llm: Any) -> dict[str, int]:
+    """Cached prompt tokens of a sequence of requests on one image (each after the previous)."""
+    from helpers.parity import Case, sampling_params, vllm_inputs
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+
+    llm.reset_prefix_cache()
+    seq = {"plain": None, "plain_again": None, "kvsmooth": "kvsmooth", "kvsmooth_again": "kvsmooth",
+           "farsight_b": {"method": "farsight", "mode": "B"}, "plain_last": None}  # fmt: skip
+    from transformers import AutoProcessor
+
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    processor = AutoProcessor.from_pretrained(ensure_fixture("llava"))
+    cached = {}
+    for label, spec in seq.items():
+        case = Case("llava", 40, max_tokens=2, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec})
+        out = llm.generate([vllm_inputs(processor, case)], [sampling_params(case)], use_tqdm=False)[0]
+        cached[label] = out.num_cached_tokens or 0
+    return cached
+
+
+def _preemption(engines: list[Any]) -> dict[str, Any]:
+    """Eight requests (KVSmooth and plain) in a KV cache of a few blocks: recompute preemption."""
+    from helpers.parity import Case, make_llm, run_vllm
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+    from vllm_halluguard.engine.runtime import worker_stats
+
+    llm = make_llm("llava", block_size=16, max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
+    engines.append(llm)
+    cases = [
+        Case("llava", 60 + i, max_tokens=32, extra_args={EXTRA_ARGS_KEY: "kvsmooth"} if i % 2 else None)
+        for i in range(8)
+    ]
+    outs = run_vllm(llm, cases)
+    run_vllm(llm, [Case("llava", None, max_tokens=1)])
+    (stats,) = llm.collective_rpc(worker_stats)
+    solo = [run_vllm(llm, [c])[0].token_ids for c in cases]
+    return {"stats": stats, "batch": [o.token_ids for o in outs], "solo": solo}
 
 
 if __name__ == "__main__":
