@@ -39,6 +39,8 @@ def select(backend: str | None, fa_version: int = 3) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(backend)
     _SELECTED.update(backend=backend, fa_version=fa_version)
+    if "vllm.v1.attention.selector" in sys.modules:  # vLLM caches its choice per process
+        sys.modules["vllm.v1.attention.selector"]._cached_get_attn_backend.cache_clear()
 
 
 def apply() -> None:
@@ -254,7 +256,8 @@ def _prefix_cache(llm: Any) -> dict[str, int]:
 
 
 def _preemption(engines: list[Any]) -> dict[str, Any]:
-    """Eight requests (KVSmooth and plain) in a KV cache of a few blocks: recompute preemption."""
+    """Eight requests (KVSmooth and plain) in a KV cache of a few blocks: recompute preemption; the plain
+    requests alone, for comparison."""
     from helpers.parity import Case, make_llm, run_vllm
     from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
     from vllm_halluguard.engine.runtime import worker_stats
@@ -268,8 +271,8 @@ def _preemption(engines: list[Any]) -> dict[str, Any]:
     outs = run_vllm(llm, cases)
     run_vllm(llm, [Case("llava", None, max_tokens=1)])
     (stats,) = llm.collective_rpc(worker_stats)
-    solo = [run_vllm(llm, [c])[0].token_ids for c in cases]
-    return {"stats": stats, "batch": [o.token_ids for o in outs], "solo": solo}
+    solo = [run_vllm(llm, [c])[0].token_ids for c in cases[::2]]
+    return {"stats": stats, "batch": [o.token_ids for o in outs], "solo_plain": solo}
 
 
 if __name__ == "__main__":
