@@ -10,7 +10,10 @@ impl runs layer by layer (native sub-batches, then the methods).
 
 Registered over the native names by :func:`vllm_halluguard.engine.hooks.install_backends`; the classes
 are made on first use (``HG_CPU_ATTN``, ``HG_FLASH_ATTN``, ``HG_TRITON_ATTN`` attributes of this
-module), so a platform only imports its own native backend.
+module), so a platform only imports its own native backend. Each class also resolves under its own
+name (``HGFlashAttentionBackend`` ...): the CUDA platform hands the selector
+``cls.__module__ + "." + cls.__qualname__`` of the class it picked (``vllm/platforms/cuda.py``,
+``_backend_cls_path``), which ``resolve_obj_by_qualname`` looks up in this module.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from vllm_halluguard.engine.plan import BuilderMixin
 
 #: The native backends the plugin wraps (attribute of this module -> vLLM backend name).
 WRAPPED = {"HG_CPU_ATTN": "CPU_ATTN", "HG_FLASH_ATTN": "FLASH_ATTN", "HG_TRITON_ATTN": "TRITON_ATTN"}
+#: The wrapped classes' own names (``HG`` + the native class name) -> vLLM backend name.
+CLASS_NAMES = {
+    "HGCPUAttentionBackend": "CPU_ATTN",
+    "HGFlashAttentionBackend": "FLASH_ATTN",
+    "HGTritonAttentionBackend": "TRITON_ATTN",
+}
 
 
 def wrap(native: Any, backend_name: str) -> type:
@@ -52,10 +61,15 @@ def wrapped(backend_name: str) -> type:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     native = resolve_obj_by_qualname(AttentionBackendEnum[backend_name].value)
-    return wrap(native, backend_name)
+    cls = wrap(native, backend_name)
+    if CLASS_NAMES.get(cls.__qualname__) != backend_name:  # vLLM renamed its class: the CUDA path breaks
+        raise RuntimeError(f"{cls.__qualname__} is missing from CLASS_NAMES (wrapping {backend_name})")
+    return cls
 
 
 def __getattr__(name: str) -> type:
     if name in WRAPPED:
         return wrapped(WRAPPED[name])
+    if name in CLASS_NAMES:
+        return wrapped(CLASS_NAMES[name])
     raise AttributeError(name)

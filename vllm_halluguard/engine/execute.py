@@ -117,13 +117,22 @@ def _native_sub(
     out = output[t] if isinstance(t, slice) else output.new_empty((sub.num_tokens, *output.shape[1:]))
     saved = impl.sinks
     if sinks is not None:
-        impl.sinks = sinks if saved is None else torch.logaddexp(sinks, saved.float())
+        impl.sinks = native_sinks(impl, sinks if saved is None else torch.logaddexp(sinks, saved.float()))
     try:
         native(layer, q, k, v, kv_cache, sub.meta, out, *args, **kwargs)
     finally:
         impl.sinks = saved
     if not isinstance(t, slice):
         output[t] = out
+
+
+def native_sinks(impl: Any, sinks: torch.Tensor) -> torch.Tensor:
+    """Per-head sink logits in the dtype the native kernel takes: FlashAttention 3's ``mha_fwd`` accepts
+    only bf16 ``s_aux`` (vllm-project/flash-attention ``hopper/flash_api.cpp``: "We only support bf16
+    dtype for S aux"), whatever the query dtype; the other kernels read fp32."""
+    if getattr(impl, "vllm_flash_attn_version", None) == 3:
+        return sinks.to(torch.bfloat16).contiguous()
+    return sinks
 
 
 def _check_plain(impl: Any) -> None:

@@ -1,0 +1,279 @@
+"""vLLM's GPU attention backends inside the CPU engine (test-only; nothing here ships).
+
+:func:`apply` (before vLLM is imported) makes the CPU engine serve through the plugin's wrapped
+``TRITON_ATTN`` or ``FLASH_ATTN``, chosen per engine with :func:`select`:
+
+* **Backend choice as on CUDA.** ``CpuPlatform.get_attn_backend_cls`` returns what
+  ``vllm/platforms/cuda.py`` returns, ``cls.__module__ + "." + cls.__qualname__`` of the selected
+  class (``_backend_cls_path``; here the registry's override, i.e. the wrapped class), which
+  ``vllm/v1/attention/selector.py`` resolves with ``resolve_obj_by_qualname``.
+* **TRITON_ATTN**: vLLM's own Python and Triton kernels (``unified_attention``, the cache-write
+  kernel), unchanged, in Triton's interpreter (the stand-in ``cpu`` Triton backend of
+  :mod:`helpers.engine_modes`); ``torch.cuda.get_device_capability`` answers ``(9, 0)`` (SM90).
+* **FLASH_ATTN**: vLLM's builder, impl and FlashAttention Python interface
+  (``vllm/vllm_flash_attn/flash_attn_interface.py``: ``flash_attn_varlen_func``,
+  ``get_scheduler_metadata``) and ``vllm._custom_ops.reshape_and_cache_flash``, unchanged; only the
+  compiled ops under them are torch stand-ins (:mod:`helpers.fa_ops`) that compute the result and
+  enforce the real ops' argument contracts. ``fa_utils``' version probe answers the selected FA
+  version (3 on SM90, as vLLM picks there; or 2).
+
+The CPU test engine runs fp32 (its parity with the fp32 dense reference is the point); the real
+FlashAttention ops take only fp16/bf16 (fp8) tensors, so that one check is relaxed for q/k/v/out
+(:data:`helpers.fa_ops.RELAX_FP32`). Every other contract, FA3's bf16 ``s_aux`` included, is
+enforced. Untested on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+#: The backend the next engine gets (``None``: the CPU platform's own choice, ``CPU_ATTN``).
+_SELECTED: dict[str, Any] = {"backend": None, "fa_version": 3}
+BACKENDS = ("TRITON_ATTN", "FLASH_ATTN")
+
+
+def select(backend: str | None, fa_version: int = 3) -> None:
+    """The backend (and FlashAttention version) of engines started from now on."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(backend)
+    _SELECTED.update(backend=backend, fa_version=fa_version)
+    if "vllm.v1.attention.selector" in sys.modules:  # vLLM caches its choice per process
+        sys.modules["vllm.v1.attention.selector"]._cached_get_attn_backend.cache_clear()
+
+
+def apply() -> None:
+    """Set the stand-ins up; call before anything imports vLLM."""
+    if "vllm.triton_utils" in sys.modules:
+        raise RuntimeError("the GPU-backend test mode must be applied before vLLM is imported")
+    from helpers import engine_modes
+
+    engine_modes._interpreted_triton_for_vllm()
+    import torch
+
+    # vLLM's Triton cache write picks its tile sizes by the device's major version
+    # (``triton_reshape_and_cache_flash``); FA3's ``mha_fwd`` stand-in reads the arch from here too.
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)  # type: ignore[assignment]
+    _select_backend_as_cuda_does()
+    _flash_attn_stand_ins()
+
+
+def _select_backend_as_cuda_does() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    original = CpuPlatform.get_attn_backend_cls.__func__  # type: ignore[attr-defined]
+
+    def get_attn_backend_cls(
+        cls: Any, selected_backend: Any, attn_selector_config: Any, num_heads: Any = None
+    ) -> str:
+        name = _SELECTED["backend"]
+        if name is None or attn_selector_config.use_mla:
+            return original(cls, selected_backend, attn_selector_config, num_heads)
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        backend_cls = resolve_obj_by_qualname(AttentionBackendEnum[name].get_path())
+        module, qualname = backend_cls.full_cls_name()  # vllm/platforms/cuda.py: _backend_cls_path
+        return f"{module}.{qualname}"
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)  # type: ignore[assignment]
+
+
+def _flash_attn_stand_ins() -> None:
+    """Bind what ``flash_attn.py`` binds on CUDA (``if is_flash_attn_varlen_func_available()``)."""
+    from vllm import _custom_ops
+    from vllm.v1.attention.backends import fa_utils, flash_attn
+
+    from helpers import fa_ops
+
+    flash_attn_interface = _flash_attn_interface()
+
+    fa_ops.install(arch=lambda: 90)
+
+    def version(*args: Any, **kwargs: Any) -> int:
+        return int(_SELECTED["fa_version"])
+
+    def supported(v: int) -> bool:
+        return v == _SELECTED["fa_version"]
+
+    def supports_sinks() -> bool:  # fa_utils.flash_attn_supports_sinks: FA3 and FA4
+        return version() in (3, 4)
+
+    for module in (fa_utils, flash_attn):
+        module.get_flash_attn_version = version  # type: ignore[attr-defined]
+        module.is_fa_version_supported = supported  # type: ignore[attr-defined]
+        module.flash_attn_supports_sinks = supports_sinks  # type: ignore[attr-defined]
+        module.flash_attn_varlen_func = flash_attn_interface.flash_attn_varlen_func  # type: ignore[attr-defined]
+        module.get_scheduler_metadata = flash_attn_interface.get_scheduler_metadata  # type: ignore[attr-defined]
+        module.reshape_and_cache_flash = _custom_ops.reshape_and_cache_flash  # type: ignore[attr-defined]
+        module.compile_flash_attn_varlen_func_from_specs = None  # type: ignore[attr-defined]
+    flash_attn.is_flash_attn_varlen_func_available = lambda: True  # type: ignore[attr-defined]
+
+
+def _flash_attn_interface() -> Any:
+    """vLLM's ``vllm/vllm_flash_attn/flash_attn_interface.py``, unchanged. Its package refuses to import
+    without the CUDA extensions, so the package is entered as a bare namespace first."""
+    import importlib
+    import types
+    from pathlib import Path
+
+    import vllm
+
+    name = "vllm.vllm_flash_attn"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(Path(vllm.__file__).parent / "vllm_flash_attn")]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.flash_attn_interface")
+
+
+def backend_names(worker: Any) -> list[str]:
+    """``collective_rpc`` helper: the attention backend classes of a worker's layers."""
+    groups = worker.model_runner.attn_groups
+    return sorted({g.backend.__module__ + "." + g.backend.__qualname__ for gs in groups for g in gs})
+
+
+def impl_versions(worker: Any) -> list[int | None]:
+    """``collective_rpc`` helper: the FlashAttention version of every attention impl of a worker."""
+    from vllm.model_executor.layers.attention import Attention
+
+    model = worker.model_runner.get_model()
+    return sorted(
+        {
+            getattr(m.impl, "vllm_flash_attn_version", None)
+            for m in model.modules()
+            if isinstance(m, Attention)
+        },
+        key=str,
+    )
+
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+#: PruneHal's reclaiming variant at the engines' block size (16): whole image-only blocks freed.
+RECLAIM = {"method": "prunehal", "r": 0.3, "t": 1, "selection": "shared", "granularity": "block", "block": 16}
+#: One mixed batch on each backend: (image seed, method spec); every method, FarSight's two modes, the
+#: reclaiming PruneHal and two compositions, plus plain rows.
+CASES: tuple[tuple[int, Any], ...] = (
+    (80, None),
+    (81, "kvsmooth"),
+    (82, {"method": "farsight", "mode": "B"}),
+    (83, {"method": "farsight", "mode": "C"}),
+    (84, "prunehal"),
+    (85, "scr"),
+    (86, RECLAIM),
+    (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
+    (88, ["scr", {"method": "farsight", "mode": "C"}]),
+)
+#: TRITON_ATTN's kernels run in Triton's interpreter (minutes per batch): plain, FarSight B (the
+#: kernel's sink lane), SCR, the reclaim and the composition (KVSmooth, PruneHal, FarSight B).
+TRITON_CASES = tuple(c for c in CASES if c[0] in (80, 82, 85, 86, 87))
+MAX_TOKENS = 4
+#: (backend, FlashAttention version) runs: FLASH_ATTN as on SM90 (FA3); TRITON_ATTN.
+RUNS = (("FLASH_ATTN", 3), ("TRITON_ATTN", None))
+
+
+def cases_of(key: str) -> tuple[tuple[int, Any], ...]:
+    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``)."""
+    return TRITON_CASES if key == "TRITON_ATTN" else CASES
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", nargs="+", default=[f"{b}{v or ''}" for b, v in RUNS])
+    args = parser.parse_args(argv)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["HALLUGUARD_VERIFY_NATIVE"] = "1"  # native rows = the native kernel over the whole batch
+    os.environ["HALLUGUARD_ATTENTION"] = "triton"  # reworked rows by the project's kernel, as on a GPU
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 runner (V2 would refuse the reclaim)
+    apply()
+    from helpers import fa_ops
+    from helpers.parity import Case, make_llm, run_vllm
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+    from vllm_halluguard.engine.runtime import worker_stats
+
+    result: dict[str, Any] = {}
+    engines = []  # kept alive: a collected engine would tear down the process's parallel groups
+    for backend, version in RUNS:
+        key = f"{backend}{version or ''}"
+        if key not in args.runs:
+            continue
+        select(backend, version or 3)
+        fa_ops.CALLS.clear()
+        llm = make_llm("llava", block_size=16)
+        engines.append(llm)
+        cases = [
+            Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
+            for seed, s in cases_of(key)
+        ]
+        gens = run_vllm(llm, cases)
+        run_vllm(llm, [Case("llava", None, max_tokens=1)])  # delivers the finished ids to the worker
+        (stats,) = llm.collective_rpc(worker_stats)
+        result[key] = {
+            "backends": llm.collective_rpc(backend_names)[0],
+            "fa_versions": llm.collective_rpc(impl_versions)[0],
+            "stats": stats,
+            "fa_calls": sorted({f"{op}:{dt}:{sched}" for op, dt, sched in fa_ops.CALLS}),
+            "gens": [
+                {
+                    "token_ids": g.token_ids,
+                    "logprobs": [{str(k): v for k, v in s.items()} for s in g.logprobs],
+                }
+                for g in gens
+            ],
+        }
+        if backend == "FLASH_ATTN":  # cheap with the torch stand-ins; TRITON_ATTN's interpreter is not
+            result[key].update(prefix_cache=_prefix_cache(llm), preemption=_preemption(engines))
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+
+
+def _prefix_cache(llm: Any) -> dict[str, int]:
+    """Cached prompt tokens of a sequence of requests on one image (each after the previous)."""
+    from helpers.parity import Case, sampling_params, vllm_inputs
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+
+    llm.reset_prefix_cache()
+    seq = {"plain": None, "plain_again": None, "kvsmooth": "kvsmooth", "kvsmooth_again": "kvsmooth",
+           "farsight_b": {"method": "farsight", "mode": "B"}, "plain_last": None}  # fmt: skip
+    from transformers import AutoProcessor
+
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    processor = AutoProcessor.from_pretrained(ensure_fixture("llava"))
+    cached = {}
+    for label, spec in seq.items():
+        case = Case("llava", 40, max_tokens=2, extra_args=None if spec is None else {EXTRA_ARGS_KEY: spec})
+        out = llm.generate([vllm_inputs(processor, case)], [sampling_params(case)], use_tqdm=False)[0]
+        cached[label] = out.num_cached_tokens or 0
+    return cached
+
+
+def _preemption(engines: list[Any]) -> dict[str, Any]:
+    """Eight requests (KVSmooth and plain) in a KV cache of a few blocks: recompute preemption; the plain
+    requests alone, for comparison."""
+    from helpers.parity import Case, make_llm, run_vllm
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+    from vllm_halluguard.engine.runtime import worker_stats
+
+    llm = make_llm("llava", block_size=16, max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
+    engines.append(llm)
+    cases = [
+        Case("llava", 60 + i, max_tokens=32, extra_args={EXTRA_ARGS_KEY: "kvsmooth"} if i % 2 else None)
+        for i in range(8)
+    ]
+    outs = run_vllm(llm, cases)
+    run_vllm(llm, [Case("llava", None, max_tokens=1)])
+    (stats,) = llm.collective_rpc(worker_stats)
+    solo = [run_vllm(llm, [c])[0].token_ids for c in cases[::2]]
+    return {"stats": stats, "batch": [o.token_ids for o in outs], "solo_plain": solo}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""vLLM's GPU attention backends in the CPU engine: the plugin's wrapped TRITON_ATTN and FLASH_ATTN (FA3),
+selected through the CUDA platform's class-path resolution (:mod:`helpers.gpu_backends`).
+
+One extra process (the mode must be set before vLLM is imported) starts one engine per backend and
+runs one mixed batch: plain rows, every method, FarSight's two modes, PruneHal's reclaiming variant
+and two compositions. Here, per backend: the engine ran the wrapped class it was given; every
+mitigated row = the dense reference (tokens, log-probs, free greedy run); the plain rows = the
+native kernel over the whole batch, bit for bit (``HALLUGUARD_VERIFY_NATIVE``); FlashAttention got
+FA3's arguments within the real ops' contracts (bf16 ``s_aux`` included), or the run fails.
+Untested on a GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.gpu_backends import MAX_TOKENS, RUNS, cases_of
+from helpers.parity import Case, Generation, compare, hf_generate
+from vllm_halluguard import reference
+from vllm_halluguard.tiny_models import load_hf
+
+pytestmark = pytest.mark.engine
+
+WRAPPED = "vllm_halluguard.engine.backends."
+CLASSES = {"TRITON_ATTN": "HGTritonAttentionBackend", "FLASH_ATTN3": "HGFlashAttentionBackend"}
+KEYS = [f"{b}{v or ''}" for b, v in RUNS]
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_backends") / "gens.json"
+    tests_dir = str(Path(__file__).parent)  # where ``helpers`` lives
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "helpers.gpu_backends", "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return load_hf("llava")
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("key", KEYS)
+def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
+    run = gpu_run[key]
+    assert run["backends"] == [WRAPPED + CLASSES[key]], "the engine must run the wrapped backend it selected"
+    stats = run["stats"]
+    assert stats["native_checked"] > 0 and stats["native_mismatch"] == 0, stats
+    assert stats["kernel_rows"] > 0, "the project's kernel must have computed the reworked rows"
+    assert stats["prunehal_freed_blocks"] >= 1, stats  # the reclaim is accepted on V1, synchronous
+    assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
+    if key == "FLASH_ATTN3":
+        assert run["fa_versions"] == [3], run["fa_versions"]
+        # FarSight B ran as FA3's native sink lane, with bf16 s_aux; plain steps used FA3's schedule
+        assert stats["farsight_native_rows"] > 0, stats
+        assert "fa3:torch.bfloat16:False" in run["fa_calls"] and "fa3:None:True" in run["fa_calls"], run[
+            "fa_calls"
+        ]
+    model, processor = hf
+    plain = [g for (_, spec), g in zip(cases_of(key), run["gens"], strict=True) if spec is None]
+    for (seed, spec), got in zip(cases_of(key), run["gens"], strict=True):
+        extra = None if spec is None else {"halluguard": spec}
+        case = Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=extra)
+        gen = Generation(got["token_ids"], [{int(k): v for k, v in s.items()} for s in got["logprobs"]])
+
+        def ctx(spec=spec):
+            return reference.apply(model, spec)
+
+        ref = hf_generate(model, processor, case, force=gen.token_ids, context=ctx if spec else None)
+        report = compare(gen, ref)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-3, f"{key} {spec}: {report}"
+        free = hf_generate(model, processor, case, context=ctx if spec else None)
+        assert free.token_ids == gen.token_ids, f"{key} {spec}: greedy tokens differ from the reference"
+    assert plain, "the batch must hold plain rows"
+
+
+def test_flash_attn_keeps_prefix_cache_isolation_and_recovers_from_preemption(gpu_run):
+    run = gpu_run["FLASH_ATTN3"]
+    cached = run["prefix_cache"]
+    assert cached["plain"] == 0 and cached["plain_again"] > 0, cached  # plain requests share
+    assert cached["kvsmooth"] == 0 and cached["kvsmooth_again"] > 0, cached  # a method never reads plain KV
+    assert cached["farsight_b"] == 0 and cached["plain_last"] > 0, cached
+    pre = run["preemption"]
+    assert pre["stats"]["preempted"] > 0, pre["stats"]
+    assert pre["stats"]["active"] == 0 and pre["stats"]["admitted"] == pre["stats"]["released"], pre["stats"]
+    # recompute after preemption keeps plain requests exact (their run alone)
+    assert pre["batch"][::2] == pre["solo_plain"]
