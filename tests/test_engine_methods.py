@@ -174,7 +174,7 @@ def test_preempted_requests_recompute_exactly(engines, monkeypatch):
     assert frozenset(METHODS) in members
     cases = [
         dataclasses.replace(method_case("llava", 60 + i, s), max_tokens=16)
-        for i in range(2)
+        for i in range(1)
         for s in PREEMPTED_SPECS
     ]
     llm = engines.get("llava", **STARVED)
@@ -187,7 +187,7 @@ def test_preempted_requests_recompute_exactly(engines, monkeypatch):
         return preempt(request, *args, **kwargs)
 
     monkeypatch.setattr(scheduler, "_preempt_request", counting)
-    done = _run_preempting(llm, cases, every=5, times=14)
+    done = _run_preempting(llm, cases, every=3, times=20)
     monkeypatch.undo()
     outs = [done[rid] for rid in sorted(done, key=lambda r: int(r.lstrip("p").split("-")[0]))]
     relaxed = run_vllm(engines.get("llava"), cases)  # no memory pressure: nothing is preempted
