@@ -2,6 +2,8 @@
 native kernel, plain rows bit-identical to vLLM's kernel, prefix-cache isolation, preemption, plain
 requests = a run without the plugin."""
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.parity import Case, compare, method_case, run_vllm
+from helpers.parity import Case, Generation, compare, method_case, run_vllm
 from vllm_halluguard.engine.runtime import worker_stats
 from vllm_halluguard.tiny_models import FIXTURES
 
@@ -122,18 +124,83 @@ def test_prefix_cache_is_isolated_per_method_config(setup):
     assert _cached(llm, plain) > 0
 
 
-def test_preempted_requests_release_and_restart_their_state(engines):
-    """A KV cache of a few blocks forces recompute preemption with 8 concurrent requests."""
-    cases = [method_case("llava", 60 + i, SPECS["kvsmooth"] if i % 2 else None) for i in range(8)]
-    llm = engines.get("llava", max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
-    outs = run_vllm(llm, cases)
+FS_B, FS_C = {"method": "farsight", "mode": "B"}, {"method": "farsight", "mode": "C"}
+PRUNE = {"method": "prunehal", "r": 0.5}  # prunes at step 2 (the preset's forced prune)
+SCR = {"method": "scr", "top_k": 6, "lam": 1.6}
+#: Under preemption: plain, each method alone (FarSight in both modes), every pair and all four.
+PREEMPTED_SPECS = [
+    None, "kvsmooth", FS_C, FS_B, PRUNE, SCR,
+    [SCR, PRUNE], [SCR, "kvsmooth"], [SCR, FS_C], [PRUNE, "kvsmooth"], [PRUNE, FS_B], ["kvsmooth", FS_C],
+    [SCR, PRUNE, "kvsmooth", FS_C],
+]  # fmt: skip
+#: A KV cache of 14 blocks of 32 tokens: 4 prompts with their image; each needs a 4th block at its 9th
+#: generated token.
+STARVED = {"max_model_len": 256, "kv_cache_memory_bytes": 14 * 32 * 2048}
+
+
+def _run_preempting(llm, cases, every: int, times: int) -> dict[str, Generation]:
+    """Step ``cases`` together; at every ``every``-th step, ``times`` times, vLLM also preempts every
+    running request (``reset_prefix_cache(reset_running_requests=True)``), besides the preemptions of
+    the starved cache."""
+    from transformers import AutoProcessor
+
+    from helpers.parity import sampling_params, vllm_inputs
+    from vllm_halluguard.tiny_models import ensure_fixture
+
+    processor = AutoProcessor.from_pretrained(ensure_fixture(cases[0].fixture))
+    engine = llm.llm_engine
+    for i, case in enumerate(cases):
+        engine.add_request(f"p{i}", vllm_inputs(processor, case), sampling_params(case))
+    done: dict[str, Generation] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = Generation(list(out.outputs[0].token_ids))
+        step += 1
+        if step % every == 0 and step // every <= times:
+            llm.reset_prefix_cache(reset_running_requests=True)
+    return done
+
+
+def test_preempted_requests_recompute_exactly(engines, monkeypatch):
+    """A KV cache of a few blocks, and vLLM preempting all running requests now and then, on a mixed
+    batch of every method and composition: every answer equals the same request's answer without
+    memory pressure or preemption."""
+    from vllm_halluguard.methods import METHODS, parse
+
+    members = [frozenset(parse(s).names) for s in PREEMPTED_SPECS if isinstance(s, list)]
+    assert {frozenset(p) for p in itertools.combinations(METHODS, 2)} <= set(members)
+    assert frozenset(METHODS) in members
+    cases = [
+        dataclasses.replace(method_case("llava", 60 + i, s), max_tokens=16)
+        for i in range(1)
+        for s in PREEMPTED_SPECS
+    ]
+    llm = engines.get("llava", **STARVED)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted: list[str] = []
+    preempt = scheduler._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "_preempt_request", counting)
+    done = _run_preempting(llm, cases, every=3, times=20)
+    monkeypatch.undo()
+    outs = [done[rid] for rid in sorted(done, key=lambda r: int(r.lstrip("p").split("-")[0]))]
+    relaxed = run_vllm(engines.get("llava"), cases)  # no memory pressure: nothing is preempted
+    differ = [
+        (case.extra_args, case.image_seed)
+        for case, got, want in zip(cases, outs, relaxed, strict=True)
+        if got.token_ids != want.token_ids
+    ]
+    count = f"{len(differ)} of {len(cases)} answers differ after {len(preempted)} preemptions"
+    assert not differ, f"{count}: {differ}"
+    assert len(preempted) >= 50, f"only {len(preempted)} preemptions"
     stats = worker_stats_of(llm)
-    solo_plain = [run_vllm(llm, [c])[0] for c in cases[::2]]
-    assert all(len(o.token_ids) == 32 for o in outs)
-    assert stats["preempted"] > 0, f"no preemption happened: {stats}"
     assert stats["active"] == 0 and stats["admitted"] == stats["released"], stats
-    for got, solo in zip(outs[::2], solo_plain, strict=True):  # recompute keeps plain requests exact
-        assert got.token_ids == solo.token_ids
 
 
 NO_PLUGIN_SCRIPT = textwrap.dedent(

@@ -53,7 +53,7 @@ RUNS = {
             "test_batch_of_four_matches_solo_runs",
             "test_engine_matches_reference",
             "test_mixed_batch_of_every_method_equals_solo_runs",
-            "test_preempted_requests_release_and_restart_their_state",
+            "test_preempted_requests_recompute_exactly",
             "test_prefix_cache_is_isolated_per_method_config",
             "test_plain_requests_equal_a_run_without_the_plugin",
             "test_decisions_match_reference",
@@ -69,7 +69,7 @@ RUNS = {
         {
             "test_engine_matches_reference",
             "test_mixed_batch_of_every_method_equals_solo_runs",
-            "test_preempted_requests_release_and_restart_their_state",
+            "test_preempted_requests_recompute_exactly",
             "test_preempted_scr_requests_recompute_with_their_selection",
         },
     ),

@@ -296,13 +296,14 @@ PROMPT_95, PROMPT_94 = "Describe the image red blue.", "Describe the image of bl
 
 
 def test_preempted_pruned_request_resumes_with_its_masks(engines, processor):
-    """A reclaiming request preempted after its prune is recomputed with the masks each of its tokens
-    saw (the prompt unmasked, later tokens under the prunes before them): its tokens, log-probs and
-    prunes equal its solo run, and it frees its image block again after the recompute.
+    """A reclaiming request preempted after its prune replays its steps (the prompt unmasked, then one
+    generated token per step under the prunes before it): its tokens, log-probs and prunes equal its
+    solo run, and it frees its image block again at its prune step.
 
     12 blocks: p1 (95 tokens), p2, p3 (88) and r (94, last) take all 12. r's prune frees one block
     (step 2), p1 takes it for position 96 (step 3); at step 4 r needs a block, none is free and r is
-    the last running request: vLLM preempts it. It resumes when p1 finishes and recomputes 97 tokens.
+    the last running request: vLLM preempts it. It resumes when p1 finishes: its 94-token prompt, then
+    its 3 generated tokens one per step.
     """
     llm = engines.get("llava", **{**SMALL, "num_gpu_blocks_override": 13})
     drv = Driver(llm, processor)

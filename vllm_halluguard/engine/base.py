@@ -93,6 +93,10 @@ class EngineMethod:
     #: The method rewrites generated tokens' cached K/V: their blocks must not serve other requests'
     #: prompts from the prefix cache (the reference computes those tokens' K/V raw).
     edits_generated_kv: ClassVar[bool] = False
+    #: The method's decode steps carry state a chunked recompute cannot reproduce (KVSmooth's smoothed
+    #: K/V and entropy FIFOs, PruneHal's prune history): after a preemption the request replays its
+    #: generated tokens one per step (:mod:`vllm_halluguard.engine.replay`).
+    replays_decode: ClassVar[bool] = False
     #: The method is correct with tensor parallelism (its decisions see every head, reduced across the
     #: ranks by :mod:`vllm_halluguard.engine.tp`); others are refused when ``tensor_parallel_size > 1``.
     tensor_parallel: ClassVar[bool] = False

@@ -17,8 +17,10 @@
   into its first block's hash, so requests with different methods never share KV blocks, and
   different spellings of one config do; blocks of generated tokens whose K/V a method rewrote
   (KVSmooth) hash per request (:func:`install_cache_salt`);
-* scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); engine methods may
-  hook the model itself (SCR wraps the decoder layers' forward, on its first request);
+* scheduler: SCR requests run a hidden diagnostic copy first (:mod:`.two_pass`); a preempted request
+  whose method carries decode-step state replays its generated tokens one per step (:mod:`.replay`);
+  engine methods may hook the model itself (SCR wraps the decoder layers' forward, on its first
+  request);
 * KV blocks: PruneHal's reclaiming variant reports fully pruned prompt blocks on the model runner's
   output and the scheduler frees them (:mod:`.reclaim`).
 """
@@ -247,7 +249,7 @@ def install_cache_salt() -> None:
 
 
 def install_all() -> None:
-    from vllm_halluguard.engine import reclaim, two_pass
+    from vllm_halluguard.engine import reclaim, replay, two_pass
 
     install_backends()
     install_backend_check()
@@ -255,4 +257,5 @@ def install_all() -> None:
     install_admission()
     install_cache_salt()
     two_pass.install()
+    replay.install()
     reclaim.install_scheduler()

@@ -143,6 +143,7 @@ class KVSmoothEngine(EngineMethod):
     batched = True
     tensor_parallel = True  # entropy averaged over every rank's heads (engine/tp.py)
     edits_generated_kv = True
+    replays_decode = True  # smoothed K/V and FIFOs of each decode step (engine/replay.py)
 
     def setup(self, runtime: Any) -> None:
         shape = (runtime.capacity, runtime.num_layers)

@@ -17,8 +17,9 @@ and updates the history; the new masks apply from the next forward, as in the re
 :mod:`vllm_halluguard.methods.prunehal`.
 
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
-tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request
-(a preempted request starts over). The decode rows of a layer call are measured together
+tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request.
+A preempted request starts over and replays its decode steps one per step (:mod:`.replay`), deciding
+its prunes again at the same steps. The decode rows of a layer call are measured together
 (:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
 attention); the per-row :func:`apply` is the same computation for one row.
 A request without an image is refused at admission (``requests.check_inputs``).
@@ -65,8 +66,6 @@ logger = logging.getLogger(__name__)
 #: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.logs[LOG]``).
 MAX_LOGGED_REQUESTS = 256
 LOG = "prunehal_log"
-#: ``Runtime.ext`` key of the states of preempted requests, until they resume or finish.
-PARKED = "prunehal_parked"
 
 
 @dataclass
@@ -87,21 +86,6 @@ class PruneState:
     admission: int = 1  # how many times the worker admitted the request (1 + preemptions)
     reclaim: bool = False  # fully pruned prompt blocks go back to the pool
     freed: set[int] = field(default_factory=set)  # logical blocks handed to the reclaim
-    #: ``(step, keep [n, Nv])`` after each prune: the masks in force at each step (recompute)
-    epochs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    resume_len: int = 0  # after a preemption: the tokens the recompute covers (its last row is measured)
-    refree: bool = False  # after a preemption: free the pruned blocks again once recomputed
-
-    def epoch_of(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        """The number of prunes in force for the queries at ``positions``: the token at position ``p``
-        (generated token ``p - prompt_len + 1``) was consumed by step ``p - prompt_len + 2``, after the
-        prunes decided at steps up to ``p - prompt_len + 1``."""
-        steps = torch.tensor([step for step, _ in self.epochs], dtype=torch.long)
-        return torch.searchsorted(steps, positions - prompt_len + 1, right=True)
-
-    def keep_in(self, epoch: int, i: int) -> torch.Tensor:
-        """Layer slot ``i``'s keep mask after ``epoch`` prunes."""
-        return self.keep[i].new_ones(self.keep.shape[1]) if epoch == 0 else self.epochs[epoch - 1][1][i]
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
@@ -126,20 +110,12 @@ class PruneState:
 
 
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
-    """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``); a request
-    resumed after a preemption gets its state back (torch path, see :func:`park`)."""
+    """Create the request's :class:`PruneState` at admission (called by ``Runtime._admit``). A request
+    resumed after a preemption starts over: it replays its decode steps (:mod:`.replay`), and its
+    record counts the admissions after the first (``resumed``)."""
     cfg = cast(PruneHalConfig, state.config)
     admissions = runtime.ext.setdefault("prunehal_admissions", {})
     admissions[state.req_id] = admissions.get(state.req_id, 0) + 1
-    parked: PruneState | None = runtime.ext.get(PARKED, {}).pop(state.req_id, None)
-    if parked is not None:
-        parked.admission = admissions[state.req_id]
-        parked.resume_len = state.prompt_len + len(cached.output_token_ids)
-        parked.freed, parked.refree = set(), parked.reclaim and bool(parked.epochs)
-        parked.seen.zero_()
-        parked.record["resumed"] = parked.record.get("resumed", 0) + 1
-        state.scratch["prunehal"] = parked
-        return
     image_token_id = getattr(runtime.hf_config, "image_token_id", None)
     visual = visual_positions(cached, image_token_id)
     layers = tuple(cfg.layers or ())
@@ -155,6 +131,8 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
         "reclaimable_blocks": 0,
         "freed_blocks": 0,
     }
+    if admissions[state.req_id] > 1:
+        record["resumed"] = admissions[state.req_id] - 1
     runtime.remember(LOG, state.req_id, record, MAX_LOGGED_REQUESTS)
     st = PruneState.fresh(visual, layers, record)
     st.req_id, st.admission = state.req_id, admissions[state.req_id]
@@ -172,10 +150,6 @@ def apply(call: LayerCall, row: Row) -> None:
     start, end, seq_len = call.span(row)
     pos = seq_len - 1
     i = st.index.get(call.layer)
-    if i is not None and st.resume_len and seq_len > state.prompt_len and end - start > 1:
-        return _apply_recompute(call, row, st, cfg, i)
-    if st.resume_len and seq_len < st.resume_len:
-        return  # a recompute's chunk within the prompt: computed natively, not a step
     if i is None or seq_len < state.prompt_len or (seq_len > state.prompt_len and end - start != 1):
         return  # rows before the prompt's last token are never touched
     # the prompt's last token (the end of the prefill or of its last chunk) is step 1, measured on its
@@ -206,42 +180,6 @@ def apply(call: LayerCall, row: Row) -> None:
         decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
 
 
-def _apply_recompute(call: LayerCall, row: Row, st: PruneState, cfg: PruneHalConfig, i: int) -> None:
-    """A chunk of a preempted request's recompute: each query attends under the keep mask that was in
-    force when it was first computed (:meth:`PruneState.epoch_of`), so its K/V and output are the
-    unpreempted run's; the chunk that ends with the last known token is measured as that token's step."""
-    state = row.request
-    start, end, seq_len = call.span(row)
-    keep = st.keep[i]
-    if not bool(keep.all()):  # this layer is reworked (route): every query of the chunk is computed here
-        k, v = call.gather(row.index, seq_len)
-        positions = call.positions(row)
-        epochs = st.epoch_of(positions, state.prompt_len)
-        for e in torch.unique(epochs).tolist():
-            sel = torch.nonzero(epochs == e).flatten()
-            key_mask = torch.ones(seq_len, dtype=torch.bool)
-            key_mask[st.visual] = st.keep_in(e, i)
-            out, _, _ = attention_rows(
-                call.query[start + sel], k, v, call.scale, positions[sel], key_mask=key_mask
-            )
-            call.output[start + sel] = out
-    if seq_len != st.resume_len:
-        return
-    q = call.query[end - 1 : end]
-    k, _ = call.gather(row.index, seq_len)
-    key_mask = torch.ones(seq_len, dtype=torch.bool)
-    key_mask[st.visual] = keep
-    lse = torch.logsumexp(attention_logits(q, k, call.scale, torch.tensor([seq_len - 1]), key_mask), dim=-1)
-    hq, hkv = q.shape[1], k.shape[1]
-    qf = q[0].float().reshape(hkv, hq // hkv, -1)
-    logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
-    probs = torch.exp(logits - lse[0, :, None]) * keep
-    st.A[i], st.scores[i] = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
-    st.seen[i] = True
-    if call.layer == max(st.layers):
-        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
-
-
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
     measured on its last token: one padded gather and one batched masked attention."""
@@ -256,8 +194,6 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         seq_len, prompt_len = call.seq_lens[row.index], state.prompt_len
         if i is None or seq_len < prompt_len or (seq_len > prompt_len and not call.is_single(row)):
             continue  # rows before the prompt's last token are never touched
-        if st.resume_len and seq_len < st.resume_len:
-            continue  # a recompute's chunk within the prompt
         todo.append((row, st, i))
     if not todo:
         return
@@ -338,12 +274,8 @@ def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
     rec = st.record
     rec["steps"] = step
     if fired:
-        st.epochs.append((step, st.keep))
         rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
-    if st.resume_len and step + rec["prompt_len"] - 1 >= st.resume_len:
-        st.resume_len = 0  # the recompute is done
-    if fired or st.refree:
-        st.refree = False
+    if fired:
         blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
         rec["reclaimable_blocks"] = len(blocks)
         new = [b for b in blocks if b not in st.freed] if st.reclaim else []
@@ -380,28 +312,6 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
     return worker_log(worker, LOG, clear)
 
 
-def park(runtime: Any, state: RequestState) -> None:
-    """Keep a leaving request's state until it finishes (:meth:`PruneHalEngine.finished`): if it was
-    preempted, vLLM recomputes it and :func:`init_state` resumes with the state, the recompute applying
-    each query's masks (:func:`_apply_recompute`). Torch path only: the Triton kernel takes one key mask
-    per row, so on the kernel path a resumed request starts over (not exact)."""
-    from vllm_halluguard.engine.plan import rework_engine
-
-    st: PruneState | None = state.scratch.get("prunehal")
-    if st is not None and rework_engine() == "torch":
-        runtime.ext.setdefault(PARKED, {})[state.req_id] = st
-
-
-def _recomputes(st: PruneState, row: Row, span: RowSpan) -> bool:
-    """A chunk (several tokens) of a resumed request's recompute that reaches past the prompt."""
-    return bool(st.resume_len) and span.num_tokens > 1 and span.seq_len > row.request.prompt_len
-
-
-def _resumed(row: Row) -> bool:
-    st = _state(row)
-    return st is not None and bool(st.resume_len)
-
-
 def _state(row: Row) -> PruneState | None:
     st: PruneState | None = row.request.scratch.get("prunehal")
     if st is None or row.request.config.is_noop() or st.visual.numel() == 0:
@@ -417,6 +327,7 @@ class PruneHalEngine(EngineMethod):
     tensor_parallel = True  # statistics averaged over every rank's heads (engine/tp.py)
     pipeline_reason = "its prune vote reads every configured layer, and the layers sit on different stages"
     batched = True
+    replays_decode = True  # each decode step's prune vote (engine/replay.py)
     gauges = ("prunehal_reclaimable_blocks",)
     #: ``prunehal_freed_blocks``: prompt blocks handed back to the pool (reclaiming variant), and
     #: ``prunehal_reclaiming_requests``: requests (admissions) that gave back at least one.
@@ -447,23 +358,17 @@ class PruneHalEngine(EngineMethod):
             )
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
-        """Every row is measured on its last token, so all rows go to one :func:`apply_batch`; chunks of
-        a resumed request's recompute go to :func:`apply`."""
-        recompute = {row.index for row in rows if not call.is_single(row) and _resumed(row)}
-        rest = [row for row in rows if row.index not in recompute]
-        for row in rows:
-            if row.index in recompute or call.gather_batch is None:
+        """Every row is measured on its last token, so all rows go to one :func:`apply_batch`."""
+        if call.gather_batch is None:
+            for row in rows:
                 apply(call, row)
-        if call.gather_batch is not None and rest:
-            apply_batch(call, rest)
+        elif rows:
+            apply_batch(call, rows)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
         key mask); with the kernel, every configured layer (output, mask and LSE in one launch)."""
         st = _state(row)
-        if st is not None and _recomputes(st, row, span) and not backend.kernel:
-            pruned = [layer for layer, keep in zip(st.layers, st.keep, strict=True) if not bool(keep.all())]
-            return Route(rework=frozenset(pruned))
         if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
             return NATIVE
         if backend.kernel:
@@ -476,7 +381,7 @@ class PruneHalEngine(EngineMethod):
         st = _state(row)
         if st is None or span.seq_len < row.request.prompt_len:
             return False
-        if span.seq_len == row.request.prompt_len or (_recomputes(st, row, span) and not backend.kernel):
+        if span.seq_len == row.request.prompt_len:
             return True
         return span.num_tokens == 1 and not backend.kernel
 
@@ -521,14 +426,11 @@ class PruneHalEngine(EngineMethod):
 
     def release(self, runtime: Any, state: RequestState) -> None:
         """Finished or preempted. Blocks not yet nulled in the worker's table are another allocation's
-        after a recompute (the scheduler drops such stale reports too). The state is kept until the
-        request finishes: a preempted request resumes with it (:func:`park`)."""
+        after a recompute (the scheduler drops such stale reports too)."""
         reclaim.forget(runtime, state.req_id)
-        park(runtime, state)
 
     def finished(self, runtime: Any, req_id: str) -> None:
         runtime.ext.get("prunehal_admissions", {}).pop(req_id, None)
-        runtime.ext.get(PARKED, {}).pop(req_id, None)
 
     def plan_step(
         self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any

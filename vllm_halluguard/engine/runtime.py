@@ -1,8 +1,12 @@
 """Worker-side per-request method state, refreshed once per engine step.
 
 Each request that selects a method gets a stable *slot* when the worker first sees it and keeps it
-until it finishes or is preempted (a preempted request is recomputed from scratch, so its state
-starts over when it resumes). Method state lives in persistent tensors indexed by slot, created by
+until it finishes or is preempted. A preempted request is admitted again when vLLM recomputes it, with
+a fresh state: methods whose generated tokens compute the same in a prefill chunk (FarSight, SCR, whose
+selection is kept until the request finishes) are recomputed as vLLM schedules them; a request with a
+method whose decode steps carry state (KVSmooth, PruneHal, alone or composed) replays its generated
+tokens one per step (:mod:`~vllm_halluguard.engine.replay`), which rebuilds the state and the cache
+exactly as the unpreempted run left them. Method state lives in persistent tensors indexed by slot, created by
 each engine method (:meth:`~vllm_halluguard.engine.base.EngineMethod.setup`); every step the runtime
 maps the batch rows to slots (:class:`StepView`), and the attention backend reads that view. Plain
 requests cost nothing: a step without mitigated rows has no view.

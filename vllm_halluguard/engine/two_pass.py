@@ -153,7 +153,8 @@ def _fail(scheduler: Any, requests: list[Any], outputs: dict[int, Any]) -> None:
 
     ids = [r.request_id for r in requests]
     for request in scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR):
-        _count(scheduler, "scr_failed")
+        if scr_phase(request) is not None:  # requests failed for another reason count elsewhere
+            _count(scheduler, "scr_failed")
         out = EngineCoreOutput(
             request_id=request.request_id,
             new_token_ids=[],
