@@ -372,8 +372,9 @@ def test_a_server_default_the_parallel_layout_refuses_fails_at_startup():
     hf_config = AutoConfig.from_pretrained(ensure_fixture("llava"))
 
     def layout(tp: int, pp: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        return SimpleNamespace(  # an eager engine (scr's own setting check passes)
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+            compilation_config=SimpleNamespace(mode=0),
         )
 
     for default in ("kvsmooth", "prunehal", "scr", {"method": "farsight", "mode": "B"}):
