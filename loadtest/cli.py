@@ -29,6 +29,17 @@ from vllm_halluguard.loadtest.stats import Slo
 
 logger = logging.getLogger("loadtest")
 
+
+class DefaultOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows an option's default once: not where its text already gives one, nor when unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 #: Ceilings on the limit flags themselves, so that a typo cannot start an endless run.
 MAX_REQUESTS_CEILING = 100_000
 MAX_DURATION_CEILING_S = 24 * 3600
@@ -86,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="halluguard-loadtest",
         description="Load-test an OpenAI-compatible /v1/chat/completions endpoint (streaming, one image "
         "per request) per mitigation; 'none' is always measured as the baseline of the overhead ratios.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultOnceFormatter,
     )
     a = p.add_argument
     a("--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is accepted)")

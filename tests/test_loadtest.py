@@ -361,6 +361,14 @@ def test_cli_refuses_remote_target_and_oversized_plans(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_help_gives_each_default_once():
+    text = cli.build_parser().format_help().replace("\n                        ", " ")  # joined wraps
+    assert "(default: None)" not in text and "(default: [])" not in text
+    for line in text.splitlines():
+        assert line.count("default") <= 1, line
+    assert "(default: 16)" in text, "a plain default is still shown"
+
+
 def test_cli_names_what_is_wrong_before_sending(tmp_path):
     """A base URL with /v1 is the server root; no server, or a method the server does not offer,
     stops the run up front with a message that says so."""
