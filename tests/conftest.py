@@ -32,6 +32,7 @@ ENGINE_MODES = engine_modes.apply()
 
 from helpers.markers import unmarked  # noqa: E402
 from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
+from vllm_halluguard.tiny_models import FIXTURES, load_hf  # noqa: E402
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
 #: block boundaries (the methods edit and read the paged cache across them).
@@ -69,6 +70,39 @@ def engines():
     pool = EnginePool()
     yield pool
     pool.close()
+
+
+class HFModels:
+    """HF ``(model, processor)`` pairs of the tiny fixtures, loaded once per session (worker).
+
+    Tests only run the models (``generate``, the reference context managers restore what they
+    patch), so one copy serves every module.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple] = {}
+
+    def get(self, fixture: str) -> tuple:
+        if fixture not in self._models:
+            self._models[fixture] = load_hf(fixture)
+        return self._models[fixture]
+
+
+@pytest.fixture(scope="session")
+def hf_models() -> HFModels:
+    return HFModels()
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def paper_engine(request, engines):
+    """``(fixture, engine)`` for each paper architecture: the session's shared engine (``block_size=32``)."""
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf_model(paper_engine, hf_models):
+    """The HF ``(model, processor)`` of ``paper_engine``'s fixture (shared across modules)."""
+    return hf_models.get(paper_engine[0])
 
 
 def pytest_collection_modifyitems(config, items):

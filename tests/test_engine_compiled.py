@@ -17,7 +17,7 @@ from helpers.parity import (
     recording_reference,
     run_vllm,
 )
-from vllm_halluguard.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.tiny_models import FIXTURES
 
 pytestmark = pytest.mark.engine
 
@@ -63,9 +63,9 @@ def _count_layer_calls(worker, arm):
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
+def setup(request, engines, hf_models):
     name = request.param
-    return name, engines.get(name, enforce_eager=False), load_hf(name)
+    return name, engines.get(name, enforce_eager=False), hf_models.get(name)
 
 
 def test_the_model_runs_compiled(setup):

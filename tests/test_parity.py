@@ -3,7 +3,7 @@
 import pytest
 
 from helpers.parity import Case, assert_free_greedy_agrees, compare, hf_generate, run_vllm
-from vllm_halluguard.tiny_models import FIXTURES, load_hf
+from vllm_halluguard.tiny_models import FIXTURES
 
 pytestmark = pytest.mark.engine
 
@@ -23,7 +23,7 @@ def runs(request):
     llm = request.getfixturevalue("engines").get(name)
     batch = run_vllm(llm, cases)
     solo = [run_vllm(llm, [c])[0] for c in cases]
-    model, processor = load_hf(name)
+    model, processor = request.getfixturevalue("hf_models").get(name)
     return cases, batch, solo, model, processor
 
 
