@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from helpers.server import free_port, running_server, server_command
+from helpers.server import free_port
 from vllm_halluguard.eval.cli import main
 from vllm_halluguard.eval.client import RetryPolicy, send
 from vllm_halluguard.eval.dataset import sample_ids
@@ -405,11 +405,8 @@ def test_report_command_needs_results(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("eval_server") / "server.log"
-    port = free_port()
-    with running_server(server_command(port), port, log) as url:
-        yield url
+def server(plain_server) -> str:
+    return plain_server.url
 
 
 @pytest.mark.server

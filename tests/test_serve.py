@@ -10,18 +10,14 @@ import pytest
 from openai import OpenAI
 
 from helpers.images import data_url
-from helpers.server import free_port, running_server
-from vllm_halluguard.plugin import TRACE_ENV
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    port, trace, log = free_port(), tmp / "trace", tmp / "server.log"
-    with running_server(["make", "-s", "serve", f"PORT={port}"], port, log, {TRACE_ENV: str(trace)}) as base:
-        yield base, trace, log
+def served(plain_server):
+    """The session's plain server: ``make serve`` with the plugin's trace file (conftest)."""
+    return plain_server.url, plain_server.trace, plain_server.log
 
 
 def test_chat_completion_with_base64_image(served):
