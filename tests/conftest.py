@@ -145,6 +145,7 @@ def group_of(path: str) -> str:
     return GROUPS.get(name, name)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown under ``-p no:xdist``
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with :data:`GROUPS`: a work unit is a group of files, in collection order.
 
