@@ -135,7 +135,29 @@ GROUPS = {
 }
 #: Measured seconds per group (docs/testing.md); groups start longest first so the two workers end
 #: together. A group not listed counts as :data:`DEFAULT_COST_S`.
-COST_S: dict[str, float] = {}
+COST_S: dict[str, float] = {
+    "test_engine_modes.py": 600,
+    "test_engine_tp.py": 400,
+    "test_served_vlms.py": 300,
+    "test_engine_contract.py": 300,
+    "plain_server": 250,
+    "test_server_fuzz.py": 250,
+    "test_engine_compose.py": 250,
+    "test_server_security.py": 200,
+    "test_server_api.py": 200,
+    "test_engine_triton.py": 200,
+    "test_engine_compiled.py": 200,
+    "test_engine_scr.py": 150,
+    "test_engine_prunehal_reclaim.py": 150,
+    "test_engine_methods.py": 150,
+    "test_engine_prunehal.py": 150,
+    "test_engine_scr_load.py": 150,
+    "test_testbed.py": 150,
+    "test_parity.py": 100,
+    "test_packaging.py": 100,
+    "test_deploy.py": 100,
+    "test_kernels.py": 100,
+}
 DEFAULT_COST_S = 10.0
 
 
