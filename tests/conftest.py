@@ -133,8 +133,8 @@ GROUPS = {
     "test_loadtest.py": "plain_server",
     "test_eval_runner.py": "plain_server",
 }
-#: Measured seconds per group (docs/testing.md); groups start longest first so the two workers end
-#: together. A group not listed counts as :data:`DEFAULT_COST_S`.
+#: Seconds per group, estimates until measured on an unshared machine (docs/testing.md); groups start
+#: longest first so the two workers end together. A group not listed counts as :data:`DEFAULT_COST_S`.
 COST_S: dict[str, float] = {
     "test_engine_modes.py": 600,
     "test_engine_tp.py": 400,
