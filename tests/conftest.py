@@ -133,30 +133,27 @@ GROUPS = {
     "test_loadtest.py": "plain_server",
     "test_eval_runner.py": "plain_server",
 }
-#: Seconds per group, estimates until measured on an unshared machine (docs/testing.md); groups start
-#: longest first so the two workers end together. A group not listed counts as :data:`DEFAULT_COST_S`.
+#: Seconds per group, summed --durations=0 of the baseline run on the shared machine (docs/testing.md;
+#: the ratios matter); groups start longest first. A group not listed counts as :data:`DEFAULT_COST_S`.
 COST_S: dict[str, float] = {
-    "test_engine_modes.py": 600,
-    "test_engine_tp.py": 400,
-    "test_served_vlms.py": 300,
-    "test_engine_contract.py": 300,
-    "plain_server": 250,
-    "test_server_fuzz.py": 250,
-    "test_engine_compose.py": 250,
-    "test_server_security.py": 200,
-    "test_server_api.py": 200,
-    "test_engine_triton.py": 200,
-    "test_engine_compiled.py": 200,
-    "test_engine_scr.py": 150,
-    "test_engine_prunehal_reclaim.py": 150,
-    "test_engine_methods.py": 150,
-    "test_engine_prunehal.py": 150,
-    "test_engine_scr_load.py": 150,
-    "test_testbed.py": 150,
-    "test_parity.py": 100,
-    "test_packaging.py": 100,
-    "test_deploy.py": 100,
-    "test_kernels.py": 100,
+    "test_engine_contract.py": 2847,
+    "test_engine_compose.py": 2006,
+    "test_engine_scr.py": 1230,
+    "test_engine_modes.py": 659,
+    "test_engine_tp.py": 558,
+    "test_engine_prunehal.py": 337,
+    "plain_server": 266,
+    "test_testbed.py": 267,
+    "test_fixtures.py": 254,
+    "test_server_api.py": 215,
+    "test_served_vlms.py": 143,
+    "test_server_security.py": 93,
+    "test_server_fuzz.py": 73,
+    "test_reference_api.py": 71,
+    "test_engine_triton.py": 66,
+    "test_engine_methods.py": 63,
+    "test_engine_prunehal_reclaim.py": 53,
+    "test_engine_compiled.py": 42,
 }
 DEFAULT_COST_S = 10.0
 
