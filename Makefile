@@ -22,13 +22,16 @@ format: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-# Two pytest workers, one per core; a test file's tests stay on one worker (shared engines).
+# Two pytest workers, one per core. A group of test files stays on one worker (its shared engines and
+# servers start once): each file is its own group unless tests/conftest.py's GROUPS joins files (its
+# scheduler), and groups start longest first (its COST_S). The 30 slowest steps are listed at the end.
+PYTEST_XDIST := -n 2 --dist loadfile
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) --durations=30 $(PYTEST_ARGS)
 
 # The quick loop: every test that starts no vLLM engine and no server (markers `engine`, `server`).
 test-fast: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not engine and not server" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not engine and not server" $(PYTEST_ARGS)
 
 fixtures: venv
 	$(PY) -m vllm_halluguard.tiny_models

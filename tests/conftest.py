@@ -6,6 +6,7 @@ real multi-process server, which also proves the plugin loads in vLLM's engine p
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ ENGINE_MODES = engine_modes.apply()
 
 from helpers.markers import unmarked  # noqa: E402
 from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
+from helpers.server import SharedServer, SharedServers  # noqa: E402
+from vllm_halluguard.tiny_models import FIXTURES, load_hf  # noqa: E402
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
 #: block boundaries (the methods edit and read the paged cache across them).
@@ -71,8 +74,144 @@ def engines():
     pool.close()
 
 
+class HFModels:
+    """HF ``(model, processor)`` pairs of the tiny fixtures, loaded once per session (worker).
+
+    Tests only run the models (``generate``, the reference context managers restore what they
+    patch), so one copy serves every module.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple] = {}
+
+    def get(self, fixture: str) -> tuple:
+        if fixture not in self._models:
+            self._models[fixture] = load_hf(fixture)
+        return self._models[fixture]
+
+
+@pytest.fixture(scope="session")
+def hf_models() -> HFModels:
+    return HFModels()
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def paper_engine(request, engines):
+    """``(fixture, engine)`` for each paper architecture: the session's shared engine (``block_size=32``)."""
+    return request.param, engines.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def hf_model(paper_engine, hf_models):
+    """The HF ``(model, processor)`` of ``paper_engine``'s fixture (shared across modules)."""
+    return hf_models.get(paper_engine[0])
+
+
+_SERVERS = pytest.StashKey[SharedServers]()
+
+
+@pytest.fixture(scope="session")
+def shared_servers(request, tmp_path_factory) -> SharedServers:
+    """The session's shared real servers (``helpers.server.SharedServers``), one per configuration."""
+    servers = SharedServers(tmp_path_factory.mktemp)
+    request.config.stash[_SERVERS] = servers
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def plain_server(shared_servers) -> SharedServer:
+    """The plain tiny server (``make serve``), shared by every module that needs it."""
+    return shared_servers.get("plain")
+
+
+#: Test modules that share a session resource form one group: under ``make test`` (``--dist loadfile``)
+#: a group goes to one worker as a unit (:func:`pytest_xdist_make_scheduler`) and every session runs
+#: it contiguously, so the resource starts once. Every other module is a group of its own.
+GROUPS = {
+    "test_serve.py": "plain_server",
+    "test_loadtest.py": "plain_server",
+    "test_eval_runner.py": "plain_server",
+}
+#: Seconds per group, summed --durations=0 of the baseline run on the shared machine (docs/testing.md;
+#: the ratios matter); groups start longest first. A group not listed counts as :data:`DEFAULT_COST_S`.
+COST_S: dict[str, float] = {
+    "test_engine_contract.py": 2847,
+    "test_engine_compose.py": 2006,
+    "test_engine_scr.py": 1230,
+    "test_engine_modes.py": 659,
+    "test_engine_tp.py": 558,
+    "test_engine_prunehal.py": 337,
+    "plain_server": 266,
+    "test_testbed.py": 267,
+    "test_fixtures.py": 254,
+    "test_server_api.py": 215,
+    "test_served_vlms.py": 143,
+    "test_server_security.py": 93,
+    "test_server_fuzz.py": 73,
+    "test_reference_api.py": 71,
+    "test_engine_triton.py": 66,
+    "test_engine_methods.py": 63,
+    "test_engine_prunehal_reclaim.py": 53,
+    "test_engine_compiled.py": 42,
+}
+DEFAULT_COST_S = 10.0
+
+
+def group_of(path: str) -> str:
+    """The group of a test file (its name, or its entry in :data:`GROUPS`)."""
+    name = Path(path.split("::", 1)[0]).name
+    return GROUPS.get(name, name)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown under ``-p no:xdist``
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with :data:`GROUPS`: a work unit is a group of files, in collection order.
+
+    (xdist's own ``--dist loadgroup`` does not group under pytest 9: it renames ``item._nodeid``,
+    which pytest 9 no longer reads.)
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order of the collection
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Refuse to run a test that starts an engine or a server without its marker (``-m`` selects them)."""
+    """Refuse to run a test that starts an engine or a server without its marker (``-m`` selects them);
+    run each group's tests contiguously, the groups longest first (:data:`COST_S`)."""
     problems = unmarked(items)
     if problems:
         raise pytest.UsageError("tests missing the engine/server marker:\n  " + "\n  ".join(problems))
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(group_of(item.nodeid), i)
+
+    def order(item: pytest.Item) -> tuple[float, int]:
+        group = group_of(item.nodeid)
+        return (-COST_S.get(group, DEFAULT_COST_S), first[group])
+
+    items.sort(key=order)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop a shared server once the next test is in another group and does not use it."""
+    try:
+        return (yield)
+    finally:
+        servers = item.config.stash.get(_SERVERS, None)
+        if servers is not None:
+            for name in servers.running():
+                if nextitem is None or (
+                    group_of(nextitem.nodeid) != group_of(item.nodeid)
+                    and f"{name}_server" not in nextitem.fixturenames
+                ):
+                    servers.stop(name)

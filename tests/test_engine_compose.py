@@ -6,10 +6,17 @@ import itertools
 
 import pytest
 
-from helpers.parity import Case, compare, hf_generate, logprob_shift, method_case, run_vllm
+from helpers.parity import (
+    Case,
+    assert_free_greedy_agrees,
+    compare,
+    hf_generate,
+    logprob_shift,
+    method_case,
+    run_vllm,
+)
 from vllm_halluguard import reference
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 
@@ -33,20 +40,10 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
-    return request.param, engines.get(request.param)
-
-
-@pytest.fixture(scope="module")
-def hf(setup):
-    return load_hf(setup[0])
-
-
 @pytest.mark.parametrize("name", list(SPECS))
-def test_engine_matches_composed_reference(setup, hf, name):
-    fixture, llm = setup
-    model, processor = hf
+def test_engine_matches_composed_reference(paper_engine, hf_model, name):
+    fixture, llm = paper_engine
+    model, processor = hf_model
     spec = SPECS[name]
     case = method_case(fixture, 5, spec)
     (gen,) = run_vllm(llm, [case])
@@ -57,8 +54,7 @@ def test_engine_matches_composed_reference(setup, hf, name):
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=ctx)
-    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+    assert_free_greedy_agrees(forced, case)
     # every member acts: the composition differs from each of its members alone
     for member in spec:
         (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
@@ -74,9 +70,9 @@ def test_every_pair_of_methods_is_covered():
     assert any(len(c) == 3 for c in covered)
 
 
-def test_mixed_batch_equals_solo_runs(setup):
+def test_mixed_batch_equals_solo_runs(paper_engine):
     """Compositions, their members alone and plain rows in one batch (SCR's diagnostic included)."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     specs = [
         None,
         SPECS["triple"],
@@ -111,8 +107,8 @@ def _cached_tokens(llm, case) -> int:
     return out.num_cached_tokens or 0
 
 
-def test_prefix_cache_salt_covers_compositions(setup):
-    fixture, llm = setup
+def test_prefix_cache_salt_covers_compositions(paper_engine):
+    fixture, llm = paper_engine
     llm.reset_prefix_cache()
     composed = method_case(fixture, 41, ["kvsmooth", FS_B])
     assert _cached_tokens(llm, method_case(fixture, 41, None)) == 0

@@ -22,14 +22,21 @@ import pytest
 from transformers import AutoConfig
 from vllm_halluguard.server.mitigation import Policy, Resolver
 
-from helpers.parity import compare, hf_generate, logprob_shift, method_case, run_vllm
+from helpers.parity import (
+    assert_free_greedy_agrees,
+    compare,
+    hf_generate,
+    logprob_shift,
+    method_case,
+    run_vllm,
+)
 from vllm_halluguard import reference
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError
 from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
 from vllm_halluguard.reference.base import ReferenceMethod
-from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture, load_hf
+from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_ATOL = 1e-3  # method parity bound (fp32); observed ~5e-6
@@ -234,21 +241,11 @@ def _params(fn: Any) -> list[str]:
 # ------------------------------------------------------------------------------ on the engines
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
-    return request.param, engines.get(request.param)
-
-
-@pytest.fixture(scope="module")
-def hf(setup):
-    return load_hf(setup[0])
-
-
 @pytest.mark.engine
 @pytest.mark.parametrize(("name", "label"), SPEC_CASES)
-def test_engine_matches_reference(setup, hf, name, label):
-    fixture, llm = setup
-    model, processor = hf
+def test_engine_matches_reference(paper_engine, hf_model, name, label):
+    fixture, llm = paper_engine
+    model, processor = hf_model
     spec = CASES[name].specs[label]
     case = method_case(fixture, 5, spec)
     (gen,) = run_vllm(llm, [case])
@@ -263,16 +260,15 @@ def test_engine_matches_reference(setup, hf, name, label):
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=ctx)
-    assert free.token_ids == gen.token_ids, "greedy tokens of engine and reference differ"
+    assert_free_greedy_agrees(forced, case)
     # the method is wired in: tokens or log-probs move away from the plain run's
     assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("name", NAMES)
-def test_noop_config_equals_plain(setup, name):
-    fixture, llm = setup
+def test_noop_config_equals_plain(paper_engine, name):
+    fixture, llm = paper_engine
     (plain,) = run_vllm(llm, [method_case(fixture, 9, None)])
     for spec in CASES[name].noop:
         (gen,) = run_vllm(llm, [method_case(fixture, 9, spec)])
@@ -280,10 +276,10 @@ def test_noop_config_equals_plain(setup, name):
 
 
 @pytest.mark.engine
-def test_mixed_batch_of_every_method_equals_solo_runs(setup):
+def test_mixed_batch_of_every_method_equals_solo_runs(paper_engine):
     """Every spec of every method, each preset twice (rows of one config are batched together), and
     plain rows, in one batch."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     specs: list[Any] = [None]
     for name in NAMES:
         specs += [*CASES[name].specs.values(), name]
@@ -301,10 +297,10 @@ def test_mixed_batch_of_every_method_equals_solo_runs(setup):
 
 @pytest.mark.engine
 @pytest.mark.parametrize("name", [*NAMES, None])
-def test_bad_config_is_refused_for_that_request_only(setup, name):
+def test_bad_config_is_refused_for_that_request_only(paper_engine, name):
     from vllm.exceptions import VLLMValidationError
 
-    fixture, llm = setup
+    fixture, llm = paper_engine
     bad = CASES[name].bad if name else [("bogus", "unknown method 'bogus'")]
     for spec, needle in bad:
         with pytest.raises(VLLMValidationError, match="halluguard") as err:

@@ -16,7 +16,6 @@ import torch
 
 from helpers.parity import Case, Generation, compare, method_case, run_vllm
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.tiny_models import FIXTURES
 
 pytestmark = pytest.mark.engine
 
@@ -28,16 +27,11 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
-    return request.param, engines.get(request.param)
-
-
-def test_farsight_b_rows_run_on_the_native_kernel_grouped_by_config(setup):
+def test_farsight_b_rows_run_on_the_native_kernel_grouped_by_config(paper_engine):
     """Mode B goes through vLLM's CPU kernel with per-head sinks (s_aux), one call per config; the
     parity tests above check its output, this one that it is the path taken and that mixing
     configs, plain rows and other methods in one batch changes nobody's result."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     specs = [SPECS["farsight_b"], None, SPECS["farsight_b_sparse"], SPECS["kvsmooth"], SPECS["farsight_b"]]
     cases = [method_case(fixture, 60 + i, s) for i, s in enumerate(specs)]
     before = worker_stats_of(llm, fixture)["farsight_native_rows"]
@@ -55,11 +49,11 @@ def test_farsight_b_rows_run_on_the_native_kernel_grouped_by_config(setup):
     assert worker_stats_of(llm, fixture)["farsight_native_rows"] - after == rows, "mode C stays on torch"
 
 
-def test_plain_rows_of_a_mixed_batch_are_bit_identical_to_the_native_kernel(setup, monkeypatch):
+def test_plain_rows_of_a_mixed_batch_are_bit_identical_to_the_native_kernel(paper_engine, monkeypatch):
     """Native first: in a batch with reworked rows (FarSight C prompt rows, PruneHal after its prune),
     the rows the partition hands to vLLM's kernel as a sub-batch get exactly the outputs that kernel
     gives them over the whole batch (checked in the worker at every layer of every such step)."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     monkeypatch.setenv("HALLUGUARD_VERIFY_NATIVE", "1")  # read by the in-process builders every step
     specs = [None, SPECS["farsight_c"], {"method": "prunehal", "r": 0.5}, None, SPECS["kvsmooth"]]
     cases = [method_case(fixture, 90 + i, s) for i, s in enumerate(specs)]
@@ -100,8 +94,8 @@ def _params(case):
     return sampling_params(Case(case.fixture, case.image_seed, case.prompt, 4, case.extra_args))
 
 
-def test_prefix_cache_is_isolated_per_method_config(setup):
-    fixture, llm = setup
+def test_prefix_cache_is_isolated_per_method_config(paper_engine):
+    fixture, llm = paper_engine
     llm.reset_prefix_cache()
     plain, kvs = method_case(fixture, 40, None), method_case(fixture, 40, SPECS["kvsmooth"])
     kvs_other = method_case(fixture, 40, {"method": "kvsmooth", "lam_ref": 0.5})
@@ -239,8 +233,8 @@ def no_plugin_run(tmp_path_factory):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_plain_requests_equal_a_run_without_the_plugin(setup, no_plugin_run):
-    fixture, llm = setup
+def test_plain_requests_equal_a_run_without_the_plugin(paper_engine, no_plugin_run):
+    fixture, llm = paper_engine
     assert no_plugin_run["registered"] is False and "halluguard" not in no_plugin_run["backend"]
     mine = run_vllm(llm, [Case(fixture, image_seed=s) for s in (70, 71)])
     for gen, (ids, steps) in zip(mine, no_plugin_run["gens"][fixture], strict=True):

@@ -19,7 +19,6 @@ from helpers.parity import (
 from vllm_halluguard.engine.prunehal import prunehal_trace
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 pytestmark = pytest.mark.engine
 
@@ -36,19 +35,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
-    """The session's shared engine of each fixture (conftest: ``block_size=32``)."""
-    llm = engines.get(request.param)
-    assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK
-    return request.param, llm
-
-
-@pytest.fixture(scope="module")
-def hf(setup):
-    return load_hf(setup[0])
-
-
 def _run_traced(llm, case):
     """One request through the engine and its PruneHal record from the worker."""
     llm.collective_rpc(prunehal_trace, args=(True,))
@@ -59,9 +45,9 @@ def _run_traced(llm, case):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_decisions_match_reference(setup, hf, name):
-    fixture, llm = setup
-    model, processor = hf
+def test_decisions_match_reference(paper_engine, hf_model, name):
+    fixture, llm = paper_engine
+    model, processor = hf_model
     spec = SPECS[name]
     case = method_case(fixture, 5, spec)
     gen, rec = _run_traced(llm, case)
@@ -99,10 +85,10 @@ def test_decisions_match_reference(setup, hf, name):
     assert gen.logprobs[:first_effect] == plain.logprobs[:first_effect]
 
 
-def test_chunked_prefill_measures_the_last_chunk_as_step_1(engines, setup):
+def test_chunked_prefill_measures_the_last_chunk_as_step_1(engines, paper_engine):
     """With the prompt split over chunks, only the last chunk's last row is step 1: the decisions (prune
     steps and keep masks) and the tokens equal those of the unchunked engine."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     chunked = engines.get(fixture, **CHUNKED)
     case = method_case(fixture, 5, "prunehal", LONG_PROMPT)
     gen, rec = _run_traced(llm, case)
@@ -114,8 +100,9 @@ def test_chunked_prefill_measures_the_last_chunk_as_step_1(engines, setup):
     assert report.same_tokens and report.max_abs_logprob_diff < 1e-4, report
 
 
-def test_block_view_counts_blocks_pruned_in_every_layer(setup):
-    fixture, llm = setup
+def test_block_view_counts_blocks_pruned_in_every_layer(paper_engine):
+    fixture, llm = paper_engine
+    assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK  # conftest's shared engines
     spec = {"method": "prunehal", "r": 0.01, "t": 1}  # the forced prune drops every visual token
     gen, rec = _run_traced(llm, method_case(fixture, 7, spec))
     image_id = {"llava": 4, "qwen2_vl": 12}[fixture]
@@ -133,9 +120,9 @@ def test_block_view_counts_blocks_pruned_in_every_layer(setup):
     assert stats["prunehal_reclaimable_blocks"] == 0 and stats["active"] == 0, stats
 
 
-def test_text_only_request_is_refused_and_others_are_unaffected(setup):
+def test_text_only_request_is_refused_and_others_are_unaffected(paper_engine):
     """PruneHal acts on image tokens: a request without an image is refused at admission."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     with pytest.raises(VLLMValidationError, match="needs an image"):
         run_vllm(llm, [Case(fixture, None, "Tell me a story.", extra_args={EXTRA_ARGS_KEY: "prunehal"})])
     (ok,) = run_vllm(llm, [method_case(fixture, 3, "prunehal")])

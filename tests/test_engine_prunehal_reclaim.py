@@ -14,6 +14,7 @@ from transformers import AutoProcessor
 
 from helpers.parity import (
     Generation,
+    assert_free_greedy_agrees,
     compare,
     hf_generate,
     logprob_shift,
@@ -26,7 +27,7 @@ from helpers.parity import (
 from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.prunehal import prunehal_trace
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.tiny_models import FIXTURES, ensure_fixture, load_hf
+from vllm_halluguard.tiny_models import ensure_fixture
 
 pytestmark = pytest.mark.engine
 
@@ -52,11 +53,6 @@ SPECS = {
 #: A small pool for the llava fixture (88-token prompts: 3 blocks, 4 with 32 generated tokens): 11
 #: blocks (plus vLLM's null block), so requests compete for blocks and freed ones are reused.
 SMALL = dict(num_gpu_blocks_override=12, max_model_len=128, max_num_seqs=4)
-
-
-@pytest.fixture(scope="module", params=FIXTURES)
-def shared(request, engines):
-    return request.param, engines.get(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +161,11 @@ def test_contiguous_runs_of_blocks():
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_variant_matches_reference(shared, name):
+def test_variant_matches_reference(paper_engine, hf_model, name):
     """Engine = dense reference (tokens, log-probs, every prune's keep masks) for the variant; on llava
     the blocks it frees are those the keep masks leave unread."""
-    fixture, llm = shared
-    model, processor = load_hf(fixture)
+    fixture, llm = paper_engine
+    model, processor = hf_model
     spec = SPECS[name]
     case = method_case(fixture, 5, spec)
     llm.collective_rpc(prunehal_trace, args=(True,))
@@ -182,8 +178,7 @@ def test_variant_matches_reference(shared, name):
     )
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
-    free = hf_generate(model, processor, case, context=recording_reference(model, spec, []))
-    assert free.token_ids == gen.token_ids
+    assert_free_greedy_agrees(forced, case)
 
     ref_prunes = [(r["step"], r["keep"][0]) for r in refs[0].trace if bool(r["fired"][0])]
     assert ref_prunes and [p["step"] for p in rec["prunes"]] == [s for s, _ in ref_prunes]

@@ -22,7 +22,6 @@ from helpers.parity import (
 from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY, check_inputs, resolve
 from vllm_halluguard.engine.runtime import worker_stats
 from vllm_halluguard.engine.scr import scr_trace
-from vllm_halluguard.tiny_models import FIXTURES, load_hf
 
 METHOD_ATOL = 1e-3
 SPECS = {
@@ -32,16 +31,6 @@ SPECS = {
 }
 #: Engine whose token budget is barely above the image: prompts are chunked and batches compete.
 CHUNKED = dict(max_num_batched_tokens=80, enable_chunked_prefill=True)
-
-
-@pytest.fixture(scope="module", params=FIXTURES)
-def setup(request, engines):
-    return request.param, engines.get(request.param)
-
-
-@pytest.fixture(scope="module")
-def hf(setup):
-    return load_hf(setup[0])
 
 
 def _traced(llm, cases):
@@ -62,9 +51,9 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_decisions_match_reference(setup, hf, name):
-    fixture, llm = setup
-    model, processor = hf
+def test_decisions_match_reference(paper_engine, hf_model, name):
+    fixture, llm = paper_engine
+    model, processor = hf_model
     spec = SPECS[name]
     case = method_case(fixture, 5, spec)
     (before,) = llm.collective_rpc(worker_stats)
@@ -92,17 +81,17 @@ def test_decisions_match_reference(setup, hf, name):
 
 
 @pytest.mark.parametrize("noop", [{"top_k": 0}, {"lam": 1.0}, {"layers": []}])
-def test_noop_configs_skip_the_diagnostic(setup, noop):
+def test_noop_configs_skip_the_diagnostic(paper_engine, noop):
     """(Their output equals the plain request's: the contract.)"""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     _, log = _traced(llm, [method_case(fixture, 9, {"method": "scr", **noop})])
     assert log == []
 
 
-def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, setup):
+def test_chunked_prefill_keeps_the_image_in_one_chunk(engines, paper_engine):
     """A token budget just above the image: diagnostics are chunked (their sums span chunks) and the
     real prefills compete with other requests, so the scheduler must roll a chunk back before an image."""
-    fixture, llm = setup
+    fixture, llm = paper_engine
     chunked = engines.get(fixture, **CHUNKED)
     story = "Tell me a long story about a red bus, a green tree and a small dog in the park today. " * 2
     specs = [None, "scr", None, SPECS["strong"], "kvsmooth", "scr"]
@@ -137,8 +126,8 @@ def test_preempted_scr_requests_recompute_with_their_selection(engines):
         assert got.token_ids == solo.token_ids
 
 
-def test_prefix_cache_is_never_read_by_or_from_scr(setup):
-    fixture, llm = setup
+def test_prefix_cache_is_never_read_by_or_from_scr(paper_engine):
+    fixture, llm = paper_engine
     llm.reset_prefix_cache()
     scr, plain = method_case(fixture, 40, "scr"), method_case(fixture, 40, None)
 
@@ -162,8 +151,8 @@ def _processor(fixture):
     return AutoProcessor.from_pretrained(ensure_fixture(fixture))
 
 
-def test_abort_while_the_diagnostic_runs_frees_both(setup):
-    fixture, llm = setup
+def test_abort_while_the_diagnostic_runs_frees_both(paper_engine):
+    fixture, llm = paper_engine
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     case = method_case(fixture, 50, "scr")
@@ -182,8 +171,8 @@ def test_abort_while_the_diagnostic_runs_frees_both(setup):
 
 
 @pytest.mark.parametrize(("seed", "prompt"), [(None, "Tell me a story.")])
-def test_text_only_request_is_refused(setup, seed, prompt):
-    fixture, llm = setup
+def test_text_only_request_is_refused(paper_engine, seed, prompt):
+    fixture, llm = paper_engine
     with pytest.raises(VLLMValidationError, match="needs an image"):
         run_vllm(llm, [Case(fixture, seed, prompt, extra_args={EXTRA_ARGS_KEY: "scr"})])
     (ok,) = run_vllm(llm, [method_case(fixture, 3, "scr")])

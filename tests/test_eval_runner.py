@@ -21,7 +21,7 @@ import openai
 import pytest
 
 import vllm_halluguard
-from helpers.server import free_port, running_server, server_command
+from helpers.server import free_port
 from vllm_halluguard.eval.cli import main
 from vllm_halluguard.eval.client import RetryPolicy, send
 from vllm_halluguard.eval.dataset import sample_ids
@@ -418,11 +418,8 @@ def test_cli_without_a_server_says_so(tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("eval_server") / "server.log"
-    port = free_port()
-    with running_server(server_command(port), port, log) as url:
-        yield url
+def server(plain_server) -> str:
+    return plain_server.url
 
 
 @pytest.mark.server

@@ -36,7 +36,7 @@ from vllm_halluguard.loadtest.stats import (
 )
 
 import vllm_halluguard
-from helpers.server import ROOT, free_port, running_server, server_command
+from helpers.server import ROOT, free_port
 
 # ------------------------------------------------------------------------------------------ stats
 
@@ -407,11 +407,8 @@ def test_reclaim_counters_are_read_from_metrics_and_reported():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("loadtest_server") / "server.log"
-    port = free_port()
-    with running_server(server_command(port), port, log) as url:
-        yield url
+def server(plain_server):
+    return plain_server.url
 
 
 @pytest.fixture(scope="module")

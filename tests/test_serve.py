@@ -4,32 +4,20 @@ The server runs vLLM's normal multi-process layout (API server, engine core, wor
 trace file proves that ``register()`` ran inside those processes, not in this test process.
 """
 
-import base64
-import io
 import os
 
 import pytest
 from openai import OpenAI
 
-from helpers.server import free_port, running_server
-from vllm_halluguard.plugin import TRACE_ENV
-from vllm_halluguard.tiny_models import make_image
+from helpers.images import data_url
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    port, trace, log = free_port(), tmp / "trace", tmp / "server.log"
-    with running_server(["make", "-s", "serve", f"PORT={port}"], port, log, {TRACE_ENV: str(trace)}) as base:
-        yield base, trace, log
-
-
-def _data_url(seed: int) -> str:
-    buf = io.BytesIO()
-    make_image(seed).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def served(plain_server):
+    """The session's plain server: ``make serve`` with the plugin's trace file (conftest)."""
+    return plain_server.url, plain_server.trace, plain_server.log
 
 
 def test_chat_completion_with_base64_image(served):
@@ -37,7 +25,7 @@ def test_chat_completion_with_base64_image(served):
     client = OpenAI(base_url=f"{base}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["tiny-llava"]
     content = [
-        {"type": "image_url", "image_url": {"url": _data_url(0)}},
+        {"type": "image_url", "image_url": {"url": data_url(0)}},
         {"type": "text", "text": "Describe the image."},
     ]
     reply = client.chat.completions.create(

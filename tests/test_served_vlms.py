@@ -7,6 +7,7 @@ from vllm.exceptions import VLLMValidationError
 
 from helpers.parity import (
     Case,
+    assert_free_greedy_agrees,
     compare,
     hf_generate,
     logprob_shift,
@@ -56,11 +57,11 @@ def test_vllm_matches_hf_and_batch_matches_solo(setup):
         (solo,) = run_vllm(llm, [case])
         report = compare(gen, solo)
         assert report.same_tokens and report.max_abs_logprob_diff < LOGPROB_ATOL, f"solo {case}: {report}"
-        free = hf_generate(model, processor, case)
-        assert free.prompt_token_ids == gen.prompt_token_ids
-        assert free.token_ids == gen.token_ids, f"{case}: greedy tokens differ"
-        report = compare(gen, hf_generate(model, processor, case, force=gen.token_ids))
+        forced = hf_generate(model, processor, case, force=gen.token_ids)
+        assert forced.prompt_token_ids == gen.prompt_token_ids
+        report = compare(gen, forced)
         assert report.same_tokens and report.max_abs_logprob_diff < LOGPROB_ATOL, f"HF {case}: {report}"
+        assert_free_greedy_agrees(forced, case)
 
 
 def test_every_method_matches_its_reference_in_a_mixed_batch(setup):
@@ -78,9 +79,10 @@ def test_every_method_matches_its_reference_in_a_mixed_batch(setup):
             continue
         refs: list = []
         ctx = recording_reference(model, spec, refs)
-        report = compare(gen, hf_generate(model, processor, case, force=gen.token_ids, context=ctx))
+        forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
+        report = compare(gen, forced)
         assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, f"{spec}: {report}"
-        assert hf_generate(model, processor, case, context=ctx).token_ids == gen.token_ids, spec
+        assert_free_greedy_agrees(forced, case)
         # the method acts: the plain model scores the same tokens differently
         plain = hf_generate(model, processor, case, force=gen.token_ids)
         assert logprob_shift(gen, plain) > 1e-3, f"{spec} left the log-probs unchanged"

@@ -7,8 +7,6 @@ it with the real ``openai`` client or plain HTTP. A few pure unit tests of the p
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,10 +18,10 @@ from vllm_halluguard.server.cli import mitigation_env
 from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spec, parse_spec
 
 import vllm_halluguard
+from helpers.images import data_url
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
-from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
@@ -108,15 +106,9 @@ def client(base):
     return OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
 
 
-def _data_url(seed: int) -> str:
-    buf = io.BytesIO()
-    make_image(seed).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _messages(seed: int) -> list[dict]:
     content = [
-        {"type": "image_url", "image_url": {"url": _data_url(seed)}},
+        {"type": "image_url", "image_url": {"url": data_url(seed)}},
         {"type": "text", "text": "Describe the image."},
     ]
     return [{"role": "user", "content": content}]
@@ -414,9 +406,9 @@ def test_bad_request_inputs_are_openai_400s_and_the_server_keeps_serving(base, c
     """vLLM's own validation answers these (our layer passes them through untouched)."""
     images, extra, needle = BAD_INPUTS[case]
     if images == "two images":
-        images = [{"type": "image_url", "image_url": {"url": _data_url(s)}} for s in (1, 2)]
+        images = [{"type": "image_url", "image_url": {"url": data_url(s)}} for s in (1, 2)]
     elif images == "one image":
-        images = [{"type": "image_url", "image_url": {"url": _data_url(1)}}]
+        images = [{"type": "image_url", "image_url": {"url": data_url(1)}}]
     body = {
         "model": MODEL,
         "max_tokens": 4,

@@ -8,8 +8,6 @@ of :mod:`server.inputs` come first.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import shutil
@@ -35,6 +33,7 @@ from vllm_halluguard.server.middleware import mitigation_schema
 from vllm_halluguard.server.mitigation import IMAGE_METHODS, MitigationError, require_image
 
 from canary import Canary
+from helpers.images import data_url, png
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.tiny_models import make_image
 
@@ -46,21 +45,11 @@ MAX_BYTES = 100_000
 HEADER = "x-halluguard-mitigation"
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-SMALL = _png(make_image(0))
+SMALL = png(make_image(0))
 #: One pixel more than 4096 x 4096 on each side; a solid colour, so only ~60 kB of PNG.
-BIG = _png(Image.new("RGB", (4097, 4097), (200, 30, 30)))
+BIG = png(Image.new("RGB", (4097, 4097), (200, 30, 30)))
 #: 300 x 300 of noise: few pixels, but ~270 kB, over ``--max-image-bytes``.
-NOISY = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)))
+NOISY = png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)))
 CORRUPT = "data:image/png;base64,AAAAbm90IGFuIGltYWdl"
 #: Media URLs that once gave a 5xx (non-base64 data:, file:) or that must not be fetched.
 ODD_URLS = [
@@ -88,20 +77,20 @@ def _chat_body(url: str | None, mitigation: Any = ..., max_tokens: int = 4) -> d
 def test_image_limits_read_headers_only_and_name_the_part():
     limits = ImageLimits(max_bytes=MAX_BYTES)
     assert limits.max_pixels == DEFAULT_MAX_PIXELS == 4096 * 4096
-    exact = _png(Image.new("RGB", (4096, 4096)))
+    exact = png(Image.new("RGB", (4096, 4096)))
     for ok in (SMALL, exact):
-        limits.check(_chat_body(_data_url(ok)))
+        limits.check(_chat_body(data_url(ok)))
     limits.check(_chat_body(CORRUPT))  # left to vLLM, which answers its own 400
     limits.check(_chat_body("http://127.0.0.1:1/x.png"))  # not an inline image: server.security's
     with pytest.raises(InputError, match=r"4097x4097 \(16785409 pixels\).*16777216 pixels") as e:
-        limits.check(_chat_body(_data_url(BIG)))
+        limits.check(_chat_body(data_url(BIG)))
     assert (e.value.param, e.value.reason) == ("messages[0].content[0].image_url.url", "image_too_large")
     with pytest.raises(InputError, match=rf"is {len(NOISY)} bytes, .* limit of {MAX_BYTES} bytes"):
-        limits.check(_chat_body(_data_url(NOISY)))
+        limits.check(_chat_body(data_url(NOISY)))
     responses_style = {"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}
     assert has_image(responses_style) and has_image(_chat_body(CORRUPT))
     assert not has_image(_chat_body(None)) and not has_image({"messages": "odd"})
-    ImageLimits(max_pixels=0, max_bytes=0).check(_chat_body(_data_url(BIG)))  # 0: no limit
+    ImageLimits(max_pixels=0, max_bytes=0).check(_chat_body(data_url(BIG)))  # 0: no limit
     with pytest.raises(ValueError, match="max_bytes"):
         ImageLimits.from_env({"HALLUGUARD_MAX_IMAGE_BYTES": "-1"})
 
@@ -144,7 +133,7 @@ def client(base) -> OpenAI:
 
 def _ok_chat(client: OpenAI, mitigation: Any = "none") -> str:
     """A well-formed image chat: its echoed mitigation header (asserts a full answer)."""
-    body = _chat_body(_data_url(SMALL), mitigation)
+    body = _chat_body(data_url(SMALL), mitigation)
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=body["messages"], max_tokens=4, temperature=0,
         extra_body={"ignore_eos": True, "mitigation": mitigation},
@@ -169,13 +158,13 @@ def test_oversized_images_are_openai_400s_while_a_normal_image_succeeds(base, cl
             return requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
 
         normal = [pool.submit(_ok_chat, client, m) for m in ("none", "kvsmooth", "prunehal")]
-        big = pool.submit(post, _chat_body(_data_url(BIG), "kvsmooth"))
-        noisy = pool.submit(post, _chat_body(_data_url(NOISY)))
+        big = pool.submit(post, _chat_body(data_url(BIG), "kvsmooth"))
+        noisy = pool.submit(post, _chat_body(data_url(NOISY)))
         fetched_big = pool.submit(post, _chat_body(f"{host.url}/big.png"))
         fetched_small = pool.submit(post, _chat_body(f"{host.url}/small.png"))
 
         def with_openai() -> None:
-            messages = _chat_body(_data_url(BIG))["messages"]
+            messages = _chat_body(data_url(BIG))["messages"]
             with pytest.raises(openai.BadRequestError, match="over this server's limit") as e:
                 client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
             assert e.value.status_code == 400
@@ -315,7 +304,7 @@ def _parameter_schema(mitigations: dict[str, Any]) -> dict[str, Any]:
 
 def _fuzz_document(mitigation: dict[str, Any]) -> dict[str, Any]:
     """A compact OpenAPI 3.1 document of our surface (the completion bodies kept small and realistic)."""
-    urls = [_data_url(SMALL), _data_url(BIG), _data_url(NOISY), CORRUPT, *ODD_URLS]
+    urls = [data_url(SMALL), data_url(BIG), data_url(NOISY), CORRUPT, *ODD_URLS]
     part = {
         "anyOf": [
             {

@@ -10,8 +10,6 @@ HTTP servers (127.0.0.1 is allowed by the flag, 127.0.0.2 is an ordinary refused
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import time
@@ -28,6 +26,7 @@ from vllm_halluguard.server.inputs import InputError
 from vllm_halluguard.server.middleware import ERRORS, _forward
 
 from canary import Canary
+from helpers.images import data_url, png
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.methods import parse
 from vllm_halluguard.tiny_models import make_image
@@ -40,15 +39,9 @@ FETCH_TIMEOUT_S = 3
 ALLOWED = "none,kvsmooth,farsight,scr"
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-SMALL = _png(make_image(0))
-BIG = _png(Image.new("RGB", (4097, 4097), (10, 200, 30)))  # over the default --max-image-pixels
-DATA_URL = "data:image/png;base64," + base64.b64encode(SMALL).decode()
+SMALL = png(make_image(0))
+BIG = png(Image.new("RGB", (4097, 4097), (10, 200, 30)))  # over the default --max-image-pixels
+DATA_URL = data_url(SMALL)
 
 
 def _chat(url: str = DATA_URL, role: str = "user", **extra: Any) -> dict[str, Any]:

@@ -68,6 +68,9 @@ class Generation:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_token_ids: list[int] | None = None
     min_top2_gap: float = float("inf")
+    #: Teacher-forced runs only: at each step, the token HF's greedy step would have picked from the
+    #: same scores (its ``torch.argmax`` over the processed logits, before the forcing).
+    greedy_token_ids: list[int] | None = None
 
 
 def prompt_text(processor: Any, case: Case) -> str:
@@ -147,13 +150,19 @@ def run_vllm(llm: Any, cases: Sequence[Case], processor: Any | None = None) -> l
 
 
 class _ForceTokens:
-    """Logits processor that makes greedy decoding emit ``tokens`` one after another."""
+    """Logits processor that makes greedy decoding emit ``tokens`` one after another.
+
+    It runs last (``generate`` appends custom processors after its own), so ``scores`` are exactly
+    what a free greedy step would take the argmax of; that choice is recorded in ``greedy``.
+    """
 
     def __init__(self, tokens: Sequence[int], prompt_len: int) -> None:
         self.tokens, self.prompt_len = list(tokens), prompt_len
+        self.greedy: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_len
+        self.greedy.append(int(torch.argmax(scores, dim=-1)[0]))  # the op HF's greedy step uses
         forced = torch.full_like(scores, float("-inf"))
         forced[:, self.tokens[step]] = 0.0
         return forced
@@ -184,7 +193,8 @@ def hf_generate(
     """Greedy HF generation of ``case`` (KV cache on), or teacher-forced on ``force``.
 
     Log-probs are the log-softmax of the model's raw logits at each step, over the full vocabulary.
-    ``context`` (e.g. the dense reference of a method) wraps the ``generate`` call.
+    ``context`` (e.g. the dense reference of a method) wraps the ``generate`` call. A forced run also
+    records each step's greedy choice (:func:`assert_free_greedy_agrees` uses it).
     """
     inputs = hf_inputs(processor, case, model)
     prompt_len = inputs["input_ids"].shape[1]
@@ -210,7 +220,8 @@ def hf_generate(
     top2 = logits.topk(2, dim=-1).values
     gap = float((top2[:, 0] - top2[:, 1]).min())
     steps = [dict(enumerate(row.tolist())) for row in logp]
-    return Generation(ids, steps, inputs["input_ids"][0].tolist(), gap)
+    greedy = procs[0].greedy if procs else None
+    return Generation(ids, steps, inputs["input_ids"][0].tolist(), gap, greedy)
 
 
 def recording_reference(
@@ -259,6 +270,35 @@ def compare(engine: Generation, reference: Generation) -> ParityReport:
         for tid, lp in eng_step.items():
             diff = max(diff, abs(lp - ref_step[tid]))
     return ParityReport(mismatch is None, mismatch, diff, len(engine.logprobs))
+
+
+def free_greedy_mismatch(forced: Generation) -> int | None:
+    """First step at which a teacher-forced run's greedy choice differs from its forced token.
+
+    ``None`` means a free greedy run of the same request (same ``context``, as many tokens) emits
+    exactly the forced tokens: at step 0 both runs see the same prompt, hence the same scores and the
+    same argmax (the forced token); if their prefixes agree up to step t, the scores at t are the same
+    computation on the same inputs, so the free run picks the forced token again (induction).
+    """
+    if forced.greedy_token_ids is None:
+        raise ValueError("not a teacher-forced run (hf_generate(force=...))")
+    pairs = zip(forced.greedy_token_ids, forced.token_ids, strict=True)
+    return next((i for i, (g, t) in enumerate(pairs) if g != t), None)
+
+
+def assert_free_greedy_agrees(forced: Generation, case: Case) -> None:
+    """The free greedy HF run of ``case`` would give ``forced.token_ids`` (see :func:`free_greedy_mismatch`).
+
+    Replaces running it: ``hf_generate(model, processor, case, context=ctx).token_ids == gen.token_ids``
+    holds exactly when this passes for ``forced = hf_generate(..., force=gen.token_ids, context=ctx)``
+    with the forced tokens equal to ``gen``'s (``compare(gen, forced).same_tokens``).
+    """
+    assert len(forced.token_ids) == case.max_tokens, (len(forced.token_ids), case.max_tokens)
+    step = free_greedy_mismatch(forced)
+    assert step is None, (
+        f"{case}: at step {step} greedy decoding picks {forced.greedy_token_ids[step]}, "  # type: ignore[index]
+        f"not {forced.token_ids[step]}"
+    )
 
 
 def logprob_shift(a: Generation, b: Generation) -> float:

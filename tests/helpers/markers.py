@@ -2,7 +2,8 @@
 
 A test needs ``engine`` when it uses the shared in-process ``engines`` pool or calls ``make_llm`` /
 ``engine`` (the parity harness) itself or through a fixture; it needs ``server`` when it, or one of
-its fixtures, calls ``running_server``. Checked at collection (``tests/conftest.py``).
+its fixtures, calls ``running_server`` or uses the ``shared_servers`` fixture. Checked at collection
+(``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 #: Marker -> (fixtures that start one, names whose call in a test or fixture body starts one).
 STARTERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "engine": (frozenset({"engines"}), frozenset({"make_llm", "engine"})),
-    "server": (frozenset(), frozenset({"running_server"})),
+    "server": (frozenset({"shared_servers"}), frozenset({"running_server"})),
 }
 
 

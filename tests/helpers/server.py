@@ -13,10 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from vllm_halluguard.plugin import TRACE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 300
@@ -75,3 +78,58 @@ def running_server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@dataclass(frozen=True)
+class SharedServer:
+    """A running shared server: its base URL, its log and the plugin trace file of its processes."""
+
+    url: str
+    log: Path
+    trace: Path
+
+
+def plain_command(port: int) -> list[str]:
+    """``make serve`` on ``port``: the plain tiny server (the same arguments as :func:`server_command`)."""
+    return ["make", "-s", "serve", f"PORT={port}"]
+
+
+#: The shared server configurations (name -> command for a port). The plain one is started through
+#: ``make serve`` so that the modules using it also prove ``make serve`` works.
+SHARED_COMMANDS: dict[str, Callable[[int], list[str]]] = {"plain": plain_command}
+
+
+class SharedServers:
+    """Real servers shared by every test module that needs one configuration (one per session).
+
+    A server starts on first use and stops when :meth:`stop` is called (``tests/conftest.py`` calls it
+    once the next test belongs to another group of modules and does not use it), so servers do not
+    pile up while the rest of the session runs; a later user starts it again.
+    """
+
+    def __init__(self, folder: Callable[[str], Path]) -> None:
+        self._folder = folder
+        self._running: dict[str, tuple[SharedServer, contextlib.ExitStack]] = {}
+
+    def get(self, name: str) -> SharedServer:
+        if name not in self._running:
+            tmp = self._folder(f"server_{name}")
+            port, log, trace = free_port(), tmp / "server.log", tmp / "trace"
+            stack = contextlib.ExitStack()
+            url = stack.enter_context(
+                running_server(SHARED_COMMANDS[name](port), port, log, {TRACE_ENV: str(trace)})
+            )
+            self._running[name] = (SharedServer(url, log, trace), stack)
+        return self._running[name][0]
+
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    def stop(self, name: str) -> None:
+        entry = self._running.pop(name, None)
+        if entry is not None:
+            entry[1].close()
+
+    def close(self) -> None:
+        for name in list(self._running):
+            self.stop(name)
