@@ -147,18 +147,34 @@ def _image_urls(body: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             yield f"{param}.image_url", url
 
 
-def inline_images(body: Any) -> Iterator[tuple[str, str]]:
-    """``(param path, base64 data)`` of every inline image anywhere in a body (iterative walk): an
-    ``image_url`` that is a base64 ``data:`` URL (a string or ``{"url": ...}``), and an Anthropic
-    ``{"type": "image", "source": {"type": "base64", "data": ...}}`` block."""
+def objects(body: Any) -> Iterator[tuple[Mapping[str, Any], str]]:
+    """Every JSON object anywhere in a body with its param path (``messages[0].content[1]``), depth
+    first; an iterative walk, so a deeply nested body cannot exhaust the stack."""
     stack: list[tuple[Any, str]] = [(body, "")]
     while stack:
         item, path = stack.pop()
         if isinstance(item, list):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
-            continue
-        if not isinstance(item, Mapping):
-            continue
+        elif isinstance(item, Mapping):
+            yield item, path
+            stack.extend(
+                (v, f"{path}.{k}" if path else str(k))
+                for k, v in item.items()
+                if isinstance(v, Mapping | list)
+            )
+
+
+def part_type(item: Mapping[str, Any]) -> str | None:
+    """A part's ``type`` when it is a string (a client may send any JSON there)."""
+    kind = item.get("type")
+    return kind if isinstance(kind, str) else None
+
+
+def inline_images(body: Any) -> Iterator[tuple[str, str]]:
+    """``(param path, base64 data)`` of every inline image anywhere in a body: an ``image_url`` that is
+    a base64 ``data:`` URL (a string or ``{"url": ...}``), and an Anthropic
+    ``{"type": "image", "source": {"type": "base64", "data": ...}}`` block."""
+    for item, path in objects(body):
         source = item.get("source")
         if (
             item.get("type") == "image"
@@ -175,21 +191,14 @@ def inline_images(body: Any) -> Iterator[tuple[str, str]]:
             spec, sep, data = url[5:].partition(",")
             if sep and spec.lower().endswith(";base64"):
                 yield where, data
-        stack.extend((v, f"{path}.{k}".lstrip(".")) for k, v in item.items() if isinstance(v, Mapping | list))
 
 
 def any_image(body: Any) -> bool:
     """Whether a body holds an image part anywhere (any route's shape: chat, Responses, Anthropic)."""
-    stack: list[Any] = [body]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, Mapping):
-            if item.get("type") in IMAGE_PART_TYPES or any(key in item for key in _UNTYPED_IMAGE_KEYS):
-                return True
-            stack.extend(v for v in item.values() if isinstance(v, Mapping | list))
-    return False
+    return any(
+        part_type(item) in IMAGE_PART_TYPES or any(key in item for key in _UNTYPED_IMAGE_KEYS)
+        for item, _ in objects(body)
+    )
 
 
 def has_image(body: Mapping[str, Any]) -> bool:

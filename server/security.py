@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vllm_halluguard.server.inputs import InputError
+from vllm_halluguard.server.inputs import InputError, objects, part_type
 
 from vllm_halluguard.methods import cut
 
@@ -271,15 +271,8 @@ def check_url(url: str, policy: MediaPolicy, param: str | None = None) -> None:
 
 
 def _media_urls(body: Any) -> Iterator[tuple[str, str]]:
-    """``(param path, url)`` of every media URL anywhere in a request body (iterative walk)."""
-    stack: list[tuple[Any, str]] = [(body, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, list):
-            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
-            continue
-        if not isinstance(item, dict):
-            continue
+    """``(param path, url)`` of every media URL anywhere in a request body."""
+    for item, path in objects(body):
         for key, value in item.items():
             where = f"{path}.{key}" if path else str(key)
             if key in MEDIA_KEYS or (key == "url" and item.get("type") == "url"):
@@ -287,26 +280,18 @@ def _media_urls(body: Any) -> Iterator[tuple[str, str]]:
                     yield cut(where), value
                 elif isinstance(value, dict) and isinstance(value.get("url"), str):
                     yield cut(f"{where}.url"), value["url"]
-            if isinstance(value, dict | list):
-                stack.append((value, where))
 
 
 def _media_in_non_user_message(body: Any) -> str | None:
     """Param path of the first media part in a message whose role is not ``user``."""
-    stack: list[tuple[Any, str]] = [(body, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, list):
-            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
-        elif isinstance(item, dict):
-            content = item.get("content")
-            if "role" in item and item.get("role") != "user" and isinstance(content, list):
-                for j, part in enumerate(content):
-                    if isinstance(part, dict) and (
-                        part.get("type") in MEDIA_PART_TYPES or MEDIA_KEYS & part.keys()
-                    ):
-                        return cut(f"{path}.content[{j}]".lstrip("."))
-            stack.extend((v, f"{path}.{k}") for k, v in item.items() if isinstance(v, dict | list))
+    for item, path in objects(body):
+        content = item.get("content")
+        if "role" in item and item.get("role") != "user" and isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and (
+                    part_type(part) in MEDIA_PART_TYPES or MEDIA_KEYS & part.keys()
+                ):
+                    return cut(f"{path}.content[{j}]".lstrip("."))
     return None
 
 

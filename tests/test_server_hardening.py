@@ -493,3 +493,19 @@ def test_long_error_bodies_from_vllm_are_cut():
     assert short["error"]["code"] == 404
     assert _shorten_error(b"x" * 20_000) == b"x" * MAX_ERROR_BODY
     assert _shorten_error(b'{"a": "b"}') == b'{"a": "b"}'
+
+
+def test_part_types_of_any_json_type_are_no_crash():
+    """A part's ``type`` is whatever JSON the client sent: a list or an object there is no image and no
+    media part (it used to raise ``TypeError`` from a set lookup, an unhandled error in the middleware)."""
+    from vllm_halluguard.server.inputs import any_image, inline_images
+
+    body = {"messages": [{"role": "assistant", "content": [{"type": ["image_url"]}, {"type": {"a": 1}}]}]}
+    assert any_image(body) is False and list(inline_images(body)) == []
+    security.check_media(body, security.MediaPolicy())  # nothing to refuse, nothing raised
+    body["messages"][0]["content"].append(
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+    )
+    assert any_image(body) is True
+    with pytest.raises(security.InputError, match=r"user messages only \(messages\[0\].content\[2\]\)"):
+        security.check_media(body, security.MediaPolicy())
