@@ -132,6 +132,7 @@ GROUPS = {
     "test_serve.py": "plain_server",
     "test_loadtest.py": "plain_server",
     "test_eval_runner.py": "plain_server",
+    "test_docs.py": "plain_server",
 }
 #: Seconds per group, summed --durations=0 of the baseline run on the shared machine (docs/testing.md;
 #: the ratios matter); groups start longest first. A group not listed counts as :data:`DEFAULT_COST_S`.

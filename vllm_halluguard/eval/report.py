@@ -268,48 +268,66 @@ def markdown(report: EvalReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _panels(report: EvalReport) -> list[tuple[str, dict[str, float]]]:
+    """One ``(title, {mitigation label: percent})`` per plotted metric: CHAIR's, then POPE's per split."""
+    labels = [m.label for m in report.mitigations]
+    panels: list[tuple[str, dict[str, float]]] = []
+    chair_rows = {g.mitigation: g for g in report.groups if g.task == "chair"}
+    for key, name in (("chair_s", "CHAIR_S"), ("chair_i", "CHAIR_I"), ("recall", "recall"), ("f1", "F1")):
+        if chair_rows:
+            panels.append((f"CHAIR {name} (%)", _percent({m: chair_rows.get(m) for m in labels}, key)))
+    pope_rows = {(g.split, g.mitigation): g for g in report.groups if g.task == "pope"}
+    splits = list(dict.fromkeys(g.split for g in report.groups if g.task == "pope"))
+    for key, name in (("accuracy", "accuracy"), ("f1", "F1")):
+        for split in splits:
+            rows = {m: pope_rows.get((split, m)) for m in labels}
+            panels.append((f"POPE {split} {name} (%)", _percent(rows, key)))
+    return panels
+
+
+def _percent(rows: dict[str, GroupResult | None], key: str) -> dict[str, float]:
+    """``key`` in percent for each mitigation whose row has it."""
+    return {m: 100 * g.metrics[key] for m, g in rows.items() if g is not None and key in g.metrics}
+
+
+#: Small multiples: panels per row, inches per panel column, inches per mitigation row.
+PANEL_COLUMNS, PANEL_WIDTH_IN, ROW_HEIGHT_IN = 4, 3.4, 0.3
+
+
 def plot(report: EvalReport, path: Path) -> Path:
-    """Grouped bars of the headline metrics per mitigation: CHAIR, then POPE accuracy and F1 per split."""
+    """Small multiples, one panel per metric (CHAIR's, then POPE accuracy and F1 per split): a
+    horizontal bar per mitigation, in the report's order in every panel, with its value written
+    beside it. The height grows with the number of mitigations, so 12 or more stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = [m.label for m in report.mitigations]
-    panels: list[tuple[str, list[str], dict[str, list[float]]]] = []
-    chair_rows = {g.mitigation: g for g in report.groups if g.task == "chair"}
-    if chair_rows:
-        keys = ["chair_s", "chair_i", "recall", "f1"]
-        values = {
-            m: [100 * chair_rows[m].metrics.get(k, 0.0) if m in chair_rows else 0.0 for k in keys]
-            for m in labels
-        }
-        panels.append(("CHAIR (%)", ["CHAIR_S", "CHAIR_I", "recall", "F1"], values))
-    pope_rows = {(g.split, g.mitigation): g for g in report.groups if g.task == "pope"}
-    splits = list(dict.fromkeys(g.split for g in report.groups if g.task == "pope"))
-    for key, name in (("accuracy", "POPE accuracy (%)"), ("f1", "POPE F1 (%)")):
-        if pope_rows:
-            values = {
-                m: [
-                    100 * pope_rows[(s, m)].metrics.get(key, 0.0) if (s, m) in pope_rows else 0.0
-                    for s in splits
-                ]
-                for m in labels
-            }
-            panels.append((name, [str(s) for s in splits], values))
-    if not panels:
+    panels = _panels(report)
+    if not panels or not labels:
         raise ValueError("nothing to plot")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    width = 0.8 / max(len(labels), 1)
-    for ax, (title, ticks, values) in zip(axes[0], panels, strict=True):
-        for i, m in enumerate(labels):
-            xs = [x + (i - (len(labels) - 1) / 2) * width for x in range(len(ticks))]
-            ax.bar(xs, values[m], width, label=m)
-        ax.set_xticks(range(len(ticks)), ticks)
-        ax.set_title(title)
-        ax.set_ylim(0, 100)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize="small")
+    cols = min(PANEL_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    label_in = 0.09 * max(len(x) for x in labels) + 0.3  # room for the longest label on the left
+    height = rows * (ROW_HEIGHT_IN * len(labels) + 0.9)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(label_in + PANEL_WIDTH_IN * cols, height), squeeze=False, sharey=True
+    )
+    ys = list(range(len(labels)))
+    for ax, (title, values) in zip(axes.flat, panels, strict=False):
+        heights = [values.get(m, 0.0) for m in labels]
+        ax.barh(ys, heights, height=0.7, color=[f"C{i % 10}" for i in ys])
+        for y, m in zip(ys, labels, strict=True):
+            text = f"{values[m]:.1f}" if m in values else "n/a"
+            ax.text(min(values.get(m, 0.0), 100) + 1, y, text, va="center", fontsize="x-small")
+        ax.set_yticks(ys, labels, fontsize="small")
+        ax.set_xlim(0, 115)
+        ax.set_title(title, fontsize="small")
+        ax.grid(axis="x", alpha=0.3)
+    axes.flat[0].invert_yaxis()  # the first mitigation on top (shared by every panel)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
