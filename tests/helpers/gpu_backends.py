@@ -171,27 +171,50 @@ CASES: tuple[tuple[int, Any], ...] = (
 #: kernel's sink lane), SCR, the reclaim and the composition (KVSmooth, PruneHal, FarSight B).
 TRITON_CASES = tuple(c for c in CASES if c[0] in (80, 82, 85, 86, 87))
 MAX_TOKENS = 4
-#: (backend, FlashAttention version) runs: FLASH_ATTN as on SM90 (FA3); TRITON_ATTN.
-RUNS = (("FLASH_ATTN", 3), ("TRITON_ATTN", None))
+#: (key, backend, FlashAttention version, V2 runner with async scheduling) of each run: FLASH_ATTN as
+#: on SM90 (FA3) and TRITON_ATTN on the V1 runner, then FA3 on vLLM 0.32's Hopper defaults (V2 runner,
+#: async scheduling). The V2 run comes last: the runner is chosen by an environment variable.
+RUNS = (
+    ("FLASH_ATTN3", "FLASH_ATTN", 3, False),
+    ("TRITON_ATTN", "TRITON_ATTN", None, False),
+    ("FLASH_ATTN3_V2", "FLASH_ATTN", 3, True),
+)
+#: Under recompute preemption: plain rows, KVSmooth, PruneHal, FarSight B and a composition, compared
+#: with the same batch without preemption.
+PRUNE = {"method": "prunehal", "r": 0.5}
+PREEMPTED = (
+    None,
+    "kvsmooth",
+    None,
+    PRUNE,
+    None,
+    {"method": "farsight", "mode": "B"},
+    None,
+    ["kvsmooth", PRUNE],
+)
 
 
 def cases_of(key: str) -> tuple[tuple[int, Any], ...]:
-    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``)."""
-    return TRITON_CASES if key == "TRITON_ATTN" else CASES
+    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``, ``FLASH_ATTN3_V2``: V2 refuses the
+    reclaim at admission, so it is sent on its own there)."""
+    if key == "TRITON_ATTN":
+        return TRITON_CASES
+    return tuple(c for c in CASES if c[1] is not RECLAIM) if key.endswith("_V2") else CASES
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
+    import time
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", default=[f"{b}{v or ''}" for b, v in RUNS])
+    parser.add_argument("--runs", nargs="+", default=[r[0] for r in RUNS])
     args = parser.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["HALLUGUARD_VERIFY_NATIVE"] = "1"  # native rows = the native kernel over the whole batch
     os.environ["HALLUGUARD_ATTENTION"] = "triton"  # reworked rows by the project's kernel, as on a GPU
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 runner (V2 would refuse the reclaim)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the V1 runner first (V2 would refuse the reclaim)
     apply()
     from helpers import fa_ops
     from helpers.parity import Case, make_llm, run_vllm
@@ -200,13 +223,14 @@ def main(argv: list[str] | None = None) -> None:
 
     result: dict[str, Any] = {}
     engines = []  # kept alive: a collected engine would tear down the process's parallel groups
-    for backend, version in RUNS:
-        key = f"{backend}{version or ''}"
+    for key, backend, version, v2 in RUNS:
         if key not in args.runs:
             continue
+        start = time.monotonic()
         select(backend, version or 3)
+        overrides = _v2_async() if v2 else {}
         fa_ops.CALLS.clear()
-        llm = make_llm("llava", block_size=16)
+        llm = make_llm("llava", block_size=16, **overrides)
         engines.append(llm)
         cases = [
             Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
@@ -216,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         run_vllm(llm, [Case("llava", None, max_tokens=1)])  # delivers the finished ids to the worker
         (stats,) = llm.collective_rpc(worker_stats)
         result[key] = {
+            "engine": _engine_mode(llm),
             "backends": llm.collective_rpc(backend_names)[0],
             "fa_versions": llm.collective_rpc(impl_versions)[0],
             "stats": stats,
@@ -229,7 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             ],
         }
         if backend == "FLASH_ATTN":  # cheap with the torch stand-ins; TRITON_ATTN's interpreter is not
-            result[key].update(prefix_cache=_prefix_cache(llm), preemption=_preemption(engines))
+            result[key].update(prefix_cache=_prefix_cache(llm), preemption=_preemption(llm))
+        if v2:
+            result[key]["reclaim_refusal"] = _refusal(llm)
+        result[key]["seconds"] = round(time.monotonic() - start, 1)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(result, fh)
 
@@ -255,24 +283,89 @@ def _prefix_cache(llm: Any) -> dict[str, int]:
     return cached
 
 
-def _preemption(engines: list[Any]) -> dict[str, Any]:
-    """Eight requests (KVSmooth and plain) in a KV cache of a few blocks: recompute preemption; the plain
-    requests alone, for comparison."""
-    from helpers.parity import Case, make_llm, run_vllm
+def _v2_async() -> dict[str, Any]:
+    """Switch the engines started from now on to the V2 runner with async scheduling (vLLM 0.32's
+    defaults on Hopper). ``VllmConfig.use_v2_model_runner`` reads ``VLLM_USE_V2_MODEL_RUNNER`` through
+    ``vllm.envs``, which the first engine core froze (``enable_envs_cache``); the cache is dropped so
+    the next engine reads the new value (and freezes it again)."""
+    from vllm import envs
+
+    from helpers import engine_modes
+
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    envs.disable_envs_cache()
+    engine_modes._keep_async_scheduling_on_cpu()
+    return {"async_scheduling": True}
+
+
+def _engine_mode(llm: Any) -> dict[str, Any]:
+    """The runner and scheduler an engine really runs."""
+    core = llm.llm_engine.engine_core.engine_core
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+    return {
+        "v2": isinstance(runner, V2Runner),
+        "scheduler": type(core.scheduler).__name__,
+        "batch_queue": core.batch_queue is not None,
+    }
+
+
+def _refusal(llm: Any) -> str:
+    """The error of a request for PruneHal's reclaiming variant (refused at admission on V2)."""
+    from helpers.parity import Case, run_vllm
+    from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+
+    try:
+        run_vllm(llm, [Case("llava", 86, max_tokens=2, extra_args={EXTRA_ARGS_KEY: RECLAIM})])
+    except Exception as exc:  # the message is the result
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _preemption(llm: Any) -> dict[str, Any]:
+    """A mixed batch (:data:`PREEMPTED`) stepped on ``llm`` while vLLM preempts every running request at
+    every 3rd step, 4 times (``reset_prefix_cache(reset_running_requests=True)``: recompute
+    preemption), then the same batch on ``llm`` without it."""
+    from transformers import AutoProcessor
+
+    from helpers.parity import Case, run_vllm, sampling_params, vllm_inputs
     from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
     from vllm_halluguard.engine.runtime import worker_stats
+    from vllm_halluguard.tiny_models import ensure_fixture
 
-    llm = make_llm("llava", block_size=16, max_model_len=256, kv_cache_memory_bytes=14 * 32 * 2048)
-    engines.append(llm)
+    def stats() -> dict[str, float]:
+        run_vllm(llm, [Case("llava", None, max_tokens=1)])  # delivers the finished ids to the worker
+        return dict(llm.collective_rpc(worker_stats)[0])
+
     cases = [
-        Case("llava", 60 + i, max_tokens=32, extra_args={EXTRA_ARGS_KEY: "kvsmooth"} if i % 2 else None)
-        for i in range(8)
+        Case("llava", 60 + i, max_tokens=8, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
+        for i, s in enumerate(PREEMPTED)
     ]
-    outs = run_vllm(llm, cases)
-    run_vllm(llm, [Case("llava", None, max_tokens=1)])
-    (stats,) = llm.collective_rpc(worker_stats)
-    solo = [run_vllm(llm, [c])[0].token_ids for c in cases[::2]]
-    return {"stats": stats, "batch": [o.token_ids for o in outs], "solo_plain": solo}
+    processor = AutoProcessor.from_pretrained(ensure_fixture("llava"))
+    before = stats()["preempted"]
+    engine = llm.llm_engine
+    for i, case in enumerate(cases):
+        engine.add_request(f"p{i}", vllm_inputs(processor, case), sampling_params(case))
+    done: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        if step % 3 == 0 and step // 3 <= 4:  # bounded: a replay catching up must get to finish
+            llm.reset_prefix_cache(reset_running_requests=True)
+    during = stats()["preempted"]
+    want = run_vllm(llm, cases)
+    after = stats()
+    return {
+        "stats": after,
+        "preempted": during - before,
+        "relaxed_preempted": after["preempted"] - during,
+        "batch": [done[f"p{i}"] for i in range(len(cases))],
+        "relaxed": [g.token_ids for g in want],
+    }
 
 
 if __name__ == "__main__":
