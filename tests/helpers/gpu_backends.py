@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Any
 
+from helpers.triton_mode import mixed_cases
+
 #: The backend the next engine gets (``None``: the CPU platform's own choice, ``CPU_ATTN``).
 _SELECTED: dict[str, Any] = {"backend": None, "fa_version": 3}
 BACKENDS = ("TRITON_ATTN", "FLASH_ATTN")
@@ -152,21 +154,10 @@ def impl_versions(worker: Any) -> list[int | None]:
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-#: PruneHal's reclaiming variant at the engines' block size (16): whole image-only blocks freed.
-RECLAIM = {"method": "prunehal", "r": 0.3, "t": 1, "selection": "shared", "granularity": "block", "block": 16}
-#: One mixed batch on each backend: (image seed, method spec); every method, FarSight's two modes, the
+#: One mixed batch on each backend (the engines' block size, 16): every method, FarSight's two modes, the
 #: reclaiming PruneHal and two compositions, plus plain rows.
-CASES: tuple[tuple[int, Any], ...] = (
-    (80, None),
-    (81, "kvsmooth"),
-    (82, {"method": "farsight", "mode": "B"}),
-    (83, {"method": "farsight", "mode": "C"}),
-    (84, "prunehal"),
-    (85, "scr"),
-    (86, RECLAIM),
-    (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
-    (88, ["scr", {"method": "farsight", "mode": "C"}]),
-)
+CASES = mixed_cases(16)
+RECLAIM = dict(CASES)[86]  # the reclaiming PruneHal row
 #: TRITON_ATTN's kernels run in Triton's interpreter (minutes per batch): plain, FarSight B (the
 #: kernel's sink lane), SCR, the reclaim and the composition (KVSmooth, PruneHal, FarSight B).
 TRITON_CASES = tuple(c for c in CASES if c[0] in (80, 82, 85, 86, 87))

@@ -18,22 +18,39 @@ import json
 import os
 from typing import Any
 
-#: PruneHal's reclaiming variant: on llava the image-only block is freed and nulled in the block table.
-RECLAIM = {"method": "prunehal", "r": 0.3, "t": 1, "selection": "shared", "granularity": "block", "block": 32}
-#: Cases run in Triton mode: (image seed, method spec).
-CASES: tuple[tuple[int, Any], ...] = (
-    (80, None),
-    (81, "kvsmooth"),
-    (82, {"method": "farsight", "mode": "B"}),
-    (83, {"method": "farsight", "mode": "C"}),
-    (84, "prunehal"),
-    (85, "scr"),
-    (86, RECLAIM),
-    # compositions: a decode row with FarSight's sinks, PruneHal's mask and KVSmooth's entropy in one
-    # launch; SCR's edit with FarSight's prompt-row sinks
-    (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
-    (88, ["scr", {"method": "farsight", "mode": "C"}]),
-)
+
+def reclaim(block: int) -> dict[str, Any]:
+    """PruneHal's reclaiming variant at the engine's block size: on llava the image-only block is freed
+    and nulled in the block table."""
+    return {
+        "method": "prunehal",
+        "r": 0.3,
+        "t": 1,
+        "selection": "shared",
+        "granularity": "block",
+        "block": block,
+    }
+
+
+def mixed_cases(block: int) -> tuple[tuple[int, Any], ...]:
+    """One mixed batch of (image seed, method spec): plain, every method, FarSight's two modes, the
+    reclaiming PruneHal at ``block`` and two compositions (a decode row with FarSight's sinks, PruneHal's
+    mask and KVSmooth's entropy in one launch; SCR's edit with FarSight's prompt-row sinks)."""
+    return (
+        (80, None),
+        (81, "kvsmooth"),
+        (82, {"method": "farsight", "mode": "B"}),
+        (83, {"method": "farsight", "mode": "C"}),
+        (84, "prunehal"),
+        (85, "scr"),
+        (86, reclaim(block)),
+        (87, [{"method": "farsight", "mode": "B"}, "kvsmooth", {"method": "prunehal", "r": 0.5}]),
+        (88, ["scr", {"method": "farsight", "mode": "C"}]),
+    )
+
+
+#: Cases run in Triton mode (the shared engines' block size, 32).
+CASES = mixed_cases(32)
 MAX_TOKENS = 12
 
 
