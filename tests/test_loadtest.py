@@ -472,10 +472,21 @@ def test_cli_run_counts_every_request(run):
             if s["merged_chunks"] == 0:
                 assert s["chunks"] == 8 * s["ok"], "unmerged chunks carry one token each"
             assert s["ttft"]["p50"] < s["e2e"]["p50"]
+        base = groups[("none", "none")]["summary"]
+        # A ratio is withheld (None) exactly where the baseline is below MIN_BASELINE_MS: under load a
+        # lagging client reads back-to-back chunks, so the baseline's ITL can be a few microseconds.
+        tiny = {
+            f"{m}_{stat}"
+            for m in ("ttft", "tpot", "itl", "e2e")
+            for stat in ("mean", "p50", "p90", "p99")
+            if base[m][stat] <= MIN_BASELINE_MS
+        }
         none_ratios = groups[("none", "none")]["ratios_vs_none"]
-        assert none_ratios and all(v == 1.0 for v in none_ratios.values())
+        assert none_ratios and {k for k, v in none_ratios.items() if v is None} == tiny
+        assert all(v == 1.0 for v in none_ratios.values() if v is not None)
         kvs = groups[("kvsmooth", "kvsmooth")]["ratios_vs_none"]
-        assert all(v is not None and v > 0 for v in kvs.values())
+        assert {k for k, v in kvs.items() if v is None} == tiny
+        assert all(v > 0 for v in kvs.values() if v is not None)
         assert groups[("mix(kvsmooth=0.5,none=0.5)", "none")]["ratios_vs_none"]["output_throughput"] is None
     assert counted == totals["sent"]
 
