@@ -1,0 +1,92 @@
+"""Host time of a mitigated decode step on the CPU engine: per layer call and per step's plan.
+
+A tiny model on CPU computes in microseconds, so the wall time of the plugin's code in a step is its
+host work (Python, tensor bookkeeping, small ops): what a GPU step pays on the host on top of its
+kernels, and cannot hide behind them where it synchronises. The script serves ``R`` requests of one
+method together (``R`` = 1, 8, 32 by default), times every call of the attention layer's mitigated path
+(:func:`vllm_halluguard.engine.execute.run_layer`) and of the step's partition
+(:func:`vllm_halluguard.engine.plan.build_plan`) in the steps where all ``R`` rows decode, and prints
+the medians in µs. On CPU the reworked rows' attention runs in torch (tiny tensors), so the numbers
+are an upper bound on the host share of the kernel path.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py --rows 1 32 --methods kvsmooth
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+METHODS: dict[str, Any] = {
+    "kvsmooth": "kvsmooth",
+    "farsight-B": {"method": "farsight", "mode": "B"},
+    "prunehal": "prunehal",
+    "kvsmooth+prunehal": ["kvsmooth", "prunehal"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fixture", default="llava", choices=("llava", "qwen2_vl"))
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        parser.error("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the timers live in this process)")
+
+    from vllm_halluguard.engine import execute, plan
+    from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+    from vllm_halluguard.parity import Case, engine, run_vllm
+
+    times: dict[str, list[float]] = defaultdict(list)
+    decode_rows = {"n": 0}
+
+    def timed(name: str, fn: Any, rows_of: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            elapsed = time.perf_counter() - start
+            rows, tokens = rows_of(a)
+            if rows == tokens == decode_rows["n"]:  # every row of the batch decodes one token
+                times[name].append(elapsed)
+            return out
+
+        return wrapper
+
+    execute.run_layer = timed(  # type: ignore[assignment]
+        "layer", execute.run_layer, lambda a: (len(a[7].query_start_loc) - 1, a[7].num_actual_tokens)
+    )
+    plan.build_plan = timed(  # type: ignore[assignment]
+        "plan", plan.build_plan, lambda a: (a[2].num_reqs, a[2].num_actual_tokens)
+    )
+    lines = [
+        "| method | rows | layer call µs (median) | layer calls | plan µs per step (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    with engine(args.fixture, max_num_seqs=max(args.rows), enable_prefix_caching=False) as llm:
+        for name in args.methods:
+            extra = {EXTRA_ARGS_KEY: METHODS[name]}
+            for n in args.rows:
+                cases = [
+                    Case(args.fixture, i, max_tokens=args.new_tokens, extra_args=extra) for i in range(n)
+                ]
+                decode_rows["n"] = n
+                run_vllm(llm, cases)  # warm-up
+                times.clear()
+                run_vllm(llm, cases)
+                layer, steps = times["layer"], times["plan"]
+                lines.append(
+                    f"| {name} | {n} | {1e6 * statistics.median(layer):.0f} | {len(layer)} "
+                    f"| {1e6 * statistics.median(steps):.0f} |"
+                )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
