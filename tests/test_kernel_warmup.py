@@ -28,20 +28,31 @@ HQ, HKV, D, BS, DTYPE = 8, 2, 64, 16, torch.bfloat16
 MAX_BLOCKS, MAX_REQS = 40, 24
 
 
-@pytest.fixture
-def gpu_like(monkeypatch):
-    """The automatic split count of a 132-SM GPU (CPU: pretended; the launches are only recorded)."""
-    if DEVICE == "cpu":
-        monkeypatch.setattr(TA, "num_sms", lambda device: SMS)
-    chosen: list[int] = []
-    real = TA.auto_num_splits
+@pytest.fixture(scope="module")
+def served():
+    """The warm-up's keys, then one serving-like run's keys and automatic split counts, on a 132-SM GPU
+    (CPU: pretended; the launches are only recorded), and Triton's kernel caches around the run."""
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            mp.setattr(TA, "num_sms", lambda device: SMS)
+        chosen: list[int] = []
+        real = TA.auto_num_splits
 
-    def auto(*args, **kwargs):
-        chosen.append(real(*args, **kwargs))
-        return chosen[-1]
+        def auto(*args, **kwargs):
+            chosen.append(real(*args, **kwargs))
+            return chosen[-1]
 
-    monkeypatch.setattr(TA, "auto_num_splits", auto)
-    return chosen
+        mp.setattr(TA, "auto_num_splits", auto)
+        k, v = caches()
+        warmed = warm_keys(k, v)
+        before = _kernel_cache_sizes()
+        launched = serving_run(k, v)
+        return {
+            "warmed": warmed,
+            "launched": launched,
+            "splits": set(chosen),
+            "caches": (before, _kernel_cache_sizes()),
+        }
 
 
 def caches(dtype=DTYPE):
@@ -68,7 +79,7 @@ def serving_run(k, v, seed: int = 0) -> set:
     with TA.record_launches(MODE) as keys:
         for rows in range(1, 17):
             for mix in ("decode", "prefill", "mixed"):
-                longest = 512 if mix == "prefill" else 40  # long chunks: enough programs for no split
+                longest = 1024 if mix == "prefill" else 40  # long chunks: enough programs for no split
                 qlens = [
                     1 if mix == "decode" or (mix == "mixed" and r % 2) else rng.randint(2, longest)
                     for r in range(rows)
@@ -106,16 +117,14 @@ def serving_run(k, v, seed: int = 0) -> set:
     return keys
 
 
-def test_serving_launches_no_specialisation_the_warmup_missed(gpu_like):
-    k, v = caches()
-    warmed = warm_keys(k, v)
-    cache_sizes = _kernel_cache_sizes()
-    launched = serving_run(k, v)
+def test_serving_launches_no_specialisation_the_warmup_missed(served):
+    warmed, launched, counts = served["warmed"], served["launched"], served["splits"]
     assert launched, "the run must launch the kernel"
-    assert len(set(gpu_like)) >= 8, f"the run must see many split counts, saw {sorted(set(gpu_like))}"
+    assert 1 in counts and len(counts) >= 8, f"the run must see many split counts, saw {sorted(counts)}"
     new = launched - warmed
     assert not new, f"{len(new)} specialisations first launched while serving, e.g. {min(new)!r:.400}"
-    assert _kernel_cache_sizes() == cache_sizes  # CUDA: nothing compiled during the run (CPU: both empty)
+    before, after = served["caches"]
+    assert after == before  # CUDA: nothing compiled during the run (CPU: both empty)
 
 
 def test_variant_count():
@@ -133,16 +142,14 @@ def test_variant_count():
     assert len(cpu_keys) == 4
 
 
-def test_a_warmup_missing_variants_is_caught(gpu_like):
+def test_a_warmup_missing_variants_is_caught(served):
     """The comparison can fail: a warm-up without the masked variants misses what the run launches."""
     k, v = caches()
     partial = warm_keys(k, v, drop=lambda variant: variant.mask)
-    with TA.record_launches("record") as launched:
-        serving_run(k, v)
-    assert launched - partial
+    assert served["launched"] - partial
 
 
-def test_split_count_is_a_runtime_value(gpu_like):
+def test_split_count_is_a_runtime_value():
     """Split counts 2..16 share one specialisation (the old kernel had one per count)."""
     k, v = caches()
     keys = []
@@ -168,3 +175,38 @@ def _kernel_cache_sizes() -> list[int]:
         for caches_ in getattr(kernel, "device_caches", {}).values():
             sizes.append(len(caches_[0]))
     return sizes
+
+
+def test_worker_compiles_before_vllms_warm_up(monkeypatch):
+    """The hook runs the warm-up at the start of the worker's ``compile_or_warm_up_model`` (vLLM's GPU
+    worker warms V1 and V2 runners there; ``install`` applies it to that class), then vLLM's own."""
+    from vllm_halluguard.engine import warmup
+
+    order = []
+
+    class Worker:
+        model_runner = "runner"
+
+        def compile_or_warm_up_model(self):
+            order.append("vllm")
+            return "times"
+
+    warmup.warm_up_first(Worker)
+    monkeypatch.setattr(warmup, "warm_up", lambda runner, mode="compile": order.append(runner))
+    assert Worker().compile_or_warm_up_model() == "times"
+    assert order == ["runner", "vllm"]
+
+
+def test_warm_up_is_off_without_the_kernel_path(monkeypatch):
+    """Native CPU serving (the torch path) and ``HALLUGUARD_KERNEL_WARMUP=0`` list and compile nothing."""
+    from vllm_halluguard.engine import plan, warmup
+
+    monkeypatch.setattr(warmup, "kernel_layers", lambda runner: pytest.fail("must not look at layers"))
+    monkeypatch.setattr(plan, "rework_engine", lambda: "torch")
+    assert warmup.warm_up(object(), mode="record") == set()
+    monkeypatch.setattr(plan, "rework_engine", lambda: "kernel")
+    monkeypatch.setenv(warmup.WARMUP_ENV, "0")
+    assert warmup.warm_up(object(), mode="record") == set()
+    monkeypatch.setenv(warmup.WARMUP_ENV, "1")  # the check can fail: now the layers are looked at
+    with pytest.raises(pytest.fail.Exception, match="must not look"):
+        warmup.warm_up(object(), mode="record")

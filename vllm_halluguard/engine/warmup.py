@@ -80,14 +80,20 @@ def warm_up(runner: Any, mode: str = "compile") -> set:
 
 @functools.cache
 def install() -> None:
-    """Run :func:`warm_up` at the start of the GPU worker's ``compile_or_warm_up_model``."""
+    """Run :func:`warm_up` at the start of the GPU worker's ``compile_or_warm_up_model`` (the CPU
+    worker, a subclass, overrides that method: ``v1/worker/cpu_worker.py``)."""
     from vllm.v1.worker.gpu_worker import Worker
 
-    original = Worker.compile_or_warm_up_model
+    warm_up_first(Worker)
+
+
+def warm_up_first(worker_cls: Any) -> None:
+    """Wrap ``worker_cls.compile_or_warm_up_model`` so that :func:`warm_up` runs before it."""
+    original = worker_cls.compile_or_warm_up_model
 
     @functools.wraps(original)
     def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
         warm_up(self.model_runner)
         return original(self, *args, **kwargs)
 
-    Worker.compile_or_warm_up_model = compile_or_warm_up_model
+    worker_cls.compile_or_warm_up_model = compile_or_warm_up_model

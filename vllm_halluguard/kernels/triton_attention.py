@@ -76,6 +76,14 @@ segments in order with the online step above (same result, no ``M`` pass first).
 ``S * T * Hq * (D + 3) * 4`` bytes of scratch, allocated per call (no host sync; the automatic
 split count is only above 1 when ``T`` is small).
 
+Specialisations
+---------------
+The split count is a runtime argument (only ``SPLIT_KV = S > 1`` is a constexpr), and integers that
+change from step to step are not specialised (``MAIN_VARYING``), so one layer geometry has a small
+fixed set of compiled variants, which :mod:`.warmup` enumerates and the engine compiles at start-up.
+:func:`record_launches` records each launch's :data:`Key` (Triton's own specialisation of the
+arguments) or compiles without launching.
+
 Entropy without V (``out=None``)
 --------------------------------
 With a native-first engine the plain output of a KVSmooth row can come from vLLM's kernel; the
@@ -100,8 +108,7 @@ from typing import Any, Literal
 import torch
 import triton
 import triton.language as tl
-from triton.backends.compiler import BaseBackend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import JITFunction
 
 logger = logging.getLogger(__name__)
 
@@ -534,7 +541,11 @@ def _binder(
 ) -> Callable[..., Any]:
     """Triton's own argument binder for ``fn`` (what ``JITFunction.run`` keys its kernel cache on).
 
-    Built with :class:`BaseBackend`'s integer and pointer rules, which the CUDA backend inherits."""
+    Built with ``BaseBackend``'s integer and pointer rules, which the CUDA backend inherits (Triton 3.7's
+    internals, imported here so that launching needs only Triton's public API)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import create_function_from_signature
+
     jit = JITFunction(fn, do_not_specialize=varying, do_not_specialize_on_alignment=unaligned)
     return create_function_from_signature(jit.signature, jit.params, BaseBackend)
 
