@@ -25,7 +25,7 @@ MODE = "launch" if DEVICE == "cuda" else "record"
 SMS = 132  # an H100's multiprocessors (pretended on CPU)
 # LLaVA-like GQA geometry, small: Hq 8, Hkv 2, D 64, 16-token pages, bf16 (the GPU dtype).
 HQ, HKV, D, BS, DTYPE = 8, 2, 64, 16, torch.bfloat16
-MAX_BLOCKS, MAX_REQS = 40, 24
+MAX_BLOCKS, MAX_REQS = 96, 24  # 96 pages of 16 hold the longest sequence of the run (1024 + 500 keys)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,7 @@ def serving_run(k, v, seed: int = 0) -> set:
                     for r in range(rows)
                 ]
                 seq_lens = [q + rng.randint(0, 500) for q in qlens]
+                assert max(seq_lens) <= MAX_BLOCKS * BS  # real launches (CUDA) read only their pages
                 t = sum(qlens)
                 qkv = torch.randn(t + 3, HQ + 2 * HKV, D, device=DEVICE).to(DTYPE)
                 picked = torch.tensor(sorted(rng.sample(range(MAX_REQS), rows)), device=DEVICE)
