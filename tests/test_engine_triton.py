@@ -32,6 +32,16 @@ def triton_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
+def test_engine_launches_only_warmed_specialisations(triton_run, fixture):
+    """The warm-up, enumerating from the engine's own layers (caches, heads, dtype), lists every kernel
+    specialisation the mixed batch launched: on a GPU none would compile while serving. (CPU: no SMs,
+    so no split-KV; tests/test_kernel_warmup.py covers the split counts.)"""
+    launched, warmed = set(triton_run[fixture]["kernel_keys"]), set(triton_run[fixture]["warmup_keys"])
+    assert launched and warmed
+    assert launched <= warmed, f"{len(launched - warmed)} specialisations launched that the warm-up missed"
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_triton_backend_matches_reference(triton_run, hf_models, fixture):
     run = triton_run[fixture]
     assert run["backends"] == [WRAPPED_CPU], "the engine must have run the wrapped native backend"

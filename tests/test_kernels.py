@@ -358,6 +358,16 @@ def test_split_kv_matches_reference(num_splits, features):
     assert_matches(got, want)
 
 
+def test_every_split_count_matches_reference():
+    """The split count is a runtime argument (one compiled kernel for all counts > 1): each count the
+    automatic choice can pick, 1 .. MAX_SPLITS, gives the reference's rows."""
+    batch = make_batch(16, 32, shapes=((1, 97), (2, 21)), hq=2, hkv=1)
+    sinks, key_mask = make_sinks(batch), make_key_mask(batch)
+    want = dense_expected(batch, sinks, key_mask)
+    for num_splits in range(1, TA.MAX_SPLITS + 1):
+        assert_matches(run_triton(batch, sinks, key_mask, num_splits=num_splits, tile_n=16), want)
+
+
 def test_split_kv_bf16_and_gqa_group_not_power_of_two():
     batch = make_batch(64, 16, torch.bfloat16, shapes=((1, 40), (3, 33)), hq=6, hkv=2)
     sinks, key_mask = make_sinks(batch), make_key_mask(batch)

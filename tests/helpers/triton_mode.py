@@ -6,9 +6,10 @@ the plain rows, the project's Triton kernel (interpreted) the mitigated rows it 
 It generates a fixed batch of plain and mitigated requests (one mixed batch) and writes their tokens
 and top-k log-probs as JSON, with the attention backends the engine used and the worker's counters
 (``kernel_rows``: rows the kernel computed; with ``HALLUGUARD_VERIFY_NATIVE=1``, set here, the
-native rows checked bit for bit against the native kernel over the whole batch). The tests compare
-the output with the dense reference. The variables must be set before vLLM and Triton are imported,
-hence a separate process.
+native rows checked bit for bit against the native kernel over the whole batch), and the kernel's
+specialisations the run launched beside those the start-up warm-up lists for the engine's layers.
+The tests compare the output with the dense reference. The variables must be set before vLLM and
+Triton are imported, hence a separate process.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def backend_names(worker: Any) -> list[str]:
     return sorted({g.backend.__module__ + "." + g.backend.__name__ for gs in groups for g in gs})
 
 
+def warmup_keys(worker: Any) -> list[str]:
+    """``collective_rpc`` helper: the kernel specialisations the start-up warm-up lists for this worker's
+    layers (on CPU it only lists them; on a GPU worker it compiles them)."""
+    from vllm_halluguard.engine.warmup import warm_up
+
+    return sorted(repr(key) for key in warm_up(worker.model_runner, mode="record"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     from helpers.parity import Case, engine, run_vllm
     from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
     from vllm_halluguard.engine.runtime import worker_stats
+    from vllm_halluguard.kernels.triton_attention import record_launches
 
     result: dict[str, Any] = {}
     for fixture in args.fixtures:
@@ -83,12 +93,16 @@ def main(argv: list[str] | None = None) -> None:
             for seed, s in CASES
         ]
         with engine(fixture, block_size=32) as llm:
-            gens = run_vllm(llm, cases)
+            with record_launches() as launched:  # the worker runs in this process
+                gens = run_vllm(llm, cases)
             (backends,) = llm.collective_rpc(backend_names)
             (stats,) = llm.collective_rpc(worker_stats)
+            (warmed,) = llm.collective_rpc(warmup_keys)
         result[fixture] = {
             "backends": backends,
             "stats": stats,
+            "kernel_keys": sorted(repr(key) for key in launched),
+            "warmup_keys": warmed,
             "gens": [
                 {
                     "token_ids": g.token_ids,

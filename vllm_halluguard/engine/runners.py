@@ -11,15 +11,16 @@ from typing import Any
 def ensure_runner_hook() -> None:
     """Follow the model runner's steps (installed lazily by the wrapped metadata builders, i.e. in
     workers only): V1 after it updates its persistent batch; V2 (:mod:`.runner_v2`) after it orders
-    the step's rows. With it, the worker's side of PruneHal's block reclaim and the
-    ``halluguard_worker_stats`` RPC."""
+    the step's rows. With it, the worker's side of PruneHal's block reclaim, the
+    ``halluguard_worker_stats`` RPC and the kernel's start-up compile (:mod:`.warmup`)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_halluguard.engine import reclaim, runner_v2
+    from vllm_halluguard.engine import reclaim, runner_v2, warmup
     from vllm_halluguard.engine.runtime import install_worker_rpc, sync_step
 
     reclaim.install_worker()
     install_worker_rpc()
+    warmup.install()  # the Triton kernel's specialisations compiled before serving (GPU workers)
 
     original = GPUModelRunner._update_states
 

@@ -76,6 +76,14 @@ segments in order with the online step above (same result, no ``M`` pass first).
 ``S * T * Hq * (D + 3) * 4`` bytes of scratch, allocated per call (no host sync; the automatic
 split count is only above 1 when ``T`` is small).
 
+Specialisations
+---------------
+The split count is a runtime argument (only ``SPLIT_KV = S > 1`` is a constexpr), and integers that
+change from step to step are not specialised (``MAIN_VARYING``), so one layer geometry has a small
+fixed set of compiled variants, which :mod:`.warmup` enumerates and the engine compiles at start-up.
+:func:`record_launches` records each launch's :data:`Key` (Triton's own specialisation of the
+arguments) or compiles without launching.
+
 Entropy without V (``out=None``)
 --------------------------------
 With a native-first engine the plain output of a KVSmooth row can come from vLLM's kernel; the
@@ -91,9 +99,11 @@ GPU yet (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 import triton
@@ -110,6 +120,17 @@ MIN_KEYS_PER_SPLIT = 256
 """With ``max_seq_len`` known, the automatic split count keeps at least this many keys per segment."""
 WAVES = 4
 """Automatic split count: aim at about ``WAVES * num_SMs`` programs (a decode program is small)."""
+
+# Triton compiles one binary per specialisation: the constexprs, each pointer's dtype and 16-byte
+# alignment, and each integer's class (== 1, a multiple of 16, other). Integers that change from step
+# to step (batch size, split count, the key mask's width, scratch strides that grow with T) and the
+# strides of tensors read one scalar per row are kept out of the key, so a launch's specialisation
+# depends only on the model's geometry and the few flags enumerated by :mod:`.warmup`.
+_PER_ROW_STRIDES = ("stride_st", "stride_sh", "stride_lt", "stride_lh", "stride_ps", "stride_ms")
+MAIN_VARYING = ("num_seqs", "num_splits", "stride_mb", "stride_bt", *_PER_ROW_STRIDES)
+MAIN_UNALIGNED = ("lse_ptr", "ent_ptr", "sink_ptr", "mask_ptr", "qsl_ptr", "seq_lens_ptr", "bt_ptr")
+MERGE_VARYING = ("num_splits", *_PER_ROW_STRIDES)
+MERGE_UNALIGNED = ("lse_ptr", "ent_ptr", "sink_ptr")
 
 
 @triton.jit
@@ -259,7 +280,7 @@ def _finish_rows(
         tl.store(ent_ptr + stat_off, entropy, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAIN_VARYING, do_not_specialize_on_alignment=MAIN_UNALIGNED)
 def _paged_attention_kernel(
     q_ptr,
     k_ptr,
@@ -276,6 +297,7 @@ def _paged_attention_kernel(
     part_mzt_ptr,
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
+    num_splits,  # key segments per program (split-KV); a runtime value, see SPLIT_KV
     stride_qt,
     stride_qh,
     stride_qd,
@@ -311,7 +333,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,  # num_splits > 1: store partials for the merge launch
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter + bf16: numpy has no bf16 matmul, so dot in fp32 (exact products)
     HAS_SINKS: tl.constexpr,
@@ -369,11 +391,11 @@ def _paged_attention_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     mask_row = mask_ptr + seq.to(tl.int64) * stride_mb
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         seg_lo = 0
         seg_hi = kv_end
     else:
-        seg = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE_N) * TILE_N
+        seg = tl.cdiv(tl.cdiv(kv_end, num_splits), TILE_N) * TILE_N
         seg_lo = split * seg
         seg_hi = tl.minimum(seg_lo + seg, kv_end)
     for start in range(seg_lo, tl.minimum(seg_hi, full_end), TILE_N):
@@ -391,7 +413,7 @@ def _paged_attention_kernel(
             SKIP_MASKED, RETURN_STATS, NEED_V, True,
         )  # fmt: skip
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         _finish_rows(
             m, z, t, acc, token, head, row_ok, dims, dim_ok, out_ptr, lse_ptr, ent_ptr, sink_ptr,
             stride_ot, stride_oh, stride_od, stride_st, stride_sh, stride_lt, stride_lh,
@@ -413,7 +435,7 @@ def _paged_attention_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MERGE_VARYING, do_not_specialize_on_alignment=MERGE_UNALIGNED)
 def _merge_splits_kernel(
     out_ptr,
     lse_ptr,
@@ -421,6 +443,7 @@ def _merge_splits_kernel(
     sink_ptr,
     part_acc_ptr,
     part_mzt_ptr,
+    num_splits,
     stride_ot,
     stride_oh,
     stride_od,
@@ -438,12 +461,11 @@ def _merge_splits_kernel(
     HEAD_PAD: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     RETURN_STATS: tl.constexpr,
     NEED_V: tl.constexpr,
 ):
-    """Fold the ``NUM_SPLITS`` partials of token ``program_id(0)``'s heads of KV head ``program_id(1)``."""
+    """Fold the ``num_splits`` partials of token ``program_id(0)``'s heads of KV head ``program_id(1)``."""
     token = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -455,7 +477,7 @@ def _merge_splits_kernel(
     z = tl.zeros([GROUP_PAD], tl.float32)
     t = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         part = s * stride_ms + token * stride_mt + head * stride_mh
         m_s = tl.load(part_mzt_ptr + part, mask=row_ok, other=float("-inf"))
         z_s = tl.load(part_mzt_ptr + part + 1, mask=row_ok, other=0.0)
@@ -488,6 +510,73 @@ def _merge_splits_kernel(
 
 INTERPRETED = not isinstance(_paged_attention_kernel, JITFunction)
 """True when ``TRITON_INTERPRET=1`` was set before this module was imported (CPU tensors work)."""
+
+
+Key = tuple[Any, ...]
+"""A launch's specialisation: kernel name, Triton's specialisation of each argument, launch options."""
+LaunchMode = Literal["launch", "record", "compile"]
+_RECORDINGS: list[tuple[set[Key], LaunchMode]] = []
+
+
+@contextlib.contextmanager
+def record_launches(mode: LaunchMode = "launch") -> Iterator[set[Key]]:
+    """Collect the :data:`Key` of every kernel launch made inside the block.
+
+    ``mode``: ``"launch"`` runs the kernels as usual; ``"record"`` only records (nothing runs or
+    compiles: a dry run, also in the interpreter); ``"compile"`` compiles each specialisation without
+    launching it (Triton's ``warmup``; a no-op in the interpreter). Nested blocks all record; the
+    innermost block's mode applies.
+    """
+    keys: set[Key] = set()
+    _RECORDINGS.append((keys, mode))
+    try:
+        yield keys
+    finally:
+        _RECORDINGS.pop()
+
+
+@functools.cache
+def _binder(
+    fn: Callable[..., Any], varying: tuple[str, ...], unaligned: tuple[str, ...]
+) -> Callable[..., Any]:
+    """Triton's own argument binder for ``fn`` (what ``JITFunction.run`` keys its kernel cache on).
+
+    Built with ``BaseBackend``'s integer and pointer rules, which the CUDA backend inherits (Triton 3.7's
+    internals, imported here so that launching needs only Triton's public API)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import create_function_from_signature
+
+    jit = JITFunction(fn, do_not_specialize=varying, do_not_specialize_on_alignment=unaligned)
+    return create_function_from_signature(jit.signature, jit.params, BaseBackend)
+
+
+_SPECIALISATION = {"_paged_attention_kernel": (MAIN_VARYING, MAIN_UNALIGNED),
+                   "_merge_splits_kernel": (MERGE_VARYING, MERGE_UNALIGNED)}  # fmt: skip
+
+
+def launch_key(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key:
+    """The specialisation a launch of ``kernel`` (one of this module's kernels) compiles or reuses."""
+    fn = kernel.fn
+    _, spec, options = _binder(fn, *_SPECIALISATION[fn.__name__])(*args, **kwargs)
+    return (fn.__name__, tuple(spec), tuple(sorted(options.items())))
+
+
+def _launcher(kernel: Any, grid: tuple[int, ...]) -> Callable[..., Any]:
+    """``kernel[grid]``, recording the launch's :data:`Key` inside :func:`record_launches`."""
+    if not _RECORDINGS:
+        return kernel[grid]
+
+    def launch(*args: Any, **kwargs: Any) -> None:
+        key = launch_key(kernel, args, kwargs)
+        for keys, _ in _RECORDINGS:
+            keys.add(key)
+        mode = _RECORDINGS[-1][1]
+        if mode == "launch":
+            kernel[grid](*args, **kwargs)
+        elif mode == "compile":
+            kernel.warmup(*args, grid=grid, **kwargs)
+
+    return launch
 
 
 def _launch_config(
@@ -632,7 +721,7 @@ def paged_attention_into(
         "RETURN_STATS": stats,
         "NEED_V": need_v,
     }
-    _paged_attention_kernel[(grid_m, hkv, num_splits)](
+    _launcher(_paged_attention_kernel, (grid_m, hkv, num_splits))(
         q,
         k_cache,
         v_t,
@@ -648,6 +737,7 @@ def paged_attention_into(
         part_mzt,
         scale * LOG2E.value,
         b,
+        num_splits,
         *q.stride(),
         *k_cache.stride(),
         *v_t.stride(),
@@ -665,7 +755,7 @@ def paged_attention_into(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         TILE_N=tile_n or auto_n,
-        NUM_SPLITS=num_splits,
+        SPLIT_KV=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         HAS_MASK=key_mask is not None,
@@ -675,13 +765,14 @@ def paged_attention_into(
         **flags,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(t, hkv)](
+        _launcher(_merge_splits_kernel, (t, hkv))(
             out_t,
             lse_t,
             ent_t,
             sink_t,
             part_acc,
             part_mzt,
+            num_splits,
             *out_strides,
             *sink_strides,
             *stat_strides,
@@ -691,7 +782,6 @@ def paged_attention_into(
             HEAD_PAD=head_pad,
             GROUP=group,
             GROUP_PAD=triton.next_power_of_2(group),
-            NUM_SPLITS=num_splits,
             num_warps=4,
             **flags,
         )
