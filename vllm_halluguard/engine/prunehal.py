@@ -40,10 +40,12 @@ import torch
 
 from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row, worker_log
 from vllm_halluguard.engine.tp import head_mean
+from vllm_halluguard.kernels import paged
 from vllm_halluguard.kernels.reference import (
     attention_logits,
     attention_probs_padded,
@@ -217,7 +219,14 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         _, probs = attention_probs_padded(call.query[starts], k, call.scale, key_mask)
     hq = probs.shape[1]
     on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
-    head_avg = head_mean(on_visual.float(), -2)  # [B, Nv] over every rank's heads
+    _store(call, todo, head_mean(on_visual.float(), -2), keep)  # head mean over every rank's heads
+
+
+def _store(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]], head_avg: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Each row's statistic and scores from its head-averaged visual probabilities ``head_avg [B, Nv]``
+    (padded); after the last configured layer, the decisions of the rows' requests."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
@@ -228,9 +237,21 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         st.A[i], st.scores[i] = A[b].cpu(), scores[b, : st.visual.numel()].cpu()
         st.seen[i] = True
         if call.layer == max(st.layers):
-            deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len + 1))
+            deciding.append((st, cfg, call.seq_lens[row.index] - row.request.prompt_len + 1))
     if deciding:
         decide(call.runtime, deciding)
+
+
+def visual_keys(call: LayerCall, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """K ``[B, P, Hkv, D]`` at ``positions [B, P]`` (on the layer's device) of the call's rows ``rows``,
+    read from the cache's kernel views (:func:`~vllm_halluguard.kernels.paged.gather_keys`): only those
+    keys, no V. The layer call's gathers are bound methods of its :class:`CacheIO`, which holds the cache."""
+    io = getattr(call.gather, "__self__", None)
+    views = io.kernel_views() if isinstance(io, CacheIO) else None
+    if io is None or views is None:
+        raise NotImplementedError("prunehal's kernel path reads a cache with kernel views only")
+    block_rows = torch.stack([io.block_table[r] for r in rows])  # device views: no index copy
+    return paged.gather_keys(views[0], block_rows, positions)
 
 
 def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
@@ -398,31 +419,27 @@ class PruneHalEngine(EngineMethod):
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits."""
-        deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
+        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits: one
+        gather of the ``Nv`` visual keys per row (:func:`visual_keys`; no V, no other key)."""
+        todo = []
         for row in rows:
             st = _state(row)
             assert st is not None
-            cfg = cast(PruneHalConfig, row.request.config)
-            i = st.index[call.layer]
-            start, _, seq_len = call.span(row)
-            k, _ = call.gather(row.index, seq_len)
-            q = call.query[start]
-            hq, hkv = q.shape[0], k.shape[1]
-            qf = q.float().reshape(hkv, hq // hkv, -1)
-            kv = k[st.visual.to(k.device)].float()
-            logits = torch.einsum("kgd,skd->kgs", qf, kv).reshape(hq, -1) * call.scale
-            keep = st.keep[i].to(k.device)
-            probs = torch.exp(logits - lse[start, :, None].float()) * keep
-            # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only);
-            # the request state lives on the host
-            A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
-            st.A[i], st.scores[i] = A.cpu(), scores.cpu()
-            st.seen[i] = True
-            if call.layer == max(st.layers):
-                deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))
-        if deciding:
-            decide(call.runtime, deciding)
+            todo.append((row, st, st.index[call.layer]))
+        device = call.query.device
+        visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True)
+        keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+        visual, keep = visual.to(device), keep.to(device)
+        starts = [call.query_start_loc[row.index] for row, _, _ in todo]
+        k = visual_keys(call, [row.index for row, _, _ in todo], visual)  # [B, Nv, Hkv, D]
+        q = torch.stack([call.query[s] for s in starts])  # [B, Hq, D]
+        b, hq, hkv = q.shape[0], q.shape[1], k.shape[2]
+        qf = q.float().reshape(b, hkv, hq // hkv, -1)
+        logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * call.scale
+        row_lse = torch.stack([lse[s] for s in starts]).float()  # [B, Hq]
+        probs = torch.exp(logits - row_lse[:, :, None]) * keep[:, None, :]  # pruned, padded keys: 0
+        # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only)
+        _store(call, todo, head_mean(probs, -2), keep)
 
     def release(self, runtime: Any, state: RequestState) -> None:
         """Finished or preempted. Blocks not yet nulled in the worker's table are another allocation's
