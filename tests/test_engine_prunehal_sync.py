@@ -146,7 +146,15 @@ def _run(device: bool) -> tuple[list[tuple[str, int, int]], list[dict]]:
 
 @pytest.fixture(scope="module")
 def host_run():
-    return _run(device=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tp, "tp_group", lambda: tp._SINGLE)
+        return _run(device=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_rank(monkeypatch):
+    """One rank without vLLM's process groups (tests/test_engine_tp_reduce.py runs several)."""
+    monkeypatch.setattr(tp, "tp_group", lambda: tp._SINGLE)
 
 
 def test_a_layer_call_neither_reads_back_nor_copies_to_the_device(host_run):
