@@ -17,6 +17,7 @@ import torch
 
 from helpers.device_sim import SIM_DEVICE, DeviceDisciplineError, on_device, require_device, simulated_device
 from vllm_halluguard.engine import tp
+from vllm_halluguard.engine.cache_io import SplitViews
 from vllm_halluguard.engine.farsight import row_sinks, steady_sinks
 from vllm_halluguard.engine.kvsmooth import Buffers, KVSmoothEngine, entropy
 from vllm_halluguard.engine.layer import LayerCall
@@ -222,34 +223,26 @@ def _layer_world(seed: int):
 
 
 def _layer_call(k, v, q, heads: slice, kv_heads: slice, device: bool) -> LayerCall:
-    """One layer call of this rank's heads; with ``device`` its tensors are on the simulated device."""
+    """One layer call of this rank's heads over a paged cache (blocks of 16, rows' blocks interleaved);
+    with ``device`` its tensors are on the simulated device."""
     move = on_device if device else (lambda x: x)
-    ks = [move(x[:, kv_heads].contiguous()) for x in k]
-    vs = [move(x[:, kv_heads].contiguous()) for x in v]
-
-    def gather(row: int, seq_len: int):
-        return ks[row][:seq_len], vs[row][:seq_len]
-
-    def gather_batch(rows: list[int], seq_lens: list[int], values: bool = True):
-        pad = torch.nn.utils.rnn.pad_sequence
-        kb = pad([ks[r][:n] for r, n in zip(rows, seq_lens, strict=True)], batch_first=True)
-        vb = (
-            pad([vs[r][:n] for r, n in zip(rows, seq_lens, strict=True)], batch_first=True)
-            if values
-            else None
-        )
-        valid = (
-            torch.arange(max(seq_lens), device=kb.device)[None, :]
-            < torch.tensor(seq_lens).to(kb.device)[:, None]
-        )
-        return kb, vb, valid
-
-    runtime = SimpleNamespace(block_size=16, num_layers=1, stats={}, ext={})
+    bs, n_blocks = 16, [-(-n // 16) for n in SEQ]
+    table = torch.zeros(len(SEQ), max(n_blocks), dtype=torch.int32)
+    kc = torch.zeros(sum(n_blocks) + 1, bs, HKV, D)  # block 0 stays unused, as vLLM's null block
+    vc = torch.zeros_like(kc)
+    for r, n in enumerate(SEQ):
+        ids = torch.arange(n_blocks[r]) * len(SEQ) + r + 1  # row 0: 1, 3, 5; row 1: 2, 4
+        table[r, : n_blocks[r]] = ids
+        pos = torch.arange(n)
+        kc[ids[pos // bs], pos % bs], vc[ids[pos // bs], pos % bs] = k[r], v[r]
+    kc, vc = move(kc[:, :, kv_heads].contiguous()), move(vc[:, :, kv_heads].contiguous())
+    io = SplitViews(kc, vc, move(table))
+    runtime = SimpleNamespace(block_size=bs, num_layers=1, stats={}, ext={})
     query = move(q[:, heads].contiguous())
     return LayerCall(
         layer=0, scale=D**-0.5, query=query, output=torch.zeros_like(query), query_start_loc=[0, 1, 2],
-        seq_lens=list(SEQ), slot_mapping=move(torch.tensor(SEQ) - 1), runtime=runtime, gather=gather,
-        write=lambda *a: None, gather_batch=gather_batch,
+        seq_lens=list(SEQ), slot_mapping=move(torch.tensor(SEQ) - 1), runtime=runtime, gather=io.gather,
+        write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots,
     )  # fmt: skip
 
 
@@ -285,7 +278,8 @@ def _prunehal_layer(path: str, world: int, device: bool, seed: int = 5):
             else:
                 PruneHalEngine().run(call, rows)
         sts = [row.request.scratch["prunehal"] for row in rows]
-        return [(st.A.clone(), st.scores.clone(), st.keep.clone()) for st in sts]
+        assert all(st.A.device == st.keep.device == call.query.device for st in sts), "state on the device"
+        return [(st.A.cpu(), st.scores.cpu(), st.keep.cpu()) for st in sts]
 
     outs, _ = on_ranks(world, rank, device)
     return outs
@@ -311,11 +305,11 @@ def test_the_simulated_device_refuses_host_tensors_where_cuda_does():
 @pytest.mark.parametrize("path", ["after_kernel", "run"])
 def test_prunehal_reduces_its_statistics_on_the_device(path):
     """The statistics reach the tensor-parallel all-reduce on the layer's device (CUDA's all-reduce op
-    takes nothing else), and the two ranks decide what one rank holding all heads decides."""
+    takes nothing else), the request state stays there, and the two ranks decide what one rank holding
+    all heads decides."""
     whole = _prunehal_layer(path, 1, device=False)[0]
     for ranks in _prunehal_layer(path, 2, device=True):
         for (A, scores, keep), (A1, scores1, keep1) in zip(ranks, whole, strict=True):
-            assert A.device.type == scores.device.type == "cpu"  # the request state stays on the host
             torch.testing.assert_close(A, A1, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(scores, scores1, rtol=1e-5, atol=1e-7)
             assert torch.equal(keep, keep1)
@@ -365,3 +359,14 @@ def test_a_host_statistic_is_refused_by_name_before_a_device_group_reduces_it():
         return True
 
     assert on_ranks(2, rank, device=True)[0] == [True, True]
+
+
+def test_prunehal_kernel_path_reads_the_statistics_of_the_torch_path():
+    """``after_kernel`` (the visual keys gathered alone, the kernel's LSE) measures what the torch path
+    measures from the whole sequence's K and V, on a row with pruned keys and one without."""
+    kernel = _prunehal_layer("after_kernel", 1, device=False)[0]
+    torch_path = _prunehal_layer("run", 1, device=False)[0]
+    for (A, scores, keep), (A1, scores1, keep1) in zip(kernel, torch_path, strict=True):
+        torch.testing.assert_close(A, A1, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(scores, scores1, rtol=1e-5, atol=1e-7)
+        assert torch.equal(keep, keep1)

@@ -13,6 +13,7 @@ from vllm_halluguard.methods.prunehal import (
     keep_blocks,
     keep_topr,
     prune_schedule,
+    prune_step,
     select_keep,
     should_prune,
     update_history,
@@ -164,3 +165,32 @@ def test_shared_block_selection_equal_in_all_layers() -> None:
         )
     with pytest.raises(ValueError, match="groups"):
         select_keep(scores, keep, cfg)
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_prune_step_without_host_reads_decides_the_same(granularity: str) -> None:
+    """``skip_idle=False`` (the masks selected whether or not a request fired) and a known ``num_groups``
+    (the engine's device path) give the decisions of the default path; requests that do not fire keep
+    their masks."""
+    g = torch.Generator().manual_seed(4)
+    b, n_layers, nv = 3, 2, 12
+    cfg = PruneHalConfig(r=0.5, t=3, layers=(0, 1), granularity=granularity, block=4)  # type: ignore[arg-type]
+    groups = visual_groups(torch.arange(5, 5 + nv).expand(b, -1), 4)
+    keep = torch.rand(b, n_layers, nv, generator=g) > 0.2
+    args = (
+        torch.tensor([2, 3, 3]),  # forced prune for request 0, votes for the others
+        cfg,
+        keep,
+        torch.tensor([0, 1, 3]),  # request 2 has used its prunes
+        torch.rand(b, n_layers, generator=g),
+        torch.rand(b, n_layers, nv, generator=g),
+        torch.tensor([[5.0, 5.0], [0.1, 0.1], [5.0, 5.0]]),
+        torch.tensor([1, 1, 1]),
+        groups if granularity == "block" else None,
+    )
+    want = prune_step(*args)
+    got = prune_step(*args, num_groups=int(groups.max()) + 1, skip_idle=False)
+    assert want[0].tolist() == [True, False, False]
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(got[1][1:], keep[1:]) and not torch.equal(got[1][0], keep[0])

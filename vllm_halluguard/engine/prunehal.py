@@ -18,6 +18,11 @@ and updates the history; the new masks apply from the next forward, as in the re
 
 State lives in ``RequestState.scratch["prunehal"]`` (a :class:`PruneState`): the number of visual
 tokens differs per request (Qwen2-VL's dynamic resolution) and the state is dropped with the request.
+Its tensors move to the layers' device at the request's first measured layer and the layer calls never
+read anything back to the host (no ``.cpu()``, ``.item()``, boolean-mask indexing or ``nonzero``): the
+decision runs on the device and the host reads it once per step, after the forward (:func:`collect`,
+which says why that is race-free under async scheduling); tests/test_engine_prunehal_sync.py counts.
+On the kernel path a layer reads only the ``Nv`` visual keys of each row (:func:`visual_keys`).
 A preempted request starts over and replays its decode steps one per step (:mod:`.replay`), deciding
 its prunes again at the same steps. The decode rows of a layer call are measured together
 (:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
@@ -40,10 +45,12 @@ import torch
 
 from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row, worker_log
 from vllm_halluguard.engine.tp import head_mean
+from vllm_halluguard.kernels import paged
 from vllm_halluguard.kernels.reference import (
     attention_logits,
     attention_probs_padded,
@@ -69,10 +76,27 @@ LOG = "prunehal_log"
 
 
 @dataclass
-class PruneState:
-    """One request's PruneHal state; per-layer tensors are indexed like ``layers``."""
+class Decision:
+    """A decision the host has not read yet: ``fired [1]`` and ``keep [n, Nv]`` after step ``step``, on
+    the device or, on CUDA, in pinned host buffers that a non-blocking copy fills before ``event``."""
 
-    visual: torch.Tensor  # [Nv] positions of the image tokens in the prompt
+    step: int
+    fired: torch.Tensor
+    keep: torch.Tensor
+    event: Any = None  # torch.cuda.Event, or None where the tensors can be read at once
+
+
+@dataclass
+class PruneState:
+    """One request's PruneHal state; per-layer tensors are indexed like ``layers``.
+
+    The tensors the layers read and write (``keep``, ``count``, history, ``A``, ``scores``) move to the
+    layers' device at the request's first measured layer (:func:`on_device`) and stay there: a layer call
+    reads and writes them on the device only. The host learns each decision later (``pending``, read by
+    :func:`collect`) and keeps its own copy of the masks (``host_keep``) for the records and the reclaim.
+    """
+
+    visual: torch.Tensor  # [Nv] positions of the image tokens in the prompt (host)
     layers: tuple[int, ...]
     keep: torch.Tensor  # [n, Nv] bool
     count: torch.Tensor  # [1] prunes so far
@@ -80,12 +104,17 @@ class PruneState:
     hist_n: torch.Tensor  # [1]
     A: torch.Tensor  # [n] statistic of the current step
     scores: torch.Tensor  # [n, Nv] per-token scores of the current step
-    seen: torch.Tensor  # [n] bool: layers measured in the current step
+    seen: set[int] = field(default_factory=set)  # layers measured in the current step (host)
     record: dict[str, Any] = field(default_factory=dict)
     req_id: str = ""
     admission: int = 1  # how many times the worker admitted the request (1 + preemptions)
     reclaim: bool = False  # fully pruned prompt blocks go back to the pool
     freed: set[int] = field(default_factory=set)  # logical blocks handed to the reclaim
+    visual_dev: torch.Tensor | None = None  # ``visual`` on the layers' device
+    groups: torch.Tensor | None = None  # [Nv] visual_groups on the layers' device (block granularity)
+    num_groups: int = 1
+    host_keep: torch.Tensor | None = None  # [n, Nv] the masks as of the last decision the host read
+    pending: list[Decision] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
@@ -100,13 +129,50 @@ class PruneState:
             hist_n=torch.zeros(1, dtype=torch.long),
             A=torch.zeros(n),
             scores=torch.zeros(n, nv),
-            seen=torch.zeros(n, dtype=torch.bool),
             record=record,
         )
 
     @property
     def index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
+
+    def keep_on_host(self) -> torch.Tensor:
+        """The keep masks as the host knows them: exact on a CPU device; elsewhere as of the last decision
+        :func:`collect` read (``pending`` holds the later ones)."""
+        if self.keep.device.type == "cpu" or self.host_keep is None:
+            return self.keep
+        return self.host_keep
+
+    def all_kept(self, i: int) -> bool:
+        """Whether nothing is pruned in layer index ``i``, as far as the host knows without a read back:
+        ``False`` also where a decision is still unread (the caller then masks, which is exact either way)."""
+        if self.pending:
+            return False
+        return bool(self.keep_on_host()[i].all())
+
+
+def on_device(st: PruneState, cfg: PruneHalConfig, device: torch.device) -> None:
+    """Move the state the layers use to ``device`` (once per request: host-to-device copies, never a read
+    back), with the visual positions and, for block granularity, their groups."""
+    if st.visual_dev is not None and st.visual_dev.device == device:
+        return
+    if st.keep.device.type == "cpu":
+        st.host_keep = st.keep.clone()
+    if cfg.granularity == "block":
+        groups = visual_groups(st.visual, cfg.block)
+        st.num_groups = int(groups.max()) + 1 if groups.numel() else 1  # host data: no sync
+        st.groups = _to(groups, device)
+    st.visual_dev = _to(st.visual, device)
+    st.keep, st.count, st.A, st.scores = (_to(x, device) for x in (st.keep, st.count, st.A, st.scores))
+    st.hist_sum, st.hist_n = _to(st.hist_sum, device), _to(st.hist_n, device)
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_available():
+        x = x.pin_memory()  # a non-blocking copy (pageable memory would wait for the stream)
+    return x.to(device, non_blocking=True)
 
 
 def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
@@ -137,6 +203,8 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     st = PruneState.fresh(visual, layers, record)
     st.req_id, st.admission = state.req_id, admissions[state.req_id]
     st.reclaim = cfg.frees_blocks and set(layers) == set(range(runtime.num_layers))
+    if st.reclaim:
+        runtime.ext[reclaim.READ_DECISIONS] = read_reclaiming
     state.scratch["prunehal"] = st
 
 
@@ -156,34 +224,33 @@ def apply(call: LayerCall, row: Row) -> None:
     # query only; a decode row is step seq_len - prompt_len + 1
     start = end - 1
     q = call.query[start:end]
+    on_device(st, cfg, q.device)
     keep = st.keep[i]
-    if bool(keep.all()) and call.gather_batch is not None:  # nothing pruned: the LSE from K alone
+    if st.all_kept(i) and call.gather_batch is not None:  # nothing pruned: the LSE from K alone
         k = call.gather_batch([row.index], [seq_len], values=False)[0][0]
         lse = torch.logsumexp(attention_logits(q, k, call.scale, torch.tensor([pos])), dim=-1)
     else:
         k, v = call.gather(row.index, seq_len)
         key_mask = None
-        if not bool(keep.all()):
-            key_mask = torch.ones(seq_len, dtype=torch.bool)
-            key_mask[st.visual] = keep
+        if not st.all_kept(i):
+            key_mask = torch.ones(seq_len, dtype=torch.bool, device=q.device)
+            key_mask[st.visual_dev] = keep
         out, lse, _ = attention_rows(q, k, v, call.scale, torch.tensor([pos]), key_mask=key_mask)
         if key_mask is not None:
             call.output[start:end] = out
     hq, hkv = q.shape[1], k.shape[1]
     qf = q[0].float().reshape(hkv, hq // hkv, -1)
-    logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual].float()).reshape(hq, -1) * call.scale
+    logits = torch.einsum("kgd,skd->kgs", qf, k[st.visual_dev].float()).reshape(hq, -1) * call.scale
     probs = torch.exp(logits - lse[0, :, None]) * keep  # [Hq, Nv]; pruned keys have probability 0
-    A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
-    st.A[i], st.scores[i] = A, scores
-    st.seen[i] = True
-    if call.layer == max(st.layers):
-        decide(call.runtime, [(st, cfg, seq_len - state.prompt_len + 1)])
+    _store(call, [(row, st, i)], head_mean(probs.float(), -2)[None], keep[None])
 
 
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
-    measured on its last token: one padded gather and one batched masked attention."""
+    measured on its last token: one padded gather and one batched masked attention. Nothing is read back
+    from the device (the keep masks and visual positions stay there)."""
     todo: list[tuple[Row, PruneState, int]] = []
+    device = call.query.device
     for row in rows:
         state = row.request
         cfg = cast(PruneHalConfig, state.config)
@@ -194,30 +261,46 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         seq_len, prompt_len = call.seq_lens[row.index], state.prompt_len
         if i is None or seq_len < prompt_len or (seq_len > prompt_len and not call.is_single(row)):
             continue  # rows before the prompt's last token are never touched
+        on_device(st, cfg, device)
         todo.append((row, st, i))
     if not todo:
         return
     assert call.gather_batch is not None
     seq_lens = [call.seq_lens[row.index] for row, _, _ in todo]
-    pruned = [b for b, (_, st, i) in enumerate(todo) if not bool(st.keep[i].all())]
+    pruned = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]
     # V only once something is pruned: before that the native kernel's output is already exact
     k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens, values=bool(pruned))
-    device = k.device  # the cache's; the request state lives on the host
-    visual = torch.nn.utils.rnn.pad_sequence([st.visual for _, st, _ in todo], batch_first=True).to(device)
-    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True).to(device)
+    visual, keep = _padded(todo)
     for b in pruned:  # pruned visual keys off
         _, st, i = todo[b]
-        key_mask[b, st.visual.to(device)] = st.keep[i].to(device)
-    starts = torch.tensor([call.query_start_loc[row.index + 1] - 1 for row, _, _ in todo])  # last tokens
+        key_mask[b, st.visual_dev] = st.keep[i]
+    starts = [call.query_start_loc[row.index + 1] - 1 for row, _, _ in todo]  # the rows' last tokens
+    q = torch.stack([call.query[s] for s in starts])
     if pruned:
-        out, _, probs = attention_rows_padded(call.query[starts], k, v, call.scale, key_mask)
-        sel = torch.tensor(pruned)
-        call.output[starts[sel]] = out[sel]
+        out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask)
+        for b in pruned:
+            call.output[starts[b]] = out[b]
     else:
-        _, probs = attention_probs_padded(call.query[starts], k, call.scale, key_mask)
+        _, probs = attention_probs_padded(q, k, call.scale, key_mask)
     hq = probs.shape[1]
     on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
-    head_avg = head_mean(on_visual.float(), -2)  # [B, Nv] over every rank's heads
+    _store(call, todo, head_mean(on_visual.float(), -2), keep)  # head mean over every rank's heads
+
+
+def _padded(todo: list[tuple[Row, PruneState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' visual positions and keep masks of this layer ``[B, Nv_max]``, padded (position 0, not
+    kept), on the device."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    visual = pad([cast(torch.Tensor, st.visual_dev) for _, st, _ in todo], batch_first=True)
+    return visual, pad([st.keep[i] for _, st, i in todo], batch_first=True)
+
+
+def _store(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]], head_avg: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Each row's statistic and scores from its head-averaged visual probabilities ``head_avg [B, Nv]``
+    (padded), written into its state on the device; after the last configured layer, the decisions of
+    the rows' requests."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
     for b, (row, st, i) in enumerate(todo):
@@ -225,32 +308,47 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         if cfg.statistic not in stats:
             stats[cfg.statistic] = scores_statistic(head_avg, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
-        st.A[i], st.scores[i] = A[b].cpu(), scores[b, : st.visual.numel()].cpu()
-        st.seen[i] = True
+        st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
+        st.seen.add(i)
         if call.layer == max(st.layers):
-            deciding.append((st, cfg, seq_lens[b] - row.request.prompt_len + 1))
+            deciding.append((st, cfg, call.seq_lens[row.index] - row.request.prompt_len + 1))
     if deciding:
         decide(call.runtime, deciding)
+
+
+def visual_keys(call: LayerCall, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """K ``[B, P, Hkv, D]`` at ``positions [B, P]`` (on the layer's device) of the call's rows ``rows``,
+    read from the cache's kernel views (:func:`~vllm_halluguard.kernels.paged.gather_keys`): only those
+    keys, no V. The layer call's gathers are bound methods of its :class:`CacheIO`, which holds the cache."""
+    io = getattr(call.gather, "__self__", None)
+    views = io.kernel_views() if isinstance(io, CacheIO) else None
+    if io is None or views is None:
+        raise NotImplementedError("prunehal's kernel path reads a cache with kernel views only")
+    block_rows = torch.stack([io.block_table[r] for r in rows])  # device views: no index copy
+    return paged.gather_keys(views[0], block_rows, positions)
 
 
 def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
     """The decisions of requests ``(state, config, step)`` after their step ``step`` (1 = the prompt's
     last token, then one per decode row); they apply from the next forward. Requests sharing a config
-    and a visual token count decide in one batched :func:`prune_step`."""
+    and a visual token count decide in one batched :func:`prune_step`, on the device and without reading
+    anything back: the host reads the decisions later (:func:`collect`; at once on a CPU device)."""
     groups: dict[tuple[PruneHalConfig, int], list[tuple[PruneState, int]]] = {}
     for st, cfg, step in items:
-        if not bool(st.seen.all()):
-            missing = [layer for layer, s in zip(st.layers, st.seen.tolist(), strict=True) if not s]
+        if len(st.seen) != len(st.layers):
+            missing = [layer for i, layer in enumerate(st.layers) if i not in st.seen]
             raise RuntimeError(f"prunehal: layers {missing} were not measured in step {step}")
-        st.seen.zero_()
+        st.seen.clear()
         groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
     for (cfg, _), members in groups.items():
         sts = [st for st, _ in members]
+        device = sts[0].keep.device
         blocks = None
         if cfg.granularity == "block":
-            blocks = torch.stack([visual_groups(st.visual, cfg.block) for st in sts])
+            blocks = torch.stack([cast(torch.Tensor, st.groups) for st in sts])
+        steps = torch.cat([torch.full((1,), step, dtype=torch.long, device=device) for _, step in members])
         fired, keep, count, hist_sum, hist_n = prune_step(
-            torch.tensor([step for _, step in members]),
+            steps,
             cfg,
             torch.stack([st.keep for st in sts]),
             torch.cat([st.count for st in sts]),
@@ -259,36 +357,96 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             torch.cat([st.hist_sum for st in sts]),
             torch.cat([st.hist_n for st in sts]),
             blocks,
+            num_groups=max(st.num_groups for st in sts),
+            skip_idle=False,
         )
-        for j, ((st, step), prunes) in enumerate(zip(members, fired.tolist(), strict=True)):
+        for j, (st, step) in enumerate(members):
             st.keep, st.count, st.hist_sum, st.hist_n = (
                 keep[j],
                 count[j : j + 1],
                 hist_sum[j : j + 1],
                 hist_n[j : j + 1],
             )
-            _record(runtime, st, step, prunes)
+            st.pending.append(_start_read(step, fired[j], keep[j]))
+            if device.type == "cpu":  # nothing to wait for
+                collect(runtime, st, wait=True)
+
+
+def _start_read(step: int, fired: torch.Tensor, keep: torch.Tensor) -> Decision:
+    """A :class:`Decision` whose tensors the host can read later. On CUDA a non-blocking copy into pinned
+    buffers, queued on the layer's stream behind the decision, and an event recorded after it."""
+    if fired.is_cuda and torch.cuda.is_available():
+        host_fired = torch.empty(fired.shape, dtype=fired.dtype, pin_memory=True)
+        host_keep = torch.empty(keep.shape, dtype=keep.dtype, pin_memory=True)
+        host_fired.copy_(fired, non_blocking=True)
+        host_keep.copy_(keep, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Decision(step, host_fired, host_keep, event)
+    return Decision(step, fired, keep)
+
+
+def collect(runtime: Any, st: PruneState, wait: bool) -> None:
+    """The host reads the request's unread decisions, oldest first, into its record (and the reclaim):
+    every one with ``wait``, else those whose copy has completed.
+
+    Race-free under async scheduling: the layers read and write the device state on the compute stream
+    only, in launch order (a decision replaces the masks with new tensors, which the next step's layers
+    read after it), and the host reads a decision's pinned copy only after its event completed, so it
+    never sees a half-written mask and never makes the stream wait; the records may trail the forward by
+    a step. ``plan_step`` collects without waiting, then with ``wait`` for reclaiming requests, which run
+    with synchronous scheduling only (``check_inputs``): vLLM has read the previous step's sampled tokens
+    back before the next step is planned, so that forward is done and the wait costs nothing.
+    ``release`` and the records' readers (:func:`prunehal_trace`, ``worker_stats``) wait."""
+    while st.pending:
+        d = st.pending[0]
+        if d.event is not None:
+            if not wait and not d.event.query():
+                return
+            d.event.synchronize()
+        st.pending.pop(0)
+        st.host_keep = d.keep.cpu()
+        _record(runtime, st, d.step, bool(d.fired.cpu()))
+
+
+def collect_all(runtime: Any) -> None:
+    """:func:`collect` with ``wait`` for every PruneHal request of the worker."""
+    for state in getattr(runtime, "requests", {}).values():
+        st = state.scratch.get("prunehal")
+        if st is not None and st.pending:
+            collect(runtime, st, wait=True)
+
+
+def read_reclaiming(runtime: Any) -> None:
+    """:func:`collect` with ``wait`` for the reclaiming requests, at the end of a step (synchronous
+    scheduling only: vLLM has read the step's sampled tokens back, so its forward is done)."""
+    for state in getattr(runtime, "requests", {}).values():
+        st = state.scratch.get("prunehal")
+        if st is not None and st.reclaim and st.pending:
+            collect(runtime, st, wait=True)
 
 
 def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
     rec = st.record
     rec["steps"] = step
-    if fired:
-        rec["prunes"].append({"step": step, "kept": st.keep.sum(-1).tolist(), "keep": st.keep.tolist()})
-    if fired:
-        blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
-        rec["reclaimable_blocks"] = len(blocks)
-        new = [b for b in blocks if b not in st.freed] if st.reclaim else []
-        if new:
-            runtime.stats["prunehal_reclaiming_requests"] += not st.freed
-            st.freed.update(new)
-            rec["freed_blocks"] = len(st.freed)
-            runtime.stats["prunehal_freed_blocks"] += len(new)
-            reclaim.queue(runtime, st.req_id, st.admission, new)
+    if not fired:
+        return
+    keep = st.keep_on_host()
+    rec["prunes"].append({"step": step, "kept": keep.sum(-1).tolist(), "keep": keep.tolist()})
+    blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
+    rec["reclaimable_blocks"] = len(blocks)
+    new = [b for b in blocks if b not in st.freed] if st.reclaim else []
+    if new:
+        runtime.stats["prunehal_reclaiming_requests"] += not st.freed
+        st.freed.update(new)
+        rec["freed_blocks"] = len(st.freed)
+        runtime.stats["prunehal_freed_blocks"] += len(new)
+        reclaim.queue(runtime, st.req_id, st.admission, new)
 
 
 def pruned_block_ids(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> list[int]:
-    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer.
+    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer (as the host
+    knows the masks: :meth:`PruneState.keep_on_host`).
 
     Only such blocks can go back to the pool (vLLM's block table is shared by all layers); if the
     config prunes a subset of layers, the others still read every block and none qualifies.
@@ -297,7 +455,7 @@ def pruned_block_ids(st: PruneState, prompt_len: int, block_size: int, num_layer
         return []
     n_blocks = -(-prompt_len // block_size)
     gone = torch.zeros(n_blocks * block_size, dtype=torch.bool)
-    gone[st.visual] = ~st.keep.any(0)
+    gone[st.visual] = ~st.keep_on_host().any(0)
     return torch.nonzero(gone.view(n_blocks, block_size).all(-1)).flatten().tolist()
 
 
@@ -309,6 +467,9 @@ def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]
     ``reclaimable_blocks`` (the number of :func:`pruned_block_ids`) and ``freed_blocks`` (of them, the blocks
     given back to the pool; the reclaiming variant only). ``clear`` empties the log afterwards.
     """
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is not None:
+        collect_all(runtime)
     return worker_log(worker, LOG, clear)
 
 
@@ -373,7 +534,8 @@ class PruneHalEngine(EngineMethod):
             return NATIVE
         if backend.kernel:
             return Route(rework=frozenset(st.layers))
-        pruned = [layer for layer, keep in zip(st.layers, st.keep, strict=True) if not bool(keep.all())]
+        # a decision the host has not read yet counts as pruned: the masked torch path is exact either way
+        pruned = [layer for i, layer in enumerate(st.layers) if not st.all_kept(i)]
         return Route(rework=frozenset(pruned))
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
@@ -386,47 +548,48 @@ class PruneHalEngine(EngineMethod):
         return span.num_tokens == 1 and not backend.kernel
 
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The row's key mask, built where its keep masks live (the layer's device) without a read back;
+        none while the host knows nothing is pruned in this layer."""
         st = _state(row)
         assert st is not None
-        keep = st.keep[st.index[call.layer]]
-        if bool(keep.all()):
+        i = st.index[call.layer]
+        if st.all_kept(i):
             return None, None
-        mask = torch.ones(call.seq_lens[row.index], dtype=torch.bool)
-        mask[st.visual] = keep
+        visual = st.visual if st.visual_dev is None else st.visual_dev
+        mask = torch.ones(call.seq_lens[row.index], dtype=torch.bool, device=st.keep.device)
+        mask[visual] = st.keep[i]
         return None, mask
 
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits."""
-        deciding: list[tuple[PruneState, PruneHalConfig, int]] = []
+        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits: one
+        gather of the ``Nv`` visual keys per row (:func:`visual_keys`; no V, no other key)."""
+        todo = []
         for row in rows:
             st = _state(row)
             assert st is not None
-            cfg = cast(PruneHalConfig, row.request.config)
-            i = st.index[call.layer]
-            start, _, seq_len = call.span(row)
-            k, _ = call.gather(row.index, seq_len)
-            q = call.query[start]
-            hq, hkv = q.shape[0], k.shape[1]
-            qf = q.float().reshape(hkv, hq // hkv, -1)
-            kv = k[st.visual.to(k.device)].float()
-            logits = torch.einsum("kgd,skd->kgs", qf, kv).reshape(hq, -1) * call.scale
-            keep = st.keep[i].to(k.device)
-            probs = torch.exp(logits - lse[start, :, None].float()) * keep
-            # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only);
-            # the request state lives on the host
-            A, scores = scores_statistic(head_mean(probs.float(), -2), keep, cfg.statistic)
-            st.A[i], st.scores[i] = A.cpu(), scores.cpu()
-            st.seen[i] = True
-            if call.layer == max(st.layers):
-                deciding.append((st, cfg, seq_len - row.request.prompt_len + 1))
-        if deciding:
-            decide(call.runtime, deciding)
+            on_device(st, cast(PruneHalConfig, row.request.config), call.query.device)  # moved at step 1
+            todo.append((row, st, st.index[call.layer]))
+        visual, keep = _padded(todo)
+        starts = [call.query_start_loc[row.index] for row, _, _ in todo]
+        k = visual_keys(call, [row.index for row, _, _ in todo], visual)  # [B, Nv, Hkv, D]
+        q = torch.stack([call.query[s] for s in starts])  # [B, Hq, D]
+        b, hq, hkv = q.shape[0], q.shape[1], k.shape[2]
+        qf = q.float().reshape(b, hkv, hq // hkv, -1)
+        logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * call.scale
+        row_lse = torch.stack([lse[s] for s in starts]).float()  # [B, Hq]
+        probs = torch.exp(logits - row_lse[:, :, None]) * keep[:, None, :]  # pruned, padded keys: 0
+        # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only)
+        _store(call, todo, head_mean(probs, -2), keep)
 
     def release(self, runtime: Any, state: RequestState) -> None:
         """Finished or preempted. Blocks not yet nulled in the worker's table are another allocation's
-        after a recompute (the scheduler drops such stale reports too)."""
+        after a recompute (the scheduler drops such stale reports too). The host reads the request's last
+        decisions first (its record is complete)."""
+        st = state.scratch.get("prunehal")
+        if st is not None and st.pending:
+            collect(runtime, st, wait=True)
         reclaim.forget(runtime, state.req_id)
 
     def finished(self, runtime: Any, req_id: str) -> None:
@@ -435,11 +598,18 @@ class PruneHalEngine(EngineMethod):
     def plan_step(
         self, runtime: Any, rows: list[Row], scheduler_output: Any, input_batch: Any, requests: Any
     ) -> None:
-        """Null the blocks freed after the last step in the worker's block table, before any read."""
+        """The host reads the decisions of the last steps (:func:`collect`: once per step, before this
+        step's forward; waiting only for reclaiming requests), then nulls the blocks freed after the last
+        step in the worker's block table, before any read."""
+        for row in rows:
+            st = row.request.scratch.get("prunehal")
+            if st is not None and st.pending:
+                collect(runtime, st, wait=st.reclaim)
         reclaim.apply_pending(runtime, input_batch, requests)
 
     def worker_stats(self, runtime: Any) -> dict[str, int]:
         """KV blocks of active requests pruned in every layer (could return to the pool)."""
+        collect_all(runtime)
         log = runtime.logs.get(LOG, {})
         blocks = sum(rec["reclaimable_blocks"] for rid, rec in log.items() if rid in runtime.requests)
         return {"prunehal_reclaimable_blocks": blocks}

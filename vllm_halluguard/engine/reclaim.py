@@ -4,7 +4,8 @@ The prune is decided in the worker, the blocks belong to the scheduler's ``KVCac
 
 1. **Worker, at the decision** (:func:`queue`): the request's newly fully pruned logical blocks go to
    the *outbox* (for the scheduler) and to *pending* (for the worker's own block table).
-2. **Worker, end of the step** (``GPUModelRunner.sample_tokens``, wrapped): the outbox rides on that
+2. **Worker, end of the step** (``GPUModelRunner.sample_tokens``, wrapped): the host reads the step's
+   decisions (PruneHal decides on the device; :data:`READ_DECISIONS`), and the outbox rides on that
    step's ``ModelRunnerOutput`` as the attribute :data:`FIELD` ``{req_id: (admission, [blocks])}``.
    With one worker (how PruneHal is served) the worker runs in the engine-core process and the output
    is the same object; multi-process executors pickle it, and the attribute travels in its ``__dict__``.
@@ -45,6 +46,9 @@ STAT_FREED = "prunehal_freed_blocks"
 STAT_REQUESTS = "prunehal_reclaiming_requests"
 #: Blocks freed so far, per engine-core request (``request.__dict__``).
 REQUEST_FREED = "_halluguard_freed_blocks"
+#: ``Runtime.ext`` key of a callable ``(runtime) -> None`` that reads the step's prune decisions on the
+#: host (PruneHal decides on the device); called at the end of the step, before the outbox is taken.
+READ_DECISIONS = "prunehal_read_decisions"
 
 
 def _ext(runtime: Any) -> dict[str, dict[str, Any]]:
@@ -187,6 +191,9 @@ def install_worker() -> None:
     def _sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = sample_tokens(self, *args, **kwargs)
         runtime = self.__dict__.get("_halluguard_runtime")
+        read = None if runtime is None else runtime.ext.get(READ_DECISIONS)
+        if read is not None:  # vLLM has read this step's sampled tokens back: its forward is done
+            read(runtime)
         if runtime is None or not runtime.ext.get(EXT, {}).get("outbox"):
             return out
         target = out if isinstance(out, ModelRunnerOutput) else getattr(out, "_model_runner_output", None)

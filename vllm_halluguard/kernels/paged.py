@@ -52,6 +52,16 @@ def gather_kv(
     return k, v
 
 
+def gather_keys(k_cache: torch.Tensor, block_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """K ``[B, P, Hkv, D]`` at ``positions [B, P]`` of the sequences whose block rows are ``block_rows
+    [B, max_blocks]``: only those ``B * P`` keys are read (no V, no other key). Works on strided views;
+    every index stays on the cache's device (no host round trip)."""
+    block_size = k_cache.shape[1]
+    positions = positions.long()
+    blocks = block_rows.long().gather(1, torch.div(positions, block_size, rounding_mode="floor"))
+    return k_cache[blocks, positions % block_size]
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,

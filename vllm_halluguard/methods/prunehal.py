@@ -158,7 +158,7 @@ def should_prune(
     prune is off), the voting fraction is ``>= vote_frac``.
     """
     thr = math.sqrt(r) if threshold is None else threshold
-    step_t = torch.as_tensor(step, device=A.device)
+    step_t = step.to(A.device) if isinstance(step, torch.Tensor) else torch.as_tensor(step, device=A.device)
     votes = (thr * history > A).float().mean(-1)
     majority = votes >= vote_frac - _EPS
     if force_step is not None:
@@ -181,16 +181,21 @@ def keep_topr(scores: torch.Tensor, keep_mask: torch.Tensor, r: float) -> torch.
 
 
 def keep_blocks(
-    scores: torch.Tensor, keep_mask: torch.Tensor, groups: torch.Tensor, r: float
+    scores: torch.Tensor,
+    keep_mask: torch.Tensor,
+    groups: torch.Tensor,
+    r: float,
+    num_groups: int | None = None,
 ) -> torch.Tensor:
     """Block-granular :func:`keep_topr`: groups ranked by the summed scores of their kept tokens.
 
     ``groups[..., Nv]``: group index of each visual token (``position // block``, counted from the
     request's first group). Keeps the ``floor(r * |groups with a kept token|)`` best groups whole;
-    ties break towards the lower group. Tokens outside ``keep_mask`` stay pruned.
+    ties break towards the lower group. Tokens outside ``keep_mask`` stay pruned. ``num_groups`` (at least
+    ``groups.max() + 1``), where the caller knows it, saves reading the maximum back from the device.
     """
     groups = groups.expand_as(keep_mask)
-    n = int(groups.max()) + 1 if groups.numel() else 1
+    n = num_groups if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
     shape = (*keep_mask.shape[:-1], n)
     kept = keep_mask.to(torch.float32)
     zeros = torch.zeros(shape, dtype=torch.float32, device=keep_mask.device)
@@ -200,12 +205,17 @@ def keep_blocks(
 
 
 def select_keep(
-    scores: torch.Tensor, keep_mask: torch.Tensor, cfg: PruneHalConfig, groups: torch.Tensor | None = None
+    scores: torch.Tensor,
+    keep_mask: torch.Tensor,
+    cfg: PruneHalConfig,
+    groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
 ) -> torch.Tensor:
     """The keep mask after a prune of ``[B, L, Nv]``: per layer (paper) or shared, by token or by group.
 
     ``selection="shared"`` ranks by the mean score over the layers (all layers' masks are equal then);
-    ``granularity="block"`` needs ``groups`` (``[B, Nv]``, see :func:`keep_blocks`).
+    ``granularity="block"`` needs ``groups`` (``[B, Nv]``, and optionally ``num_groups``: see
+    :func:`keep_blocks`).
     """
     assert cfg.r is not None
     if cfg.selection == "shared":
@@ -214,7 +224,7 @@ def select_keep(
         return keep_topr(scores, keep_mask, cfg.r)
     if groups is None:
         raise ValueError("granularity='block' needs the visual tokens' groups")
-    return keep_blocks(scores, keep_mask, groups.unsqueeze(-2), cfg.r)
+    return keep_blocks(scores, keep_mask, groups.unsqueeze(-2), cfg.r, num_groups)
 
 
 def visual_groups(visual: torch.Tensor, block: int) -> torch.Tensor:
@@ -269,6 +279,8 @@ def prune_step(
     hist_sum: torch.Tensor,
     hist_n: torch.Tensor,
     groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    skip_idle: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole decision after step ``step`` (1 = the prefill) for a batch of requests.
 
@@ -276,7 +288,9 @@ def prune_step(
     ``groups[B, Nv]`` for ``granularity="block"`` (:func:`visual_groups`).
     Returns ``(fired[B], keep, count, hist_sum, hist_n)``: requests that prune keep their top
     ``floor(r |S_l|)`` per layer (:func:`select_keep` for the variant), count one more prune and
-    restart their history.
+    restart their history. ``skip_idle=False`` selects the new masks whether or not a request fired,
+    instead of asking the host (a device sync) whether any did; with ``num_groups`` (block granularity)
+    nothing is read back at all.
     """
     if cfg.r is None or cfg.t is None:
         raise ValueError("PruneHalConfig.r/t are unresolved; call cfg.for_model(...) first")
@@ -291,7 +305,7 @@ def prune_step(
         force_step=cfg.force_step,
         threshold=cfg.threshold(),
     )
-    if bool(fired.any()):
-        keep = torch.where(fired[:, None, None], select_keep(scores, keep, cfg, groups), keep)
+    if not skip_idle or bool(fired.any()):
+        keep = torch.where(fired[:, None, None], select_keep(scores, keep, cfg, groups, num_groups), keep)
     hist_sum, hist_n = update_history(hist_sum, hist_n, A, fired, cfg.history)
     return fired, keep, count + fired.long(), hist_sum, hist_n
