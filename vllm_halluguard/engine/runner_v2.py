@@ -13,8 +13,9 @@ V1 keeps a persistent batch and a request table (``CachedRequestState``) that th
   (:func:`~vllm_halluguard.engine.runtime.sync_step`): before the CUDA-graph dispatch and before the
   metadata builders run, as after V1's ``_update_states``. A dummy run (profiling, capture, DP
   padding) has no mitigated rows.
-* ``CudaGraphManager.dispatch``: a step with mitigated rows never replays a FULL graph
-  (:func:`install_cudagraph_guard`; V1's guard is in :mod:`.hooks`).
+* ``CudaGraphManager.dispatch``: a step whose mitigated rows need the plugin in attention never
+  replays a FULL graph (:func:`install_cudagraph_guard`; V1's guard is in :mod:`.hooks`); the others
+  keep it, with vLLM's own metadata.
 * ``initialize_kv_cache``: decoder layers on a backend the plugin does not wrap fail at startup.
 """
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import OrderedDict
 from typing import Any
 
 from vllm_halluguard.engine import registry
+from vllm_halluguard.engine.base import RowSpan
 from vllm_halluguard.engine.keys import config_of
+from vllm_halluguard.engine.plan import VERIFY_ENV
 from vllm_halluguard.engine.registry import all_methods
 from vllm_halluguard.engine.state import RequestState, Row, StepView, current, set_current
 
@@ -101,7 +104,13 @@ class Runtime:
                 state = self._admit(req_id, requests[req_id])
             if state is not None:
                 rows.append(Row(index, state))
-        self.step = StepView(input_batch.num_reqs, tuple(rows)) if rows else None
+        self.step = (
+            StepView(
+                input_batch.num_reqs, tuple(rows), self._needs_attention(rows, scheduler_output, requests)
+            )
+            if rows
+            else None
+        )
         by_method: dict[str, list[Row]] = {}
         for row in rows:  # a composed row is planned by each of its members
             for method, member_row in registry.member_rows(row):
@@ -109,10 +118,29 @@ class Runtime:
         for method in registry.all_methods():
             method.plan_step(self, by_method.get(method.name, []), scheduler_output, input_batch, requests)
 
+    @staticmethod
+    def _needs_attention(rows: list[Row], scheduler_output: Any, requests: dict[str, Any]) -> bool:
+        """Whether some row needs the plugin in attention this step (:meth:`EngineMethod.needs_attention`
+        of each member, on the step's token count and the request's computed tokens); always in the
+        native-check mode (``HALLUGUARD_VERIFY_NATIVE=1``), which compares every mitigated step."""
+        if os.environ.get(VERIFY_ENV) == "1":
+            return True
+        scheduled = scheduler_output.num_scheduled_tokens
+        for row in rows:
+            req_id = row.request.req_id
+            n = scheduled[req_id]
+            span = RowSpan(0, n, requests[req_id].num_computed_tokens + n)
+            if any(method.needs_attention(member, span) for method, member in registry.member_rows(row)):
+                return True
+        return False
+
     def view_for(self, num_reqs: int) -> StepView | None:
-        """The current step's view, if the batch being built is that step's batch."""
+        """The current step's view, if the batch being built is that step's batch and some row needs the
+        plugin in attention (else the builder returns vLLM's own metadata, which a full graph replays)."""
         step = self.step
-        return step if step is not None and step.num_reqs == num_reqs else None
+        if step is None or not step.needs_attention or step.num_reqs != num_reqs:
+            return None
+        return step
 
     def remember(self, log: str, req_id: str, record: dict[str, Any], limit: int) -> None:
         """Keep ``record`` under ``req_id`` in the bounded log ``log`` (oldest dropped first)."""
