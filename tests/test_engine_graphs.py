@@ -14,6 +14,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
+from helpers.worker import FARSIGHT_C, HEADS, IMAGE_TOKEN, KVSMOOTH, LAYERS, PRUNEHAL, cached, make_runtime
 from vllm_halluguard.engine import hooks, registry, state
 from vllm_halluguard.engine.base import Backend, RowSpan
 from vllm_halluguard.engine.plan import BuilderMixin, StepPlan
@@ -25,39 +26,8 @@ from vllm_halluguard.methods import (
     Composition,
     FarSightConfig,
     KVSmoothConfig,
-    PruneHalConfig,
     SCRConfig,
 )
-
-LAYERS, HEADS, IMAGE_TOKEN = 4, 4, 99
-FARSIGHT_C = FarSightConfig(mode="C", layers=tuple(range(LAYERS)))
-KVSMOOTH = KVSmoothConfig(lam_ref=0.5, layers=(1, 2))
-PRUNEHAL = PruneHalConfig(r=0.5, t=2, layers=(1, 2, 3))
-
-
-def make_runtime(capacity: int = 16) -> Runtime:
-    """A worker runtime for a 4-layer, 4-head model (what ``Runtime`` reads of vLLM's config)."""
-    text = SimpleNamespace(num_hidden_layers=LAYERS, num_attention_heads=HEADS)
-    hf = SimpleNamespace(model_type="llava", image_token_id=IMAGE_TOKEN, get_text_config=lambda: text)
-    return Runtime(
-        SimpleNamespace(
-            model_config=SimpleNamespace(hf_config=hf),
-            scheduler_config=SimpleNamespace(max_num_seqs=capacity),
-            cache_config=SimpleNamespace(block_size=16),
-        )
-    )
-
-
-def cached(req_id: str, cfg=None, prompt: list[int] | None = None, computed: int = 0):
-    """A runner's request record (the fields of V1's ``CachedRequestState`` the runtime reads)."""
-    extra = None if cfg is None else {"halluguard": cfg.canonical()}
-    return SimpleNamespace(
-        req_id=req_id,
-        sampling_params=SimpleNamespace(extra_args=extra),
-        prompt_token_ids=prompt if prompt is not None else [1] * 10,
-        mm_features=None,
-        num_computed_tokens=computed,
-    )
 
 
 class Step:
