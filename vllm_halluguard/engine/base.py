@@ -154,6 +154,14 @@ class EngineMethod:
         """Where the row's attention is computed this step (default: the native kernel everywhere)."""
         return NATIVE
 
+    def needs_attention(self, row: Row, span: RowSpan) -> bool:
+        """Whether the row may need the plugin in attention this step, on any backend: ``False`` only
+        where :meth:`route` is native and :meth:`observes` is false whatever the backend. Asked before
+        the CUDA-graph dispatch, from host data: ``span.start`` is 0 (the flat offsets are not known
+        yet); ``span.num_tokens`` and ``span.seq_len`` are the step's. A step none of whose rows needs
+        attention keeps vLLM's full CUDA graphs and metadata (default: needed)."""
+        return True
+
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         """Whether :meth:`run` has work for this row this step beyond computing its reworked layers
         (statistics, cache edits). A step none of whose rows is reworked, in a sink lane or observed

@@ -122,6 +122,13 @@ class FarSightEngine(EngineMethod):
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         return False  # its only work is computing the rows it reworks
 
+    def needs_attention(self, row: Row, span: RowSpan) -> bool:
+        """Mode B: every row; mode C: rows with prompt tokens (generated tokens carry no sink)."""
+        cfg = cast(FarSightConfig, row.request.config)
+        if cfg.is_noop():
+            return False
+        return cfg.mode == "B" or span.first_position < row.request.prompt_len
+
     apply = staticmethod(apply)
     apply_batch = staticmethod(apply_batch)
 

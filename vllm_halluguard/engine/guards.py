@@ -44,9 +44,11 @@ def refuse_unsupported_backends(attn_groups: Any) -> None:
 
 
 def invalid_cudagraph_modes(runtime: Any) -> set[Any] | None:
-    """CUDA-graph modes a step must not use: full graphs when it has mitigated rows (the per-layer
-    partition is Python in the attention call, which a full graph would skip), else none."""
-    if runtime is None or runtime.step is None:
+    """CUDA-graph modes a step must not use: full graphs when some mitigated row needs the plugin in
+    attention this step (the per-layer partition is Python in the attention call, which a full graph
+    would skip), else none. Decided on host data before the dispatch (``Runtime.update``)."""
+    step = None if runtime is None else runtime.step
+    if step is None or not step.needs_attention:
         return None
     from vllm.config import CUDAGraphMode
 

@@ -4,8 +4,9 @@
   backends wrapped (:mod:`.backends`): plain steps run natively and unchanged, mitigated rows are
   partitioned out (:func:`install_backends`); a model runner whose decoder layers got another backend
   fails at startup, naming the supported ones (:func:`install_backend_check`);
-* CUDA graphs: a step with mitigated rows is dispatched without full graphs, so the per-layer
-  partition runs (:func:`install_cudagraph_guard`); other steps keep every graph;
+* CUDA graphs: a step with rows that need the plugin in attention is dispatched without full graphs,
+  so the per-layer partition runs (:func:`install_cudagraph_guard`); other steps (plain ones, FarSight
+  C decode, SCR's real request, PruneHal without image tokens) keep every graph and vLLM's metadata;
 * model runner: once vLLM knows the step's rows, the runtime syncs its request table
   (:func:`vllm_halluguard.engine.runners.ensure_runner_hook`, installed lazily by our metadata
   builders, i.e. in workers only);
@@ -27,6 +28,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import OrderedDict
@@ -95,10 +97,13 @@ def install_cudagraph_guard() -> None:
 
     @functools.wraps(original)
     def dispatch(self: Any, num_tokens: int, *args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
-        extra = invalid_cudagraph_modes(current())
+        runtime = current()
+        extra = invalid_cudagraph_modes(runtime)
         valid = kwargs.get("valid_modes")
         if extra and valid and set(valid) <= extra:  # a mode forced from outside (data-parallel sync)
-            logger.error("halluguard: a step with mitigated rows was forced to full CUDA graphs")
+            logger.error("halluguard: a step whose mitigated rows need attention was forced to full "
+                         "CUDA graphs; it runs unmitigated, on vLLM's own metadata")  # fmt: skip
+            runtime.step = dataclasses.replace(runtime.step, needs_attention=False)
         elif extra:
             invalid_modes = set(invalid_modes or ()) | extra
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)

@@ -547,6 +547,14 @@ class PruneHalEngine(EngineMethod):
             return True
         return span.num_tokens == 1 and not backend.kernel
 
+    def needs_attention(self, row: Row, span: RowSpan) -> bool:
+        """A request with image tokens, on the step that ends its prompt and on its decode steps."""
+        st = _state(row)
+        prompt_len = row.request.prompt_len
+        return st is not None and (
+            span.seq_len == prompt_len or (span.num_tokens == 1 and span.seq_len > prompt_len)
+        )
+
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The row's key mask, built where its keep masks live (the layer's device) without a read back;
         none while the host knows nothing is pruned in this layer."""

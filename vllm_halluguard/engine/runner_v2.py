@@ -5,16 +5,18 @@ V1 keeps a persistent batch and a request table (``CachedRequestState``) that th
 ``sort_batch_req_ids``) and keeps request state in tensors, without ``extra_args``. Hooks on the V2
 ``GPUModelRunner`` (the CPU build's V2 ``CPUModelRunner`` subclasses it):
 
-* ``add_requests``: each new request's data (``NewRequestData``: sampling params with ``extra_args``,
-  prompt, multimodal features) is kept as a :class:`V2Request`, which the methods read with the names
-  of V1's ``CachedRequestState``; V2 re-sends a resumed request as new, so preemption starts over.
+* ``add_requests``: each new mitigated request's data (``NewRequestData``: sampling params with
+  ``extra_args``, prompt, multimodal features) is kept as a :class:`V2Request`, which the methods read
+  with the names of V1's ``CachedRequestState``; plain requests are not kept. V2 re-sends a resumed
+  request as new, so preemption starts over.
 * ``finish_requests``: finished and preempted requests are forgotten.
 * ``gather_batch_req_state``: once vLLM has ordered the step's rows, the runtime syncs with them
   (:func:`~vllm_halluguard.engine.runtime.sync_step`): before the CUDA-graph dispatch and before the
   metadata builders run, as after V1's ``_update_states``. A dummy run (profiling, capture, DP
   padding) has no mitigated rows.
-* ``CudaGraphManager.dispatch``: a step with mitigated rows never replays a FULL graph
-  (:func:`install_cudagraph_guard`; V1's guard is in :mod:`.hooks`).
+* ``CudaGraphManager.dispatch``: a step whose mitigated rows need the plugin in attention never
+  replays a FULL graph (:func:`install_cudagraph_guard`; V1's guard is in :mod:`.hooks`); the others
+  keep it, with vLLM's own metadata.
 * ``initialize_kv_cache``: decoder layers on a backend the plugin does not wrap fail at startup.
 """
 
@@ -22,8 +24,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from vllm_halluguard.engine.keys import config_of
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +58,75 @@ class V2Request:
         return rope.read_prefill_positions(index, len(self.prompt_token_ids or ()))
 
 
+class BatchIndex(Mapping[str, int]):
+    """Request id -> row of a V2 step's batch, read through the runner's request-state index
+    (``idx_mapping`` inverted once, on first use: no Python work per row)."""
+
+    def __init__(self, state_index: Mapping[str, int], idx_mapping: np.ndarray) -> None:
+        self._state_index, self._idx_mapping = state_index, idx_mapping
+
+    @functools.cached_property
+    def _rows(self) -> np.ndarray:
+        rows = np.full(int(self._idx_mapping.max(initial=-1)) + 1, -1, dtype=np.int64)
+        rows[self._idx_mapping] = np.arange(len(self._idx_mapping))
+        return rows
+
+    def __getitem__(self, req_id: str) -> int:
+        state = self._state_index[req_id]
+        row = int(self._rows[state]) if state < len(self._rows) else -1
+        if row < 0:
+            raise KeyError(req_id)
+        return row
+
+    def __iter__(self) -> Iterator[str]:
+        return (r for r in self._state_index if r in self)
+
+    def __len__(self) -> int:
+        return len(self._idx_mapping)
+
+
 @dataclass(frozen=True)
 class StepRows:
-    """A V2 step's rows in batch order (the ``req_ids`` / ``num_reqs`` the runtime reads)."""
+    """A V2 step's rows in batch order (what the runtime and the methods read of V1's batch)."""
 
     req_ids: list[str]
     num_reqs: int
+    req_id_to_index: Mapping[str, int]
 
 
 def records(runner: Any) -> dict[str, V2Request]:
+    """The runner's mitigated requests (plain requests are not kept)."""
     return runner.__dict__.setdefault(_RECORDS, {})
+
+
+def keep_records(runner: Any, scheduler_output: Any) -> None:
+    """Keep a :class:`V2Request` for each new request that selects a method."""
+    table = records(runner)
+    for data in scheduler_output.scheduled_new_reqs:
+        if config_of(data) is not None:
+            table[data.req_id] = V2Request(runner, data)
+
+
+def follow_step(runner: Any, scheduler_output: Any, batch: Any) -> None:
+    """Sync the runtime with a V2 step whose rows vLLM ordered (``batch``: its ``BatchReqState``):
+    the mitigated records' computed tokens, then :func:`~vllm_halluguard.engine.runtime.sync_step`."""
+    from vllm_halluguard.engine.runtime import sync_step
+
+    table = records(runner)
+    state_index = runner.req_states.req_id_to_index
+    computed = runner.req_states.num_computed_tokens_np
+    for req_id, record in table.items():  # mitigated requests only
+        index = state_index.get(req_id)
+        if index is not None:
+            record.num_computed_tokens = int(computed[index])
+    rows = StepRows(batch.req_ids, len(batch.req_ids), BatchIndex(state_index, batch.idx_mapping_np))
+    sync_step(runner, scheduler_output, rows, table)
 
 
 @functools.cache
 def install_step_hooks() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from vllm_halluguard.engine.runtime import sync_step
     from vllm_halluguard.engine.state import current
 
     add_requests = GPUModelRunner.add_requests
@@ -77,9 +136,7 @@ def install_step_hooks() -> None:
     @functools.wraps(add_requests)
     def _add_requests(self: Any, scheduler_output: Any) -> None:
         add_requests(self, scheduler_output)
-        table = records(self)
-        for data in scheduler_output.scheduled_new_reqs:
-            table[data.req_id] = V2Request(self, data)
+        keep_records(self, scheduler_output)
 
     @functools.wraps(finish_requests)
     def _finish_requests(self: Any, scheduler_output: Any) -> None:
@@ -100,13 +157,7 @@ def install_step_hooks() -> None:
             if runtime is not None and current() is runtime:
                 runtime.step = None
             return result
-        table = records(self)
-        computed = self.req_states.num_computed_tokens_np
-        for req_id, index in zip(batch.req_ids, batch.idx_mapping_np, strict=True):
-            record = table.get(req_id)
-            if record is not None:
-                record.num_computed_tokens = int(computed[index])
-        sync_step(self, scheduler_output, StepRows(list(batch.req_ids), len(batch.req_ids)), table)
+        follow_step(self, scheduler_output, batch)
         return result
 
     GPUModelRunner.add_requests = _add_requests

@@ -8,19 +8,23 @@ method whose decode steps carry state (KVSmooth, PruneHal, alone or composed) re
 tokens one per step (:mod:`~vllm_halluguard.engine.replay`), which rebuilds the state and the cache
 exactly as the unpreempted run left them. Method state lives in persistent tensors indexed by slot, created by
 each engine method (:meth:`~vllm_halluguard.engine.base.EngineMethod.setup`); every step the runtime
-maps the batch rows to slots (:class:`StepView`), and the attention backend reads that view. Plain
-requests cost nothing: a step without mitigated rows has no view.
+maps the mitigated requests to their batch rows (:class:`StepView`), and the attention backend reads
+that view. Plain requests cost no per-row work: a request is looked at once, when it arrives, and a
+step without mitigated rows has no view.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import OrderedDict
 from typing import Any
 
 from vllm_halluguard.engine import registry
+from vllm_halluguard.engine.base import RowSpan
 from vllm_halluguard.engine.keys import config_of
+from vllm_halluguard.engine.plan import VERIFY_ENV
 from vllm_halluguard.engine.registry import all_methods
 from vllm_halluguard.engine.state import RequestState, Row, StepView, current, set_current
 
@@ -92,16 +96,30 @@ class Runtime:
             self.release(req_id)
 
     def update(self, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
-        """Sync with the scheduler's decisions (after the runner updated its batch) and build the view."""
+        """Sync with the scheduler's decisions (after the runner updated its batch) and build the view.
+
+        No work per plain row: requests are admitted when they arrive (new, or resumed after a
+        preemption: the only steps where a request enters the batch), and the view is built from the
+        mitigated requests' batch indices (``input_batch.req_id_to_index``)."""
         self.retire(scheduler_output)
-        rows = []
-        for index, req_id in enumerate(input_batch.req_ids[: input_batch.num_reqs]):
-            state = self.requests.get(req_id)
-            if state is None and req_id in requests:
-                state = self._admit(req_id, requests[req_id])
-            if state is not None:
-                rows.append(Row(index, state))
-        self.step = StepView(input_batch.num_reqs, tuple(rows)) if rows else None
+        for req_id in arrivals(scheduler_output):
+            if req_id not in self.requests and req_id in requests:
+                self._admit(req_id, requests[req_id])
+        rows: list[Row] = []
+        if self.requests:
+            index_of = input_batch.req_id_to_index.get
+            for state in self.requests.values():
+                index = index_of(state.req_id)
+                if index is not None and index < input_batch.num_reqs:
+                    rows.append(Row(index, state))
+            rows.sort(key=lambda row: row.index)
+        self.step = (
+            StepView(
+                input_batch.num_reqs, tuple(rows), self._needs_attention(rows, scheduler_output, requests)
+            )
+            if rows
+            else None
+        )
         by_method: dict[str, list[Row]] = {}
         for row in rows:  # a composed row is planned by each of its members
             for method, member_row in registry.member_rows(row):
@@ -109,10 +127,29 @@ class Runtime:
         for method in registry.all_methods():
             method.plan_step(self, by_method.get(method.name, []), scheduler_output, input_batch, requests)
 
+    @staticmethod
+    def _needs_attention(rows: list[Row], scheduler_output: Any, requests: dict[str, Any]) -> bool:
+        """Whether some row needs the plugin in attention this step (:meth:`EngineMethod.needs_attention`
+        of each member, on the step's token count and the request's computed tokens); always in the
+        native-check mode (``HALLUGUARD_VERIFY_NATIVE=1``), which compares every mitigated step."""
+        if os.environ.get(VERIFY_ENV) == "1":
+            return True
+        scheduled = scheduler_output.num_scheduled_tokens
+        for row in rows:
+            req_id = row.request.req_id
+            n = scheduled[req_id]
+            span = RowSpan(0, n, requests[req_id].num_computed_tokens + n)
+            if any(method.needs_attention(member, span) for method, member in registry.member_rows(row)):
+                return True
+        return False
+
     def view_for(self, num_reqs: int) -> StepView | None:
-        """The current step's view, if the batch being built is that step's batch."""
+        """The current step's view, if the batch being built is that step's batch and some row needs the
+        plugin in attention (else the builder returns vLLM's own metadata, which a full graph replays)."""
         step = self.step
-        return step if step is not None and step.num_reqs == num_reqs else None
+        if step is None or not step.needs_attention or step.num_reqs != num_reqs:
+            return None
+        return step
 
     def remember(self, log: str, req_id: str, record: dict[str, Any], limit: int) -> None:
         """Keep ``record`` under ``req_id`` in the bounded log ``log`` (oldest dropped first)."""
@@ -120,6 +157,17 @@ class Runtime:
         table[req_id] = record
         while len(table) > limit:
             table.popitem(last=False)
+
+
+def arrivals(scheduler_output: Any) -> list[str]:
+    """Ids of the requests that enter the runner's batch in this step: new ones (V2 sends a resumed
+    request as new) and, on V1, those resumed after a preemption."""
+    ids = [data.req_id for data in scheduler_output.scheduled_new_reqs]
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    resumed = getattr(cached, "resumed_req_ids", None)
+    if resumed:
+        ids.extend(resumed)
+    return ids
 
 
 def worker_stats(worker: Any) -> dict[str, float]:

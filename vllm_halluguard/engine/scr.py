@@ -286,6 +286,10 @@ class SCREngine(EngineMethod):
         """Diagnostic rows (the attention map); the real request's edit is in the decoder layers."""
         return "scr_diag" in row.request.scratch
 
+    def needs_attention(self, row: Row, span: Any) -> bool:
+        """Diagnostic rows only: the real request's edit is a decoder-layer hook, outside attention."""
+        return "scr_diag" in row.request.scratch
+
     def finished(self, runtime: Any, req_id: str) -> None:
         worker(runtime).selections.pop(req_id, None)  # kept across preemption: recompute reuses it
 

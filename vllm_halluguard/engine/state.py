@@ -30,10 +30,16 @@ class Row:
 
 @dataclass(frozen=True)
 class StepView:
-    """The mitigated rows of one engine step (``num_reqs`` rows in the batch in all)."""
+    """The mitigated rows of one engine step (``num_reqs`` rows in the batch in all).
+
+    ``needs_attention``: whether some row needs the plugin in the attention layers this step (decided
+    from host data before the CUDA-graph dispatch). A step that needs nothing keeps vLLM's full CUDA
+    graphs and its own metadata; its rows still get their per-step planning and model hooks.
+    """
 
     num_reqs: int
     rows: tuple[Row, ...]
+    needs_attention: bool = True
 
 
 _current: Any = None
