@@ -154,6 +154,26 @@ def test_config_class(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_composition_place_and_rules(name: str, hf_configs: dict[str, Any]) -> None:
+    """The class declares its place in a composition and the settings a composition refuses, and
+    each refusal is what a composition holding that setting gets."""
+    cls = METHODS[name]
+    assert "compose_rank" in vars(cls), f"{cls.__name__} needs compose_rank (its place in a composition)"
+    assert "composition_refusals" in vars(cls), (
+        f"{cls.__name__} needs composition_refusals (() when every setting composes)"
+    )
+    ranks = {m: getattr(METHODS[m], "compose_rank", None) for m in NAMES}
+    clash = [m for m in NAMES if m != name and ranks[m] == cls.compose_rank]
+    assert not clash, f"{name} has the compose_rank of {clash}: ranks are unique"
+    for refusal in cls.composition_refusals:
+        others = [refusal.beside] if refusal.beside else [m for m in NAMES if m != name]
+        for other in others:
+            with pytest.raises(SpecError) as err:
+                resolve([{"method": name, refusal.field: refusal.value}, other], hf_configs["llava"])
+            assert err.value.reason == "unsupported" and str(err.value) == refusal.message, (other, err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
     for spec in CASES[name].noop:
         cfg = resolve(spec, hf_configs["llava"])
