@@ -237,6 +237,18 @@ def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_counters_have_metrics(name: str) -> None:
+    """Every counter and gauge of the engine class is a described gauge on ``/metrics``."""
+    from vllm_halluguard.server import engine_stats
+
+    method = registry.METHODS[name]
+    for key in (*method.counters, *method.gauges):
+        assert key in engine_stats.DESCRIPTIONS, f"describe {key!r} in server/engine_stats.py DESCRIPTIONS"
+        assert key in engine_stats.GAUGES, key
+    assert set(engine_stats.DESCRIPTIONS) == set(engine_stats.engine_keys()), "a description of no counter"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
     for kind in ("methods", "reference"):
         assert (ROOT / "tests" / f"test_{kind}_{name}.py").is_file(), f"tests/test_{kind}_{name}.py"
