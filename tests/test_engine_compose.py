@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from helpers.method_cases import labelled
 from helpers.parity import (
     Case,
     assert_free_greedy_agrees,
@@ -21,10 +22,9 @@ from vllm_halluguard.engine.runtime import worker_stats
 pytestmark = pytest.mark.engine
 
 METHOD_ATOL = 1e-3  # the single-method parity bound
-FS_B = {"method": "farsight", "mode": "B"}
-FS_C = {"method": "farsight", "mode": "C"}
-PRUNE = {"method": "prunehal", "r": 0.5}  # prunes at step 2 (the preset's forced prune)
-SCR = {"method": "scr", "top_k": 6, "lam": 1.6}
+#: The member configs of tests/helpers/method_cases.py (``members``).
+MEMBERS = labelled("members")
+FS_B, FS_C, PRUNE, SCR = (MEMBERS[label] for label in ("farsight_b", "farsight_c", "prunehal", "scr"))
 #: Every pair of the four methods (FarSight in both served modes where the pair's terms meet in one
 #: attention call), and one triple.
 SPECS = {

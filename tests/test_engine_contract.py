@@ -1,6 +1,7 @@
 """The contract every registered method fulfils, parametrised over ``vllm_halluguard.methods.METHODS``.
 
-A method registered there gets every test below; its entry in :data:`CASES` names the configs they run.
+A method registered there gets every test below; its entry in tests/helpers/method_cases.py (the table
+every suite reads) names the configs they run.
 
 Without an engine (``make test-fast``): the method has all its parts (config, dense reference, engine
 class, request contract, server listing, unit tests, GPU-path case, docs; docs/contributing.md).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 from transformers import AutoConfig
 from vllm_halluguard.server.mitigation import Policy, Resolver
 
+from helpers.method_cases import METHOD_CASES
 from helpers.parity import (
     assert_free_greedy_agrees,
     compare,
@@ -42,77 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_ATOL = 1e-3  # method parity bound (fp32); observed ~5e-6
 
 
-@dataclass(frozen=True)
-class Cases:
-    """What the contract runs for one method (specs as users write them)."""
+#: Each method's configs (tests/helpers/method_cases.py, the table every suite reads).
+CASES = METHOD_CASES
 
-    #: label -> a config checked against the dense reference; the first is the method's preset.
-    specs: dict[str, Any]
-    #: Configs that make the method the identity (``MethodConfig.is_noop``).
-    noop: list[Any]
-    #: Configs refused at admission, with a word the error names.
-    bad: list[tuple[Any, str]] = field(default_factory=list)
-
-
-CASES: dict[str, Cases] = {
-    "kvsmooth": Cases(
-        specs={"preset": "kvsmooth"},
-        noop=[{"method": "kvsmooth", "layers": []}],
-        bad=[
-            ({"method": "kvsmooth", "window": 0}, "window"),
-            ({"method": "kvsmooth", "lam_ref": "high"}, "lam_ref"),
-            ({"method": "kvsmooth", "layers": [99]}, "do not exist"),
-        ],
-    ),
-    "prunehal": Cases(
-        specs={
-            "preset": "prunehal",
-            "subset_first_step": {
-                "method": "prunehal",
-                "r": 0.5,
-                "t": 5,
-                "history": "first_step",
-                "layers": [1, 2],
-            },
-            "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
-        },
-        noop=[{"method": "prunehal", "r": 1.0}],
-        bad=[({"method": "prunehal", "r": 1.5}, "r: Input should be less than or equal to 1")],
-    ),
-    "farsight": Cases(
-        specs={
-            "preset": "farsight",  # mode C, the served default
-            "b": {"method": "farsight", "mode": "B"},
-            "b_sparse": {"method": "farsight", "mode": "B", "sigma": 0.5, "layers": [1, 2]},
-        },
-        noop=[{"method": "farsight", "layers": []}],
-        bad=[({"method": "farsight", "mode": "A"}, "mode 'A'")],
-    ),
-    "scr": Cases(
-        specs={
-            "preset": "scr",
-            "strong": {
-                "method": "scr",
-                "top_k": 6,
-                "lam": 1.6,
-                "diag_layers": [1, 2, 3],
-                "layers": [0, 1, 2],
-            },
-            "last_row_4conn": {
-                "method": "scr",
-                "top_k": 3,
-                "lam": 2.0,
-                "connectivity": 4,
-                "diag_rows": "last",
-            },
-        },
-        noop=[{"method": "scr", "top_k": 0}, {"method": "scr", "lam": 1.0}, {"method": "scr", "layers": []}],
-        bad=[({"method": "scr", "top_k": -1}, "top_k")],
-    ),
-}
 
 NAMES = sorted(METHODS)
-SPEC_CASES = [(name, label) for name in NAMES for label in CASES.get(name, Cases({}, [])).specs]
+SPEC_CASES = [(name, label) for name in NAMES if name in CASES for label in CASES[name].specs]
 
 # ------------------------------------------------------------------------ completeness (no engine)
 
@@ -133,11 +69,23 @@ def hf_configs() -> dict[str, Any]:
     return {f: AutoConfig.from_pretrained(ensure_fixture(f)) for f in (*FIXTURES, *SERVED_FIXTURES)}
 
 
-def test_every_method_has_contract_cases() -> None:
-    assert set(CASES) == set(METHODS), "add the method's configs to CASES"
+def test_every_method_has_cases() -> None:
+    """Every registered method has an entry in tests/helpers/method_cases.py, every part filled, each
+    config of its own method; labels are unique across methods (suites key their cases by label)."""
+    missing = sorted(set(METHODS) - set(CASES))
+    assert not missing, f"add {missing} to METHOD_CASES in tests/helpers/method_cases.py"
+    assert not set(CASES) - set(METHODS), "an entry of no registered method"
+    owner: dict[str, str] = {}
     for name, cases in CASES.items():
         assert cases.specs and next(iter(cases.specs.values())) == name, f"{name}: first spec = the preset"
-        assert cases.noop and cases.bad, name
+        for part in ("noop", "bad", "served", "tensor_parallel", "members"):
+            assert getattr(cases, part), f"{name}: METHOD_CASES[{name!r}].{part} is empty"
+        specs = [*cases.specs.values(), *cases.noop, *(s for s, _ in cases.bad)]
+        for part in (cases.served, cases.tensor_parallel, cases.members):
+            specs += part.values()
+            for label in part:
+                assert owner.setdefault(label, name) == name, f"label {label!r} of {name} and {owner[label]}"
+        assert all((s if isinstance(s, str) else s["method"]) == name for s in specs), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -256,7 +204,7 @@ def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
 
     singles = [spec for _, spec in TRITON_CASES if spec and not isinstance(spec, list)]  # not compositions
     named = {spec if isinstance(spec, str) else spec["method"] for spec in singles}
-    assert name in named, "add a case to testing/triton_mode.py (the GPU code path's engine test)"
+    assert name in named, "add a case to tests/helpers/triton_mode.py (the GPU code path's engine test)"
     headings = re.findall(r"^## (\w+)", (ROOT / "docs" / "methods.md").read_text(), re.M)
     assert name in {h.lower() for h in headings}, "docs/methods.md needs a '## <Name>' section"
     assert f"| `{name}` |" in (ROOT / "README.md").read_text(), "README's method table needs a row"
