@@ -13,6 +13,7 @@ method = the solo runs; a bad config is refused for that request only.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from transformers import AutoConfig
 from vllm_halluguard.server.mitigation import Policy, Resolver
 
-from helpers.method_cases import METHOD_CASES
+from helpers.method_cases import COMPOSITIONS, METHOD_CASES
 from helpers.parity import (
     assert_free_greedy_agrees,
     compare,
@@ -34,7 +35,7 @@ from helpers.parity import (
 from vllm_halluguard import reference
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.base import EngineMethod
-from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError, parse
 from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
 from vllm_halluguard.reference.base import ReferenceMethod
 from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture
@@ -88,6 +89,14 @@ def test_every_method_has_cases() -> None:
         assert all((s if isinstance(s, str) else s["method"]) == name for s in specs), name
 
 
+def test_every_pair_of_methods_is_composed_in_the_table() -> None:
+    covered = {frozenset(parse(spec).names) for spec in COMPOSITIONS.values()}
+    pairs = {frozenset(p) for p in itertools.combinations(METHODS, 2)}
+    missing = sorted("+".join(sorted(p)) for p in pairs - covered)  # refused settings: test_methods_compose
+    assert not missing, f"COMPOSITIONS in tests/helpers/method_cases.py lacks the pairs {missing}"
+    assert any(len(c) == 3 for c in covered)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_class(name: str) -> None:
     cls = METHODS[name]
@@ -123,7 +132,7 @@ def test_composition_place_and_rules(name: str, hf_configs: dict[str, Any]) -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
-    for spec in CASES[name].noop:
+    for spec in _cases(name).noop:
         cfg = resolve(spec, hf_configs["llava"])
         assert cfg is not None and cfg.is_noop(), spec
     assert not resolve(name, hf_configs["llava"]).is_noop()
@@ -131,6 +140,9 @@ def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_class(name: str) -> None:
+    assert METHODS[name] in reference.REFERENCES, (
+        f"{name!r} has no dense reference: vllm_halluguard/reference/{name}.py, one ReferenceMethod subclass"
+    )
     cls = reference.REFERENCES[METHODS[name]]
     assert issubclass(cls, ReferenceMethod) and cls.config_cls is METHODS[name]
     assert cls.__module__ == f"vllm_halluguard.reference.{name}"
@@ -139,7 +151,7 @@ def test_reference_class(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_engine_class(name: str) -> None:
-    method = registry.METHODS[name]
+    method = _engine(name)
     cls = type(method)
     assert isinstance(method, EngineMethod) and cls.name == name
     assert cls.__module__ == f"vllm_halluguard.engine.{name}"
@@ -175,10 +187,11 @@ def test_request_contract_resolves_or_refuses_it_on_every_served_architecture(
 def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
     rows = {r["method"]: r for r in Resolver(Policy(), hf_configs["llava"]).describe()["data"]}
     row = rows[name]
-    assert row["engine_supported"] and row["allowed"] and row["defaults"]["method"] == name
+    assert row["engine_supported"], f"the server does not serve {name!r}: {row['unsupported_reason']}"
+    assert row["allowed"] and row["defaults"]["method"] == name
     assert row["schema"]["title"] == METHODS[name].__name__
     assert row["description"] and row["description"] != name
-    if registry.METHODS[name].needs_image:  # the server refuses it without an image
+    if _engine(name).needs_image:  # the server refuses it without an image
         from vllm_halluguard.server.mitigation import IMAGE_METHODS
 
         assert name in IMAGE_METHODS
@@ -189,7 +202,7 @@ def test_counters_have_metrics(name: str) -> None:
     """Every counter and gauge of the engine class is a described gauge on ``/metrics``."""
     from vllm_halluguard.server import engine_stats
 
-    method = registry.METHODS[name]
+    method = _engine(name)
     for key in (*method.counters, *method.gauges):
         assert key in engine_stats.DESCRIPTIONS, f"describe {key!r} in server/engine_stats.py DESCRIPTIONS"
         assert key in engine_stats.GAUGES, key
@@ -198,16 +211,35 @@ def test_counters_have_metrics(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
-    for kind in ("methods", "reference"):
-        assert (ROOT / "tests" / f"test_{kind}_{name}.py").is_file(), f"tests/test_{kind}_{name}.py"
     from helpers.triton_mode import CASES as TRITON_CASES
 
+    missing = [
+        f"tests/test_{kind}_{name}.py"
+        for kind in ("methods", "reference")
+        if not (ROOT / "tests" / f"test_{kind}_{name}.py").is_file()
+    ]
     singles = [spec for _, spec in TRITON_CASES if spec and not isinstance(spec, list)]  # not compositions
-    named = {spec if isinstance(spec, str) else spec["method"] for spec in singles}
-    assert name in named, "add a case to tests/helpers/triton_mode.py (the GPU code path's engine test)"
+    if name not in {spec if isinstance(spec, str) else spec["method"] for spec in singles}:
+        missing.append("a case in tests/helpers/triton_mode.py (the GPU code path's engine test)")
     headings = re.findall(r"^## (\w+)", (ROOT / "docs" / "methods.md").read_text(), re.M)
-    assert name in {h.lower() for h in headings}, "docs/methods.md needs a '## <Name>' section"
-    assert f"| `{name}` |" in (ROOT / "README.md").read_text(), "README's method table needs a row"
+    if name not in {h.lower() for h in headings}:
+        missing.append(f"a '## {name.capitalize()}' section in docs/methods.md")
+    if f"| `{name}` |" not in (ROOT / "README.md").read_text():
+        missing.append("a row in README.md's method table")
+    assert not missing, f"{name!r} lacks: {'; '.join(missing)}"
+
+
+def _cases(name: str) -> Any:
+    assert name in CASES, f"add {name!r} to METHOD_CASES in tests/helpers/method_cases.py"
+    return CASES[name]
+
+
+def _engine(name: str) -> EngineMethod:
+    assert name in registry.METHODS, (
+        f"{name!r} has no engine class: an EngineMethod subclass in its engine module "
+        "(docs/contributing.md, 'Adding a method')"
+    )
+    return registry.METHODS[name]
 
 
 def _overrides(cls: type, base: type, hooks: tuple[str, ...]) -> list[str]:

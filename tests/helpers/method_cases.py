@@ -8,7 +8,7 @@ suite takes its own field, so adding an entry puts the method in all of them:
 * ``served``: the engine-mode suites: the served VLMs (tests/test_served_vlms.py) and compiled models
   (tests/test_engine_compiled.py, without the ``eager_only`` methods);
 * ``tensor_parallel``: tests/test_engine_tp.py;
-* ``members``: the member configs the composition suite combines (tests/test_engine_compose.py);
+* ``members``: the member configs that :data:`COMPOSITIONS` combines (tests/test_engine_compose.py);
 * ``needs_image``: the server's refusal of the method without an image (tests/test_server_fuzz.py).
 
 Labels are unique across methods (a suite keys its cases by label). Entries are in the order the
@@ -144,3 +144,24 @@ def eager_only() -> set[str]:
 def image_methods() -> set[str]:
     """The methods the server refuses on a request without an image."""
     return {name for name, cases in METHOD_CASES.items() if cases.needs_image}
+
+
+def _members(*labels: str) -> list[Any]:
+    table = labelled("members")
+    return [table[label] for label in labels]
+
+
+#: label -> a composition the composition suite checks against the composed reference: every pair of
+#: the methods (FarSight in both served modes where the pair's terms meet in one attention call),
+#: written in various orders, and one triple. A new method adds its pairs here.
+COMPOSITIONS: dict[str, list[Any]] = {
+    "farsight_c+kvsmooth": _members("farsight_c", "kvsmooth"),
+    "farsight_b+kvsmooth": _members("kvsmooth", "farsight_b"),
+    "farsight_b+prunehal": _members("farsight_b", "prunehal"),
+    "farsight_c+prunehal": _members("prunehal", "farsight_c"),
+    "kvsmooth+prunehal": _members("kvsmooth", "prunehal"),
+    "scr+kvsmooth": _members("kvsmooth", "scr"),
+    "scr+farsight_c": _members("scr", "farsight_c"),
+    "scr+prunehal": _members("prunehal", "scr"),
+    "triple": _members("farsight_b", "kvsmooth", "prunehal"),
+}
