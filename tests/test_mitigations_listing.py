@@ -103,7 +103,7 @@ def test_a_composition_with_a_method_that_has_no_place_is_a_400_not_a_500(hf, mo
     ``test_bad_mitigation_is_an_openai_400``: the refused pairs there take this same path); any other
     exception from the resolver is a 500."""
     monkeypatch.setitem(METHODS, _Unplaced.name, _Unplaced)
-    resolver = Resolver(Policy(), hf["llava"], vllm_config=eager())
+    resolver = Resolver(Policy(), hf["llava"])
     for spec in (["kvsmooth", "unplaced"], ["unplaced", "kvsmooth"]):
         with pytest.raises(MitigationError) as e:
             resolver.resolve(spec)
