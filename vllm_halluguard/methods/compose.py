@@ -2,9 +2,9 @@
 
 A composition is written as a list (``["farsight", {"method": "kvsmooth", "lam_ref": 0.5}]``) and
 holds its members in one fixed order, :func:`order` (each config class's ``compose_rank``), whatever
-order the user wrote them in, so one
-set of methods has one canonical spelling (one cache salt, one metrics label). The order is the
-order in which the members act inside one attention call (docs/methods.md, "Composing methods"):
+order the user wrote them in, so one set of methods has one canonical spelling (one cache salt, one
+metrics label). The order is the order in which the members act inside one attention call
+(docs/methods.md, "Composing methods"):
 PruneHal's key mask and FarSight's sink shape the row's one softmax; PruneHal, then KVSmooth, read
 their statistics from that softmax over the kept keys *without* the sink; FarSight's sink then
 scales the output; KVSmooth's EMA rewrites the new token's cached K/V last. SCR acts between
