@@ -21,17 +21,17 @@ from typing import Any
 import torch
 
 from vllm_halluguard import reference
+from vllm_halluguard.methods import METHODS as REGISTERED
 from vllm_halluguard.tiny_models import load_hf, make_image
 
-METHODS: dict[str, Any] = {
-    "none": None,
-    "kvsmooth": {"method": "kvsmooth"},
-    "prunehal": {"method": "prunehal"},
-    "farsight-A": {"method": "farsight", "mode": "A"},
-    "farsight-B": {"method": "farsight", "mode": "B"},
-    "farsight-C": {"method": "farsight", "mode": "C"},
-    "scr": {"method": "scr"},
+#: Methods timed in several settings (label -> spec); every other registered method runs its preset.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "farsight": {f"farsight-{mode}": {"method": "farsight", "mode": mode} for mode in ("A", "B", "C")},
 }
+#: Benchmark label -> spec: none, then each method of ``vllm_halluguard.methods.METHODS``.
+METHODS: dict[str, Any] = {"none": None}
+for _name in REGISTERED:
+    METHODS.update(VARIANTS.get(_name, {_name: {"method": _name}}))
 PROMPTS = (
     "Describe the image.",
     "What is in the picture?",

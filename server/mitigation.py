@@ -21,15 +21,15 @@ from vllm_halluguard.engine import requests as engine_requests
 from vllm_halluguard.methods import (
     METHODS,
     MODEL_FAMILIES,
-    ORDER,
     Config,
     MethodConfig,
     ModelFamily,
     SpecError,
     members_of,
+    order,
     parse,
+    refused_in_composition,
 )
-from vllm_halluguard.methods.compose import REFUSED_IN_COMPOSITION
 from vllm_halluguard.methods.resolve import model_family, resolve
 from vllm_halluguard.plugin import vllm_version
 
@@ -287,12 +287,13 @@ class Resolver:
 
     def composition_info(self) -> dict[str, Any]:
         """The ``composition`` entry of ``GET /v1/mitigations``: the pairs this server runs, one order."""
-        pairs = [[a, b] for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]]
+        names = order()
+        pairs = [[a, b] for i, a in enumerate(names) for b in names[i + 1 :]]
         return {
             "supported": ["+".join(p) for p in pairs if self.served(p) is None],
-            "order": list(ORDER),
+            "order": list(names),
             "note": "a list composes methods (each once); members act in 'order' whatever order they are "
-            f"written in. Refused in any composition: {'; '.join(REFUSED_IN_COMPOSITION)} "
+            f"written in. Refused in any composition: {'; '.join(refused_in_composition())} "
             "(docs/methods.md, 'Composing methods')",
         }
 

@@ -7,6 +7,7 @@ refused at admission."""
 import pytest
 from vllm.exceptions import VLLMValidationError
 
+from helpers.method_cases import labelled
 from helpers.parity import (
     Case,
     assert_free_greedy_agrees,
@@ -24,12 +25,8 @@ pytestmark = pytest.mark.engine
 LOGPROB_ATOL = 1e-4  # plain parity (fp32), as in the other engine suites
 METHOD_ATOL = 1e-3  # method parity, as in the other engine suites
 STEPS = 12
-METHODS = {
-    "kvsmooth": "kvsmooth",
-    "farsight_b": {"method": "farsight", "mode": "B"},
-    "farsight_c": {"method": "farsight", "mode": "C"},
-    "prunehal": {"method": "prunehal", "r": 0.5, "t": 3},
-}
+#: Every method that runs compiled (not the ``eager_only`` ones), with settings that act on 4 layers.
+METHODS = labelled("served", eager=False)
 
 
 def _case(fixture, seed, spec, prompt="Describe the image."):

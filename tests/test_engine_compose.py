@@ -2,10 +2,9 @@
 same way (tokens and log-probs) on both tiny fixtures, and mixed batches of compositions, single
 methods and plain rows equal solo runs. Refused settings are in tests/test_methods_compose.py."""
 
-import itertools
-
 import pytest
 
+from helpers.method_cases import COMPOSITIONS, labelled
 from helpers.parity import (
     Case,
     assert_free_greedy_agrees,
@@ -21,23 +20,10 @@ from vllm_halluguard.engine.runtime import worker_stats
 pytestmark = pytest.mark.engine
 
 METHOD_ATOL = 1e-3  # the single-method parity bound
-FS_B = {"method": "farsight", "mode": "B"}
-FS_C = {"method": "farsight", "mode": "C"}
-PRUNE = {"method": "prunehal", "r": 0.5}  # prunes at step 2 (the preset's forced prune)
-SCR = {"method": "scr", "top_k": 6, "lam": 1.6}
-#: Every pair of the four methods (FarSight in both served modes where the pair's terms meet in one
-#: attention call), and one triple.
-SPECS = {
-    "farsight_c+kvsmooth": [FS_C, "kvsmooth"],
-    "farsight_b+kvsmooth": ["kvsmooth", FS_B],
-    "farsight_b+prunehal": [FS_B, PRUNE],
-    "farsight_c+prunehal": [PRUNE, FS_C],
-    "kvsmooth+prunehal": ["kvsmooth", PRUNE],
-    "scr+kvsmooth": ["kvsmooth", SCR],
-    "scr+farsight_c": [SCR, FS_C],
-    "scr+prunehal": [PRUNE, SCR],
-    "triple": [FS_B, "kvsmooth", PRUNE],
-}
+#: The member configs and the compositions of tests/helpers/method_cases.py.
+MEMBERS = labelled("members")
+FS_B, FS_C, PRUNE = (MEMBERS[label] for label in ("farsight_b", "farsight_c", "prunehal"))
+SPECS = COMPOSITIONS
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -59,15 +45,6 @@ def test_engine_matches_composed_reference(paper_engine, hf_model, name):
     for member in spec:
         (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
         assert gen.token_ids != alone.token_ids or logprob_shift(gen, alone) > 1e-4, member
-
-
-def test_every_pair_of_methods_is_covered():
-    from vllm_halluguard.methods import METHODS, parse
-
-    covered = {frozenset(parse(spec).names) for spec in SPECS.values()}
-    pairs = {frozenset(p) for p in itertools.combinations(METHODS, 2)}
-    assert pairs <= covered, pairs - covered  # refused settings: tests/test_methods_compose.py
-    assert any(len(c) == 3 for c in covered)
 
 
 def test_mixed_batch_equals_solo_runs(paper_engine):

@@ -1,6 +1,7 @@
 """The contract every registered method fulfils, parametrised over ``vllm_halluguard.methods.METHODS``.
 
-A method registered there gets every test below; its entry in :data:`CASES` names the configs they run.
+A method registered there gets every test below; its entry in tests/helpers/method_cases.py (the table
+every suite reads) names the configs they run.
 
 Without an engine (``make test-fast``): the method has all its parts (config, dense reference, engine
 class, request contract, server listing, unit tests, GPU-path case, docs; docs/contributing.md).
@@ -12,9 +13,9 @@ method = the solo runs; a bad config is refused for that request only.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from transformers import AutoConfig
 from vllm_halluguard.server.mitigation import Policy, Resolver
 
+from helpers.method_cases import COMPOSITIONS, METHOD_CASES
 from helpers.parity import (
     assert_free_greedy_agrees,
     compare,
@@ -33,7 +35,7 @@ from helpers.parity import (
 from vllm_halluguard import reference
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.base import EngineMethod
-from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError, parse
 from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
 from vllm_halluguard.reference.base import ReferenceMethod
 from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture
@@ -42,77 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_ATOL = 1e-3  # method parity bound (fp32); observed ~5e-6
 
 
-@dataclass(frozen=True)
-class Cases:
-    """What the contract runs for one method (specs as users write them)."""
+#: Each method's configs (tests/helpers/method_cases.py, the table every suite reads).
+CASES = METHOD_CASES
 
-    #: label -> a config checked against the dense reference; the first is the method's preset.
-    specs: dict[str, Any]
-    #: Configs that make the method the identity (``MethodConfig.is_noop``).
-    noop: list[Any]
-    #: Configs refused at admission, with a word the error names.
-    bad: list[tuple[Any, str]] = field(default_factory=list)
-
-
-CASES: dict[str, Cases] = {
-    "kvsmooth": Cases(
-        specs={"preset": "kvsmooth"},
-        noop=[{"method": "kvsmooth", "layers": []}],
-        bad=[
-            ({"method": "kvsmooth", "window": 0}, "window"),
-            ({"method": "kvsmooth", "lam_ref": "high"}, "lam_ref"),
-            ({"method": "kvsmooth", "layers": [99]}, "do not exist"),
-        ],
-    ),
-    "prunehal": Cases(
-        specs={
-            "preset": "prunehal",
-            "subset_first_step": {
-                "method": "prunehal",
-                "r": 0.5,
-                "t": 5,
-                "history": "first_step",
-                "layers": [1, 2],
-            },
-            "vote_only": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
-        },
-        noop=[{"method": "prunehal", "r": 1.0}],
-        bad=[({"method": "prunehal", "r": 1.5}, "r: Input should be less than or equal to 1")],
-    ),
-    "farsight": Cases(
-        specs={
-            "preset": "farsight",  # mode C, the served default
-            "b": {"method": "farsight", "mode": "B"},
-            "b_sparse": {"method": "farsight", "mode": "B", "sigma": 0.5, "layers": [1, 2]},
-        },
-        noop=[{"method": "farsight", "layers": []}],
-        bad=[({"method": "farsight", "mode": "A"}, "mode 'A'")],
-    ),
-    "scr": Cases(
-        specs={
-            "preset": "scr",
-            "strong": {
-                "method": "scr",
-                "top_k": 6,
-                "lam": 1.6,
-                "diag_layers": [1, 2, 3],
-                "layers": [0, 1, 2],
-            },
-            "last_row_4conn": {
-                "method": "scr",
-                "top_k": 3,
-                "lam": 2.0,
-                "connectivity": 4,
-                "diag_rows": "last",
-            },
-        },
-        noop=[{"method": "scr", "top_k": 0}, {"method": "scr", "lam": 1.0}, {"method": "scr", "layers": []}],
-        bad=[({"method": "scr", "top_k": -1}, "top_k")],
-    ),
-}
 
 NAMES = sorted(METHODS)
-SPEC_CASES = [(name, label) for name in NAMES for label in CASES.get(name, Cases({}, [])).specs]
+SPEC_CASES = [(name, label) for name in NAMES if name in CASES for label in CASES[name].specs]
 
 # ------------------------------------------------------------------------ completeness (no engine)
 
@@ -133,11 +70,31 @@ def hf_configs() -> dict[str, Any]:
     return {f: AutoConfig.from_pretrained(ensure_fixture(f)) for f in (*FIXTURES, *SERVED_FIXTURES)}
 
 
-def test_every_method_has_contract_cases() -> None:
-    assert set(CASES) == set(METHODS), "add the method's configs to CASES"
+def test_every_method_has_cases() -> None:
+    """Every registered method has an entry in tests/helpers/method_cases.py, every part filled, each
+    config of its own method; labels are unique across methods (suites key their cases by label)."""
+    missing = sorted(set(METHODS) - set(CASES))
+    assert not missing, f"add {missing} to METHOD_CASES in tests/helpers/method_cases.py"
+    assert not set(CASES) - set(METHODS), "an entry of no registered method"
+    owner: dict[str, str] = {}
     for name, cases in CASES.items():
         assert cases.specs and next(iter(cases.specs.values())) == name, f"{name}: first spec = the preset"
-        assert cases.noop and cases.bad, name
+        for part in ("noop", "bad", "served", "tensor_parallel", "members"):
+            assert getattr(cases, part), f"{name}: METHOD_CASES[{name!r}].{part} is empty"
+        specs = [*cases.specs.values(), *cases.noop, *(s for s, _ in cases.bad)]
+        for part in (cases.served, cases.tensor_parallel, cases.members):
+            specs += part.values()
+            for label in part:
+                assert owner.setdefault(label, name) == name, f"label {label!r} of {name} and {owner[label]}"
+        assert all((s if isinstance(s, str) else s["method"]) == name for s in specs), name
+
+
+def test_every_pair_of_methods_is_composed_in_the_table() -> None:
+    covered = {frozenset(parse(spec).names) for spec in COMPOSITIONS.values()}
+    pairs = {frozenset(p) for p in itertools.combinations(METHODS, 2)}
+    missing = sorted("+".join(sorted(p)) for p in pairs - covered)  # refused settings: test_methods_compose
+    assert not missing, f"COMPOSITIONS in tests/helpers/method_cases.py lacks the pairs {missing}"
+    assert any(len(c) == 3 for c in covered)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,8 +111,28 @@ def test_config_class(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_composition_place_and_rules(name: str, hf_configs: dict[str, Any]) -> None:
+    """The class declares its place in a composition and the settings a composition refuses, and
+    each refusal is what a composition holding that setting gets."""
+    cls = METHODS[name]
+    assert "compose_rank" in vars(cls), f"{cls.__name__} needs compose_rank (its place in a composition)"
+    assert "composition_refusals" in vars(cls), (
+        f"{cls.__name__} needs composition_refusals (() when every setting composes)"
+    )
+    ranks = {m: getattr(METHODS[m], "compose_rank", None) for m in NAMES}
+    clash = [m for m in NAMES if m != name and ranks[m] == cls.compose_rank]
+    assert not clash, f"{name} has the compose_rank of {clash}: ranks are unique"
+    for refusal in cls.composition_refusals:
+        others = [refusal.beside] if refusal.beside else [m for m in NAMES if m != name]
+        for other in others:
+            with pytest.raises(SpecError) as err:
+                resolve([{"method": name, refusal.field: refusal.value}, other], hf_configs["llava"])
+            assert err.value.reason == "unsupported" and str(err.value) == refusal.message, (other, err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
-    for spec in CASES[name].noop:
+    for spec in _cases(name).noop:
         cfg = resolve(spec, hf_configs["llava"])
         assert cfg is not None and cfg.is_noop(), spec
     assert not resolve(name, hf_configs["llava"]).is_noop()
@@ -163,6 +140,9 @@ def test_noop_configs_say_so(name: str, hf_configs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_class(name: str) -> None:
+    assert METHODS[name] in reference.REFERENCES, (
+        f"{name!r} has no dense reference: vllm_halluguard/reference/{name}.py, one ReferenceMethod subclass"
+    )
     cls = reference.REFERENCES[METHODS[name]]
     assert issubclass(cls, ReferenceMethod) and cls.config_cls is METHODS[name]
     assert cls.__module__ == f"vllm_halluguard.reference.{name}"
@@ -171,7 +151,7 @@ def test_reference_class(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_engine_class(name: str) -> None:
-    method = registry.METHODS[name]
+    method = _engine(name)
     cls = type(method)
     assert isinstance(method, EngineMethod) and cls.name == name
     assert cls.__module__ == f"vllm_halluguard.engine.{name}"
@@ -207,27 +187,59 @@ def test_request_contract_resolves_or_refuses_it_on_every_served_architecture(
 def test_server_lists_it(name: str, hf_configs: dict[str, Any]) -> None:
     rows = {r["method"]: r for r in Resolver(Policy(), hf_configs["llava"]).describe()["data"]}
     row = rows[name]
-    assert row["engine_supported"] and row["allowed"] and row["defaults"]["method"] == name
+    assert row["engine_supported"], f"the server does not serve {name!r}: {row['unsupported_reason']}"
+    assert row["allowed"] and row["defaults"]["method"] == name
     assert row["schema"]["title"] == METHODS[name].__name__
     assert row["description"] and row["description"] != name
-    if registry.METHODS[name].needs_image:  # the server refuses it without an image
+    if _engine(name).needs_image:  # the server refuses it without an image
         from vllm_halluguard.server.mitigation import IMAGE_METHODS
 
         assert name in IMAGE_METHODS
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_counters_have_metrics(name: str) -> None:
+    """Every counter and gauge of the engine class is a described gauge on ``/metrics``."""
+    from vllm_halluguard.server import engine_stats
+
+    method = _engine(name)
+    for key in (*method.counters, *method.gauges):
+        assert key in engine_stats.DESCRIPTIONS, f"describe {key!r} in server/engine_stats.py DESCRIPTIONS"
+        assert key in engine_stats.GAUGES, key
+    assert set(engine_stats.DESCRIPTIONS) == set(engine_stats.engine_keys()), "a description of no counter"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_unit_tests_gpu_path_case_and_docs_exist(name: str) -> None:
-    for kind in ("methods", "reference"):
-        assert (ROOT / "tests" / f"test_{kind}_{name}.py").is_file(), f"tests/test_{kind}_{name}.py"
     from helpers.triton_mode import CASES as TRITON_CASES
 
+    missing = [
+        f"tests/test_{kind}_{name}.py"
+        for kind in ("methods", "reference")
+        if not (ROOT / "tests" / f"test_{kind}_{name}.py").is_file()
+    ]
     singles = [spec for _, spec in TRITON_CASES if spec and not isinstance(spec, list)]  # not compositions
-    named = {spec if isinstance(spec, str) else spec["method"] for spec in singles}
-    assert name in named, "add a case to testing/triton_mode.py (the GPU code path's engine test)"
+    if name not in {spec if isinstance(spec, str) else spec["method"] for spec in singles}:
+        missing.append("a case in tests/helpers/triton_mode.py (the GPU code path's engine test)")
     headings = re.findall(r"^## (\w+)", (ROOT / "docs" / "methods.md").read_text(), re.M)
-    assert name in {h.lower() for h in headings}, "docs/methods.md needs a '## <Name>' section"
-    assert f"| `{name}` |" in (ROOT / "README.md").read_text(), "README's method table needs a row"
+    if name not in {h.lower() for h in headings}:
+        missing.append(f"a '## {name.capitalize()}' section in docs/methods.md")
+    if f"| `{name}` |" not in (ROOT / "README.md").read_text():
+        missing.append("a row in README.md's method table")
+    assert not missing, f"{name!r} lacks: {'; '.join(missing)}"
+
+
+def _cases(name: str) -> Any:
+    assert name in CASES, f"add {name!r} to METHOD_CASES in tests/helpers/method_cases.py"
+    return CASES[name]
+
+
+def _engine(name: str) -> EngineMethod:
+    assert name in registry.METHODS, (
+        f"{name!r} has no engine class: an EngineMethod subclass in its engine module "
+        "(docs/contributing.md, 'Adding a method')"
+    )
+    return registry.METHODS[name]
 
 
 def _overrides(cls: type, base: type, hooks: tuple[str, ...]) -> list[str]:

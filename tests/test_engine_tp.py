@@ -11,6 +11,7 @@ import torch
 from vllm import envs
 from vllm.exceptions import VLLMValidationError
 
+from helpers.method_cases import eager_only, labelled
 from helpers.parity import (
     Case,
     assert_free_greedy_agrees,
@@ -33,17 +34,9 @@ TP = 2
 METHOD_ATOL = 1e-3  # the method parity bound of the single-worker suites
 #: Engine settings per mode: eager (every method), compiled (Dynamo + Inductor; SCR is refused there).
 MODES = {"eager": {}, "compiled": {"enforce_eager": False}}
-EAGER_ONLY = {"scr"}  # needs --enforce-eager (tests/test_engine_compiled.py)
+EAGER_ONLY = eager_only()  # need --enforce-eager (tests/test_engine_compiled.py)
 PLAIN_ATOL = 1e-4  # test_parity's bound for plain requests
-SPECS = {
-    "kvsmooth": "kvsmooth",
-    "kvsmooth_entropy_of_mean": {"method": "kvsmooth", "head_reduce": "entropy_of_mean", "lam_ref": 0.5},
-    "farsight_b": {"method": "farsight", "mode": "B"},
-    "farsight_c": {"method": "farsight", "mode": "C"},
-    "prunehal": "prunehal",
-    "prunehal_vote": {"method": "prunehal", "r": 0.6, "t": 3, "force_step": None, "statistic": "mass"},
-    "scr": {"method": "scr", "top_k": 6, "lam": 1.6, "diag_layers": [1, 2, 3], "layers": [0, 1, 2]},
-}
+SPECS = labelled("tensor_parallel")
 
 
 @contextlib.contextmanager

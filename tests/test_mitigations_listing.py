@@ -7,7 +7,7 @@ Real ``VllmConfig`` objects stand for the server's settings; the tiny fixtures' 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from transformers import AutoConfig
@@ -15,8 +15,8 @@ from vllm.config import CompilationConfig, VllmConfig
 from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 
 from vllm_halluguard.engine import requests as engine_requests
-from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, ORDER, SpecError
-from vllm_halluguard.methods.compose import REFUSED_IN_COMPOSITION
+from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, ORDER, MethodConfig, SpecError
+from vllm_halluguard.methods.base import Refusal
 from vllm_halluguard.tiny_models import ALL_FIXTURES, ensure_fixture
 
 ALL_PAIRS = {f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]}
@@ -71,9 +71,15 @@ def test_a_compiled_server_does_not_list_scr(hf):
 @pytest.mark.parametrize(
     ("spec", "setting"),
     [
-        ([{"method": "farsight", "mode": "A"}, "kvsmooth"], 0),
-        ([{"method": "prunehal", "selection": "shared", "granularity": "block"}, "kvsmooth"], 1),
-        ([{"method": "kvsmooth", "head_reduce": "entropy_of_mean"}, "prunehal"], 2),
+        ([{"method": "farsight", "mode": "A"}, "kvsmooth"], "farsight mode 'A'"),
+        (
+            [{"method": "prunehal", "selection": "shared", "granularity": "block"}, "kvsmooth"],
+            "prunehal selection 'shared' (the block-reclaiming variant)",
+        ),
+        (
+            [{"method": "kvsmooth", "head_reduce": "entropy_of_mean"}, "prunehal"],
+            "kvsmooth head_reduce 'entropy_of_mean' together with prunehal",
+        ),
     ],
 )
 def test_the_note_names_each_setting_a_composition_refuses(hf, spec, setting):
@@ -82,7 +88,30 @@ def test_the_note_names_each_setting_a_composition_refuses(hf, spec, setting):
         resolver.resolve(spec)
     assert e.value.reason == "unsupported"
     note = resolver.describe()["composition"]["note"]
-    assert REFUSED_IN_COMPOSITION[setting] in note
+    assert setting in note
+
+
+class _Unplaced(MethodConfig):
+    """A registered method that declares no place in a composition (no ``compose_rank``)."""
+
+    name: ClassVar[str] = "unplaced"
+    composition_refusals: ClassVar[tuple[Refusal, ...]] = ()
+
+
+def test_a_composition_with_a_method_that_has_no_place_is_a_400_not_a_500(hf, monkeypatch):
+    """The server answers a :class:`MitigationError` with an OpenAI 400 (tests/test_server_api.py,
+    ``test_bad_mitigation_is_an_openai_400``: the refused pairs there take this same path); any other
+    exception from the resolver is a 500."""
+    monkeypatch.setitem(METHODS, _Unplaced.name, _Unplaced)
+    resolver = Resolver(Policy(), hf["llava"])
+    for spec in (["kvsmooth", "unplaced"], ["unplaced", "kvsmooth"]):
+        with pytest.raises(MitigationError) as e:
+            resolver.resolve(spec)
+        assert (
+            e.value.reason == "unsupported"
+            and "'unplaced'" in str(e.value)
+            and "compose_rank" in str(e.value)
+        )
 
 
 def test_docs_list_every_fixture_and_preset():

@@ -5,6 +5,7 @@ at admission where it does not apply."""
 import pytest
 from vllm.exceptions import VLLMValidationError
 
+from helpers.method_cases import labelled
 from helpers.parity import (
     Case,
     assert_free_greedy_agrees,
@@ -23,13 +24,7 @@ LOGPROB_ATOL = 1e-4  # plain parity (fp32)
 METHOD_ATOL = 1e-3  # method parity, as in the engine suites of the paper fixtures
 STEPS = 12
 #: Every method (both served FarSight modes), with settings that act on a 4-layer model.
-METHODS = {
-    "kvsmooth": "kvsmooth",
-    "farsight_b": {"method": "farsight", "mode": "B"},
-    "farsight_c": {"method": "farsight", "mode": "C"},
-    "prunehal": {"method": "prunehal", "r": 0.5, "t": 3},
-    "scr": {"method": "scr", "top_k": 6, "lam": 1.6, "diag_layers": [1, 2, 3], "layers": [0, 1, 2]},
-}
+METHODS = labelled("served")
 #: Methods refused on an architecture, with the phrase the admission error must contain.
 REFUSED: dict[str, dict[str, str]] = {
     "llava_next": {"scr": "scr defines its neighbourhoods on one patch grid"},

@@ -321,6 +321,12 @@ def test_metrics_move(client, base):
     # read from the engine's worker process at each scrape (server/engine_stats.py)
     assert delta("halluguard_engine_admitted_requests") == 1
     assert after["halluguard_prunehal_freed_blocks"] == 0  # no PruneHal on this server
+    # every engine method's counters and gauges are there (server/engine_stats.py derives them)
+    from vllm_halluguard.server.engine_stats import NAMES, engine_keys
+
+    shown = {key: NAMES.get(key, f"halluguard_{key}") for key in engine_keys()}
+    assert {"scr_edits", "farsight_native_rows", "prunehal_reclaimable_blocks"} <= set(shown)
+    assert all(metric in after for metric in shown.values()), sorted(set(shown.values()) - set(after))
 
 
 @pytest.mark.server

@@ -34,6 +34,7 @@ from vllm_halluguard.server.mitigation import IMAGE_METHODS, MitigationError, re
 
 from canary import Canary
 from helpers.images import data_url, png
+from helpers.method_cases import METHOD_CASES, image_methods
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.tiny_models import make_image
 
@@ -96,15 +97,15 @@ def test_image_limits_read_headers_only_and_name_the_part():
 
 
 def test_image_methods_need_an_image_whoever_chose_them():
-    assert {"prunehal", "scr"} == IMAGE_METHODS
+    assert image_methods() == IMAGE_METHODS  # tests/helpers/method_cases.py: needs_image
     for name in IMAGE_METHODS:
         require_image(name, True)
         require_image(name, None)  # unknown: not checked
         with pytest.raises(MitigationError, match=rf"'{name}' \(the server default\) .* needs an image") as e:
             require_image(name, False, " (the server default)")
         assert e.value.reason == "needs_image"
-    require_image("kvsmooth", False)
-    require_image("farsight", False)
+    for name in set(METHOD_CASES) - IMAGE_METHODS:
+        require_image(name, False)
 
 
 # ------------------------------------------------------------------------------------ the server

@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model, processor = load(args.model)
     for method in args.method or ["none"]:
-        spec = engine_requests.resolve(method, model.config)  # as the server resolves it (farsight: its served mode, C)
+        # as the server resolves it (farsight: its served mode, C)
+        spec = engine_requests.resolve(method, model.config)
         report = measure(args.model, args.n, args.n, model=model, processor=processor, method=spec)
         print(f"[{method}]\n{report.summary()}")
         for split in ("probe", "control") if args.against else ():

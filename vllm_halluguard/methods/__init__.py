@@ -3,7 +3,8 @@
 ``parse`` turns what users write (``"kvsmooth"``, ``"none"``, ``{"method": "scr", "lam": 1.1}``) into a
 config; ``METHODS`` maps names to config classes. It is the only list of methods: the dense reference
 and the engine find a method's classes in ``reference/<name>.py`` and ``engine/<name>.py``
-(:func:`implementation`), and the server lists what is registered here.
+(:func:`implementation`), the server lists what is registered here, and a composition's order and
+refusals are the config classes' own (``compose_rank``, ``composition_refusals``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from .base import MODEL_FAMILIES, REFERENCE_DEPTH, MethodConfig, ModelFamily, scale_layer_range
-from .compose import ORDER, Composition, Config, check_pairs, members_of
+from .compose import Composition, Config, check_pairs, members_of, order, refused_in_composition
 from .errors import SpecError
 from .farsight import FarSightConfig
 from .kvsmooth import KVSmoothConfig
@@ -25,6 +26,9 @@ from .scr import SCRConfig
 METHODS: dict[str, type[MethodConfig]] = {
     cls.name: cls for cls in (KVSmoothConfig, PruneHalConfig, FarSightConfig, SCRConfig)
 }
+#: The registered methods in composition order (each class's ``compose_rank``; :func:`order` reads
+#: the registry at call time).
+ORDER: tuple[str, ...] = order()
 
 _T = TypeVar("_T")
 
@@ -177,8 +181,10 @@ __all__ = [
     "cut",
     "implementation",
     "members_of",
+    "order",
     "parse",
     "parse_list",
+    "refused_in_composition",
     "scale_layer_range",
     "short",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -119,17 +120,43 @@ def check_layers(layers: LayerSpec, num_layers: int, field: str) -> None:
         raise ValueError(f"{field}: layer indices {_echo(bad)} do not exist in a {num_layers}-layer decoder")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A setting of a method that a composition refuses: ``field == value``, beside ``beside`` (a method
+    name) or beside any other method (``None``). ``message`` is the error's text."""
+
+    field: str
+    value: Any
+    beside: str | None
+    message: str
+    #: Words after the setting in ``GET /v1/mitigations``'s note, e.g. "(the block-reclaiming variant)".
+    note: str = ""
+
+    def describe(self, method: str) -> str:
+        """The setting as ``GET /v1/mitigations`` names it: ``"farsight mode 'A'"``."""
+        words = [method, self.field, repr(self.value), self.note]
+        if self.beside is not None:
+            words.append(f"together with {self.beside}")
+        return " ".join(w for w in words if w)
+
+
 class MethodConfig(BaseModel):
     """Base class of the method configs (frozen, unknown keys rejected).
 
-    Subclasses set ``name``, list their layer fields in ``layer_fields``, implement :meth:`preset`, list
-    the fields it sets per model in ``preset_fields`` and, in ``paper_fields``, those a paper gives for a
-    ``(family, num_layers)``.
+    Subclasses set ``name``, ``compose_rank`` and ``composition_refusals`` (no defaults: the contract
+    test names what a new method lacks), list their layer fields in ``layer_fields``, implement
+    :meth:`preset`, list the fields it sets per model in ``preset_fields`` and, in ``paper_fields``,
+    those a paper gives for a ``(family, num_layers)``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
     name: ClassVar[str]
+    #: Where the method acts in a composition, relative to the others: members act in ascending rank
+    #: (methods/compose.py explains the order). Ranks are unique among the registered methods.
+    compose_rank: ClassVar[int]
+    #: The settings of this method that a composition refuses (``()``: every setting composes).
+    composition_refusals: ClassVar[tuple[Refusal, ...]]
     #: Fields holding layer indices (validated against the model depth in :meth:`for_model`).
     layer_fields: ClassVar[tuple[str, ...]] = ()
     #: Fields whose value :meth:`preset` chooses per model (the ``None`` defaults it fills).

@@ -1,14 +1,16 @@
 """Several methods in one request: :class:`Composition`, its order and the pairs that compose.
 
 A composition is written as a list (``["farsight", {"method": "kvsmooth", "lam_ref": 0.5}]``) and
-holds its members in one fixed order, :data:`ORDER`, whatever order the user wrote them in, so one
-set of methods has one canonical spelling (one cache salt, one metrics label). The order is the
-order in which the members act inside one attention call (docs/methods.md, "Composing methods"):
+holds its members in one fixed order, :func:`order` (each config class's ``compose_rank``), whatever
+order the user wrote them in, so one set of methods has one canonical spelling (one cache salt, one
+metrics label). The order is the order in which the members act inside one attention call
+(docs/methods.md, "Composing methods"):
 PruneHal's key mask and FarSight's sink shape the row's one softmax; PruneHal, then KVSmooth, read
 their statistics from that softmax over the kept keys *without* the sink; FarSight's sink then
 scales the output; KVSmooth's EMA rewrites the new token's cached K/V last. SCR acts between
 layers (its residual edit on a decoder layer's output is read by the next layer's attention) and
-its diagnostic pass is SCR's own: the other members do not act in it.
+its diagnostic pass is SCR's own: the other members do not act in it. The settings that do not
+compose are each config class's ``composition_refusals`` (:func:`check_pairs`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,64 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import MethodConfig, ModelFamily
+from .base import MethodConfig, ModelFamily, Refusal
 from .errors import SpecError
 
-#: The members' order inside a composition (and in its canonical JSON).
-ORDER: tuple[str, ...] = ("scr", "prunehal", "kvsmooth", "farsight")
+
+def rank(cls: type[MethodConfig]) -> int:
+    """A method's ``compose_rank``; :class:`SpecError` (``unsupported``: a 400) if it declares none."""
+    value = getattr(cls, "compose_rank", None)
+    if not isinstance(value, int):
+        raise SpecError(
+            f"method {cls.name!r} declares no place in a composition (compose_rank)", "unsupported"
+        )
+    return value
+
+
+def refusals(cls: type[MethodConfig]) -> tuple[Refusal, ...]:
+    """A method's ``composition_refusals``; :class:`SpecError` (``unsupported``) if it declares none."""
+    value = getattr(cls, "composition_refusals", None)
+    if not isinstance(value, tuple):
+        raise SpecError(
+            f"method {cls.name!r} declares no composition rules (composition_refusals)", "unsupported"
+        )
+    return value
+
+
+def order() -> tuple[str, ...]:
+    """The registered methods in composition order (ascending ``compose_rank``; a method that declares
+    none comes last, and any composition holding it is refused)."""
+    from . import METHODS  # the registry imports this module
+
+    def key(name: str) -> tuple[bool, int]:
+        value = getattr(METHODS[name], "compose_rank", None)
+        return (not isinstance(value, int), value if isinstance(value, int) else 0)
+
+    return tuple(sorted(METHODS, key=key))
+
+
+def refused_in_composition() -> tuple[str, ...]:
+    """The settings :func:`check_pairs` refuses, as ``GET /v1/mitigations`` states them, in :func:`order`."""
+    from . import METHODS
+
+    return tuple(
+        r.describe(name) for name in order() for r in getattr(METHODS[name], "composition_refusals", ())
+    )
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``ORDER`` and ``REFUSED_IN_COMPOSITION``: :func:`order` and :func:`refused_in_composition` under
+    their former constant names (read at access, so they follow the registry)."""
+    if name == "ORDER":
+        return order()
+    if name == "REFUSED_IN_COMPOSITION":
+        return refused_in_composition()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class Composition:
-    """Two or more method configs applied to one request, in :data:`ORDER`."""
+    """Two or more method configs applied to one request, in :func:`order`."""
 
     members: tuple[MethodConfig, ...]
 
@@ -36,12 +86,12 @@ class Composition:
             raise ValueError("a composition holds at least two methods")
         if len(set(names)) != len(names):
             raise ValueError(f"a method appears twice in {names}")
-        ranked = sorted(self.members, key=lambda m: ORDER.index(m.name))
+        ranked = sorted(self.members, key=lambda m: rank(type(m)))
         object.__setattr__(self, "members", tuple(ranked))
 
     @property
     def name(self) -> str:
-        """The metrics label and allow-list key: member names joined by ``+`` in :data:`ORDER`."""
+        """The metrics label and allow-list key: member names joined by ``+`` in :func:`order`."""
         return "+".join(m.name for m in self.members)
 
     @property
@@ -59,7 +109,7 @@ class Composition:
                 yield f"{m.name}.{field}", value
 
     def canonical(self) -> str:
-        """A JSON list of the members' canonical objects, in :data:`ORDER`."""
+        """A JSON list of the members' canonical objects, in :func:`order`."""
         return "[" + ",".join(m.canonical() for m in self.members) + "]"
 
     def for_model(self, model_family: ModelFamily, num_layers: int) -> Composition:
@@ -81,42 +131,20 @@ def members_of(cfg: Config) -> tuple[MethodConfig, ...]:
     return cfg.members if isinstance(cfg, Composition) else (cfg,)
 
 
-#: The settings :func:`check_pairs` refuses in a composition, as ``GET /v1/mitigations`` states them
-#: (tests/test_methods_compose.py checks each is refused).
-REFUSED_IN_COMPOSITION: tuple[str, ...] = (
-    "farsight mode 'A'",
-    "prunehal selection 'shared' (the block-reclaiming variant)",
-    "kvsmooth head_reduce 'entropy_of_mean' together with prunehal",
-)
-
-
 def check_pairs(members: tuple[MethodConfig, ...]) -> None:
     """Refuse the members that do not compose (:class:`SpecError`, reason ``unsupported``).
 
-    Every pair of the four methods composes; two settings do not: FarSight mode A (it recomputes the
-    whole sequence without a KV cache at every step, so there is no cached step for the others to act
-    on, and the engine does not serve it), and KVSmooth's ``entropy_of_mean`` next to PruneHal (that
-    head reduction is computed from the cached keys outside the attention call, where PruneHal's key
-    mask of the layer is not applied). PruneHal's block-reclaiming variant (``selection: "shared"``)
-    is served alone only: its freeing of KV blocks has not been tested inside a composition.
+    Every pair of the registered methods composes except the settings their classes list in
+    ``composition_refusals`` (docs/methods.md, "Composing methods"): today FarSight mode A (it recomputes
+    the whole sequence without a KV cache at every step, so there is no cached step for the others to
+    act on), KVSmooth's ``entropy_of_mean`` next to PruneHal (that head reduction is computed from the
+    cached keys outside the attention call, where PruneHal's key mask is not applied) and PruneHal's
+    block-reclaiming variant (its freeing of KV blocks has not been tested inside a composition).
     """
     names = {m.name for m in members}
     for m in members:
-        if m.name == "farsight" and getattr(m, "mode", None) == "A":
-            raise SpecError(
-                "farsight mode 'A' recomputes the whole sequence without a KV cache at every step and "
-                "composes with no other method; compose mode 'C' (default) or 'B'",
-                "unsupported",
-            )
-        if m.name == "prunehal" and getattr(m, "selection", "per_layer") != "per_layer":
-            raise SpecError(
-                "prunehal with selection 'shared' (block reclaim) is served alone, not in a composition; "
-                "compose the paper's selection 'per_layer'",
-                "unsupported",
-            )
-        if m.name == "kvsmooth" and getattr(m, "head_reduce", None) != "mean_entropy" and "prunehal" in names:
-            raise SpecError(
-                "kvsmooth with head_reduce 'entropy_of_mean' does not compose with prunehal (its entropy is "
-                "taken outside the attention call, without prunehal's key mask); use 'mean_entropy'",
-                "unsupported",
-            )
+        rank(type(m))
+        for refusal in refusals(type(m)):
+            beside = refusal.beside is None or refusal.beside in names - {m.name}
+            if beside and getattr(m, refusal.field) == refusal.value:
+                raise SpecError(refusal.message, "unsupported")

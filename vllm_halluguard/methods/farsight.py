@@ -25,7 +25,7 @@ from typing import ClassVar, Literal, Self
 import torch
 from pydantic import Field, model_validator
 
-from .base import LayerSpec, MethodConfig, ModelFamily
+from .base import LayerSpec, MethodConfig, ModelFamily, Refusal
 
 #: Official default decay: ln 256 / ln 1024 = 0.8.
 DEFAULT_SIGMA = math.log(256) / math.log(1024)
@@ -40,6 +40,17 @@ class FarSightConfig(MethodConfig):
     """FarSight hyperparameters (official-code defaults)."""
 
     name: ClassVar[str] = "farsight"
+    #: Its sink scales the output after PruneHal and KVSmooth read the softmax without it: last.
+    compose_rank: ClassVar[int] = 40
+    composition_refusals: ClassVar[tuple[Refusal, ...]] = (
+        Refusal(
+            "mode",
+            "A",
+            None,
+            "farsight mode 'A' recomputes the whole sequence without a KV cache at every step and "
+            "composes with no other method; compose mode 'C' (default) or 'B'",
+        ),
+    )
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
     preset_fields: ClassVar[tuple[str, ...]] = ("layers",)
     paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(

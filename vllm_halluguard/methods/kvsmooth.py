@@ -19,7 +19,7 @@ from typing import ClassVar, Literal, Self
 import torch
 from pydantic import Field
 
-from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_layer_range
+from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, Refusal, scale_layer_range
 
 #: lambda_ref of the paper per model family. The paper has LLaVA-1.5's value only; it is reused.
 LAMBDA_REF: dict[ModelFamily, float] = {
@@ -38,6 +38,18 @@ class KVSmoothConfig(MethodConfig):
     """KVSmooth hyperparameters (paper defaults; ``None`` = preset for the model)."""
 
     name: ClassVar[str] = "kvsmooth"
+    #: Reads the softmax after PruneHal's mask; its EMA rewrites the new token's K/V after FarSight's
+    #: sink has scaled the output (methods/compose.py).
+    compose_rank: ClassVar[int] = 30
+    composition_refusals: ClassVar[tuple[Refusal, ...]] = (
+        Refusal(
+            "head_reduce",
+            "entropy_of_mean",
+            "prunehal",
+            "kvsmooth with head_reduce 'entropy_of_mean' does not compose with prunehal (its entropy is "
+            "taken outside the attention call, without prunehal's key mask); use 'mean_entropy'",
+        ),
+    )
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
     preset_fields: ClassVar[tuple[str, ...]] = ("lam_ref", "layers")
     paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal, Self
 import torch
 from pydantic import Field
 
-from .base import LayerSpec, MethodConfig, ModelFamily
+from .base import LayerSpec, MethodConfig, ModelFamily, Refusal
 
 #: (r, t) of the paper: LLaVA-1.5 (0.4, 3); Qwen-VL-7B (0.9, 4), reused for Qwen2-VL.
 #: Families the paper does not evaluate reuse the values of their language model's family.
@@ -55,6 +55,18 @@ class PruneHalConfig(MethodConfig):
     """PruneHal hyperparameters (paper defaults; ``None`` = preset for the model)."""
 
     name: ClassVar[str] = "prunehal"
+    #: Its key mask shapes the softmax the later members read: before KVSmooth and FarSight.
+    compose_rank: ClassVar[int] = 20
+    composition_refusals: ClassVar[tuple[Refusal, ...]] = (
+        Refusal(
+            "selection",
+            "shared",
+            None,
+            "prunehal with selection 'shared' (block reclaim) is served alone, not in a composition; "
+            "compose the paper's selection 'per_layer'",
+            note="(the block-reclaiming variant)",
+        ),
+    )
     layer_fields: ClassVar[tuple[str, ...]] = ("layers",)
     preset_fields: ClassVar[tuple[str, ...]] = ("r", "t", "layers")
     paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(

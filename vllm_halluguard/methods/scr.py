@@ -24,7 +24,7 @@ from typing import ClassVar, Literal, NamedTuple, Self
 import torch
 from pydantic import Field
 
-from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, scale_layer_range
+from .base import REFERENCE_DEPTH, LayerSpec, MethodConfig, ModelFamily, Refusal, scale_layer_range
 
 Grid = tuple[int, int, int]
 
@@ -56,6 +56,9 @@ class SCRConfig(MethodConfig):
     """SCR hyperparameters (paper defaults; ``None`` = preset for the model)."""
 
     name: ClassVar[str] = "scr"
+    #: Acts between layers (its edit of a layer's output is read by the next layer's attention): first.
+    compose_rank: ClassVar[int] = 10
+    composition_refusals: ClassVar[tuple[Refusal, ...]] = ()
     layer_fields: ClassVar[tuple[str, ...]] = ("diag_layers", "layers")
     preset_fields: ClassVar[tuple[str, ...]] = ("diag_layers", "layers")
     paper_fields: ClassVar[dict[tuple[ModelFamily, int], frozenset[str]]] = dict.fromkeys(
