@@ -1,0 +1,164 @@
+"""Host syncs on the kernel path (:mod:`helpers.sync_sentinel`): none inside a layer call, a few per step.
+
+The engine is the session's shared LLaVA engine with its metadata builders switched to the kernel path
+for this module (``_hg_kernel``, what ``HALLUGUARD_ATTENTION=triton`` sets when the builder is made; the
+Triton kernel runs under the interpreter), so no engine is started here. Per method, one batch of a
+plain row and a mitigated row runs with the sentinel on: its events per layer call and per step are
+printed (``-s``) and the layer calls must have none. PruneHal is measured, not asserted.
+Untested on a GPU: the sentinel counts what would wait for the stream there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from helpers.sync_sentinel import SyncSentinel
+from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.parity import Case, run_vllm
+
+FARSIGHT_B = {"method": "farsight", "mode": "B"}
+FARSIGHT_C = {"method": "farsight", "mode": "C"}
+#: Methods whose layer calls must not sync, and the batches that measure them.
+ASSERTED: dict[str, Any] = {
+    "farsight-B": FARSIGHT_B,
+}
+#: Measured and printed only (``-s``): their kernel path still syncs.
+MEASURED = {
+    "kvsmooth": "kvsmooth",
+    "farsight-C": FARSIGHT_C,
+    "farsight-B+kvsmooth": [FARSIGHT_B, "kvsmooth"],
+    "farsight-C+kvsmooth": [FARSIGHT_C, "kvsmooth"],
+    "prunehal": "prunehal",
+}
+#: Per step (the plan, built once per step): the most syncs allowed, each counted conservatively.
+STEP_BOUND = 4
+MAX_TOKENS = 4
+
+
+# ------------------------------------------------------------------------- the sentinel itself
+
+
+def test_sentinel_counts_each_kind_in_its_scope_only():
+    s = SyncSentinel()
+    x = torch.arange(6.0)
+    x.tolist()  # outside any scope: not counted
+    with s.scope("layer"):
+        x.tolist()
+        x[0].item()
+        bool(x[1])
+        x.cpu()
+        x.to("cpu", non_blocking=True)
+        x.to(torch.int32)  # a dtype change: no transfer
+        x[x > 2]
+        torch.nonzero(x)
+        torch.masked_select(x, x > 1)
+        x[torch.arange(2)]  # an index tensor made on the device: no sync
+        torch.tensor([1, 2])
+        torch.where(x > 1, x, 0.0)  # no data-dependent size
+        with s.paused():
+            x.cpu()
+    with s.scope("step"):
+        x[[0, 1]]  # a Python list index: a host-to-device copy
+    kinds = [e.kind for e in s.events if e.scope == "layer"]
+    assert kinds == [
+        "tolist", "item", "__bool__", "cpu", "to(device)", "boolean-mask index", "nonzero", "masked_select",
+        "tensor",
+    ]  # fmt: skip
+    assert [e.non_blocking for e in s.events if e.kind == "to(device)"] == [True]
+    assert s.counts("step") and s.total("step") == 1
+    assert all(e.where.startswith(__file__.rsplit("/", 1)[1]) or __file__ in e.where for e in s.events)
+
+
+# ------------------------------------------------------------------------------- the engine
+
+
+def _builders(worker: Any) -> list[Any]:
+    return [b for groups in worker.model_runner.attn_groups for g in groups for b in g.metadata_builders]
+
+
+def _set_kernel(worker: Any, on: bool) -> list[bool]:
+    """``collective_rpc`` helper: switch the plugin's builders to the kernel path (or back)."""
+    builders = [b for b in _builders(worker) if hasattr(b, "_hg_kernel")]
+    before = [b._hg_kernel for b in builders]
+    for b in builders:
+        b._hg_kernel = on
+    return before
+
+
+@pytest.fixture(scope="module")
+def kernel_engine(engines):
+    llm = engines.get("llava")
+    (before,) = llm.collective_rpc(_set_kernel, args=(True,))
+    assert before and not any(before), "the shared engine runs the torch path"
+    yield llm
+    llm.collective_rpc(_set_kernel, args=(False,))
+
+
+def _run(llm: Any, spec: Any) -> SyncSentinel:
+    """One batch of a plain row and a ``spec`` row, with the sentinel on."""
+    s = SyncSentinel()
+    cases = [Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=e) for seed, e in
+             ((90, None), (91, {EXTRA_ARGS_KEY: spec}))]  # fmt: skip
+    (before,) = llm.collective_rpc(worker_stats)
+    with s.engine():
+        run_vllm(llm, cases)
+    (after,) = llm.collective_rpc(worker_stats)
+    s.kernel_rows = after["kernel_rows"] - before["kernel_rows"]  # type: ignore[attr-defined]
+    return s
+
+
+def _report(name: str, s: SyncSentinel) -> str:
+    per_layer = s.total("layer") / max(s.layer_calls, 1)
+    per_step = s.total("step") / max(s.steps, 1)
+    lines = [
+        f"{name}: {s.layer_calls} layer calls, {s.total('layer')} syncs ({per_layer:.2f} per call); "
+        f"{s.steps} steps, {s.total('step')} syncs ({per_step:.2f} per step); "
+        f"kernel rows {getattr(s, 'kernel_rows', '?')}"
+    ]
+    for scope in ("layer", "step"):
+        lines += [f"    {scope} {where}: {n}" for where, n in sorted(s.counts(scope).items())]
+    return "\n".join(lines)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", list(ASSERTED))
+def test_no_sync_in_a_layer_call(kernel_engine, name):
+    s = _run(kernel_engine, ASSERTED[name])
+    print(_report(name, s))
+    assert s.layer_calls > 0 and s.steps > 0, "the mitigated steps must have run through the plugin"
+    if name != "farsight-B":  # B runs as the native kernel's sink lane on CPU_ATTN
+        assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
+    assert s.total("layer") == 0, _report(name, s)
+
+
+@pytest.mark.engine
+def test_measured(kernel_engine):
+    """Reported only (``-s``)."""
+    for name, spec in MEASURED.items():
+        s = _run(kernel_engine, spec)
+        print(_report(name, s))
+        assert s.layer_calls > 0
+
+
+@pytest.mark.engine
+def test_a_deliberate_cpu_copy_is_caught(kernel_engine, monkeypatch):
+    from vllm_halluguard.engine.kvsmooth import KVSmoothEngine
+
+    original = KVSmoothEngine.after_kernel
+
+    def after_kernel(self, call, rows, lse, entropy):
+        lse.cpu()  # the regression: a device-to-host copy in every smoothed layer
+        return original(self, call, rows, lse, entropy)
+
+    monkeypatch.setattr(KVSmoothEngine, "after_kernel", after_kernel)
+    s = _run(kernel_engine, "kvsmooth")
+    added = [
+        e
+        for e in s.events
+        if e.scope == "layer" and e.kind == "cpu" and e.where.startswith("engine/execute.py")
+    ]
+    assert len(added) == s.kernel_rows > 0, _report("kvsmooth+cpu", s)  # one per smoothed layer call
