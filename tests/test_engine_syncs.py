@@ -24,18 +24,20 @@ FARSIGHT_B = {"method": "farsight", "mode": "B"}
 FARSIGHT_C = {"method": "farsight", "mode": "C"}
 #: Methods whose layer calls must not sync, and the batches that measure them.
 ASSERTED: dict[str, Any] = {
-    "farsight-B": FARSIGHT_B,
-}
-#: Measured and printed only (``-s``): their kernel path still syncs.
-MEASURED = {
     "kvsmooth": "kvsmooth",
+    "farsight-B": FARSIGHT_B,
     "farsight-C": FARSIGHT_C,
     "farsight-B+kvsmooth": [FARSIGHT_B, "kvsmooth"],
     "farsight-C+kvsmooth": [FARSIGHT_C, "kvsmooth"],
-    "prunehal": "prunehal",
 }
-#: Per step (the plan, built once per step): the most syncs allowed, each counted conservatively.
-STEP_BOUND = 4
+#: Measured and printed only (``-s``): PruneHal's kernel path is another change's.
+MEASURED = {"prunehal": "prunehal"}
+#: Per step (the plan, built once per step), on average over a request's steps: the most counted
+#: events allowed. Counted conservatively: the step's table copy (a tensor from Python data and its
+#: non-blocking copy), the kernel lane's sinks (one copy), a sink lane's sinks, and the read of
+#: ``query_start_loc_cpu`` (a host tensor on a GPU runner; on this CPU runner it shares the device
+#: field's storage, so it is counted).
+STEP_BOUND = 5
 MAX_TOKENS = 4
 
 
@@ -133,6 +135,7 @@ def test_no_sync_in_a_layer_call(kernel_engine, name):
     if name != "farsight-B":  # B runs as the native kernel's sink lane on CPU_ATTN
         assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
     assert s.total("layer") == 0, _report(name, s)
+    assert s.total("step") <= STEP_BOUND * s.steps, _report(name, s)
 
 
 @pytest.mark.engine

@@ -18,14 +18,16 @@ mitigated step) and :meth:`SyncSentinel.step` wraps ``engine.plan.build_plan`` (
 built once per step by the metadata builder). Inside them, vLLM's own kernel and metadata builds (the
 ``native`` and ``build`` callables they are handed) and the project's Triton launch under the interpreter
 (``GridExecutor.__call__``, which copies its arguments to NumPy; on a GPU an asynchronous launch) are not
-counted: they are the kernels, not the plugin's host code. The wrapper around the launch
+counted: they are the kernels, not the plugin's host code; nor is ``cpu_cache.learn_layout``, CPU_ATTN's
+one-time probe of vLLM's page packing (no GPU backend has one). The wrapper around the launch
 (``paged_attention_into``'s host-side checks and grid) is counted. In a step, reads of vLLM's host
 copies of the metadata (``query_start_loc_cpu``, ``seq_lens_cpu_upper_bound``, ...: the common
 metadata's ``*_cpu`` fields, where they do not share storage with a device field) are not counted:
 they are host tensors on a GPU too.
 
 ``with SyncSentinel().engine() as s:`` installs the wrappers while the block runs (an in-process
-engine's worker runs in the calling thread); ``s.events`` lists every counted op with its scope and the first plugin frame that made it.
+engine's worker runs in the calling thread); ``s.events`` lists every counted op with its scope and
+the first plugin frame that made it.
 """
 
 from __future__ import annotations
@@ -201,9 +203,10 @@ class SyncSentinel:
         """Wrap the plugin's layer call and step plan, and pause inside kernels, while the block runs."""
         from triton.runtime import interpreter
 
-        from vllm_halluguard.engine import execute, plan
+        from vllm_halluguard.engine import cpu_cache, execute, plan
 
         run_layer, build_plan, launch = execute.run_layer, plan.build_plan, interpreter.GridExecutor.__call__
+        learn = cpu_cache.learn_layout
 
         def layer(impl: Any, native: Any, *args: Any, **kwargs: Any) -> Any:
             self.layer_calls += 1
@@ -225,11 +228,13 @@ class SyncSentinel:
 
         execute.run_layer, plan.build_plan = layer, step  # type: ignore[assignment]
         interpreter.GridExecutor.__call__ = grid  # type: ignore[method-assign]
+        cpu_cache.learn_layout = self._unpaused(learn)  # type: ignore[assignment]
         try:
             yield self
         finally:
             execute.run_layer, plan.build_plan = run_layer, build_plan
             interpreter.GridExecutor.__call__ = launch  # type: ignore[method-assign]
+            cpu_cache.learn_layout = learn  # type: ignore[assignment]
 
 
 class _FunctionMode(TorchFunctionMode):
