@@ -4,7 +4,9 @@ The engine is the session's shared LLaVA engine with its metadata builders switc
 for this module (``_hg_kernel``, what ``HALLUGUARD_ATTENTION=triton`` sets when the builder is made; the
 Triton kernel runs under the interpreter), so no engine is started here. Per method, one batch of a
 plain row and a mitigated row runs with the sentinel on: its events per layer call and per step are
-printed (``-s``) and the layer calls must have none. PruneHal is measured, not asserted.
+printed (``-s``), the layer calls must have none, and the outputs must equal the same batch's on the
+torch path (which the contract and composition suites hold to the dense reference). PruneHal is
+measured, not asserted.
 Untested on a GPU: the sentinel counts what would wait for the stream there.
 """
 
@@ -18,7 +20,7 @@ import torch
 from helpers.sync_sentinel import SyncSentinel
 from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
 from vllm_halluguard.engine.runtime import worker_stats
-from vllm_halluguard.parity import Case, run_vllm
+from vllm_halluguard.parity import Case, compare, run_vllm
 
 FARSIGHT_B = {"method": "farsight", "mode": "B"}
 FARSIGHT_C = {"method": "farsight", "mode": "C"}
@@ -100,14 +102,17 @@ def kernel_engine(engines):
     llm.collective_rpc(_set_kernel, args=(False,))
 
 
+def _cases(spec: Any) -> list[Case]:
+    return [Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=e) for seed, e in
+            ((90, None), (91, {EXTRA_ARGS_KEY: spec}))]  # fmt: skip
+
+
 def _run(llm: Any, spec: Any) -> SyncSentinel:
-    """One batch of a plain row and a ``spec`` row, with the sentinel on."""
+    """One batch of a plain row and a ``spec`` row, with the sentinel on (``s.gens``: their outputs)."""
     s = SyncSentinel()
-    cases = [Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=e) for seed, e in
-             ((90, None), (91, {EXTRA_ARGS_KEY: spec}))]  # fmt: skip
     (before,) = llm.collective_rpc(worker_stats)
     with s.engine():
-        run_vllm(llm, cases)
+        s.gens = run_vllm(llm, _cases(spec))  # type: ignore[attr-defined]
     (after,) = llm.collective_rpc(worker_stats)
     s.kernel_rows = after["kernel_rows"] - before["kernel_rows"]  # type: ignore[attr-defined]
     return s
@@ -136,6 +141,15 @@ def test_no_sync_in_a_layer_call(kernel_engine, name):
         assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
     assert s.total("layer") == 0, _report(name, s)
     assert s.total("step") <= STEP_BOUND * s.steps, _report(name, s)
+    # the same batch on the torch path (= the dense reference: test_engine_contract / _compose)
+    kernel_engine.collective_rpc(_set_kernel, args=(False,))
+    try:
+        torch_gens = run_vllm(kernel_engine, _cases(ASSERTED[name]))
+    finally:
+        kernel_engine.collective_rpc(_set_kernel, args=(True,))
+    for got, want in zip(s.gens, torch_gens, strict=True):
+        report = compare(got, want)
+        assert report.same_tokens and report.max_abs_logprob_diff < 1e-3, f"{name}: {report}"
 
 
 @pytest.mark.engine
