@@ -12,14 +12,22 @@ Untested on a GPU: the sentinel counts what would wait for the stream there.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from helpers.sync_sentinel import SyncSentinel
+from helpers.device_sim import on_device, simulated_device
+from helpers.sync_sentinel import Event, SyncSentinel
+from vllm_halluguard.engine.cache_io import SplitViews
 from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
+from vllm_halluguard.engine.kvsmooth import Buffers, KVSmoothEngine
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.plan import device_rows
 from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.engine.state import RequestState, Row, StepView
+from vllm_halluguard.methods.kvsmooth import KVSmoothConfig
 from vllm_halluguard.parity import Case, compare, run_vllm
 
 FARSIGHT_B = {"method": "farsight", "mode": "B"}
@@ -179,3 +187,63 @@ def test_a_deliberate_cpu_copy_is_caught(kernel_engine, monkeypatch):
         if e.scope == "layer" and e.kind == "cpu" and e.where.startswith("engine/execute.py")
     ]
     assert len(added) == s.kernel_rows > 0, _report("kvsmooth+cpu", s)  # one per smoothed layer call
+
+
+# ------------------------------------------------- KVSmooth's kernel path on a simulated device
+
+
+def _kvsmooth_layer(with_plan: bool) -> tuple[list, list[Event], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KVSmooth's ``after_kernel`` over three decode rows (two configs, two rows at their first generated
+    token) on the simulated device, FLASH_ATTN's cache views; with the step's device tables or the
+    per-row path. Returns the host transfers, the counted syncs, the caches and the FIFOs after."""
+    g = torch.Generator().manual_seed(3)
+    nb, bs, hkv, hq, d = 8, 16, 2, 4, 8
+    k_cache, v_cache = torch.randn(2, nb, bs, hkv, d, generator=g).unbind(0)
+    block_table = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 7]])
+    seq_lens, prompt_lens = [21, 9, 40], [20, 8, 30]
+    slots = torch.tensor([block_table[i, (s - 1) // bs] * bs + (s - 1) % bs for i, s in enumerate(seq_lens)])
+    first = KVSmoothConfig(lam_ref=0.5, window=4, layers=(0,), smooth_first_token=False)
+    other = KVSmoothConfig(lam_ref=0.7, window=15, layers=(0,))
+    rows = [Row(i, RequestState(f"r{i}", 3 - i, cfg, p)) for i, (cfg, p) in
+            enumerate(zip((first, other, first), prompt_lens, strict=True))]  # fmt: skip
+    entropy = torch.rand(3, hq, generator=g) * 3
+    runtime = SimpleNamespace(capacity=4, num_layers=1, ext={})
+    KVSmoothEngine().setup(runtime)
+    runtime.ext["kvsmooth"].queue[:, 0, :3] = torch.rand(4, 3, generator=g)  # some history
+    runtime.ext["kvsmooth"].count[:, 0] = 3
+    sentinel = SyncSentinel()
+    with simulated_device() as transfers:
+        io = SplitViews(on_device(k_cache), on_device(v_cache), on_device(block_table))
+        plan = None
+        if with_plan:  # the FIFOs where KVSmooth.setup makes them on a GPU
+            buf = runtime.ext["kvsmooth"]
+            runtime.ext["kvsmooth"] = Buffers(on_device(buf.queue), on_device(buf.count))
+            cm = SimpleNamespace(
+                num_reqs=3,
+                query_start_loc=on_device(torch.arange(4, dtype=torch.int32)),
+                seq_lens=on_device(torch.tensor(seq_lens, dtype=torch.int32)),
+            )
+            plan = SimpleNamespace(rows=device_rows(cm, StepView(3, tuple(rows))))
+        query = on_device(torch.zeros(3, hq, d))
+        call = LayerCall(
+            layer=0, scale=d**-0.5, query=query, output=query.clone(), query_start_loc=[0, 1, 2, 3],
+            seq_lens=seq_lens, slot_mapping=on_device(slots), runtime=runtime, gather=io.gather,
+            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan,
+        )  # fmt: skip
+        with sentinel.scope("layer"):
+            KVSmoothEngine().after_kernel(call, rows, on_device(torch.zeros(3, hq)), on_device(entropy))
+        queue = runtime.ext["kvsmooth"].queue.cpu()
+        count = runtime.ext["kvsmooth"].count.cpu()
+    return list(transfers), sentinel.events, k_cache, v_cache, torch.cat([queue[:, 0], count[:, :1]], 1)
+
+
+def test_kvsmooth_kernel_path_stays_on_the_device_and_equals_the_row_path():
+    transfers, events, k, v, fifo = _kvsmooth_layer(with_plan=True)
+    assert [what for what, _ in transfers] == ["cpu", "cpu"], transfers  # the test's reads of the FIFOs
+    assert events == [], events
+    _, old_events, k0, v0, fifo0 = _kvsmooth_layer(with_plan=False)
+    assert old_events, "the per-row path reads host data (the sentinel must see it)"
+    torch.testing.assert_close(fifo, fifo0)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    k_raw, _ = torch.randn(2, 8, 16, 2, 8, generator=torch.Generator().manual_seed(3)).unbind(0)
+    assert not torch.equal(k, k_raw), "some row must have been smoothed"

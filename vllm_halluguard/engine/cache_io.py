@@ -140,7 +140,13 @@ class SplitViews(CacheIO):
         return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        paged.write_kv(self.k_cache, self.v_cache, k, v, slots)
+        """Store at real token slots (``>= 0``: the methods write their rows' tokens, never vLLM's padding),
+        without a boolean mask, so nothing waits for the device."""
+        bs = self.k_cache.shape[1]
+        slots = slots.long()
+        blocks, offsets = slots // bs, slots % bs
+        self.k_cache[blocks, offsets] = k.to(self.k_cache.dtype)
+        self.v_cache[blocks, offsets] = v.to(self.v_cache.dtype)
 
     def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_cache, self.v_cache

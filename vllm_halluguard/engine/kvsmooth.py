@@ -146,9 +146,13 @@ class KVSmoothEngine(EngineMethod):
     replays_decode = True  # smoothed K/V and FIFOs of each decode step (engine/replay.py)
 
     def setup(self, runtime: Any) -> None:
-        shape = (runtime.capacity, runtime.num_layers)
+        """The FIFOs on the platform's device (the layers read and write them there)."""
+        from vllm.platforms import current_platform
+
+        shape, device = (runtime.capacity, runtime.num_layers), torch.device(current_platform.device_type)
         runtime.ext[self.name] = Buffers(
-            torch.zeros(*shape, MAX_KVSMOOTH_WINDOW), torch.zeros(*shape, dtype=torch.long)
+            torch.zeros(*shape, MAX_KVSMOOTH_WINDOW, device=device),
+            torch.zeros(*shape, dtype=torch.long, device=device),
         )
 
     def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
@@ -208,7 +212,7 @@ class KVSmoothEngine(EngineMethod):
 
 
 def device_buffers(runtime: Any, device: torch.device) -> Buffers:
-    """The FIFOs, moved once to the layers' device (they are made on the host at setup)."""
+    """The FIFOs on the layers' device (made there at setup; moved once if the platform's device differs)."""
     buf = buffers(runtime)
     if buf.queue.device != device:
         buf.queue, buf.count = buf.queue.to(device), buf.count.to(device)
