@@ -201,6 +201,13 @@ class EngineMethod:
         """Kernel lane: the row's sink logits ``[n, Hq]`` and key mask ``[seq_len]`` (``None``: none)."""
         return None, None
 
+    def kernel_args_static(self, row: Row) -> bool:
+        """Whether :meth:`kernel_args` depends only on the row, its span and the layer index (not on
+        state the step's earlier layers change): the builder then computes it for every layer once per
+        step, on the host, and copies it to the device with the step's plan (no copy in a layer call).
+        The default (no kernel arguments) is."""
+        return type(self).kernel_args is EngineMethod.kernel_args
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:

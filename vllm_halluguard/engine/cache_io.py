@@ -41,7 +41,9 @@ class CacheIO:
     def gather_batch(self, rows: list[int], seq_lens: list[int], values: bool = True) -> tuple:
         raise NotImplementedError
 
-    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_slots(self, rows: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at ``positions [B, P]`` (on the cache's device) of batch ``rows`` (a list, or a device
+        index tensor: then no host data is read)."""
         raise NotImplementedError
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -71,7 +73,7 @@ class CPUPages(CacheIO):
             self.kv_cache, self.block_table, rows, seq_lens, self.layout, values
         )
 
-    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_slots(self, rows: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cpu_cache.gather_slots(self.kv_cache, self.block_table, rows, positions, self.layout)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -129,15 +131,22 @@ class SplitViews(CacheIO):
             out.append(x.masked_fill(~valid[:, :, None, None], 0))
         return out[0], out[1] if values else None, valid
 
-    def gather_slots(self, rows: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_slots(self, rows: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.k_cache.shape[1]
-        positions = positions.to(self.k_cache.device)
+        if positions.device != self.k_cache.device:  # host positions (the torch path's)
+            positions = positions.to(self.k_cache.device)
         blocks = self.block_table[rows].long().gather(1, positions // bs)
         offsets = positions % bs
         return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        paged.write_kv(self.k_cache, self.v_cache, k, v, slots)
+        """Store at real token slots (``>= 0``: the methods write their rows' tokens, never vLLM's padding),
+        without a boolean mask, so nothing waits for the device."""
+        bs = self.k_cache.shape[1]
+        slots = slots.long()
+        blocks, offsets = slots // bs, slots % bs
+        self.k_cache[blocks, offsets] = k.to(self.k_cache.dtype)
+        self.v_cache[blocks, offsets] = v.to(self.v_cache.dtype)
 
     def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_cache, self.v_cache

@@ -107,6 +107,9 @@ class CompositeEngine(EngineMethod):
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         return any(step.observes for step in _plan(row))
 
+    def kernel_args_static(self, row: Row) -> bool:
+        return all(m.kernel_args_static(r) for m, r in self.member_rows(row))
+
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The sinks (summed masses) and key masks (intersected) of the members reworking this layer."""
         sinks: torch.Tensor | None = None

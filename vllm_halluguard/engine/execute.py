@@ -23,7 +23,7 @@ import torch
 
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch
+from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch, lane_args
 from vllm_halluguard.engine.registry import method_of, named
 from vllm_halluguard.engine.state import current
 
@@ -85,6 +85,7 @@ def run_layer(
         write=io.write,
         gather_batch=io.gather_batch,
         gather_slots=io.gather_slots,
+        plan=plan,
     )
     if os.environ.get(VERIFY_ENV) == "1":
         _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)
@@ -156,33 +157,22 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     assert sub.query_start_loc is not None and sub.seq_lens is not None and sub.block_table is not None
     device, hq = call.query.device, call.query.shape[1]
     q = call.query[sub.tokens]
-    sinks: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    local = 0
-    for j, row in enumerate(lp.rework):
-        start, end, seq_len = call.span(row)
-        row_sinks, row_mask = method_of(row.request.config).kernel_args(call, row)
-        if impl.sinks is not None:  # the model's own sinks: the two dropped masses add up
-            own = impl.sinks.float().cpu().expand(end - start, -1)
-            row_sinks = own if row_sinks is None else torch.logaddexp(row_sinks.float(), own)
-        if row_sinks is not None:
-            if sinks is None:
-                sinks = torch.full((sub.num_tokens, hq), float("-inf"))
-            sinks[local : local + end - start] = row_sinks
-        if row_mask is not None:
-            if mask is None:
-                mask = torch.ones(
-                    len(lp.rework), max(call.seq_lens[r.index] for r in lp.rework), dtype=torch.bool
-                )
-            mask[j, :seq_len] = row_mask
-        local += end - start
+    pre = None if call.plan is None else call.plan.kernel_args.get(call.layer)
+    if pre is not None:  # made and copied once per step by the builder
+        sinks, mask = pre
+    else:  # a method whose arguments depend on this step's earlier layers (PruneHal's mask)
+        sinks, mask, _ = lane_args(call, lp.rework, sub.num_tokens)
+        sinks = None if sinks is None else sinks.to(device)
+        mask = None if mask is None else mask.to(device)
+    if impl.sinks is not None:  # the model's own sinks: the two dropped masses add up
+        own = impl.sinks.float()[None]
+        sinks = own.expand(sub.num_tokens, -1).contiguous() if sinks is None else torch.logaddexp(sinks, own)
     out = torch.empty_like(q)
     lse = torch.empty(sub.num_tokens, hq, dtype=torch.float32, device=device)
     entropy = torch.empty_like(lse)
     paged_attention_into(
         out, lse, entropy, q, views[0], views[1], sub.query_start_loc, sub.seq_lens, sub.block_table,
-        impl.scale, sinks=None if sinks is None else sinks.to(device),
-        key_mask=None if mask is None else mask.to(device),
+        impl.scale, sinks=sinks, key_mask=mask,
     )  # fmt: skip
     call.output[sub.tokens] = out
     call.runtime.stats["kernel_rows"] += len(lp.rework)

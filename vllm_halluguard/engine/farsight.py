@@ -132,7 +132,21 @@ class FarSightEngine(EngineMethod):
     apply = staticmethod(apply)
     apply_batch = staticmethod(apply_batch)
 
+    def kernel_args_static(self, row: Row) -> bool:
+        return True  # a function of the config, the row's positions and its prompt length
+
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         cfg = cast(FarSightConfig, row.request.config)
-        sinks = row_sinks(cfg, call.positions(row), row.request.prompt_len, call.query.shape[1])
-        return sinks, None
+        start, end, seq_len = call.span(row)
+        first, heads = seq_len - (end - start), call.query.shape[1]
+        return _kernel_sinks(cfg, first, seq_len, row.request.prompt_len, heads), None
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_sinks(
+    cfg: FarSightConfig, first: int, seq_len: int, prompt_len: int, num_heads: int
+) -> torch.Tensor | None:
+    """:func:`row_sinks` of the tokens ``first:seq_len`` (the same for every layer of a step)."""
+    if cfg.mode == "C" and first >= prompt_len:
+        return None  # mode C: generated tokens carry no sink
+    return row_sinks(cfg, torch.arange(first, seq_len), prompt_len, num_heads)

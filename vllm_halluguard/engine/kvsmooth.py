@@ -65,7 +65,7 @@ def smooth(call: LayerCall, row: Row, z: torch.Tensor, prev: tuple, cur: tuple) 
     cfg = cast(KVSmoothConfig, state.config)
     buf, slot, m = buffers(call.runtime), state.slot, cfg.window
     lam, queue, count = update_lambda(
-        buf.queue[slot, call.layer, :m][None], buf.count[slot, call.layer][None], z.cpu(), cfg
+        buf.queue[slot, call.layer, :m][None], buf.count[slot, call.layer][None], z.to(buf.queue.device), cfg
     )
     buf.queue[slot, call.layer, :m], buf.count[slot, call.layer] = queue[0], count[0]
     start, _, seq_len = call.span(row)
@@ -77,7 +77,7 @@ def smooth(call: LayerCall, row: Row, z: torch.Tensor, prev: tuple, cur: tuple) 
         raw = state.scratch.setdefault("raw_prev", {})
         prev_k, prev_v = raw.get(call.layer, (prev_k, prev_v))
         raw[call.layer] = (cur_k, cur_v)
-    lam = lam.to(cur_k.device)  # the FIFOs live on the host, the cache on the device
+    lam = lam.to(cur_k.device)  # the FIFOs may still be on the host (moved by the kernel path)
     new_k, new_v = ema(prev_k[None], cur_k[None], lam), ema(prev_v[None], cur_v[None], lam)
     call.write(call.slot_mapping[start : start + 1], new_k, new_v)
 
@@ -120,7 +120,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         z = entropy(probs[sel], cfg.head_reduce)
         m = cfg.window
         queue, count = buf.queue[slots, layer, :m], buf.count[slots, layer]
-        lam[sel], queue, count = update_lambda(queue, count, z.cpu(), cfg)
+        lam[sel], queue, count = update_lambda(queue, count, z.to(queue.device), cfg)
         buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
     for i, (row, p) in enumerate(todo):  # per-row options (see :func:`smooth`)
         state = row.request
@@ -146,9 +146,13 @@ class KVSmoothEngine(EngineMethod):
     replays_decode = True  # smoothed K/V and FIFOs of each decode step (engine/replay.py)
 
     def setup(self, runtime: Any) -> None:
-        shape = (runtime.capacity, runtime.num_layers)
+        """The FIFOs on the platform's device (the layers read and write them there)."""
+        from vllm.platforms import current_platform
+
+        shape, device = (runtime.capacity, runtime.num_layers), torch.device(current_platform.device_type)
         runtime.ext[self.name] = Buffers(
-            torch.zeros(*shape, MAX_KVSMOOTH_WINDOW), torch.zeros(*shape, dtype=torch.long)
+            torch.zeros(*shape, MAX_KVSMOOTH_WINDOW, device=device),
+            torch.zeros(*shape, dtype=torch.long, device=device),
         )
 
     def init_state(self, runtime: Any, state: RequestState, cached: Any) -> None:
@@ -176,13 +180,51 @@ class KVSmoothEngine(EngineMethod):
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        todo = [(row, pos) for row in rows if (pos := decode_position(call, row)) is not None]
+        """The rows' entropies from the kernel, then the FIFO push, lambda and EMA of every row at once,
+        on the device: the rows' tokens, positions and slots come from the step's device tables
+        (``call.plan.rows``), so no host data is read or copied (the non-recursive option keeps the
+        per-row path: its raw previous K/V live in the request's scratch)."""
+        todo = [row for row in rows if decode_position(call, row) is not None]
         if not todo:
             return
+        tables = None if call.plan is None else call.plan.rows
+        if tables is None or not all(cast(KVSmoothConfig, r.request.config).recursive for r in todo):
+            _after_kernel_rows(call, todo, entropy)
+            return
         assert call.gather_slots is not None
-        pos = torch.tensor([p for _, p in todo])
-        k2, v2 = call.gather_slots([row.index for row, _ in todo], torch.stack([pos - 1, pos], dim=1))
-        starts = torch.tensor([call.query_start_loc[row.index] for row, _ in todo])
-        z = head_mean(entropy[starts.to(entropy.device)], -1)  # [rows]: one reduction for all rows
-        for i, (row, _) in enumerate(todo):
-            smooth(call, row, z[i].reshape(1), (k2[i, 0], v2[i, 0]), (k2[i, 1], v2[i, 1]))
+        buf = device_buffers(call.runtime, entropy.device)
+        groups: dict[KVSmoothConfig, list[int]] = {}
+        for row in todo:
+            groups.setdefault(cast(KVSmoothConfig, row.request.config), []).append(row.index)
+        layer = call.layer
+        for cfg, indices in groups.items():  # rows sharing a config: one batch (usually one group)
+            idx = tables.index(indices)
+            pos, slots = tables.position[idx], tables.slot[idx]
+            z = head_mean(entropy[tables.last_token[idx]], -1)
+            m = cfg.window
+            lam, queue, count = update_lambda(buf.queue[slots, layer, :m], buf.count[slots, layer], z, cfg)
+            buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
+            if not cfg.smooth_first_token:
+                lam = torch.where(pos == tables.prompt_len[idx], torch.zeros_like(lam), lam)
+            k2, v2 = call.gather_slots(idx, torch.stack([pos - 1, pos], dim=1))
+            tokens = call.slot_mapping[tables.last_token[idx]]
+            call.write(tokens, ema(k2[:, 0], k2[:, 1], lam), ema(v2[:, 0], v2[:, 1], lam))
+
+
+def device_buffers(runtime: Any, device: torch.device) -> Buffers:
+    """The FIFOs on the layers' device (made there at setup; moved once if the platform's device differs)."""
+    buf = buffers(runtime)
+    if buf.queue.device != device:
+        buf.queue, buf.count = buf.queue.to(device), buf.count.to(device)
+    return buf
+
+
+def _after_kernel_rows(call: LayerCall, todo: list[Row], entropy: torch.Tensor) -> None:
+    """Row by row (the non-recursive option, or a call without the step's device tables)."""
+    assert call.gather_slots is not None
+    pos = torch.tensor([decode_position(call, row) for row in todo])
+    k2, v2 = call.gather_slots([row.index for row in todo], torch.stack([pos - 1, pos], dim=1))
+    starts = torch.tensor([call.query_start_loc[row.index] for row in todo])
+    z = head_mean(entropy[starts.to(entropy.device)], -1)  # [rows]: one reduction for all rows
+    for i, row in enumerate(todo):
+        smooth(call, row, z[i].reshape(1), (k2[i, 0], v2[i, 0]), (k2[i, 1], v2[i, 1]))

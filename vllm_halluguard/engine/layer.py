@@ -15,12 +15,13 @@ from vllm_halluguard.engine.state import Row
 class LayerCall:
     """One decoder layer's attention call in one engine step (flat varlen batch).
 
-    ``gather(row, seq_len)`` returns that row's K and V ``[seq_len, Hkv, D]`` from the paged cache;
-    ``write(slots, k, v)`` stores K/V rows ``[n, Hkv, D]`` at cache slots ``[n]``.
-    ``gather_batch(rows, seq_lens, values=True)`` (backends that have one) returns the K/V of several
-    rows at once, padded: ``k, v [B, S_max, Hkv, D]`` (``v`` is ``None`` for ``values=False``) and
-    ``valid [B, S_max]``; without it methods go row by row. ``gather_slots(rows, positions [B, P])``
-    (with ``gather_batch``) returns K and V ``[B, P, Hkv, D]`` at a few positions per row.
+        ``gather(row, seq_len)`` returns that row's K and V ``[seq_len, Hkv, D]`` from the paged cache;
+        ``write(slots, k, v)`` stores K/V rows ``[n, Hkv, D]`` at cache slots ``[n]``.
+        ``gather_batch(rows, seq_lens, values=True)`` (backends that have one) returns the K/V of several
+        rows at once, padded: ``k, v [B, S_max, Hkv, D]`` (``v`` is ``None`` for ``values=False``) and
+        ``valid [B, S_max]``; without it methods go row by row. ``gather_slots(rows, positions [B, P])``
+        (with ``gather_batch``) returns K and V ``[B, P, Hkv, D]`` at a few positions per row (``rows``: a
+    list or a device index tensor).
     """
 
     layer: int
@@ -34,7 +35,10 @@ class LayerCall:
     gather: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
     gather_batch: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
-    gather_slots: Callable[[list[int], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    gather_slots: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: The step's :class:`~vllm_halluguard.engine.plan.StepPlan` (its per-row device tables on the
+    #: kernel path), when the call comes from one.
+    plan: Any = None
 
     def span(self, row: Row) -> tuple[int, int, int]:
         """``(first token, end token, seq_len)`` of a row in the flat batch."""

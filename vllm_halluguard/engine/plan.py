@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 import torch
 
 from vllm_halluguard.engine.base import Backend, Route, RowSpan
+from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.registry import method_of
 from vllm_halluguard.engine.state import Row, StepView, current
 
@@ -105,9 +106,57 @@ class StepPlan:
     #: The methods' rows of this step, by method name, and the batch indices of the sink lanes' rows.
     by_method: dict[str, list[Row]] = field(default_factory=dict)
     in_sink_lanes: frozenset[int] = frozenset()
+    #: Kernel path: per batch row, on the device, built once per step (:func:`device_rows`): the flat
+    #: index of its last token, its position, and its request's slot and prompt length (-1: plain row).
+    rows: DeviceRows | None = None
+    #: Kernel path: the rework lane's sinks ``[T, Hq]`` and key mask ``[B, S]`` on the device, by layer,
+    #: for the layers whose rows' methods have static kernel arguments (:func:`static_kernel_args`).
+    kernel_args: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers.get(index, self.default)
+
+
+@dataclass
+class DeviceRows:
+    """Per-row tables of one step on the device, and index tensors of row subsets (no host copy)."""
+
+    last_token: torch.Tensor  # [num_reqs] long
+    position: torch.Tensor  # [num_reqs] long: the last token's position (seq_len - 1)
+    slot: torch.Tensor  # [num_reqs] long
+    prompt_len: torch.Tensor  # [num_reqs] long
+    _arange: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0, dtype=torch.long))
+    _index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """A device index tensor of batch ``rows``, made of slices of a device ``arange`` (no host data),
+        cached for the step."""
+        key = tuple(rows)
+        out = self._index.get(key)
+        if out is None:
+            out = self._index[key] = _runs(rows, self._arange)
+        return out
+
+
+def device_rows(cm: Any, view: StepView) -> DeviceRows:
+    """:class:`DeviceRows` of the step: the token and position tables from vLLM's device metadata, the
+    request tables in one host-to-device copy (pinned and non-blocking where CUDA is available)."""
+    n = cm.num_reqs
+    device = cm.query_start_loc.device
+    slots, prompt_lens = [-1] * n, [-1] * n
+    for row in view.rows:
+        slots[row.index], prompt_lens[row.index] = row.request.slot, row.request.prompt_len
+    host = torch.tensor([slots, prompt_lens], dtype=torch.long)
+    if device.type == "cuda" and torch.cuda.is_available():
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    return DeviceRows(
+        last_token=cm.query_start_loc[1 : n + 1].long() - 1,
+        position=cm.seq_lens[:n].long() - 1,
+        slot=table[0],
+        prompt_len=table[1],
+        _arange=torch.arange(n, device=device),
+    )
 
 
 def seq_lens_cpu(cm: Any) -> list[int]:
@@ -118,40 +167,63 @@ def seq_lens_cpu(cm: Any) -> list[int]:
     return cm.seq_lens[: cm.num_reqs].cpu().tolist()
 
 
+def _runs(ids: list[int], arange: torch.Tensor) -> torch.Tensor:
+    """The index tensor of ascending ``ids``, made of slices of ``arange`` (on its device): no host data
+    is copied to the device."""
+    parts, lo = [], 0
+    for i in range(1, len(ids) + 1):  # contiguous runs as slices
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            parts.append(arange[ids[lo] : ids[i - 1] + 1])
+            lo = i
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _tokens(rows: list[int], qsl: list[int], device: torch.device) -> tuple[Tokens, int]:
     spans = [(qsl[r], qsl[r + 1]) for r in rows]
     n = sum(hi - lo for lo, hi in spans)
     if all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
         return slice(spans[0][0], spans[0][0] + n), n
-    return torch.cat([torch.arange(lo, hi) for lo, hi in spans]).to(device), n
+    arange = torch.arange(qsl[-1], device=device)  # a device op: no host data
+    return torch.cat([arange[lo:hi] for lo, hi in spans]), n
 
 
-def sub_common(cm: Any, rows: list[int], tokens: Tokens, num_tokens: int) -> Any:
-    """vLLM's ``CommonAttentionMetadata`` of ``rows`` only (ascending batch indices)."""
+#: Per-request fields of vLLM's common metadata that are host copies (indexed with a host index).
+_HOST_SUFFIXES = ("_cpu", "_cpu_upper_bound")
+
+
+def sub_common(
+    cm: Any, rows: list[int], tokens: Tokens, num_tokens: int, qsl: list[int] | None = None
+) -> Any:
+    """vLLM's ``CommonAttentionMetadata`` of ``rows`` only (ascending batch indices; ``qsl``: the host
+    query starts, if the caller has them as a list). Device fields are indexed on the device with an index
+    made there, host fields with a host index: nothing is copied between them."""
     device = cm.query_start_loc.device
     qsl_cpu = cm.query_start_loc_cpu
-    index_cpu = torch.tensor(rows, dtype=torch.long)
-    index = index_cpu.to(device)
-    lens = (qsl_cpu[1:] - qsl_cpu[:-1])[index_cpu]
-    sub_qsl_cpu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(qsl_cpu.dtype)
+    if qsl is None:
+        qsl = qsl_cpu[: cm.num_reqs + 1].tolist()
+    index_cpu = _runs(rows, torch.arange(cm.num_reqs))
+    index = _runs(rows, torch.arange(cm.num_reqs, device=device))
+    sub_qsl_cpu = torch.nn.functional.pad((qsl_cpu[1:] - qsl_cpu[:-1])[index_cpu].cumsum(0), (1, 0))
+    qsl_dev = cm.query_start_loc
+    sub_qsl = torch.nn.functional.pad((qsl_dev[1:] - qsl_dev[:-1])[index].cumsum(0), (1, 0))
 
-    def per_request(x: Any) -> Any:
+    def per_request(name: str, x: Any) -> Any:
         if x is None:
             return None
         if isinstance(x, torch.Tensor):
-            return x[index.to(x.device)]
+            return x[index_cpu if name.endswith(_HOST_SUFFIXES) or x.device.type == "cpu" else index]
         return x[rows]  # numpy
 
     changes: dict[str, Any] = {
-        "query_start_loc": sub_qsl_cpu.to(device, non_blocking=True),
-        "query_start_loc_cpu": sub_qsl_cpu,
+        "query_start_loc": sub_qsl.to(qsl_dev.dtype),
+        "query_start_loc_cpu": sub_qsl_cpu.to(qsl_cpu.dtype),
         "seq_lens": cm.seq_lens[index],
         "num_reqs": len(rows),
         "num_actual_tokens": num_tokens,
-        "max_query_len": int(lens.max()),
+        "max_query_len": max(qsl[r + 1] - qsl[r] for r in rows),
         "block_table_tensor": cm.block_table_tensor[index],
         "slot_mapping": cm.slot_mapping[tokens],
-        "causal": per_request(cm.causal) if isinstance(cm.causal, torch.Tensor) else cm.causal,
+        "causal": per_request("causal", cm.causal) if isinstance(cm.causal, torch.Tensor) else cm.causal,
         "logits_indices_padded": None,
         "num_logits_indices": None,
         "max_logits_per_req": None,
@@ -172,7 +244,7 @@ def sub_common(cm: Any, rows: list[int], tokens: Tokens, num_tokens: int) -> Any
         "replayssm_decode_base_cpu",
     ):
         if hasattr(cm, name):
-            changes[name] = per_request(getattr(cm, name))
+            changes[name] = per_request(name, getattr(cm, name))
     known = {f.name for f in dataclasses.fields(cm)}
     return dataclasses.replace(cm, **{k: v for k, v in changes.items() if k in known})
 
@@ -215,7 +287,7 @@ def build_plan(
 
     def sub(rows: list[int]) -> SubBatch:
         tokens, n = _tokens(rows, qsl, device)
-        return SubBatch(rows, tokens, n, build(0, sub_common(cm, rows, tokens, n)))
+        return SubBatch(rows, tokens, n, build(0, sub_common(cm, rows, tokens, n, qsl)))
 
     sink_groups: dict[Hashable, list[int]] = {}
     for index, route in routes.items():
@@ -233,6 +305,8 @@ def build_plan(
 
     plan = StepPlan(view, qsl, seq_lens, int(qsl[-1]), LayerPlan(None), sink_lanes=lanes, by_method=by_method)
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
+    if backend.kernel:
+        plan.rows = device_rows(cm, view)
     plan.in_sink_lanes = in_lanes
     cache: dict[frozenset[int], LayerPlan] = {}
 
@@ -262,25 +336,112 @@ def build_plan(
         plan.default = layer_plan(frozenset())
     if plan.full is None and verify:
         plan.full = build(common_prefix_len, cm)
+    if backend.kernel:
+        plan.kernel_args = static_kernel_args(plan, backend, device)
     return plan
+
+
+def lane_args(call: LayerCall, rework: tuple[Row, ...], num_tokens: int) -> tuple[Any, Any, tuple]:
+    """The kernel lane's sinks ``[num_tokens, Hq]`` and key mask ``[rows, S_max]`` from each row's
+    ``kernel_args`` (``None`` where no row has any), where they are made, and the rows' own results (the
+    same objects for two layers whose rows returned the same: the builder makes those once)."""
+    hq = call.query.shape[1]
+    sinks: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    key: list[Any] = []
+    local = 0
+    for j, row in enumerate(rework):
+        start, end, seq_len = call.span(row)
+        row_sinks, row_mask = method_of(row.request.config).kernel_args(call, row)
+        key.append((row_sinks, row_mask))
+        if row_sinks is not None:
+            if sinks is None:
+                sinks = torch.full((num_tokens, hq), float("-inf"))
+            sinks[local : local + end - start] = row_sinks
+        if row_mask is not None:
+            if mask is None:
+                mask = torch.ones(len(rework), max(call.seq_lens[r.index] for r in rework), dtype=torch.bool)
+            mask[j, :seq_len] = row_mask
+        local += end - start
+    return sinks, mask, tuple(key)
+
+
+def _no_cache(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("kernel_args_static methods read no cache")
+
+
+def static_kernel_args(
+    plan: StepPlan, backend: Backend, device: torch.device
+) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The kernel lane's sinks and masks of every layer whose rows all have static kernel arguments
+    (:meth:`~vllm_halluguard.engine.base.EngineMethod.kernel_args_static`), made on the host once per
+    step and copied to the device in one copy per kind (pinned and non-blocking where CUDA is available)."""
+    stub = LayerCall(
+        layer=0, scale=0.0, query=torch.empty(0, backend.num_heads, 0), output=torch.empty(0),
+        query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens,
+        slot_mapping=torch.empty(0, dtype=torch.long), runtime=current(), gather=_no_cache, write=_no_cache,
+    )  # fmt: skip
+    per_layer: dict[int, tuple[int, int]] = {}  # layer -> indices into the lists below (-1: none)
+    made: dict[tuple[int, ...], tuple[int, int]] = {}
+    sinks_host: list[torch.Tensor] = []
+    masks_host: list[torch.Tensor] = []
+    alive: list[Any] = []  # the rows' results stay referenced while their ids key ``made``
+    for layer in range(backend.num_layers):
+        lp = plan.layer(layer)
+        if lp.kernel is None or not all(method_of(r.request.config).kernel_args_static(r) for r in lp.rework):
+            continue
+        stub.layer = layer
+        sinks, mask, results = lane_args(stub, lp.rework, lp.kernel.num_tokens)
+        alive.append(results)
+        key = (id(lp), *(id(x) for pair in results for x in pair))
+        if key not in made:
+            made[key] = (_append(sinks_host, sinks), _append(masks_host, mask))
+        per_layer[layer] = made[key]
+    sinks_dev, masks_dev = _upload(sinks_host, device), _upload(masks_host, device)
+    return {
+        layer: (sinks_dev[i] if i >= 0 else None, masks_dev[j] if j >= 0 else None)
+        for layer, (i, j) in per_layer.items()
+    }
+
+
+def _append(out: list[torch.Tensor], x: torch.Tensor | None) -> int:
+    if x is None:
+        return -1
+    out.append(x)
+    return len(out) - 1
+
+
+def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors of one dtype on the device, in one copy."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda" and torch.cuda.is_available():
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
 
 
 def _kernel_batch(
     rows: list[int], qsl: list[int], seq_lens: list[int], cm: Any, device: torch.device
 ) -> SubBatch:
-    """The reworked rows as the Triton kernel's varlen batch (built once per step and rework set)."""
+    """The reworked rows as the Triton kernel's varlen batch (built once per step and rework set, on the
+    device from vLLM's device metadata: no host data is copied)."""
     tokens, n = _tokens(rows, qsl, device)
-    lens = torch.tensor([qsl[r + 1] - qsl[r] for r in rows])
-    starts = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    index = _runs(rows, torch.arange(cm.num_reqs, device=device))
+    qsl_dev = cm.query_start_loc
+    lens = (qsl_dev[1:] - qsl_dev[:-1])[index]
     return SubBatch(
         rows,
         tokens,
         n,
-        query_start_loc=starts.to(device),
-        seq_lens=torch.tensor([seq_lens[r] for r in rows], dtype=torch.int32).to(device),
-        block_table=cm.block_table_tensor[torch.tensor(rows, device=cm.block_table_tensor.device)].to(
-            torch.int32
-        ),
+        query_start_loc=torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32),
+        seq_lens=cm.seq_lens[index].to(torch.int32),
+        block_table=cm.block_table_tensor[index].to(torch.int32),
     )
 
 
