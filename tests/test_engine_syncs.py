@@ -48,6 +48,12 @@ MEASURED = {"prunehal": "prunehal"}
 #: ``query_start_loc_cpu`` (a host tensor on a GPU runner; on this CPU runner it shares the device
 #: field's storage, so it is counted).
 STEP_BOUND = 5
+#: Methods with another bound. FarSight-C's only plugin step is its prefill (its decode steps keep
+#: vLLM's own metadata and full graphs: test_engine_graphs.py), where the prompt rows' sinks are computed
+#: from host positions (``engine/farsight.py`` ``_kernel_sinks``: a host ``arange``, a ``bool`` of a host
+#: tensor and two scalars made into tensors, all counted conservatively) besides the table copy, the
+#: sinks' copy and the ``query_start_loc_cpu`` read: 7 counted in its one step.
+STEP_BOUNDS = {"farsight-C": 7}
 MAX_TOKENS = 4
 
 
@@ -148,7 +154,7 @@ def test_no_sync_in_a_layer_call(kernel_engine, name):
     if name != "farsight-B":  # B runs as the native kernel's sink lane on CPU_ATTN
         assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
     assert s.total("layer") == 0, _report(name, s)
-    assert s.total("step") <= STEP_BOUND * s.steps, _report(name, s)
+    assert s.total("step") <= STEP_BOUNDS.get(name, STEP_BOUND) * s.steps, _report(name, s)
     # the same batch on the torch path (= the dense reference: test_engine_contract / _compose)
     kernel_engine.collective_rpc(_set_kernel, args=(False,))
     try:

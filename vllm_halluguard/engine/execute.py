@@ -163,7 +163,8 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     else:  # a method whose arguments depend on this step's earlier layers (PruneHal's mask)
         sinks, mask, _ = lane_args(call, lp.rework, sub.num_tokens)
         sinks = None if sinks is None else sinks.to(device)
-        mask = None if mask is None else mask.to(device)
+        if mask is not None and mask.device != device:
+            mask = mask.to(device)
     if impl.sinks is not None:  # the model's own sinks: the two dropped masses add up
         own = impl.sinks.float()[None]
         sinks = own.expand(sub.num_tokens, -1).contiguous() if sinks is None else torch.logaddexp(sinks, own)

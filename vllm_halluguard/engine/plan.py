@@ -359,8 +359,9 @@ def lane_args(call: LayerCall, rework: tuple[Row, ...], num_tokens: int) -> tupl
                 sinks = torch.full((num_tokens, hq), float("-inf"))
             sinks[local : local + end - start] = row_sinks
         if row_mask is not None:
-            if mask is None:
-                mask = torch.ones(len(rework), max(call.seq_lens[r.index] for r in rework), dtype=torch.bool)
+            if mask is None:  # where the rows' masks are (PruneHal's: the layer's device), no read back
+                width = max(call.seq_lens[r.index] for r in rework)
+                mask = torch.ones(len(rework), width, dtype=torch.bool, device=row_mask.device)
             mask[j, :seq_len] = row_mask
         local += end - start
     return sinks, mask, tuple(key)
