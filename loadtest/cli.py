@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from vllm_halluguard.loadtest import report, workload
 from vllm_halluguard.loadtest.client import RemoteTargetError, check_target
 from vllm_halluguard.loadtest.runner import (

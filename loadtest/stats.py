@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from pydantic import BaseModel
+
 from vllm_halluguard.loadtest.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
