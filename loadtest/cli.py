@@ -7,9 +7,10 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -83,8 +84,13 @@ def _slo(text: str) -> Slo:
     return Slo(**fields)
 
 
-def _arg(kind):
-    def parse(text: str):
+T = TypeVar("T")
+
+
+def _arg(kind: Callable[[str], T]) -> Callable[[str], T]:
+    """``kind`` as an argparse type: its ``ValueError`` becomes argparse's usage error."""
+
+    def parse(text: str) -> T:
         try:
             return kind(text)
         except ValueError as e:
