@@ -25,6 +25,8 @@ ENV HOME=/home/halluguard \
 
 WORKDIR /opt/vllm-halluguard
 COPY pyproject.toml README.md ./
+# vllm_halluguard/server and vllm_halluguard/loadtest are relative links to the two folders below:
+# COPY keeps them as links, and the wheel build copies the files they point to.
 COPY vllm_halluguard ./vllm_halluguard
 COPY server ./server
 COPY loadtest ./loadtest

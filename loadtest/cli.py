@@ -7,11 +7,13 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+
 from vllm_halluguard.loadtest import report, workload
 from vllm_halluguard.loadtest.client import RemoteTargetError, check_target
 from vllm_halluguard.loadtest.runner import (
@@ -82,8 +84,13 @@ def _slo(text: str) -> Slo:
     return Slo(**fields)
 
 
-def _arg(kind):
-    def parse(text: str):
+T = TypeVar("T")
+
+
+def _arg(kind: Callable[[str], T]) -> Callable[[str], T]:
+    """``kind`` as an argparse type: its ``ValueError`` becomes argparse's usage error."""
+
+    def parse(text: str) -> T:
         try:
             return kind(text)
         except ValueError as e:

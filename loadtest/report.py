@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vllm_halluguard import __version__
 from vllm_halluguard.loadtest.runner import ALL, GroupResult, PointResult, Report, Totals
 from vllm_halluguard.loadtest.stats import LATENCY_METRICS, MIN_BASELINE_MS, Dist, MeanCI
 from vllm_halluguard.loadtest.workload import BASELINE
-
-from vllm_halluguard import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
+
 from vllm_halluguard.loadtest import workload
 from vllm_halluguard.loadtest.client import RequestRecord, send
 from vllm_halluguard.loadtest.stats import Slo, Summary, ratios, summarize

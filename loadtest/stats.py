@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel
+
 from vllm_halluguard.loadtest.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
@@ -129,7 +130,7 @@ def summarize(
     good = [r for r in records if r.ok]
     errors = Counter(r.error or "unknown" for r in records if not r.ok)
 
-    def per_repeat(f) -> MeanCI:
+    def per_repeat(f: Callable[[Sequence[RequestRecord]], float]) -> MeanCI:
         return mean_ci([f(recs) / wall if wall > 0 else 0.0 for recs, wall in repeats])
 
     return Summary(

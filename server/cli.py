@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 
+from vllm_halluguard.methods.base import MODEL_FAMILIES
 from vllm_halluguard.server.inputs import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -39,8 +40,6 @@ from vllm_halluguard.server.security import (
     FETCH_TIMEOUT_ENV,
     METRICS_KEY_ENV,
 )
-
-from vllm_halluguard.methods.base import MODEL_FAMILIES
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,9 @@ from prometheus_client import Counter, Histogram
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.routing import Match, WebSocketRoute
+
+from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
+from vllm_halluguard.methods import cut
 from vllm_halluguard.server import engine_stats, security
 from vllm_halluguard.server.inputs import ImageLimits, InputError, any_image, has_image
 from vllm_halluguard.server.mitigation import (
@@ -47,9 +50,6 @@ from vllm_halluguard.server.mitigation import (
     header_value,
     known_names,
 )
-
-from vllm_halluguard.engine.requests import EXTRA_ARGS_KEY
-from vllm_halluguard.methods import cut
 
 logger = logging.getLogger("vllm.halluguard.server")
 

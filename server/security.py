@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vllm_halluguard.server.inputs import InputError, objects, part_type
-
 from vllm_halluguard.methods import cut
+from vllm_halluguard.server.inputs import InputError, objects, part_type
 
 logger = logging.getLogger("vllm.halluguard.server")
 

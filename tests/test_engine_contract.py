@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 from transformers import AutoConfig
-from vllm_halluguard.server.mitigation import Policy, Resolver
 
 from helpers.method_cases import COMPOSITIONS, METHOD_CASES
 from helpers.parity import (
@@ -38,6 +37,7 @@ from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, MethodConfig, SpecError, parse
 from vllm_halluguard.methods.resolve import NOT_APPLICABLE, model_family, resolve
 from vllm_halluguard.reference.base import ReferenceMethod
+from vllm_halluguard.server.mitigation import Policy, Resolver
 from vllm_halluguard.tiny_models import FIXTURES, SERVED_FIXTURES, ensure_fixture
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -365,8 +365,8 @@ def test_engine_settings_the_methods_cannot_serve_are_refused_at_admission():
 
 def test_a_server_default_the_parallel_layout_refuses_fails_at_startup():
     from transformers import AutoConfig
-    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 
+    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
     from vllm_halluguard.tiny_models import ensure_fixture
 
     hf_config = AutoConfig.from_pretrained(ensure_fixture("llava"))
@@ -390,10 +390,10 @@ def test_mitigated_requests_are_refused_when_a_kv_connector_is_configured():
     and a server default at startup; without one, the same config admits them."""
     from transformers import AutoConfig
     from vllm.config import KVTransferConfig
-    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 
     from vllm_halluguard.engine.requests import check_inputs
     from vllm_halluguard.methods import SCRConfig, SpecError
+    from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
     from vllm_halluguard.tiny_models import ensure_fixture
 
     transfer = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")

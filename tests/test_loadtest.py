@@ -15,6 +15,9 @@ import sys
 
 import httpx
 import pytest
+
+import vllm_halluguard
+from helpers.server import ROOT, free_port
 from vllm_halluguard.loadtest import cli, report, workload
 from vllm_halluguard.loadtest.client import (
     RemoteTargetError,
@@ -34,9 +37,6 @@ from vllm_halluguard.loadtest.stats import (
     ratios,
     summarize,
 )
-
-import vllm_halluguard
-from helpers.server import ROOT, free_port
 
 # ------------------------------------------------------------------------------------------ stats
 

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 import pytest
 from transformers import AutoConfig
 from vllm.config import CompilationConfig, VllmConfig
-from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 
 from vllm_halluguard.engine import requests as engine_requests
 from vllm_halluguard.methods import METHODS, MODEL_FAMILIES, ORDER, MethodConfig, SpecError
 from vllm_halluguard.methods.base import Refusal
+from vllm_halluguard.server.mitigation import MitigationError, Policy, Resolver
 from vllm_halluguard.tiny_models import ALL_FIXTURES, ensure_fixture
 
 ALL_PAIRS = {f"{a}+{b}" for i, a in enumerate(ORDER) for b in ORDER[i + 1 :]}

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 from transformers import AutoConfig
-from vllm_halluguard.server.mitigation import Policy, Resolver
 
 from vllm_halluguard.methods import METHODS
 from vllm_halluguard.methods.errors import SpecError
 from vllm_halluguard.methods.resolve import resolve
+from vllm_halluguard.server.mitigation import Policy, Resolver
 from vllm_halluguard.tiny_models import SERVED_FIXTURES, ensure_fixture
 
 

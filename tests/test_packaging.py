@@ -33,11 +33,7 @@ SCRIPTS = {
 
 
 def source_dir(package: str) -> Path:
-    """Folder of ``package`` in the repository, following pyproject's package-dir mapping."""
-    mapping = PYPROJECT["tool"]["setuptools"].get("package-dir", {})
-    for name in sorted(mapping, key=len, reverse=True):
-        if package == name or package.startswith(name + "."):
-            return ROOT / mapping[name] / Path(*package[len(name) :].split(".")[1:])
+    """Folder of ``package`` in the repository: its import path (``server``/``loadtest`` through links)."""
     return ROOT / Path(*package.split("."))
 
 
@@ -56,14 +52,13 @@ def shipped_sources() -> dict[str, Path]:
 def test_every_package_folder_is_listed():
     """A new subpackage not listed in pyproject.toml would silently be left out of the wheel."""
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    # Packages whose folder is not inside their parent's: the top level and the package-dir mappings.
-    roots = {p for p in listed if "." not in p or source_dir(p).parent != source_dir(p.rpartition(".")[0])}
-    found = set()
-    for root in roots:
-        base = source_dir(root)
-        for init in base.rglob("__init__.py"):
-            rel = init.parent.relative_to(base).parts
-            found.add(".".join([root, *rel]))
+    base = ROOT / PACKAGE
+    found = {
+        ".".join([PACKAGE, *Path(folder).relative_to(base).parts])
+        for folder, _, names in os.walk(base, followlinks=True)  # into server/ and loadtest/
+        if "__init__.py" in names
+    }
+    assert f"{PACKAGE}.server" in found and f"{PACKAGE}.loadtest" in found
     assert found == listed
     assert all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in listed), "one top-level module only"
     assert "package-data" not in PYPROJECT["tool"]["setuptools"], "no data files ship (testbed weights)"
@@ -88,7 +83,8 @@ def test_test_extra_covers_what_the_tests_import():
     distribution = {"yaml": "pyyaml", "xdist": "pytest-xdist"}
     from_vllm = {"torch", "transformers", "vllm", "numpy", "PIL", "safetensors", "pydantic", "httpx"}
     from_vllm |= {"prometheus_client", "tokenizers", "triton"}
-    local = {PACKAGE, "helpers", "testbed", "canary", "reference_fixtures", "build_vllm_attention"}
+    local = {PACKAGE, "helpers", "testbed", "build_vllm_attention"}
+    local |= {f.stem for f in (ROOT / "tests").glob("*.py")}  # test modules import each other's tables
     imported = set()
     for f in (ROOT / "tests").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
@@ -121,6 +117,50 @@ def test_cpu_lock_satisfies_the_test_extra():
         assert req.specifier.contains(version, prereleases=True), f"{text} vs locked {version}"
 
 
+# --- layout: server/ and loadtest/ are subpackages for every tool -----------------------------------
+
+
+@pytest.mark.parametrize("name", ["server", "loadtest"])
+def test_top_level_folder_is_linked_into_the_package(name):
+    """``vllm_halluguard/<name>`` is a relative link to the top-level folder, so the checkout, an editable
+    install, the wheel build, mypy and ruff all find it under its package name (no package-dir
+    mapping, no ``__path__`` extension)."""
+    link, folder = ROOT / PACKAGE / name, ROOT / name
+    assert folder.is_dir() and not folder.is_symlink(), "the code lives in the top-level folder"
+    assert link.is_symlink() and os.readlink(link) == f"../{name}"
+    assert link.resolve() == folder
+    assert "package-dir" not in PYPROJECT["tool"]["setuptools"]
+
+
+def test_mypy_checks_server_and_loadtest_under_their_package_names():
+    """mypy's sources (pyproject's config) hold each server/loadtest file once, as ``vllm_halluguard.*``:
+    their imports of each other then resolve to typed modules instead of ``Any``."""
+    from mypy.main import process_options
+
+    sources, _ = process_options(["--config-file", str(ROOT / "pyproject.toml")])
+    by_file = {Path(s.path or "").resolve(): s.module for s in sources}
+    assert len(by_file) == len(sources), "a file checked twice under two names"
+    for name in ("server", "loadtest"):
+        files = sorted((ROOT / name).glob("*.py"))
+        assert files
+        for f in files:
+            stem = "" if f.stem == "__init__" else f".{f.stem}"
+            assert by_file.get(f) == f"{PACKAGE}.{name}{stem}", f
+    assert not [m for m in by_file.values() if m.split(".")[0] in {"server", "loadtest"}]
+
+
+@pytest.mark.parametrize("name", ["server", "loadtest"])
+def test_ruff_sorts_the_package_imports_as_first_party(name):
+    """In server/ and loadtest/, ``vllm_halluguard.<name>`` imports sort with the first-party block."""
+    first_party = sorted([f"from {PACKAGE}.{name} import cli\n", f"from {PACKAGE}.methods import cut\n"])
+    probe = "import httpx\n\n" + "".join(first_party)
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "I", "--stdin-filename", f"{name}/probe.py", "-"],
+        cwd=ROOT, input=probe, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 # --- the built wheel ----------------------------------------------------------------------------------
 
 
@@ -134,7 +174,8 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in (PACKAGE, "server", "loadtest", "tests"):
-        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+        # The links stay links (as in the Dockerfile's COPY): the build must follow them.
+        shutil.copytree(ROOT / name, src / name, ignore=ignore, symlinks=True)
     out = tmp / "dist"
     code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(out)!r}))"
     res = subprocess.run(
@@ -161,6 +202,10 @@ def test_wheel_holds_the_product_only(wheel):
     for unwanted in ("testbed", "helpers", "testing", ".safetensors", "triton_mode", "train"):
         assert not [n for n in files if unwanted in n], unwanted
     assert f"{PACKAGE}/server/cli.py" in files and f"{PACKAGE}/loadtest/cli.py" in files
+    # The linked folders ship as files with their content (not as links).
+    for folder in ("server", "loadtest"):
+        for f in (ROOT / folder).glob("*.py"):
+            assert zipfile.ZipFile(wheel).read(f"{PACKAGE}/{folder}/{f.name}") == f.read_bytes(), f
 
 
 def test_wheel_entry_points(wheel):
@@ -197,17 +242,24 @@ def test_unpacked_wheel_has_no_generic_modules(wheel, tmp_path):
 
 def test_source_checkout_imports_its_own_server_and_loadtest(tmp_path):
     """Imported straight from a checkout (no install, no site-packages), the namespaced subpackages
-    are the checkout's top-level folders."""
+    are the checkout's top-level folders, and no other folder of the checkout becomes a subpackage."""
     code = (
-        f"import sys; sys.path[:0] = [{str(ROOT)!r}]\n"
+        f"import importlib, sys; sys.path[:0] = [{str(ROOT)!r}]\n"
         "import vllm_halluguard.server, vllm_halluguard.loadtest\n"
         "print(vllm_halluguard.server.__file__); print(vllm_halluguard.loadtest.__file__)\n"
+        "for name in ('tests', 'benchmarks', 'scripts', 'docs', 'deploy'):\n"
+        "    try:\n"
+        "        importlib.import_module('vllm_halluguard.' + name)\n"
+        "    except ModuleNotFoundError:\n"
+        "        continue\n"
+        "    raise SystemExit(f'vllm_halluguard.{name} is importable')\n"
     )
     res = subprocess.run(
         [sys.executable, "-S", "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [str(ROOT / name / "__init__.py") for name in ("server", "loadtest")]
+    files = [Path(f).resolve() for f in res.stdout.split()]
+    assert files == [ROOT / name / "__init__.py" for name in ("server", "loadtest")]
 
 
 def test_the_checkout_has_its_own_venv(tmp_path):
@@ -229,7 +281,10 @@ def test_the_checkout_has_its_own_venv(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     server, plugin_module, direct_url = res.stdout.split("\n", 2)
-    assert server == str(ROOT / "server" / "__init__.py") and plugin_module == "vllm_halluguard.plugin"
+    assert (
+        Path(server).resolve() == ROOT / "server" / "__init__.py"
+        and plugin_module == "vllm_halluguard.plugin"
+    )
     assert json.loads(direct_url)["url"] == ROOT.as_uri(), "the editable install points at this checkout"
 
 

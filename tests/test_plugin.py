@@ -5,10 +5,10 @@ import os
 from importlib.metadata import entry_points, version
 
 import pytest
-from vllm_halluguard.server.cli import main as serve_main
 
 import vllm_halluguard
 from vllm_halluguard import plugin
+from vllm_halluguard.server.cli import main as serve_main
 
 
 @pytest.fixture

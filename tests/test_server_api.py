@@ -14,14 +14,14 @@ import openai
 import pytest
 import requests
 from openai import OpenAI
-from vllm_halluguard.server.cli import mitigation_env
-from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spec, parse_spec
 
 import vllm_halluguard
 from helpers.images import data_url
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
+from vllm_halluguard.server.cli import mitigation_env
+from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spec, parse_spec
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"

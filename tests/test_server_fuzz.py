@@ -28,14 +28,14 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from schemathesis.checks import not_a_server_error
-from vllm_halluguard.server.inputs import DEFAULT_MAX_PIXELS, ImageLimits, InputError, has_image
-from vllm_halluguard.server.middleware import mitigation_schema
-from vllm_halluguard.server.mitigation import IMAGE_METHODS, MitigationError, require_image
 
 from canary import Canary
 from helpers.images import data_url, png
 from helpers.method_cases import METHOD_CASES, image_methods
 from helpers.server import free_port, running_server, server_command
+from vllm_halluguard.server.inputs import DEFAULT_MAX_PIXELS, ImageLimits, InputError, has_image
+from vllm_halluguard.server.middleware import mitigation_schema
+from vllm_halluguard.server.mitigation import IMAGE_METHODS, MitigationError, require_image
 from vllm_halluguard.tiny_models import make_image
 
 pytestmark = pytest.mark.server

@@ -25,10 +25,10 @@ import aiohttp
 import pytest
 import requests
 from PIL import Image
-from vllm_halluguard.server import security
 
 from canary import Canary
 from helpers.server import free_port, running_server, server_command
+from vllm_halluguard.server import security
 from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"

@@ -21,14 +21,14 @@ import pytest
 import requests
 from openai import OpenAI
 from PIL import Image
-from vllm_halluguard.server import security
-from vllm_halluguard.server.inputs import InputError
-from vllm_halluguard.server.middleware import ERRORS, _forward
 
 from canary import Canary
 from helpers.images import data_url, png
 from helpers.server import free_port, running_server, server_command
 from vllm_halluguard.methods import parse
+from vllm_halluguard.server import security
+from vllm_halluguard.server.inputs import InputError
+from vllm_halluguard.server.middleware import ERRORS, _forward
 from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"
