@@ -35,6 +35,14 @@ CLASS_NAMES = {
 }
 
 
+def _builder_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A wrapped builder is made in a worker only: follow its model runner's steps from there on."""
+    from vllm_halluguard.engine.runners import ensure_runner_hook
+
+    ensure_runner_hook()
+    BuilderMixin.__init__(self, *args, **kwargs)
+
+
 def wrap(native: Any, backend_name: str) -> type:
     """The plugin's subclass of the native backend class ``native`` (vLLM name ``backend_name``)."""
     if getattr(native, "forward_includes_kv_cache_update", False):
@@ -42,6 +50,7 @@ def wrap(native: Any, backend_name: str) -> type:
     builder = native.get_builder_cls()
     impl = native.get_impl_cls()
     hg_builder = type(f"HG{builder.__name__}", (BuilderMixin, builder), {
+        "__init__": _builder_init,
         "_hg_native_sinks": backend_name == "CPU_ATTN" or bool(native.supports_sink()),
     })  # fmt: skip
     hg_impl = type(f"HG{impl.__name__}", (ImplMixin, impl), {"_hg_backend_name": backend_name})

@@ -18,7 +18,7 @@ Triton kernel, ``kernel_args``, ``after_kernel``), whatever the real backend:
 * a FarSight mode-B sink stays a native sink lane while no other member reworks the row in that
   step; otherwise the sink joins the reworked layers.
 
-Members act in :data:`~vllm_halluguard.methods.compose.ORDER` (docs/methods.md, "Composing methods").
+Members act in :data:`~vllm_halluguard.methods.ORDER` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from vllm_halluguard.engine.base import Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
-from vllm_halluguard.methods.compose import ORDER, Composition
+from vllm_halluguard.methods import ORDER
+from vllm_halluguard.methods.compose import Composition
 
 MEMBERS = "compose_members"
 PLAN = "compose_plan"

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Set to 1 to compare, in every mitigated step, the native rows' outputs with the native kernel's over
+#: the whole batch (:func:`vllm_halluguard.engine.execute.run_layer`; tests). They are bit-identical only
+#: where vLLM's kernel is batch-invariant (:func:`vllm_halluguard.engine.execute.native_exact`).
+VERIFY_ENV = "HALLUGUARD_VERIFY_NATIVE"
+
 #: vLLM backend names the plugin wraps, and the attribute of :mod:`.backends` that wraps each.
 BACKENDS = {"CPU_ATTN": "HG_CPU_ATTN", "FLASH_ATTN": "HG_FLASH_ATTN", "TRITON_ATTN": "HG_TRITON_ATTN"}
 

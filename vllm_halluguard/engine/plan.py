@@ -26,14 +26,11 @@ from typing import Any, TypeAlias
 import torch
 
 from vllm_halluguard.engine.base import Backend, Route, RowSpan
+from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.registry import method_of
 from vllm_halluguard.engine.state import Row, StepView, current
 
-#: Set to 1 to compare, in every mitigated step, the native rows' outputs with the native kernel's over
-#: the whole batch (:func:`vllm_halluguard.engine.execute.run_layer`; tests). They are bit-identical only
-#: where vLLM's kernel is batch-invariant (:func:`vllm_halluguard.engine.execute.native_exact`).
-VERIFY_ENV = "HALLUGUARD_VERIFY_NATIVE"
 #: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
 #: ``TRITON_INTERPRET=1``) instead of the torch path: the GPU code path, testable on CPU.
 ATTENTION_ENV = "HALLUGUARD_ATTENTION"
@@ -455,9 +452,6 @@ class BuilderMixin:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
         from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
-        from vllm_halluguard.engine.runners import ensure_runner_hook
-
-        ensure_runner_hook()
         self._hg_decoder = isinstance(kv_cache_spec, FullAttentionSpec) and not isinstance(
             kv_cache_spec, MLAAttentionSpec
         )

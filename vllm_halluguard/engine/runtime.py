@@ -23,8 +23,8 @@ from typing import Any
 
 from vllm_halluguard.engine import registry
 from vllm_halluguard.engine.base import RowSpan
+from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.keys import config_of
-from vllm_halluguard.engine.plan import VERIFY_ENV
 from vllm_halluguard.engine.registry import all_methods
 from vllm_halluguard.engine.state import RequestState, Row, StepView, current, set_current
 

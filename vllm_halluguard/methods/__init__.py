@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from .base import MODEL_FAMILIES, REFERENCE_DEPTH, MethodConfig, ModelFamily, scale_layer_range
-from .compose import Composition, Config, check_pairs, members_of, order, refused_in_composition
+from .compose import Composition, Config, check_pairs, members_of
 from .errors import SpecError
 from .farsight import FarSightConfig
 from .kvsmooth import KVSmoothConfig
@@ -26,6 +26,26 @@ from .scr import SCRConfig
 METHODS: dict[str, type[MethodConfig]] = {
     cls.name: cls for cls in (KVSmoothConfig, PruneHalConfig, FarSightConfig, SCRConfig)
 }
+
+
+def order() -> tuple[str, ...]:
+    """The registered methods in composition order (ascending ``compose_rank``; a method that declares
+    none comes last, and any composition holding it is refused)."""
+
+    def key(name: str) -> tuple[bool, int]:
+        value = getattr(METHODS[name], "compose_rank", None)
+        return (not isinstance(value, int), value if isinstance(value, int) else 0)
+
+    return tuple(sorted(METHODS, key=key))
+
+
+def refused_in_composition() -> tuple[str, ...]:
+    """The settings :func:`check_pairs` refuses, as ``GET /v1/mitigations`` states them, in :func:`order`."""
+    return tuple(
+        r.describe(name) for name in order() for r in getattr(METHODS[name], "composition_refusals", ())
+    )
+
+
 #: The registered methods in composition order (each class's ``compose_rank``; :func:`order` reads
 #: the registry at call time).
 ORDER: tuple[str, ...] = order()

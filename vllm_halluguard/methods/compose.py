@@ -43,37 +43,6 @@ def refusals(cls: type[MethodConfig]) -> tuple[Refusal, ...]:
     return value
 
 
-def order() -> tuple[str, ...]:
-    """The registered methods in composition order (ascending ``compose_rank``; a method that declares
-    none comes last, and any composition holding it is refused)."""
-    from . import METHODS  # the registry imports this module
-
-    def key(name: str) -> tuple[bool, int]:
-        value = getattr(METHODS[name], "compose_rank", None)
-        return (not isinstance(value, int), value if isinstance(value, int) else 0)
-
-    return tuple(sorted(METHODS, key=key))
-
-
-def refused_in_composition() -> tuple[str, ...]:
-    """The settings :func:`check_pairs` refuses, as ``GET /v1/mitigations`` states them, in :func:`order`."""
-    from . import METHODS
-
-    return tuple(
-        r.describe(name) for name in order() for r in getattr(METHODS[name], "composition_refusals", ())
-    )
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    """``ORDER`` and ``REFUSED_IN_COMPOSITION``: :func:`order` and :func:`refused_in_composition` under
-    their former constant names (read at access, so they follow the registry)."""
-    if name == "ORDER":
-        return order()
-    if name == "REFUSED_IN_COMPOSITION":
-        return refused_in_composition()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class Composition:
     """Two or more method configs applied to one request, in :func:`order`."""

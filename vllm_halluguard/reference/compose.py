@@ -1,7 +1,7 @@
 """Several reference methods attached as one: the dense oracle of a composed request.
 
 :class:`ComposedReference` owns the model's hooks and calls its members' hooks in the composition's
-order (:data:`~vllm_halluguard.methods.compose.ORDER`): their key masks are united, ``post_attention``
+order (:data:`~vllm_halluguard.methods.ORDER`): their key masks are united, ``post_attention``
 is chained (PruneHal and KVSmooth read the softmax over the kept keys before FarSight's sink scales
 ``out`` and ``probs``), ``after_attention`` (KVSmooth's EMA) and ``layer_output`` (SCR's edit) run in
 turn. In SCR's diagnostic forward only SCR acts.
