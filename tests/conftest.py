@@ -55,9 +55,14 @@ class EnginePool:
     def get(self, fixture: str, **overrides: object):
         key = (fixture, tuple(sorted(overrides.items())))
         if key not in self._engines:
-            llm = make_llm(fixture, **{**SHARED_ENGINE, **overrides})
-            if ENGINE_MODES:
-                engine_modes.check_engine(llm)
+            kwargs = {**SHARED_ENGINE, **overrides}
+            modes = set(ENGINE_MODES)
+            if kwargs.get("async_scheduling") is True:  # kept on CPU for this engine only
+                engine_modes.keep_explicit_async_scheduling_on_cpu()
+                modes.add("async")
+            llm = make_llm(fixture, **kwargs)
+            if modes:
+                engine_modes.check_engine(llm, modes)
             self._engines[key] = llm
         return self._engines[key]
 
