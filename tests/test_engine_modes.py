@@ -47,9 +47,11 @@ RUNS = {
                 "test_vllm_matches_hf",
                 "test_batch_of_four",
                 # one config per method and route (the preset; FarSight's mode B runs vLLM's kernel with
-                # sinks): the other configs vary the methods' math, which the runner does not feed
-                "(test_engine_contract and ((test_engine_matches_reference and (preset or farsight-b]))"
-                " or test_mixed_batch))",
+                # sinks): the other configs vary the methods' math, which the runner does not feed.
+                # PruneHal's and SCR's presets: their test_decisions_match_reference below runs the same
+                # request against the same reference and checks what this test checks, and more
+                "(test_engine_contract and ((test_engine_matches_reference and (kvsmooth-preset"
+                " or farsight-preset or farsight-b])) or test_mixed_batch))",
                 "(test_engine_methods and (test_preempted or test_prefix_cache"
                 " or test_plain_requests_equal))",
                 "(test_engine_scr and ((test_decisions and preset) or test_preempted"
