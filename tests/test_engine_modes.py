@@ -1,11 +1,13 @@
 """The engine suites in the modes vLLM uses on GPUs: the V2 model runner and async scheduling.
 
-A mode must be chosen before vLLM is imported, so each runs the selected tests of the engine suites
-in its own pytest process (``HALLUGUARD_TEST_ENGINE_MODE``, see
-:mod:`helpers.engine_modes`; every engine there is checked to run in the mode), with
-that session's engines shared across its tests. The test bodies are the suites' own: parity with HF
-and with each method's dense reference, mixed batches equal to solo runs, preemption, prefix-cache
-isolation and SCR's two passes.
+The V2 runner must be chosen before vLLM is imported, so the V2 + async mode runs the selected tests
+of the engine suites in its own pytest process (``HALLUGUARD_TEST_ENGINE_MODE``, see
+:mod:`helpers.engine_modes`; every engine there is checked to run in the mode), with that session's
+engines shared across its tests. The V1 runner with async scheduling runs in this session: the
+selected tests' bodies on engines of the session's pool built with ``async_scheduling=True`` (each
+checked to run async; every other engine stays as vLLM's CPU platform configures it). The test bodies
+are the suites' own: parity with HF and with each method's dense reference, mixed batches equal to
+solo runs, preemption, prefix-cache isolation and SCR's two passes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+import test_engine_contract as contract
+import test_engine_methods as methods
+import test_engine_scr as scr
+from helpers import engine_modes
 from helpers.engine_modes import MODE_ENV
 
 pytestmark = pytest.mark.engine
@@ -41,9 +47,11 @@ RUNS = {
                 "test_vllm_matches_hf",
                 "test_batch_of_four",
                 # one config per method and route (the preset; FarSight's mode B runs vLLM's kernel with
-                # sinks): the other configs vary the methods' math, which the runner does not feed
-                "(test_engine_contract and ((test_engine_matches_reference and (preset or farsight-b]))"
-                " or test_mixed_batch))",
+                # sinks): the other configs vary the methods' math, which the runner does not feed.
+                # PruneHal's and SCR's presets: their test_decisions_match_reference below runs the same
+                # request against the same reference and checks what this test checks, and more
+                "(test_engine_contract and ((test_engine_matches_reference and (kvsmooth-preset"
+                " or farsight-preset or farsight-b])) or test_mixed_batch))",
                 "(test_engine_methods and (test_preempted or test_prefix_cache"
                 " or test_plain_requests_equal))",
                 "(test_engine_scr and ((test_decisions and preset) or test_preempted"
@@ -62,18 +70,6 @@ RUNS = {
             "test_decisions_match_reference",
             "test_preempted_scr_requests_recompute_with_their_selection",
             "test_prefix_cache_is_never_read_by_or_from_scr",
-        },
-    ),
-    # The CPU default runner (V1) with async scheduling: LLaVA.
-    "async": (
-        ["test_engine_contract.py", "test_engine_methods.py", "test_engine_scr.py"],
-        "(llava and test_engine_contract and (test_engine_matches_reference or test_mixed_batch))"
-        " or test_preempted",
-        {
-            "test_engine_matches_reference",
-            "test_mixed_batch_of_every_method_equals_solo_runs",
-            "test_preempted_requests_recompute_exactly",
-            "test_preempted_scr_requests_recompute_with_their_selection",
         },
     ),
 }
@@ -106,3 +102,50 @@ def test_engine_suites_pass_in_mode(mode, tmp_path):
     assert res.returncode == 0 and not bad, f"{bad}\n{res.stdout[-6000:]}"
     ran = {name.split("::")[-1].split("[")[0] for name in results}
     assert required <= ran, f"not run in mode {mode}: {sorted(required - ran)}"
+
+
+# ---------------------------------------------------- V1 runner, async scheduling (in this session)
+
+
+class AsyncEngines:
+    """The session's engine pool with ``async_scheduling=True`` added to every engine's settings."""
+
+    def __init__(self, engines) -> None:
+        self._engines = engines
+
+    def get(self, fixture: str, **overrides: object):
+        return self._engines.get(fixture, async_scheduling=True, **overrides)
+
+
+@pytest.fixture(scope="module")
+def async_engines(engines) -> AsyncEngines:
+    return AsyncEngines(engines)
+
+
+@pytest.fixture(scope="module")
+def async_llava(async_engines):
+    """``paper_engine`` for LLaVA with async scheduling."""
+    return "llava", async_engines.get("llava")
+
+
+def test_async_engines_run_async_and_the_others_as_before(engines, async_llava):
+    """Only an engine asked for ``async_scheduling=True`` keeps it on CPU; the default one stays sync."""
+    engine_modes.check_engine(async_llava[1], {"async"})
+    engine_modes.check_engine(engines.get("llava"), set())
+
+
+@pytest.mark.parametrize(("name", "label"), contract.SPEC_CASES)
+def test_engine_matches_reference_with_async_scheduling(async_llava, hf_models, name, label):
+    contract.test_engine_matches_reference(async_llava, hf_models.get("llava"), name, label)
+
+
+def test_mixed_batch_of_every_method_equals_solo_runs_with_async_scheduling(async_llava):
+    contract.test_mixed_batch_of_every_method_equals_solo_runs(async_llava)
+
+
+def test_preempted_requests_recompute_exactly_with_async_scheduling(async_engines, monkeypatch):
+    methods.test_preempted_requests_recompute_exactly(async_engines, monkeypatch)
+
+
+def test_preempted_scr_requests_recompute_with_their_selection_with_async_scheduling(async_engines):
+    scr.test_preempted_scr_requests_recompute_with_their_selection(async_engines)

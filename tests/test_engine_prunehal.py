@@ -10,8 +10,10 @@ from vllm.exceptions import VLLMValidationError
 
 from helpers.parity import (
     Case,
+    assert_free_greedy_agrees,
     compare,
     hf_generate,
+    logprob_shift,
     method_case,
     recording_reference,
     run_vllm,
@@ -56,8 +58,12 @@ def test_decisions_match_reference(paper_engine, hf_model, name):
     refs = []
     ctx = recording_reference(model, spec, refs)
     forced = hf_generate(model, processor, case, force=gen.token_ids, context=ctx)
-    report = compare(gen, forced)  # the reference ran on the engine's tokens (the contract checks more)
+    report = compare(gen, forced)  # the reference ran on the engine's tokens
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
+    # what the contract's engine = reference test checks on top (its [prunehal-preset] case is this
+    # request: the V2 session of tests/test_engine_modes.py runs only this one)
+    assert_free_greedy_agrees(forced, case)
+    assert gen.token_ids != plain.token_ids or logprob_shift(gen, plain) > 1e-3
 
     # the engine's decisions are the reference's: same steps, same per-layer keep masks
     trace = refs[0].trace

@@ -11,15 +11,20 @@ starts is checked to really run in it (:func:`check_engine`).
   mappings, sampling) in Triton's interpreter (``TRITON_INTERPRET=1``). The model, attention and
   the plugin run as they do on V1.
 * ``async``: ``async_scheduling=True``. vLLM's CPU platform switches it off in
-  ``CpuPlatform.check_and_update_config`` ("not required on CPU"); the test session keeps the
-  requested value there, so the engine core plans step N+1 before step N's output is processed
-  (``AsyncScheduler`` and a batch queue of 2), as on GPUs.
+  ``CpuPlatform.check_and_update_config`` ("not required on CPU");
+  :func:`keep_explicit_async_scheduling_on_cpu` keeps it for an engine built with an explicit
+  ``async_scheduling=True``, so its engine core plans step N+1 before step N's output is processed
+  (``AsyncScheduler`` and a batch queue of 2), as on GPUs. Every other engine is configured as
+  before, so the main test session also builds async engines in process (``EnginePool`` keys with
+  ``async_scheduling=True``, tests/test_engine_modes.py).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 MODE_ENV = "HALLUGUARD_TEST_ENGINE_MODE"
@@ -47,7 +52,7 @@ def apply() -> frozenset[str]:
         _interpreted_triton_for_vllm()
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     if "async" in modes:
-        _keep_async_scheduling_on_cpu()
+        keep_explicit_async_scheduling_on_cpu()
     return modes
 
 
@@ -70,23 +75,44 @@ def _interpreted_triton_for_vllm() -> None:
     backends.setdefault("cpu", Backend(compiler=None, driver=_InterpreterDriver))  # type: ignore[arg-type]
 
 
+#: True while ``EngineArgs.create_engine_config`` builds the config of an engine whose arguments ask
+#: for ``async_scheduling=True`` (vLLM resolves its default ``None`` to True before the platform check,
+#: so the config alone cannot tell an explicit request from the default).
+_EXPLICIT_ASYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("explicit_async", default=False)
+
+
 @functools.cache
-def _keep_async_scheduling_on_cpu() -> None:
+def keep_explicit_async_scheduling_on_cpu() -> None:
+    """Let an engine built with ``async_scheduling=True`` keep it on vLLM's CPU platform.
+
+    An engine without that argument is configured exactly as before (the platform switches it off).
+    """
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms.cpu import CpuPlatform
 
-    original = CpuPlatform.check_and_update_config.__func__  # type: ignore[attr-defined]
+    create = EngineArgs.create_engine_config
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _EXPLICIT_ASYNC.set(self.async_scheduling is True)
+        try:
+            return create(self, *args, **kwargs)
+        finally:
+            _EXPLICIT_ASYNC.reset(token)
+
+    check = CpuPlatform.check_and_update_config.__func__  # type: ignore[attr-defined]
 
     def check_and_update_config(cls: Any, vllm_config: Any) -> None:
-        requested = vllm_config.scheduler_config.async_scheduling
-        original(cls, vllm_config)
-        vllm_config.scheduler_config.async_scheduling = requested
+        check(cls, vllm_config)
+        if _EXPLICIT_ASYNC.get():
+            vllm_config.scheduler_config.async_scheduling = True
 
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[assignment]
 
 
-def check_engine(llm: Any) -> None:
-    """Fail if an in-process test engine does not run in the selected modes."""
-    modes = selected()
+def check_engine(llm: Any, modes: Iterable[str] | None = None) -> None:
+    """Fail if an in-process test engine does not run in ``modes`` (default: the selected ones)."""
+    modes = selected() if modes is None else frozenset(modes)
     core = llm.llm_engine.engine_core.engine_core
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner

@@ -285,7 +285,7 @@ def _v2_async() -> dict[str, Any]:
 
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     envs.disable_envs_cache()
-    engine_modes._keep_async_scheduling_on_cpu()
+    engine_modes.keep_explicit_async_scheduling_on_cpu()
     return {"async_scheduling": True}
 
 
