@@ -12,8 +12,14 @@ Modelled decode-step time = weight bytes / memory bandwidth + layers x attention
 * Extra kernel time a method adds per step (all rows of the batch mitigated, native-first engine:
   the mitigated rows run our kernel instead of the native one): layers x (our old kernel's time
   with what the method needs - native time). FarSight and KVSmooth: ``sinks+stats``; PruneHal:
-  ``+mask``; SCR decodes plain rows (0). Not modelled: the methods' host-side work, KVSmooth's
-  two-slot cache update, PruneHal's decisions, SCR's prefill pass.
+  ``+mask``; SCR decodes plain rows (0). Not modelled in the kernel time: KVSmooth's two-slot cache
+  update, PruneHal's decisions, SCR's prefill pass.
+* Host time a method adds per step (``host ms``): layers x the measured host time of one mitigated
+  layer call + the step's plan, at that many mitigated rows (:data:`HOST_US`, measured on the CPU
+  engine with the kernel launch stubbed out: ``benchmarks/host_layer.py --kernel-path``, tiny LLaVA,
+  this project's 2-core development machine). It is host time, not GPU time: it hides behind the GPU
+  only where the step does not synchronise and exceeds it otherwise, and a serving node's faster CPU
+  shortens it. It is printed beside the step, not added to it.
 
 Only shapes that were measured are modelled; others print "not measured". These are kernel times
 of the previous kernel (before split-KV), so the method columns are what that kernel would cost.
@@ -56,6 +62,12 @@ MEASURED: dict[tuple[str, int, int], tuple[float, float, float, float, float]] =
     ("28/4", 32, 2000): (0.1092, 1.09, 1.34, 1.03, 0.69),
 }
 BATCHES = (1, 8, 32)
+# Host µs with every row of the batch mitigated: (one layer call, the step's plan), per method; measured
+# 2026-12-07 (benchmarks/host_layer.py --kernel-path, docs/benchmarks.md).
+HOST_US: dict[str, dict[int, tuple[float, float]]] = {
+    "kvsmooth": {1: (187, 204), 8: (281, 302), 32: (786, 553)},
+    "prunehal": {1: (320, 165), 8: (571, 212), 32: (1486, 392)},
+}
 CONTEXTS = (600, 2000)
 
 
@@ -84,13 +96,17 @@ def rows() -> list[dict[str, object]]:
                         "prunehal": model.layers * (plain * mask - native),
                         "scr": 0.0,
                     }
+                for method, per_batch in HOST_US.items():
+                    layer_us, plan_us = per_batch[batch]
+                    row[f"host_{method}"] = (model.layers * layer_us + plan_us) / 1e3
                 out.append(row)
     return out
 
 
 def markdown(table: list[dict[str, object]]) -> str:
     head = "| model | batch | ctx | weights ms | attention ms | step ms | FarSight-C / KVSmooth +ms"
-    lines = [head + " | PruneHal +ms | SCR +ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head += " | PruneHal +ms | SCR +ms | host ms: KVSmooth / PruneHal |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         cells = [r["model"], r["batch"], r["ctx"], f"{r['weights']:.2f}"]
         if "step" in r:
@@ -99,6 +115,7 @@ def markdown(table: list[dict[str, object]]) -> str:
             cells += [f"{r['attn']:.2f}", f"{step:.2f}", *(f"{v:+.2f} ({v / step:+.0%})" for v in extra)]
         else:
             cells += ["not measured", f"≥ {r['weights']:.2f}", "–", "–", "–"]
+        cells.append(f"{r['host_kvsmooth']:.1f} / {r['host_prunehal']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

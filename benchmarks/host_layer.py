@@ -6,11 +6,16 @@ kernels, and cannot hide behind them where it synchronises. The script serves ``
 method together (``R`` = 1, 8, 32 by default), times every call of the attention layer's mitigated path
 (:func:`vllm_halluguard.engine.execute.run_layer`) and of the step's partition
 (:func:`vllm_halluguard.engine.plan.build_plan`) in the steps where all ``R`` rows decode, and prints
-the medians in µs. On CPU the reworked rows' attention runs in torch (tiny tensors), so the numbers
-are an upper bound on the host share of the kernel path.
+the medians in µs.
+
+Two paths: by default the CPU engine's own (the reworked rows' attention computed in torch, tiny
+tensors); with ``--kernel-path`` the GPU code path (the builders switched to the kernel lane, as on a
+GPU) with the Triton launch replaced by a stub that only zero-fills its outputs, so what is timed is
+the host orchestration around the kernel: the step's tables, the lane's arguments, the methods'
+``after_kernel``. The stub's outputs are not attention, so the generated tokens are meaningless there.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py --rows 1 32 --methods kvsmooth
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py --kernel-path --rows 1 32
 """
 
 from __future__ import annotations
@@ -30,12 +35,22 @@ METHODS: dict[str, Any] = {
 }
 
 
+def _kernel_lane_on(worker: Any) -> None:
+    """``collective_rpc`` helper: the plugin's metadata builders take the kernel lane, as on a GPU."""
+    for groups in worker.model_runner.attn_groups:
+        for group in groups:
+            for builder in group.metadata_builders:
+                if hasattr(builder, "_hg_kernel"):
+                    builder._hg_kernel = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixture", default="llava", choices=("llava", "qwen2_vl"))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--kernel-path", action="store_true", help="the GPU path, kernel launch stubbed")
     args = parser.parse_args()
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
         parser.error("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the timers live in this process)")
@@ -69,7 +84,16 @@ def main() -> None:
         "| method | rows | layer call µs (median) | layer calls | plan µs per step (median) |",
         "|---|---:|---:|---:|---:|",
     ]
+    if args.kernel_path:
+        from vllm_halluguard.kernels import triton_attention
+
+        def no_kernel(out: Any, lse: Any, entropy: Any, *a: Any, **kw: Any) -> None:
+            out.zero_(), lse.zero_(), entropy.zero_()
+
+        triton_attention.paged_attention_into = no_kernel  # type: ignore[assignment]
     with engine(args.fixture, max_num_seqs=max(args.rows), enable_prefix_caching=False) as llm:
+        if args.kernel_path:
+            llm.collective_rpc(_kernel_lane_on)
         for name in args.methods:
             extra = {EXTRA_ARGS_KEY: METHODS[name]}
             for n in args.rows:
