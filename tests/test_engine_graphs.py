@@ -14,7 +14,17 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
-from helpers.worker import FARSIGHT_C, HEADS, IMAGE_TOKEN, KVSMOOTH, LAYERS, PRUNEHAL, cached, make_runtime
+from helpers.worker import (
+    FARSIGHT_C,
+    HEADS,
+    IMAGE_TOKEN,
+    KVSMOOTH,
+    LAYERS,
+    PRUNEHAL,
+    cached,
+    make_runtime,
+    v2_graph_manager,
+)
 from vllm_halluguard.engine import hooks, registry, state
 from vllm_halluguard.engine.base import Backend, RowSpan
 from vllm_halluguard.engine.plan import BuilderMixin, StepPlan
@@ -96,20 +106,8 @@ def _v1_dispatcher() -> CudagraphDispatcher:
 
 
 def _v2_manager() -> CudaGraphManager:
-    """V2's manager with the candidates vLLM builds for FULL_AND_PIECEWISE, as if captured (its
-    ``__init__`` needs a running worker's distributed groups; what ``dispatch`` reads is set here)."""
-    mode = CUDAGraphMode.FULL_AND_PIECEWISE
-    config = VllmConfig()
-    cc = config.compilation_config
-    cc.cudagraph_mode, cc.cudagraph_capture_sizes, cc.max_cudagraph_capture_size = mode, [1, 2, 4, 8], 8
-    m = object.__new__(CudaGraphManager)
-    m.vllm_config, m.compilation_config, m.cudagraph_mode = config, cc, mode
-    m.max_num_reqs, m.decode_query_len, m.varlen_decode = config.scheduler_config.max_num_seqs, 1, False
-    m.ubatch_runner, m.lora_capture_cases, m._lora_dispatch_map, m._max_lora_case = None, [0], {}, 0
-    m._candidates, m._capture_descs = {}, {}
-    m._init_candidates()
-    m._graphs_captured = True
-    return m
+    """V2's manager with the candidates vLLM builds for FULL_AND_PIECEWISE, as if captured."""
+    return v2_graph_manager(CUDAGraphMode.FULL_AND_PIECEWISE)
 
 
 def _common(num_reqs: int) -> CommonAttentionMetadata:

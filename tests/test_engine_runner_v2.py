@@ -10,6 +10,7 @@ import pytest
 from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
+from helpers.worker import v2_graph_manager
 from vllm_halluguard.engine import hooks, state
 from vllm_halluguard.engine.requests import check_inputs
 from vllm_halluguard.engine.state import RequestState, Row, StepView
@@ -17,22 +18,8 @@ from vllm_halluguard.methods import KVSmoothConfig, PruneHalConfig, SpecError
 
 
 def _manager(mode: CUDAGraphMode) -> CudaGraphManager:
-    """vLLM's manager with the candidates vLLM builds for ``mode`` and sizes 1..8, as if captured.
-
-    Its ``__init__`` needs the distributed groups of a running worker; the fields it sets that
-    ``dispatch`` and ``_init_candidates`` read are set here instead.
-    """
-    config = VllmConfig()
-    cc = config.compilation_config
-    cc.cudagraph_mode, cc.cudagraph_capture_sizes, cc.max_cudagraph_capture_size = mode, [1, 2, 4, 8], 8
-    m = object.__new__(CudaGraphManager)
-    m.vllm_config, m.compilation_config, m.cudagraph_mode = config, cc, mode
-    m.max_num_reqs, m.decode_query_len, m.varlen_decode = config.scheduler_config.max_num_seqs, 1, False
-    m.ubatch_runner, m.lora_capture_cases, m._lora_dispatch_map, m._max_lora_case = None, [0], {}, 0
-    m._candidates, m._capture_descs = {}, {}
-    m._init_candidates()
-    m._graphs_captured = True
-    return m
+    """vLLM's manager with the candidates vLLM builds for ``mode`` and sizes 1..8, as if captured."""
+    return v2_graph_manager(mode)
 
 
 @pytest.fixture

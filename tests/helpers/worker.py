@@ -4,6 +4,7 @@ request records, for the tests of the worker's per-step host work."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 from vllm_halluguard.engine.runtime import Runtime
 from vllm_halluguard.methods import FarSightConfig, KVSmoothConfig, PruneHalConfig
@@ -37,3 +38,23 @@ def cached(req_id: str, cfg=None, prompt: list[int] | None = None, computed: int
         mm_features=None,
         num_computed_tokens=computed,
     )
+
+
+def v2_graph_manager(mode: Any) -> Any:
+    """vLLM's V2 ``CudaGraphManager`` with the candidates vLLM builds for ``mode`` and sizes 1..8, as if
+    captured. Its ``__init__`` needs the distributed groups of a running worker; the fields it sets that
+    ``dispatch`` and ``_init_candidates`` read are set here instead."""
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    config = VllmConfig()
+    cc = config.compilation_config
+    cc.cudagraph_mode, cc.cudagraph_capture_sizes, cc.max_cudagraph_capture_size = mode, [1, 2, 4, 8], 8
+    m = object.__new__(CudaGraphManager)
+    m.vllm_config, m.compilation_config, m.cudagraph_mode = config, cc, mode
+    m.max_num_reqs, m.decode_query_len, m.varlen_decode = config.scheduler_config.max_num_seqs, 1, False
+    m.ubatch_runner, m.lora_capture_cases, m._lora_dispatch_map, m._max_lora_case = None, [0], {}, 0
+    m._candidates, m._capture_descs = {}, {}
+    m._init_candidates()
+    m._graphs_captured = True
+    return m
