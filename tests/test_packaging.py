@@ -317,11 +317,31 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            elif isinstance(node, ast.Call):
+                targets = dynamic_imports(node)
             else:
                 continue
             edges |= {t for t in targets if t in modules and t != name}
         graph[name] = edges
     return graph
+
+
+def dynamic_imports(call: ast.Call) -> list[str]:
+    """The modules a call imports through ``importlib``: ``importlib.import_module("a.b")``, and the
+    registry lookup ``implementation("pkg", name, Base)``, which imports ``pkg.<m>`` for every
+    registered method ``m`` (``vllm_halluguard.methods.implementation``)."""
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    first = call.args[0] if call.args else None
+    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+        return []
+    if called == "import_module":
+        return [first.value]
+    if called == "implementation":
+        from vllm_halluguard.methods import METHODS
+
+        return [f"{first.value}.{m}" for m in METHODS]
+    return []
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -358,6 +378,10 @@ def test_import_graph_sees_function_level_and_relative_imports():
     assert "vllm_halluguard.tiny_models" in graph["vllm_halluguard.server.cli"]
     assert "vllm_halluguard.eval.chair" in graph["vllm_halluguard.eval"]
     assert "vllm_halluguard.server.mitigation" in graph["vllm_halluguard.server.middleware"]
+    # the registries import each method's module through importlib (methods.implementation)
+    registry = graph["vllm_halluguard.engine.registry"]
+    assert {"vllm_halluguard.engine.prunehal", "vllm_halluguard.engine.scr"} <= registry
+    assert "vllm_halluguard.reference.kvsmooth" in graph["vllm_halluguard.reference"]
 
 
 def test_package_has_no_import_cycles():
