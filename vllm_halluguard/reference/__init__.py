@@ -7,7 +7,8 @@ Example::
     with reference.apply(model, {"method": "kvsmooth"}):
         out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 
-Supports HF ``LlavaForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration`` (any attention
+Supports the HF ``*ForConditionalGeneration`` models of every family the engine serves (LLaVA-1.5,
+LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``methods.resolve.FAMILIES``; any attention
 implementation at load time; the text model runs an eager copy while attached), greedy or sampled decoding
 with the KV cache, batches with left padding, one image per prompt.
 """
