@@ -228,6 +228,21 @@ def test_architecture_source_layout():
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
+def test_readme_architecture_diagram():
+    """Every file and folder README's diagram names exists (``x/a.py, b.py``: ``b.py`` is in ``x/``; a route
+    such as ``/v1/chat`` is not a path)."""
+    text = one_block("test_readme_architecture_diagram").text
+    paths = []
+    for line in text.splitlines():
+        for m in re.finditer(r"(?<![/\w])((?:[\w.]+/)+)([\w.]*)((?:, \w+\.py)*)", line):
+            folder, name, more = m.group(1), m.group(2), m.group(3)
+            paths.append(folder + name)
+            paths += [folder + extra.strip() for extra in more.split(",") if extra.strip()]
+    assert len(paths) > 12, paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"README.md's diagram names paths that do not exist: {missing}"
+
+
 def test_prunehal_blocks_config():
     """The reclaiming PruneHal variant in prunehal-blocks.md parses to exactly those settings."""
     spec = json.loads(one_block("test_prunehal_blocks_config").text)
