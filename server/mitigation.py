@@ -103,17 +103,6 @@ def names_of(cfg: Config | None) -> list[str]:
     return [m.name for m in members_of(cfg)] if cfg is not None else [NONE]
 
 
-class _FamilyView:
-    """An HF config seen as another model family (``--mitigation-preset``), for :func:`resolve`."""
-
-    def __init__(self, hf_config: Any, family: ModelFamily) -> None:
-        self._hf_config = hf_config
-        self.model_type = family
-
-    def get_text_config(self) -> Any:
-        return self._hf_config.get_text_config()
-
-
 @dataclass(frozen=True)
 class Policy:
     """Server-wide settings: default spec, allow-list (``None`` = all) and preset family override."""
@@ -175,11 +164,6 @@ class Resolver:
             except SpecError as e:
                 raise MitigationError(f"the default mitigation: {e}", e.reason) from e
 
-    def _model_view(self) -> Any:
-        if self.policy.preset is None:
-            return self.hf_config
-        return _FamilyView(self.hf_config, self.policy.preset)
-
     def resolve(self, value: Any, has_image: bool | None = None) -> Config | None:
         """Validate a request's value (parse, allow-list, engine, image): the config the engine runs.
 
@@ -198,14 +182,16 @@ class Resolver:
         if cfg is None:
             return None
         try:
-            resolved = self._engine_resolve(value)
+            resolved = self._engine_resolve(cfg)
         except SpecError as e:
             raise MitigationError(str(e), e.reason) from e
         require_image(cfg.name, has_image)
         return resolved
 
     def _engine_resolve(self, spec: Any) -> Config | None:
-        return resolve(spec, self._model_view(), self.cache_dtype)
+        """The engine's resolution of a spec or of a config :func:`parse_spec` returned (not parsed
+        again), with the server's preset family."""
+        return resolve(spec, self.hf_config, self.cache_dtype, family=self.policy.preset)
 
     def for_request(
         self, body: Mapping[str, Any], has_image: bool | None = None
@@ -236,10 +222,11 @@ class Resolver:
         """Why this server will not run ``spec`` (the model, its engine settings), or ``None`` if it will.
 
         The same checks the server and the engine apply to a request (the allow-list aside)."""
-        if any(name not in engine_methods() for name in names_of(parse_spec(spec))):
+        parsed = parse_spec(spec)
+        if any(name not in engine_methods() for name in names_of(parsed)):
             return "the engine has no implementation of it"
         try:
-            cfg = self._engine_resolve(spec)
+            cfg = self._engine_resolve(parsed)
             if cfg is not None and self.vllm_config is not None:
                 engine_requests.check_settings(cfg, self.vllm_config)
         except SpecError as e:

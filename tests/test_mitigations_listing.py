@@ -124,3 +124,33 @@ def test_docs_list_every_fixture_and_preset():
     (presets,) = [line for line in lines if line.startswith("| `--mitigation-preset FAMILY`")]
     assert all(f"`{f}`" in lines[fixtures] + lines[fixtures + 1] for f in ALL_FIXTURES)
     assert all(f"`{f}`" in presets for f in MODEL_FAMILIES)
+
+
+def test_a_request_is_parsed_once_and_the_preset_family_still_applies(hf, monkeypatch):
+    """The server parses a request's field once (``parse_spec``; the engine's ``resolve`` takes the
+    parsed config as it is), and ``--mitigation-preset`` still picks the presets of that family."""
+    import vllm_halluguard.methods as methods_pkg
+    import vllm_halluguard.methods.resolve as resolve_mod
+    import vllm_halluguard.server.mitigation as mitigation_mod
+
+    plain = Resolver(Policy(), hf["llava"], vllm_config=eager())
+    qwen = Resolver(Policy(preset="qwen2_vl"), hf["llava"], vllm_config=eager())
+    calls: list[Any] = []
+    real_parse = methods_pkg.parse
+
+    def counting(obj):
+        calls.append(obj)
+        return real_parse(obj)
+
+    monkeypatch.setattr(mitigation_mod, "parse", counting)
+    monkeypatch.setattr(resolve_mod, "parse", counting)
+    body = {"mitigation": [{"method": "farsight", "mode": "B"}, "kvsmooth"], "messages": []}
+    composed, named = plain.for_request(body, has_image=True)
+    assert named and sum(not isinstance(c, MethodConfig | type(composed)) for c in calls) == 1, calls
+    assert [m.name for m in composed.members] == ["kvsmooth", "farsight"]
+    assert composed.members[1].mode == "B"  # the client's mode survives the single parse
+    calls.clear()
+    (cfg, _), (preset_cfg, _) = (r.for_request({"mitigation": "prunehal"}, True) for r in (plain, qwen))
+    assert len([c for c in calls if isinstance(c, str)]) == 2
+    num_layers = hf["llava"].get_text_config().num_hidden_layers
+    assert preset_cfg == METHODS["prunehal"]().for_model("qwen2_vl", num_layers) != cfg

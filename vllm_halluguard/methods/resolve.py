@@ -52,9 +52,13 @@ def model_family(hf_config: Any) -> ModelFamily | None:
     return FAMILIES.get(getattr(hf_config, "model_type", ""))
 
 
-def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> Config | None:
+def resolve(
+    spec: Any, hf_config: Any, kv_cache_dtype: str = "auto", family: ModelFamily | None = None
+) -> Config | None:
     """Validate ``spec`` for this model and fill its presets; ``None`` = a plain request.
 
+    ``spec`` may be what :func:`parse` returned (it is not parsed again). ``family`` overrides the
+    model's preset family (the server's ``--mitigation-preset``); the depth is the model's own.
     A composition (a list spec) is resolved member by member, each as if it came alone.
     Raises :class:`SpecError` naming the problem (reasons: those of :func:`parse`, and
     ``unsupported`` for settings the engine does not serve or methods that do not apply to the
@@ -64,12 +68,17 @@ def resolve(spec: Any, hf_config: Any, kv_cache_dtype: str = "auto") -> Config |
     cfg = parse(spec)
     if cfg is None:
         return None
+    family = family or model_family(hf_config)
     if isinstance(cfg, Composition):
-        return Composition(tuple(_resolve_one(m, True, hf_config, kv_cache_dtype) for m in cfg.members))
-    return _resolve_one(cfg, _names_mode(spec), hf_config, kv_cache_dtype)
+        return Composition(
+            tuple(_resolve_one(m, True, hf_config, family, kv_cache_dtype) for m in cfg.members)
+        )
+    return _resolve_one(cfg, _names_mode(spec), hf_config, family, kv_cache_dtype)
 
 
-def _resolve_one(cfg: MethodConfig, names_mode: bool, hf_config: Any, kv_cache_dtype: str) -> MethodConfig:
+def _resolve_one(
+    cfg: MethodConfig, names_mode: bool, hf_config: Any, family: ModelFamily | None, kv_cache_dtype: str
+) -> MethodConfig:
     if isinstance(cfg, FarSightConfig):
         if not names_mode:
             cfg = cfg.model_copy(update={"mode": SERVED_FARSIGHT_MODE})
@@ -79,7 +88,6 @@ def _resolve_one(cfg: MethodConfig, names_mode: bool, hf_config: Any, kv_cache_d
                 "reference only; the engine runs mode 'C' (prompt rows, default) or 'B' (per-head sink)",
                 "unsupported",
             )
-    family = model_family(hf_config)
     if family is None:
         raise SpecError(
             f"mitigation methods have presets for model types {sorted(FAMILIES)} only, not for "
