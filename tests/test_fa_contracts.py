@@ -211,3 +211,26 @@ def test_native_sinks_take_the_dtype_of_the_backend(version, dtype) -> None:
     impl = types.SimpleNamespace(vllm_flash_attn_version=version)
     sinks = native_sinks(impl, torch.linspace(-3, 1, H))
     assert sinks.dtype == dtype and sinks.is_contiguous() and sinks.shape == (H,)
+
+
+@pytest.mark.parametrize("model_sinks", [None, torch.zeros(H)])
+def test_a_sink_lane_hands_fa3_its_sinks_within_mha_fwds_contract(model_sinks) -> None:
+    """``execute._native_sub`` (the sink lane's native call) on an FA3 impl: the native call sees bf16
+    sinks (FarSight's, combined with the model's own where it has them), FA3's stand-in accepts them,
+    and the impl gets its own sinks back afterwards."""
+    from vllm_halluguard.engine.execute import _native_sub
+
+    q, k, v, table, cu_q, used, *_ = _batch()
+    impl = types.SimpleNamespace(vllm_flash_attn_version=3, sinks=model_sinks)
+    seen = []
+
+    def native(layer, q_, k_, v_, cache, meta, out, *args, **kwargs):
+        seen.append(impl.sinks.dtype)
+        out.copy_(_fa3(q_, k, v, table, cu_q, used, s_aux=impl.sinks)[0])
+
+    output = torch.zeros_like(q)
+    sub = types.SimpleNamespace(tokens=slice(0, q.shape[0]), meta=None, num_tokens=q.shape[0])
+    farsight = torch.linspace(-3, 1, H)  # fp32, as FarSight's sink logits are made
+    _native_sub(impl, native, None, q, None, None, k, sub, output, farsight, (), {})
+    assert seen == [torch.bfloat16] and impl.sinks is model_sinks
+    assert output.abs().sum() > 0
