@@ -5,8 +5,9 @@ for this module (``_hg_kernel``, what ``HALLUGUARD_ATTENTION=triton`` sets when 
 Triton kernel runs under the interpreter), so no engine is started here. Per method, one batch of a
 plain row and a mitigated row runs with the sentinel on: its events per layer call and per step are
 printed (``-s``), the layer calls must have none, and the outputs must equal the same batch's on the
-torch path (which the contract and composition suites hold to the dense reference). PruneHal is
-measured, not asserted.
+torch path (which the contract and composition suites hold to the dense reference). PruneHal's
+decisions are read by the host after the forward (``read`` scope): only their host buffers, nothing of
+the device state. One mixed batch holds every method and composition at once.
 Untested on a GPU: the sentinel counts what would wait for the stream there.
 """
 
@@ -39,9 +40,14 @@ ASSERTED: dict[str, Any] = {
     "farsight-C": FARSIGHT_C,
     "farsight-B+kvsmooth": [FARSIGHT_B, "kvsmooth"],
     "farsight-C+kvsmooth": [FARSIGHT_C, "kvsmooth"],
+    "prunehal": "prunehal",
+    "farsight-B+prunehal": [FARSIGHT_B, "prunehal"],
+    "farsight-C+prunehal": ["prunehal", FARSIGHT_C],
+    "kvsmooth+prunehal": ["kvsmooth", "prunehal"],
+    "farsight-B+kvsmooth+prunehal": [FARSIGHT_B, "kvsmooth", "prunehal"],
 }
-#: Measured and printed only (``-s``): PruneHal's kernel path is another change's.
-MEASURED = {"prunehal": "prunehal"}
+#: Specs whose requests decide (PruneHal): the host must have read their decisions.
+DECIDING = {name for name in ASSERTED if "prunehal" in name}
 #: Per step (the plan, built once per step), on average over a request's steps: the most counted
 #: events allowed. Counted conservatively: the step's table copy (a tensor from Python data and its
 #: non-blocking copy), the kernel lane's sinks (one copy), a sink lane's sinks, and the read of
@@ -116,17 +122,18 @@ def kernel_engine(engines):
     llm.collective_rpc(_set_kernel, args=(False,))
 
 
-def _cases(spec: Any) -> list[Case]:
-    return [Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=e) for seed, e in
-            ((90, None), (91, {EXTRA_ARGS_KEY: spec}))]  # fmt: skip
+def _cases(*specs: Any) -> list[Case]:
+    """A plain row, then one row per spec."""
+    return [Case("llava", 90 + i, max_tokens=MAX_TOKENS, extra_args=e) for i, e in
+            enumerate([None, *({EXTRA_ARGS_KEY: spec} for spec in specs)])]  # fmt: skip
 
 
-def _run(llm: Any, spec: Any) -> SyncSentinel:
-    """One batch of a plain row and a ``spec`` row, with the sentinel on (``s.gens``: their outputs)."""
+def _run(llm: Any, *specs: Any) -> SyncSentinel:
+    """One batch of a plain row and a row per spec, with the sentinel on (``s.gens``: their outputs)."""
     s = SyncSentinel()
     (before,) = llm.collective_rpc(worker_stats)
     with s.engine():
-        s.gens = run_vllm(llm, _cases(spec))  # type: ignore[attr-defined]
+        s.gens = run_vllm(llm, _cases(*specs))  # type: ignore[attr-defined]
     (after,) = llm.collective_rpc(worker_stats)
     s.kernel_rows = after["kernel_rows"] - before["kernel_rows"]  # type: ignore[attr-defined]
     return s
@@ -138,41 +145,48 @@ def _report(name: str, s: SyncSentinel) -> str:
     lines = [
         f"{name}: {s.layer_calls} layer calls, {s.total('layer')} syncs ({per_layer:.2f} per call); "
         f"{s.steps} steps, {s.total('step')} syncs ({per_step:.2f} per step); "
-        f"kernel rows {getattr(s, 'kernel_rows', '?')}"
+        f"{s.reads} decision reads, {s.total('read')} syncs; kernel rows {getattr(s, 'kernel_rows', '?')}"
     ]
-    for scope in ("layer", "step"):
+    for scope in ("layer", "step", "read"):
         lines += [f"    {scope} {where}: {n}" for where, n in sorted(s.counts(scope).items())]
     return "\n".join(lines)
 
 
-@pytest.mark.engine
-@pytest.mark.parametrize("name", list(ASSERTED))
-def test_no_sync_in_a_layer_call(kernel_engine, name):
-    s = _run(kernel_engine, ASSERTED[name])
+def _check(llm: Any, name: str, specs: list[Any], s: SyncSentinel, step_bound: int, deciding: bool) -> None:
     print(_report(name, s))
     assert s.layer_calls > 0 and s.steps > 0, "the mitigated steps must have run through the plugin"
-    if name != "farsight-B":  # B runs as the native kernel's sink lane on CPU_ATTN
-        assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
     assert s.total("layer") == 0, _report(name, s)
-    assert s.total("step") <= STEP_BOUNDS.get(name, STEP_BOUND) * s.steps, _report(name, s)
+    assert s.total("step") <= step_bound * s.steps, _report(name, s)
+    if deciding:  # every step's decisions were read by the host, from their host buffers only
+        assert s.reads >= MAX_TOKENS and s.total("read") == 0, _report(name, s)
     # the same batch on the torch path (= the dense reference: test_engine_contract / _compose)
-    kernel_engine.collective_rpc(_set_kernel, args=(False,))
+    llm.collective_rpc(_set_kernel, args=(False,))
     try:
-        torch_gens = run_vllm(kernel_engine, _cases(ASSERTED[name]))
+        torch_gens = run_vllm(llm, _cases(*specs))
     finally:
-        kernel_engine.collective_rpc(_set_kernel, args=(True,))
+        llm.collective_rpc(_set_kernel, args=(True,))
     for got, want in zip(s.gens, torch_gens, strict=True):
         report = compare(got, want)
         assert report.same_tokens and report.max_abs_logprob_diff < 1e-3, f"{name}: {report}"
 
 
 @pytest.mark.engine
-def test_measured(kernel_engine):
-    """Reported only (``-s``)."""
-    for name, spec in MEASURED.items():
-        s = _run(kernel_engine, spec)
-        print(_report(name, s))
-        assert s.layer_calls > 0
+@pytest.mark.parametrize("name", list(ASSERTED))
+def test_no_sync_in_a_layer_call(kernel_engine, name):
+    s = _run(kernel_engine, ASSERTED[name])
+    if name != "farsight-B":  # B runs as the native kernel's sink lane on CPU_ATTN
+        assert s.kernel_rows > 0, "the Triton kernel must have computed the mitigated rows"
+    _check(kernel_engine, name, [ASSERTED[name]], s, STEP_BOUNDS.get(name, STEP_BOUND), name in DECIDING)
+
+
+@pytest.mark.engine
+def test_no_sync_in_a_mixed_batch(kernel_engine):
+    """Every method and composition above in one batch with a plain row: the same bounds per step (the
+    plan is built once per step, whatever its rows; FarSight-C's prefill rows add their sinks)."""
+    specs = list(ASSERTED.values())
+    s = _run(kernel_engine, *specs)
+    assert s.kernel_rows > 0
+    _check(kernel_engine, "mixed", specs, s, max(STEP_BOUNDS.values()), deciding=True)
 
 
 @pytest.mark.engine
@@ -193,6 +207,31 @@ def test_a_deliberate_cpu_copy_is_caught(kernel_engine, monkeypatch):
         if e.scope == "layer" and e.kind == "cpu" and e.where.startswith("engine/execute.py")
     ]
     assert len(added) == s.kernel_rows > 0, _report("kvsmooth+cpu", s)  # one per smoothed layer call
+
+
+@pytest.mark.engine
+def test_a_deliberate_read_back_in_prunehal_is_caught(kernel_engine, monkeypatch):
+    """Regressions in PruneHal's layer path (its statistics read back before the decision) and in its
+    decision read (the device masks read instead of the decision's host copy)."""
+    from vllm_halluguard.engine import prunehal
+
+    store, record = prunehal._store, prunehal._record
+
+    def _store(call, todo, head_avg, keep):
+        head_avg.cpu()  # the regression: a device-to-host copy in every measured layer call
+        return store(call, todo, head_avg, keep)
+
+    def _record(runtime, st, d):
+        st.keep.tolist()  # the regression: the host reads the device masks
+        return record(runtime, st, d)
+
+    monkeypatch.setattr(prunehal, "_store", _store)
+    monkeypatch.setattr(prunehal, "_record", _record)
+    s = _run(kernel_engine, "prunehal")
+    added = [e for e in s.events if e.scope == "layer" and e.kind == "cpu" and "prunehal.py" in e.where]
+    assert len(added) == s.layer_calls > 0, _report("prunehal+cpu", s)  # one per measured layer call
+    reads = [e for e in s.events if e.scope == "read" and e.kind == "tolist"]
+    assert len(reads) >= MAX_TOKENS, _report("prunehal+cpu", s)  # one per decision read
 
 
 # ------------------------------------------------- KVSmooth's kernel path on a simulated device

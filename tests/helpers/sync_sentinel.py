@@ -13,9 +13,13 @@ would not wait for some of them, e.g. ``.tolist()`` of a tensor that is already 
 * tensors made from Python or NumPy data (``torch.tensor``, ``as_tensor``, ``new_tensor``,
   ``from_numpy``: ``aten::lift_fresh``), a host-to-device copy when made for the device.
 
-Scopes: :meth:`SyncSentinel.layer` wraps ``engine.execute.run_layer`` (one attention layer call of a
-mitigated step) and :meth:`SyncSentinel.step` wraps ``engine.plan.build_plan`` (the step's partition,
-built once per step by the metadata builder). Inside them, vLLM's own kernel and metadata builds (the
+Scopes: ``layer`` wraps ``engine.execute.run_layer`` (one attention layer call of a mitigated step),
+``step`` wraps ``engine.plan.build_plan`` (the step's partition, built once per step by the metadata
+builder) and ``read`` wraps ``engine.prunehal.collect`` (the host reading a request's PruneHal decisions
+after the forward: ``reads`` counts its calls). In ``read``, reads of the decisions' host buffers (the
+:class:`~vllm_halluguard.engine.prunehal.Decision` tensors, which the layer filled with a copy) are not
+counted, as on a GPU they are pinned host memory: what is counted there is any read of other tensors,
+e.g. the request's device state. Inside them, vLLM's own kernel and metadata builds (the
 ``native`` and ``build`` callables they are handed) and the project's Triton launch under the interpreter
 (``GridExecutor.__call__``, which copies its arguments to NumPy; on a GPU an asynchronous launch) are not
 counted: they are the kernels, not the plugin's host code; nor is ``cpu_cache.learn_layout``, CPU_ATTN's
@@ -134,6 +138,7 @@ class SyncSentinel:
     events: list[Event] = field(default_factory=list)
     layer_calls: int = 0
     steps: int = 0
+    reads: int = 0
 
     def __post_init__(self) -> None:
         self._local = _Local()
@@ -159,7 +164,7 @@ class SyncSentinel:
 
     def reset(self) -> None:
         self.events.clear()
-        self.layer_calls = self.steps = 0
+        self.layer_calls = self.steps = self.reads = 0
 
     # --------------------------------------------------------------------- scopes
 
@@ -203,10 +208,10 @@ class SyncSentinel:
         """Wrap the plugin's layer call and step plan, and pause inside kernels, while the block runs."""
         from triton.runtime import interpreter
 
-        from vllm_halluguard.engine import cpu_cache, execute, plan
+        from vllm_halluguard.engine import cpu_cache, execute, plan, prunehal
 
         run_layer, build_plan, launch = execute.run_layer, plan.build_plan, interpreter.GridExecutor.__call__
-        learn = cpu_cache.learn_layout
+        learn, collect = cpu_cache.learn_layout, prunehal.collect
 
         def layer(impl: Any, native: Any, *args: Any, **kwargs: Any) -> Any:
             self.layer_calls += 1
@@ -222,6 +227,16 @@ class SyncSentinel:
             finally:
                 self._local.host = frozenset()
 
+        def read(runtime: Any, st: Any, wait: bool) -> Any:
+            self.reads += 1
+            buffers = [t for d in st.pending for t in (d.fired, d.keep)]
+            self._local.host = frozenset(_storage(t) for t in buffers)
+            try:
+                with self.scope("read"):
+                    return collect(runtime, st, wait)
+            finally:
+                self._local.host = frozenset()
+
         def grid(executor: Any, *args: Any, **kwargs: Any) -> Any:
             with self.paused():
                 return launch(executor, *args, **kwargs)
@@ -229,12 +244,14 @@ class SyncSentinel:
         execute.run_layer, plan.build_plan = layer, step  # type: ignore[assignment]
         interpreter.GridExecutor.__call__ = grid  # type: ignore[method-assign]
         cpu_cache.learn_layout = self._unpaused(learn)  # type: ignore[assignment]
+        prunehal.collect = read  # type: ignore[assignment]
         try:
             yield self
         finally:
             execute.run_layer, plan.build_plan = run_layer, build_plan
             interpreter.GridExecutor.__call__ = launch  # type: ignore[method-assign]
             cpu_cache.learn_layout = learn  # type: ignore[assignment]
+            prunehal.collect = collect  # type: ignore[assignment]
 
 
 class _FunctionMode(TorchFunctionMode):

@@ -208,6 +208,19 @@ class EngineMethod:
         The default (no kernel arguments) is."""
         return type(self).kernel_args is EngineMethod.kernel_args
 
+    def kernel_sinks(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        """The sinks of :meth:`kernel_args` alone."""
+        return self.kernel_args(call, row)[0]
+
+    def kernel_mask(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        """The key mask of :meth:`kernel_args` alone."""
+        return self.kernel_args(call, row)[1]
+
+    def kernel_sinks_static(self, row: Row) -> bool:
+        """Whether :meth:`kernel_sinks` is static (as :meth:`kernel_args_static`) even where the mask is not:
+        the builder then makes the lane's sinks once per step, and a layer call only the masks."""
+        return self.kernel_args_static(row)
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:

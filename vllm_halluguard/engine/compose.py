@@ -111,6 +111,27 @@ class CompositeEngine(EngineMethod):
     def kernel_args_static(self, row: Row) -> bool:
         return all(m.kernel_args_static(r) for m, r in self.member_rows(row))
 
+    def kernel_sinks_static(self, row: Row) -> bool:
+        return all(m.kernel_sinks_static(r) for m, r in self.member_rows(row))
+
+    def kernel_sinks(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        """The summed sink masses of the members reworking this layer."""
+        sinks: torch.Tensor | None = None
+        for step in _plan(row):
+            s = step.method.kernel_sinks(call, step.row) if call.layer in step.route.rework else None
+            if s is not None:
+                sinks = s.float() if sinks is None else torch.logaddexp(sinks, s.float())
+        return sinks
+
+    def kernel_mask(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        """The intersected key masks of the members reworking this layer."""
+        mask: torch.Tensor | None = None
+        for step in _plan(row):
+            m = step.method.kernel_mask(call, step.row) if call.layer in step.route.rework else None
+            if m is not None:
+                mask = m if mask is None else mask & m
+        return mask
+
     def kernel_args(self, call: LayerCall, row: Row) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The sinks (summed masses) and key masks (intersected) of the members reworking this layer."""
         sinks: torch.Tensor | None = None

@@ -160,6 +160,8 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     pre = None if call.plan is None else call.plan.kernel_args.get(call.layer)
     if pre is not None:  # made and copied once per step by the builder
         sinks, mask = pre
+        if call.layer in call.plan.masks_per_layer:  # PruneHal's masks: made on the device, per layer
+            _, mask, _ = lane_args(call, lp.rework, sub.num_tokens, "mask")
     else:  # a method whose arguments depend on this step's earlier layers (PruneHal's mask)
         sinks, mask, _ = lane_args(call, lp.rework, sub.num_tokens)
         sinks = None if sinks is None else sinks.to(device)

@@ -141,6 +141,9 @@ class FarSightEngine(EngineMethod):
         first, heads = seq_len - (end - start), call.query.shape[1]
         return _kernel_sinks(cfg, first, seq_len, row.request.prompt_len, heads), None
 
+    def kernel_mask(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        return None
+
 
 @functools.lru_cache(maxsize=256)
 def _kernel_sinks(

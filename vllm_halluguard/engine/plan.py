@@ -109,6 +109,9 @@ class StepPlan:
     #: Kernel path: the rework lane's sinks ``[T, Hq]`` and key mask ``[B, S]`` on the device, by layer,
     #: for the layers whose rows' methods have static kernel arguments (:func:`static_kernel_args`).
     kernel_args: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+    #: Kernel path: layers of ``kernel_args`` whose sinks are made by the builder but whose key masks are
+    #: made in the layer call (on the device, from method state: PruneHal's keep masks).
+    masks_per_layer: frozenset[int] = frozenset()
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers.get(index, self.default)
@@ -334,14 +337,17 @@ def build_plan(
     if plan.full is None and verify:
         plan.full = build(common_prefix_len, cm)
     if backend.kernel:
-        plan.kernel_args = static_kernel_args(plan, backend, device)
+        plan.kernel_args, plan.masks_per_layer = static_kernel_args(plan, backend, device)
     return plan
 
 
-def lane_args(call: LayerCall, rework: tuple[Row, ...], num_tokens: int) -> tuple[Any, Any, tuple]:
+def lane_args(
+    call: LayerCall, rework: tuple[Row, ...], num_tokens: int, part: str = "both"
+) -> tuple[Any, Any, tuple]:
     """The kernel lane's sinks ``[num_tokens, Hq]`` and key mask ``[rows, S_max]`` from each row's
     ``kernel_args`` (``None`` where no row has any), where they are made, and the rows' own results (the
-    same objects for two layers whose rows returned the same: the builder makes those once)."""
+    same objects for two layers whose rows returned the same: the builder makes those once).
+    ``part="sinks"`` / ``"mask"``: only that one (``kernel_sinks`` / ``kernel_mask``), the other ``None``."""
     hq = call.query.shape[1]
     sinks: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -349,7 +355,13 @@ def lane_args(call: LayerCall, rework: tuple[Row, ...], num_tokens: int) -> tupl
     local = 0
     for j, row in enumerate(rework):
         start, end, seq_len = call.span(row)
-        row_sinks, row_mask = method_of(row.request.config).kernel_args(call, row)
+        method = method_of(row.request.config)
+        if part == "both":
+            row_sinks, row_mask = method.kernel_args(call, row)
+        elif part == "sinks":
+            row_sinks, row_mask = method.kernel_sinks(call, row), None
+        else:
+            row_sinks, row_mask = None, method.kernel_mask(call, row)
         key.append((row_sinks, row_mask))
         if row_sinks is not None:
             if sinks is None:
@@ -370,10 +382,12 @@ def _no_cache(*args: Any, **kwargs: Any) -> Any:
 
 def static_kernel_args(
     plan: StepPlan, backend: Backend, device: torch.device
-) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
+) -> tuple[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]], frozenset[int]]:
     """The kernel lane's sinks and masks of every layer whose rows all have static kernel arguments
     (:meth:`~vllm_halluguard.engine.base.EngineMethod.kernel_args_static`), made on the host once per
-    step and copied to the device in one copy per kind (pinned and non-blocking where CUDA is available)."""
+    step and copied to the device in one copy per kind (pinned and non-blocking where CUDA is available);
+    and of the layers whose rows' sinks only are static (``kernel_sinks_static``: PruneHal's rows), the
+    sinks the same way, with the layers whose masks the layer call makes."""
     stub = LayerCall(
         layer=0, scale=0.0, query=torch.empty(0, backend.num_heads, 0), output=torch.empty(0),
         query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens,
@@ -384,12 +398,19 @@ def static_kernel_args(
     sinks_host: list[torch.Tensor] = []
     masks_host: list[torch.Tensor] = []
     alive: list[Any] = []  # the rows' results stay referenced while their ids key ``made``
+    dynamic: set[int] = set()
     for layer in range(backend.num_layers):
         lp = plan.layer(layer)
-        if lp.kernel is None or not all(method_of(r.request.config).kernel_args_static(r) for r in lp.rework):
+        if lp.kernel is None:
             continue
+        part = "both"
+        if not all(method_of(r.request.config).kernel_args_static(r) for r in lp.rework):
+            if not all(method_of(r.request.config).kernel_sinks_static(r) for r in lp.rework):
+                continue
+            part = "sinks"
+            dynamic.add(layer)
         stub.layer = layer
-        sinks, mask, results = lane_args(stub, lp.rework, lp.kernel.num_tokens)
+        sinks, mask, results = lane_args(stub, lp.rework, lp.kernel.num_tokens, part)
         alive.append(results)
         key = (id(lp), *(id(x) for pair in results for x in pair))
         if key not in made:
@@ -399,7 +420,7 @@ def static_kernel_args(
     return {
         layer: (sinks_dev[i] if i >= 0 else None, masks_dev[j] if j >= 0 else None)
         for layer, (i, j) in per_layer.items()
-    }
+    }, frozenset(dynamic)
 
 
 def _append(out: list[torch.Tensor], x: torch.Tensor | None) -> int:

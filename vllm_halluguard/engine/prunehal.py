@@ -53,7 +53,7 @@ from vllm_halluguard.engine.tp import head_mean
 from vllm_halluguard.kernels import paged
 from vllm_halluguard.kernels.reference import (
     attention_logits,
-    attention_probs_padded,
+    attention_logits_padded,
     attention_rows,
     attention_rows_padded,
 )
@@ -73,12 +73,15 @@ logger = logging.getLogger(__name__)
 #: Traces of this many most recent PruneHal requests are kept per worker (``Runtime.logs[LOG]``).
 MAX_LOGGED_REQUESTS = 256
 LOG = "prunehal_log"
+#: ``Runtime.ext`` key: ``{id(state): state}`` of the requests with decisions the host has not read.
+UNREAD = "prunehal_unread"
 
 
 @dataclass
 class Decision:
-    """A decision the host has not read yet: ``fired [1]`` and ``keep [n, Nv]`` after step ``step``, on
-    the device or, on CUDA, in pinned host buffers that a non-blocking copy fills before ``event``."""
+    """A decision the host has not read yet: ``fired []`` and ``keep [n, Nv]`` after step ``step``, in host
+    buffers (pinned on CUDA) that a copy queued behind the decision fills; on CUDA the copy is
+    non-blocking and complete once ``event`` is. The buffers are slices of one pair per decision group."""
 
     step: int
     fired: torch.Tensor
@@ -102,9 +105,11 @@ class PruneState:
     count: torch.Tensor  # [1] prunes so far
     hist_sum: torch.Tensor  # [1, n]
     hist_n: torch.Tensor  # [1]
-    A: torch.Tensor  # [n] statistic of the current step
-    scores: torch.Tensor  # [n, Nv] per-token scores of the current step
-    seen: set[int] = field(default_factory=set)  # layers measured in the current step (host)
+    A: torch.Tensor  # [n] statistic of the last decided step
+    scores: torch.Tensor  # [n, Nv] per-token scores of the last decided step
+    #: This step's measurements so far: layer index -> (the layer call's A [B], scores [B, Nv_max], row b);
+    #: stacked into ``A`` and ``scores`` once, at the decision (no per-layer write per row).
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     req_id: str = ""
     admission: int = 1  # how many times the worker admitted the request (1 + preemptions)
@@ -114,7 +119,16 @@ class PruneState:
     groups: torch.Tensor | None = None  # [Nv] visual_groups on the layers' device (block granularity)
     num_groups: int = 1
     host_keep: torch.Tensor | None = None  # [n, Nv] the masks as of the last decision the host read
+    host_kept: list[bool] = field(default_factory=list)  # per layer: nothing pruned (as ``host_keep``)
+    visual_list: list[int] = field(default_factory=list)  # ``visual`` as Python ints
     pending: list[Decision] = field(default_factory=list)
+    index: dict[int, int] = field(default_factory=dict)  # layer -> its index in ``layers``
+    pruned_layers: frozenset[int] = frozenset()  # layers with a pruned key, as ``host_kept``
+
+    def __post_init__(self) -> None:
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.last_layer = max(self.layers, default=-1)
+        self.all_layers = frozenset(self.layers)
 
     @classmethod
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
@@ -130,25 +144,21 @@ class PruneState:
             A=torch.zeros(n),
             scores=torch.zeros(n, nv),
             record=record,
+            host_keep=torch.ones(n, nv, dtype=torch.bool),
+            host_kept=[True] * n,
+            visual_list=visual.tolist(),
         )
 
-    @property
-    def index(self) -> dict[int, int]:
-        return {layer: i for i, layer in enumerate(self.layers)}
-
     def keep_on_host(self) -> torch.Tensor:
-        """The keep masks as the host knows them: exact on a CPU device; elsewhere as of the last decision
-        :func:`collect` read (``pending`` holds the later ones)."""
-        if self.keep.device.type == "cpu" or self.host_keep is None:
-            return self.keep
+        """The keep masks as the host knows them: as of the last decision :func:`collect` read (``pending``
+        holds the later ones), on every device."""
+        assert self.host_keep is not None
         return self.host_keep
 
     def all_kept(self, i: int) -> bool:
-        """Whether nothing is pruned in layer index ``i``, as far as the host knows without a read back:
-        ``False`` also where a decision is still unread (the caller then masks, which is exact either way)."""
-        if self.pending:
-            return False
-        return bool(self.keep_on_host()[i].all())
+        """Whether nothing is pruned in layer index ``i``, from host data only (no read back): ``False``
+        also where a decision is still unread (the caller then masks, which is exact either way)."""
+        return not self.pending and self.host_kept[i]
 
 
 def on_device(st: PruneState, cfg: PruneHalConfig, device: torch.device) -> None:
@@ -156,14 +166,12 @@ def on_device(st: PruneState, cfg: PruneHalConfig, device: torch.device) -> None
     back), with the visual positions and, for block granularity, their groups."""
     if st.visual_dev is not None and st.visual_dev.device == device:
         return
-    if st.keep.device.type == "cpu":
-        st.host_keep = st.keep.clone()
     if cfg.granularity == "block":
         groups = visual_groups(st.visual, cfg.block)
         st.num_groups = int(groups.max()) + 1 if groups.numel() else 1  # host data: no sync
         st.groups = _to(groups, device)
     st.visual_dev = _to(st.visual, device)
-    st.keep, st.count, st.A, st.scores = (_to(x, device) for x in (st.keep, st.count, st.A, st.scores))
+    st.keep, st.count = _to(st.keep, device), _to(st.count, device)
     st.hist_sum, st.hist_n = _to(st.hist_sum, device), _to(st.hist_n, device)
 
 
@@ -203,8 +211,7 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     st = PruneState.fresh(visual, layers, record)
     st.req_id, st.admission = state.req_id, admissions[state.req_id]
     st.reclaim = cfg.frees_blocks and set(layers) == set(range(runtime.num_layers))
-    if st.reclaim:
-        runtime.ext[reclaim.READ_DECISIONS] = read_reclaiming
+    runtime.ext[reclaim.READ_DECISIONS] = read_decisions
     state.scratch["prunehal"] = st
 
 
@@ -247,52 +254,91 @@ def apply(call: LayerCall, row: Row) -> None:
 
 def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
-    measured on its last token: one padded gather and one batched masked attention. Nothing is read back
-    from the device (the keep masks and visual positions stay there)."""
+    measured on its last token: one padded gather and one batched masked attention, with no per-row tensor
+    op. Nothing is read back from the device (the keep masks and visual positions stay there)."""
     todo: list[tuple[Row, PruneState, int]] = []
     device = call.query.device
     for row in rows:
         state = row.request
-        cfg = cast(PruneHalConfig, state.config)
         st: PruneState | None = state.scratch.get("prunehal")
-        if st is None or cfg.is_noop() or st.visual.numel() == 0:
+        if st is None or (st.visual_dev is None and (state.config.is_noop() or not st.visual_list)):
             continue
         i = st.index.get(call.layer)
         seq_len, prompt_len = call.seq_lens[row.index], state.prompt_len
         if i is None or seq_len < prompt_len or (seq_len > prompt_len and not call.is_single(row)):
             continue  # rows before the prompt's last token are never touched
-        on_device(st, cfg, device)
+        if st.visual_dev is None or st.visual_dev.device != device:
+            on_device(st, cast(PruneHalConfig, state.config), device)
         todo.append((row, st, i))
     if not todo:
         return
     assert call.gather_batch is not None
-    seq_lens = [call.seq_lens[row.index] for row, _, _ in todo]
-    pruned = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]
+    batch_rows = [row.index for row, _, _ in todo]
+    seq_lens = [call.seq_lens[r] for r in batch_rows]
+    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]  # reworked: the output is ours
+    pruned = bool(masked)
     # V only once something is pruned: before that the native kernel's output is already exact
-    k, v, key_mask = call.gather_batch([row.index for row, _, _ in todo], seq_lens, values=bool(pruned))
-    visual, keep = _padded(todo)
-    for b in pruned:  # pruned visual keys off
-        _, st, i = todo[b]
-        key_mask[b, st.visual_dev] = st.keep[i]
-    starts = [call.query_start_loc[row.index + 1] - 1 for row, _, _ in todo]  # the rows' last tokens
-    q = torch.stack([call.query[s] for s in starts])
-    if pruned:
-        out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask)
-        for b in pruned:
-            call.output[starts[b]] = out[b]
+    on_dev = None if pruned else _keys_on_device(call, batch_rows, max(seq_lens))
+    if on_dev is not None:
+        (k, key_mask), v = on_dev, None
     else:
-        _, probs = attention_probs_padded(q, k, call.scale, key_mask)
-    hq = probs.shape[1]
-    on_visual = probs.gather(-1, visual[:, None, :].expand(-1, hq, -1)) * keep[:, None, :]  # [B, Hq, Nv]
-    _store(call, todo, head_mean(on_visual.float(), -2), keep)  # head mean over every rank's heads
+        k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=pruned)
+    visual, real = _padded_visual(todo)
+    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+    last = _last_tokens(call, batch_rows)
+    q = call.query.index_select(0, last)
+    hq = q.shape[1]
+    index = visual[:, None, :].expand(-1, hq, -1)
+    if pruned:  # pruned visual keys off, in every row at once (a row that prunes nothing drops nothing)
+        drop = torch.zeros(key_mask.shape[0], key_mask.shape[1] + 1, dtype=torch.uint8, device=device)
+        drop.scatter_(1, torch.where(real, visual, key_mask.shape[1]), (~keep).to(torch.uint8))
+        key_mask = key_mask & (drop[:, :-1] == 0)
+        out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask)
+        if len(masked) < len(todo):  # the others keep the native kernel's output
+            sel = torch.tensor(masked, device=device)
+            out, last = out.index_select(0, sel), last.index_select(0, sel)
+        call.output.index_copy_(0, last, out.to(call.output.dtype))
+        on_visual = probs.gather(-1, index)
+    else:  # the probabilities on the visual keys only
+        logits = attention_logits_padded(q, k, call.scale, key_mask)
+        lse = torch.logsumexp(logits, dim=-1)
+        on_visual = torch.exp(logits.gather(-1, index) - lse[..., None])
+    _store(call, todo, head_mean((on_visual * keep[:, None, :]).float(), -2), keep)  # over every rank's heads
+
+
+#: One step's padded visual positions, reused by its layer calls: ``(key, states, visual, real)``.
+_PADDED: list[Any] = [None]
+
+
+def _padded_visual(todo: list[tuple[Row, PruneState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' visual positions ``[B, Nv_max]`` (padded with position 0) and which are real, on the
+    device; made once for the rows of a step (the layer calls of a step see the same rows)."""
+    key = tuple(id(st.visual_dev) for _, st, _ in todo)
+    hit = _PADDED[0]
+    if hit is not None and hit[0] == key:
+        return hit[2], hit[3]
+    pad = torch.nn.utils.rnn.pad_sequence
+    vis = [cast(torch.Tensor, st.visual_dev) for _, st, _ in todo]
+    visual = pad(vis, batch_first=True)
+    real = pad([torch.ones_like(x, dtype=torch.bool) for x in vis], batch_first=True)
+    _PADDED[0] = (key, vis, visual, real)  # ``vis`` keeps the ids of the key alive
+    return visual, real
+
+
+def _last_tokens(call: LayerCall, rows: list[int]) -> torch.Tensor:
+    """The flat indices of the rows' last tokens: from the step's device tables on the kernel path (no
+    host data), else from the host's query starts."""
+    tables = getattr(call.plan, "rows", None)
+    if tables is not None:
+        return tables.last_token.index_select(0, tables.index(rows))
+    return torch.tensor([call.query_start_loc[r + 1] - 1 for r in rows], device=call.query.device)
 
 
 def _padded(todo: list[tuple[Row, PruneState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' visual positions and keep masks of this layer ``[B, Nv_max]``, padded (position 0, not
     kept), on the device."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    visual = pad([cast(torch.Tensor, st.visual_dev) for _, st, _ in todo], batch_first=True)
-    return visual, pad([st.keep[i] for _, st, i in todo], batch_first=True)
+    visual, _ = _padded_visual(todo)
+    return visual, torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
 
 
 def _store(
@@ -308,12 +354,28 @@ def _store(
         if cfg.statistic not in stats:
             stats[cfg.statistic] = scores_statistic(head_avg, keep, cfg.statistic)
         A, scores = stats[cfg.statistic]
-        st.A[i], st.scores[i] = A[b], scores[b, : st.visual.numel()]
-        st.seen.add(i)
-        if call.layer == max(st.layers):
+        st.parts[i] = (A, scores, b)
+        if call.layer == st.last_layer:
             deciding.append((st, cfg, call.seq_lens[row.index] - row.request.prompt_len + 1))
     if deciding:
         decide(call.runtime, deciding)
+
+
+def _keys_on_device(call: LayerCall, rows: list[int], s_max: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K ``[B, s_max, Hkv, D]`` of the call's ``rows`` and their causal masks ``[B, s_max]``, indexed on the
+    device from the step's device tables (kernel path: ``call.plan.rows``) and the cache's kernel views,
+    with no host data (a padded position reads the row's last key, masked); ``None`` without them."""
+    tables = getattr(call.plan, "rows", None)
+    io = getattr(call.gather, "__self__", None)
+    views = io.kernel_views() if tables is not None and isinstance(io, CacheIO) else None
+    if views is None:
+        return None
+    assert io is not None and tables is not None
+    index = tables.index(rows)
+    last = tables.position.index_select(0, index)[:, None]  # [B, 1] seq_len - 1
+    positions = torch.arange(s_max, device=last.device)[None, :]
+    k = paged.gather_keys(views[0], io.block_table.index_select(0, index), torch.minimum(positions, last))
+    return k, positions <= last
 
 
 def visual_keys(call: LayerCall, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
@@ -335,10 +397,13 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
     anything back: the host reads the decisions later (:func:`collect`; at once on a CPU device)."""
     groups: dict[tuple[PruneHalConfig, int], list[tuple[PruneState, int]]] = {}
     for st, cfg, step in items:
-        if len(st.seen) != len(st.layers):
-            missing = [layer for i, layer in enumerate(st.layers) if i not in st.seen]
+        if len(st.parts) != len(st.layers):
+            missing = [layer for i, layer in enumerate(st.layers) if i not in st.parts]
             raise RuntimeError(f"prunehal: layers {missing} were not measured in step {step}")
-        st.seen.clear()
+        parts, nv = [st.parts[i] for i in range(len(st.layers))], st.visual.numel()
+        st.A = torch.stack([a[b] for a, _, b in parts])
+        st.scores = torch.stack([sc[b, :nv] for _, sc, b in parts])
+        st.parts = {}
         groups.setdefault((cfg, st.visual.numel()), []).append((st, step))
     for (cfg, _), members in groups.items():
         sts = [st for st, _ in members]
@@ -360,6 +425,8 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             num_groups=max(st.num_groups for st in sts),
             skip_idle=False,
         )
+        host_fired, host_keep, event = _start_read(fired, keep)
+        unread = runtime.ext.setdefault(UNREAD, {})
         for j, (st, step) in enumerate(members):
             st.keep, st.count, st.hist_sum, st.hist_n = (
                 keep[j],
@@ -367,37 +434,42 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
                 hist_sum[j : j + 1],
                 hist_n[j : j + 1],
             )
-            st.pending.append(_start_read(step, fired[j], keep[j]))
-            if device.type == "cpu":  # nothing to wait for
-                collect(runtime, st, wait=True)
+            st.pending.append(Decision(step, host_fired[j], host_keep[j], event))
+            unread[id(st)] = st
 
 
-def _start_read(step: int, fired: torch.Tensor, keep: torch.Tensor) -> Decision:
-    """A :class:`Decision` whose tensors the host can read later. On CUDA a non-blocking copy into pinned
-    buffers, queued on the layer's stream behind the decision, and an event recorded after it."""
-    if fired.is_cuda and torch.cuda.is_available():
-        host_fired = torch.empty(fired.shape, dtype=fired.dtype, pin_memory=True)
-        host_keep = torch.empty(keep.shape, dtype=keep.dtype, pin_memory=True)
-        host_fired.copy_(fired, non_blocking=True)
-        host_keep.copy_(keep, non_blocking=True)
+def _start_read(fired: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Host buffers that a copy queued behind the decision fills, and the event after it: on CUDA pinned
+    buffers, a non-blocking copy and an event (the host reads them later, :func:`collect`); elsewhere a
+    plain copy (the host reads nothing of the device's in the layer)."""
+    cuda = fired.is_cuda and torch.cuda.is_available()
+    host_fired = torch.empty(fired.shape, dtype=fired.dtype, pin_memory=cuda)
+    host_keep = torch.empty(keep.shape, dtype=keep.dtype, pin_memory=cuda)
+    host_fired.copy_(fired, non_blocking=True)
+    host_keep.copy_(keep, non_blocking=True)
+    event = None
+    if cuda:
         event = torch.cuda.Event()
         event.record()
-        return Decision(step, host_fired, host_keep, event)
-    return Decision(step, fired, keep)
+    return host_fired, host_keep, event
 
 
 def collect(runtime: Any, st: PruneState, wait: bool) -> None:
     """The host reads the request's unread decisions, oldest first, into its record (and the reclaim):
-    every one with ``wait``, else those whose copy has completed.
+    every one with ``wait``, else those whose copy has completed. It reads the decisions' host buffers
+    only, never the device state.
 
     Race-free under async scheduling: the layers read and write the device state on the compute stream
     only, in launch order (a decision replaces the masks with new tensors, which the next step's layers
     read after it), and the host reads a decision's pinned copy only after its event completed, so it
     never sees a half-written mask and never makes the stream wait; the records may trail the forward by
-    a step. ``plan_step`` collects without waiting, then with ``wait`` for reclaiming requests, which run
-    with synchronous scheduling only (``check_inputs``): vLLM has read the previous step's sampled tokens
-    back before the next step is planned, so that forward is done and the wait costs nothing.
-    ``release`` and the records' readers (:func:`prunehal_trace`, ``worker_stats``) wait."""
+    a step. The host reads once per step, after the forward: at the end of the step (:func:`read_decisions`,
+    from vLLM's ``sample_tokens``, where vLLM's V1 runner reads the sampled tokens back), and, for what
+    is still unread (V2, or a copy not yet complete under async scheduling), in the next ``plan_step``;
+    without waiting, except for reclaiming requests, which run with synchronous scheduling only
+    (``check_inputs``): vLLM has read the step's sampled tokens back, so the forward is done and the
+    wait costs nothing. ``release`` and the records' readers (:func:`prunehal_trace`, ``worker_stats``)
+    wait."""
     while st.pending:
         d = st.pending[0]
         if d.event is not None:
@@ -405,8 +477,8 @@ def collect(runtime: Any, st: PruneState, wait: bool) -> None:
                 return
             d.event.synchronize()
         st.pending.pop(0)
-        st.host_keep = d.keep.cpu()
-        _record(runtime, st, d.step, bool(d.fired.cpu()))
+        _record(runtime, st, d)
+    getattr(runtime, "ext", {}).get(UNREAD, {}).pop(id(st), None)
 
 
 def collect_all(runtime: Any) -> None:
@@ -417,23 +489,25 @@ def collect_all(runtime: Any) -> None:
             collect(runtime, st, wait=True)
 
 
-def read_reclaiming(runtime: Any) -> None:
-    """:func:`collect` with ``wait`` for the reclaiming requests, at the end of a step (synchronous
-    scheduling only: vLLM has read the step's sampled tokens back, so its forward is done)."""
-    for state in getattr(runtime, "requests", {}).values():
-        st = state.scratch.get("prunehal")
-        if st is not None and st.reclaim and st.pending:
-            collect(runtime, st, wait=True)
+def read_decisions(runtime: Any) -> None:
+    """The end of a step (:data:`reclaim.READ_DECISIONS`, from ``sample_tokens``): :func:`collect` for the
+    requests that decided in it, waiting for the reclaiming ones only (see :func:`collect`)."""
+    for st in list(runtime.ext.get(UNREAD, {}).values()):
+        collect(runtime, st, wait=st.reclaim)
 
 
-def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
+def _record(runtime: Any, st: PruneState, d: Decision) -> None:
     rec = st.record
-    rec["steps"] = step
-    if not fired:
+    rec["steps"] = d.step
+    if not bool(d.fired):
         return
-    keep = st.keep_on_host()
-    rec["prunes"].append({"step": step, "kept": keep.sum(-1).tolist(), "keep": keep.tolist()})
-    blocks = pruned_block_ids(st, rec["prompt_len"], runtime.block_size, runtime.num_layers)
+    st.host_keep = d.keep
+    keep = d.keep.tolist()
+    st.host_kept = [all(layer) for layer in keep]
+    pairs = zip(st.layers, st.host_kept, strict=True)
+    st.pruned_layers = frozenset(layer for layer, kept in pairs if not kept)
+    rec["prunes"].append({"step": d.step, "kept": [sum(layer) for layer in keep], "keep": keep})
+    blocks = pruned_block_ids(st, keep, runtime.block_size, runtime.num_layers)
     rec["reclaimable_blocks"] = len(blocks)
     new = [b for b in blocks if b not in st.freed] if st.reclaim else []
     if new:
@@ -444,19 +518,20 @@ def _record(runtime: Any, st: PruneState, step: int, fired: bool) -> None:
         reclaim.queue(runtime, st.req_id, st.admission, new)
 
 
-def pruned_block_ids(st: PruneState, prompt_len: int, block_size: int, num_layers: int) -> list[int]:
-    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer (as the host
-    knows the masks: :meth:`PruneState.keep_on_host`).
+def pruned_block_ids(st: PruneState, keep: list[list[bool]], block_size: int, num_layers: int) -> list[int]:
+    """Logical KV blocks of the prompt whose every token is pruned in every decoder layer, from the keep
+    masks ``keep [n][Nv]`` the host read (Python data: no tensor op).
 
     Only such blocks can go back to the pool (vLLM's block table is shared by all layers); if the
     config prunes a subset of layers, the others still read every block and none qualifies.
     """
-    if set(st.layers) != set(range(num_layers)) or st.visual.numel() == 0:
+    if set(st.layers) != set(range(num_layers)) or not keep or not keep[0]:
         return []
-    n_blocks = -(-prompt_len // block_size)
-    gone = torch.zeros(n_blocks * block_size, dtype=torch.bool)
-    gone[st.visual] = ~st.keep_on_host().any(0)
-    return torch.nonzero(gone.view(n_blocks, block_size).all(-1)).flatten().tolist()
+    gone: dict[int, int] = {}
+    for pos, kept in zip(st.visual_list, zip(*keep, strict=True), strict=True):
+        if not any(kept):
+            gone[pos // block_size] = gone.get(pos // block_size, 0) + 1
+    return sorted(b for b, n in gone.items() if n == block_size)  # the prompt's tokens of a block
 
 
 def prunehal_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
@@ -535,8 +610,7 @@ class PruneHalEngine(EngineMethod):
         if backend.kernel:
             return Route(rework=frozenset(st.layers))
         # a decision the host has not read yet counts as pruned: the masked torch path is exact either way
-        pruned = [layer for i, layer in enumerate(st.layers) if not st.all_kept(i)]
-        return Route(rework=frozenset(pruned))
+        return Route(rework=st.all_layers if st.pending else st.pruned_layers)
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         """The row that ends with the prompt's last token (step 1), and decode rows on the torch path."""
@@ -567,6 +641,15 @@ class PruneHalEngine(EngineMethod):
         mask = torch.ones(call.seq_lens[row.index], dtype=torch.bool, device=st.keep.device)
         mask[visual] = st.keep[i]
         return None, mask
+
+    def kernel_sinks(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        return None
+
+    def kernel_mask(self, call: LayerCall, row: Row) -> torch.Tensor | None:
+        return self.kernel_args(call, row)[1]
+
+    def kernel_sinks_static(self, row: Row) -> bool:
+        return True  # no sinks; the mask is made in the layer, on the device
 
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor

@@ -170,7 +170,10 @@ def should_prune(
     prune is off), the voting fraction is ``>= vote_frac``.
     """
     thr = math.sqrt(r) if threshold is None else threshold
-    step_t = step.to(A.device) if isinstance(step, torch.Tensor) else torch.as_tensor(step, device=A.device)
+    if isinstance(step, torch.Tensor):
+        step_t = step if step.device == A.device else step.to(A.device)
+    else:
+        step_t = torch.as_tensor(step, device=A.device)
     votes = (thr * history > A).float().mean(-1)
     majority = votes >= vote_frac - _EPS
     if force_step is not None:
