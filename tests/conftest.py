@@ -161,9 +161,9 @@ COST_S: dict[str, float] = {
     "plain_server": 346,  # with test_docs.py (~80)
     "test_testbed.py": 267,
     "test_fixtures.py": 254,
-    "test_server_api.py": 215,
+    # test_server_api (215) + test_server_security (93), less the second server start (~65 s unshared):
+    "keyed_server": 240,
     "test_served_vlms.py": 143,
-    "test_server_security.py": 93,
     "test_server_fuzz.py": 73,
     "test_reference_api.py": 71,
     "test_engine_triton.py": 66,
