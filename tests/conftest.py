@@ -5,6 +5,7 @@ Engines in tests run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): each vLL
 real multi-process server, which also proves the plugin loads in vLLM's engine processes.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ ENGINE_MODES = engine_modes.apply()
 
 from helpers.markers import unmarked  # noqa: E402
 from helpers.parity import make_llm, shutdown_llm  # noqa: E402 (after the env above)
-from helpers.server import SharedServer, SharedServers  # noqa: E402
+from helpers.server import STARTS, SharedServer, SharedServers, StartRecord  # noqa: E402
 from vllm_halluguard.tiny_models import FIXTURES, load_hf  # noqa: E402
 
 #: Settings of the shared engines: the smallest CPU block size, so prompts and generations cross
@@ -130,6 +131,13 @@ def plain_server(shared_servers) -> SharedServer:
     return shared_servers.get("plain")
 
 
+@pytest.fixture(scope="module")
+def keyed_server(shared_servers) -> SharedServer:
+    """The keyed server (``helpers.server.keyed_command``: API key, allow-list, default method, media
+    fetching for 127.0.0.1), shared by ``test_server_api`` and ``test_server_security``."""
+    return shared_servers.get("keyed")
+
+
 #: Test modules that share a session resource form one group: under ``make test`` (``--dist loadfile``)
 #: a group goes to one worker as a unit (:func:`pytest_xdist_make_scheduler`) and every session runs
 #: it contiguously, so the resource starts once. Every other module is a group of its own.
@@ -138,6 +146,8 @@ GROUPS = {
     "test_loadtest.py": "plain_server",
     "test_eval_runner.py": "plain_server",
     "test_docs.py": "plain_server",
+    "test_server_api.py": "keyed_server",
+    "test_server_security.py": "keyed_server",
 }
 #: Seconds per group, summed --durations=0 of the baseline run on the shared machine (docs/testing.md;
 #: the ratios matter); groups start longest first. A group not listed counts as :data:`DEFAULT_COST_S`.
@@ -151,9 +161,9 @@ COST_S: dict[str, float] = {
     "plain_server": 346,  # with test_docs.py (~80)
     "test_testbed.py": 267,
     "test_fixtures.py": 254,
-    "test_server_api.py": 215,
+    # test_server_api (215) + test_server_security (93), less the second server start (~65 s unshared):
+    "keyed_server": 240,
     "test_served_vlms.py": 143,
-    "test_server_security.py": 93,
     "test_server_fuzz.py": 73,
     "test_reference_api.py": 71,
     "test_engine_triton.py": 66,
@@ -233,3 +243,33 @@ def pytest_runtest_teardown(item, nextitem):
                     and f"{name}_server" not in nextitem.fixturenames
                 ):
                     servers.stop(name)
+
+
+#: Server starts reported by the xdist workers (``pytest_testnodedown``), printed by the controller.
+_WORKER_STARTS: list[StartRecord] = []
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its server starts (``helpers.server.STARTS``) to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["server_starts"] = [dataclasses.astuple(s) for s in STARTS]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_testnodedown(node, error):
+    output = getattr(node, "workeroutput", None) or {}
+    _WORKER_STARTS.extend(StartRecord(*s) for s in output.get("server_starts", ()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per real server start: seconds to healthy, CPU seconds of its processes by then."""
+    starts = STARTS + _WORKER_STARTS
+    if not starts:
+        return
+    cpu = sum(s.cpu_s for s in starts)
+    terminalreporter.section(f"server starts: {len(starts)}, {cpu:.0f} CPU s to healthy")
+    for s in starts:
+        terminalreporter.write_line(
+            f"{s.name:<24} {s.wall_s:6.1f} s to healthy  {s.cpu_s:6.1f} CPU s  {s.processes} processes"
+        )

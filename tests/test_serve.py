@@ -7,6 +7,7 @@ trace file proves that ``register()`` ran inside those processes, not in this te
 import os
 
 import pytest
+import requests
 from openai import OpenAI
 
 from helpers.images import data_url
@@ -44,3 +45,22 @@ def test_plugin_registered_inside_server_processes(served):
     # API server, engine core and its worker each load the plugin once.
     assert len(pids) >= 3, trace.read_text()
     assert "vllm-halluguard plugin registered" in log.read_text()
+
+
+def test_requests_without_the_field_are_plain_on_every_generation_route(served):
+    """``make serve`` sets no default method: a body without the field runs unmitigated (the header says
+    ``none``) on every generation route. (The keyed server's default is checked in test_server_security.)"""
+    base, *_ = served
+    image = {"type": "image_url", "image_url": {"url": data_url(0)}}
+    content = [image, {"type": "text", "text": "Describe."}]
+    chat = {"model": "tiny-llava", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    completion = {"model": "tiny-llava", "prompt": "hello there", "max_tokens": 2}
+    responses = {"model": "tiny-llava", "input": "Say hello.", "max_output_tokens": 4}
+    text = [{"role": "user", "content": "Say hello."}]
+    messages = {"model": "tiny-llava", "max_tokens": 4, "messages": text}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", completion),
+                       ("/invocations", completion), ("/v1/responses", responses),
+                       ("/v1/messages", messages)):  # fmt: skip
+        reply = requests.post(f"{base}{path}", json=body, timeout=120)
+        assert reply.status_code < 500, (path, reply.text[:500])
+        assert reply.headers["x-halluguard-mitigation"] == "none", path

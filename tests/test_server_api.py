@@ -1,8 +1,10 @@
 """The ``mitigation`` request field, ``/v1/mitigations`` and the halluguard metrics on a real server.
 
-One ``halluguard-serve --fixture llava`` per module (vLLM's normal multi-process layout), started with
-``--default-mitigation kvsmooth --mitigation-allow none,kvsmooth,farsight,scr``; every check runs against
-it with the real ``openai`` client or plain HTTP. A few pure unit tests of the parsing come first.
+Against the session's keyed server (``keyed_server``, ``helpers.server.keyed_command``: ``halluguard-serve
+--fixture llava`` in vLLM's normal multi-process layout with ``--api-key``, ``--default-mitigation
+kvsmooth --mitigation-allow none,kvsmooth,farsight,scr``; shared with ``tests/test_server_security.py``);
+every check runs against it with the real ``openai`` client or plain HTTP. A few pure unit tests of the
+parsing come first.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from openai import OpenAI
 
 import vllm_halluguard
 from helpers.images import data_url
-from helpers.server import free_port, running_server, server_command
+from helpers.server import KEYED_ALLOW, KEYED_API_KEY, KEYED_DEFAULT
 from vllm_halluguard.engine.requests import ENGINE_METHODS, spec_of
 from vllm_halluguard.methods import METHODS
 from vllm_halluguard.server.cli import mitigation_env
@@ -25,8 +27,9 @@ from vllm_halluguard.server.mitigation import MitigationError, Policy, field_spe
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
-ALLOWED = ("none", "kvsmooth", "farsight", "scr")
-API_KEY = "hg-test-key"
+ALLOWED = KEYED_ALLOW
+API_KEY = KEYED_API_KEY
+assert KEYED_DEFAULT == "kvsmooth", "the default the checks below expect"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -86,19 +89,8 @@ def test_server_settings_are_checked_before_vllm_starts():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    log = tmp_path_factory.mktemp("server_api") / "server.log"
-    port = free_port()
-    extra = [
-        "--default-mitigation",
-        "kvsmooth",
-        "--mitigation-allow",
-        ",".join(ALLOWED),
-        "--api-key",
-        API_KEY,
-    ]
-    with running_server(server_command(port, extra), port, log) as url:
-        yield url
+def base(keyed_server) -> str:
+    return keyed_server.url
 
 
 @pytest.fixture(scope="module")

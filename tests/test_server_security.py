@@ -1,11 +1,14 @@
 """A server that is safe to expose (issue 16), checked against the real server with ``--api-key``.
 
-One ``halluguard-serve --fixture llava --api-key ... --allow-media-fetch --media-fetch-allow-net
-127.0.0.1/32`` per module (vLLM's normal multi-process layout, real HTTP on 127.0.0.1): every route the
-live app mounts is probed without the key; the ``mitigation`` field on every generation route; internal
-keys; client input that used to give a 5xx; bounded echo; strict names; media fetching with local canary
-HTTP servers (127.0.0.1 is allowed by the flag, 127.0.0.2 is an ordinary refused loopback address).
-"Fetching off by default" is checked on the flag-less server of ``tests/test_server_fuzz.py``.
+Against the session's keyed server (``keyed_server``, ``helpers.server.keyed_command``: ``halluguard-serve
+--fixture llava --api-key ... --default-mitigation kvsmooth --allow-media-fetch --media-fetch-allow-net
+127.0.0.1/32``, vLLM's normal multi-process layout, real HTTP on 127.0.0.1; shared with
+``tests/test_server_api.py``): every route the live app mounts is probed without the key; the
+``mitigation`` field on every generation route (an explicit method, an explicit ``none`` and the server
+default for a body without the field); internal keys; client input that used to give a 5xx; bounded
+echo; strict names; media fetching with local canary HTTP servers (127.0.0.1 is allowed by the flag,
+127.0.0.2 is an ordinary refused loopback address). "Fetching off by default" is checked on the
+flag-less server of ``tests/test_server_fuzz.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image
 
 from canary import Canary
 from helpers.images import data_url, png
-from helpers.server import free_port, running_server, server_command
+from helpers.server import KEYED_API_KEY, KEYED_DEFAULT, KEYED_FETCH_TIMEOUT_S, free_port
 from vllm_halluguard.methods import parse
 from vllm_halluguard.server import security
 from vllm_halluguard.server.inputs import InputError
@@ -33,10 +36,12 @@ from vllm_halluguard.tiny_models import make_image
 
 MODEL = "tiny-llava"
 HEADER = "x-halluguard-mitigation"
-API_KEY = "hg-security-key"
+API_KEY = KEYED_API_KEY
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-FETCH_TIMEOUT_S = 3
-ALLOWED = "none,kvsmooth,farsight,scr"
+FETCH_TIMEOUT_S = KEYED_FETCH_TIMEOUT_S
+#: An allowed method other than the server default (an explicit choice the header must show).
+EXPLICIT = "farsight"
+assert EXPLICIT != KEYED_DEFAULT
 
 
 SMALL = png(make_image(0))
@@ -58,6 +63,12 @@ def _post(
 ) -> requests.Response:
     headers = {**AUTH, "Content-Type": "application/json"}
     return requests.post(f"{base}{path}", json=body, data=data, headers=headers, timeout=120, **kw)
+
+
+def _method(reply: requests.Response) -> str:
+    """The method the echoed header names (``none`` for a plain request)."""
+    header = reply.headers[HEADER]
+    return header if header == "none" else json.loads(header)["method"]
 
 
 def _error(reply: requests.Response, status: int = 400, needle: str = "") -> dict[str, Any]:
@@ -220,24 +231,8 @@ def canaries() -> Iterator[tuple[Canary, Canary]]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
-    tmp = tmp_path_factory.mktemp("server_security")
-    port, log, routes = free_port(), tmp / "server.log", tmp / "routes.json"
-    extra = [
-        "--api-key",
-        API_KEY,
-        "--mitigation-allow",
-        ALLOWED,
-        "--allow-media-fetch",
-        "--media-fetch-allow-net",
-        "127.0.0.1/32",
-        "--media-fetch-timeout",
-        str(FETCH_TIMEOUT_S),
-    ]
-    with running_server(
-        server_command(port, extra), port, log, {security.ROUTES_FILE_ENV: str(routes)}
-    ) as url:
-        yield url, log, routes
+def served(keyed_server) -> tuple[str, Path, Path]:
+    return keyed_server.url, keyed_server.log, keyed_server.routes
 
 
 @pytest.fixture(scope="module")
@@ -292,15 +287,16 @@ def test_every_mounted_route_needs_the_key_but_the_open_list(served):
 
 @pytest.mark.server
 def test_invocations_take_the_same_path_as_chat_and_completions(base):
-    reply = _post(base, "/invocations", _chat(mitigation="kvsmooth"))
-    assert reply.status_code == 200 and json.loads(reply.headers[HEADER])["method"] == "kvsmooth"
+    reply = _post(base, "/invocations", _chat(mitigation=EXPLICIT))
+    assert reply.status_code == 200 and _method(reply) == EXPLICIT
     assert reply.json()["object"] == "chat.completion"
     reply = _post(base, "/invocations", _completion(mitigation={"method": "farsight", "mode": "C"}))
     assert reply.status_code == 200 and json.loads(reply.headers[HEADER])["mode"] == "C"
     for body in (_chat(vllm_xargs={"halluguard": "prunehal"}), _completion(mitigation="prunehal")):
         _error(_post(base, "/invocations", body), needle="'prunehal' is not allowed")
     _error(_post(base, "/invocations", _completion(mitigation="bogus")), needle="unknown method 'bogus'")
-    assert _post(base, "/invocations", _completion()).headers[HEADER] == "none"
+    assert _method(_post(base, "/invocations", _completion())) == KEYED_DEFAULT
+    assert _method(_post(base, "/invocations", _completion(mitigation="none"))) == "none"
 
 
 @pytest.mark.server
@@ -318,10 +314,11 @@ def test_batch_responses_and_messages_honour_the_field(base):
     for path, body in (("/v1/responses", responses), ("/v1/messages", messages)):
         _error(_post(base, path, body | {"mitigation": "bogus"}), needle="unknown method 'bogus'")
         _error(_post(base, path, body | {"vllm_xargs": {"halluguard": "prunehal"}}), needle="not allowed")
-        reply = _post(base, path, body | {"mitigation": "kvsmooth"})
+        reply = _post(base, path, body | {"mitigation": EXPLICIT})
         assert reply.status_code < 500, reply.text
-        assert json.loads(reply.headers[HEADER])["method"] == "kvsmooth", (path, reply.text)
-        assert _post(base, path, body).headers[HEADER] == "none"
+        assert _method(reply) == EXPLICIT, (path, reply.text)
+        assert _method(_post(base, path, body)) == KEYED_DEFAULT, path
+        assert _method(_post(base, path, body | {"mitigation": "none"})) == "none", path
         # An image-only method on a body without an image part: refused before vLLM (issue 28).
         _error(_post(base, path, body | {"mitigation": "scr"}), needle="needs an image in the request")
 
@@ -409,8 +406,8 @@ def test_loose_names_are_400s(base):
         ("\u212avsmooth", "not ASCII"),
     ):
         _error(_post(base, "/v1/completions", _completion(mitigation=name)), needle=needle)
-    reply = _post(base, "/v1/completions", _completion(mitigation=" KVSmooth "))
-    assert json.loads(reply.headers[HEADER])["method"] == "kvsmooth"
+    assert EXPLICIT == "farsight"
+    assert _method(_post(base, "/v1/completions", _completion(mitigation=" FarSight "))) == EXPLICIT
 
 
 @pytest.mark.server
