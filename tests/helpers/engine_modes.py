@@ -8,8 +8,9 @@ starts is checked to really run in it (:func:`check_engine`).
   has a CPU backend (``vllm.triton_utils`` disables Triton otherwise, and ``VllmConfig`` refuses V2:
   "Model Runner V2 requires Triton."). PyPI's triton has none, so the test session gives vLLM's
   Triton check a stand-in ``cpu`` backend entry and runs V2's Triton kernels (input preparation, slot
-  mappings, sampling) in Triton's interpreter (``TRITON_INTERPRET=1``). The model, attention and
-  the plugin run as they do on V1.
+  mappings, sampling) in Triton's interpreter (``TRITON_INTERPRET=1``, with the cheaper
+  device-function call of :mod:`helpers.triton_interp`). The model, attention and the plugin run as
+  they do on V1.
 * ``async``: ``async_scheduling=True``. vLLM's CPU platform switches it off in
   ``CpuPlatform.check_and_update_config`` ("not required on CPU");
   :func:`keep_explicit_async_scheduling_on_cpu` keeps it for an engine built with an explicit
@@ -72,7 +73,10 @@ def _interpreted_triton_for_vllm() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     from triton.backends import Backend, backends
 
+    from helpers import triton_interp
+
     backends.setdefault("cpu", Backend(compiler=None, driver=_InterpreterDriver))  # type: ignore[arg-type]
+    triton_interp.install()  # the same interpretation, without re-patching at each device call
 
 
 #: True while ``EngineArgs.create_engine_config`` builds the config of an engine whose arguments ask
