@@ -24,6 +24,12 @@ if _worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
 # any module decorates a kernel (vLLM's own Triton is disabled on its CPU build either way).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("HALLUGUARD_TEST_PLAIN_INTERPRETER") != "1":
+    from helpers import triton_interp
+
+    # the same interpretation without re-patching triton.language at each device-function call
+    # (tests/test_triton_interp.py checks it against the plain interpreter)
+    triton_interp.install()
 
 
 from helpers import engine_modes  # noqa: E402 (after the env above)
