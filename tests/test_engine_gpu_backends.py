@@ -38,6 +38,10 @@ FA_RUNS = [k for k in KEYS if BACKEND[k] == "FLASH_ATTN"]
 #: The runs with prefix-cache and preemption checks, and the fewest preemptions each must see (the
 #: interpreted TRITON_ATTN run on V2 preempts a 3-row batch twice).
 PREEMPTIONS = {**{k: 8 for k in FA_RUNS}, "TRITON_ATTN_V2": 3}
+#: TRITON_ATTN's ``unified_attention`` takes its split 3D kernel for a decode-only batch of few enough
+#: sequences and the 2D one otherwise, so a row's rounding follows the batch it runs in, with or without
+#: the plugin (docs/architecture.md, plain rows of a mixed step): plain rows are compared within this.
+TRITON_ROUNDING = 1e-5
 #: vLLM's own backend classes (what an engine without the plugin must run).
 NATIVE = {
     "TRITON_ATTN": "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend",
@@ -71,7 +75,11 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
     assert run["engine"] == (V2_ENGINE if key in V2 else V1_ENGINE), run["engine"]
     assert run["backends"] == [WRAPPED + CLASSES[BACKEND[key]]], "the engine must run the wrapped backend"
     stats = run["stats"]
-    assert stats["native_checked"] > 0 and stats["native_mismatch"] == 0, stats
+    assert stats["native_checked"] > 0, stats
+    if BACKEND[key] == "TRITON_ATTN":  # unified_attention's 2D/3D choice follows the batch's shape
+        assert stats["native_max_diff"] <= TRITON_ROUNDING, stats
+    else:
+        assert stats["native_mismatch"] == 0, stats
     assert stats["kernel_rows"] > 0, "the project's kernel must have computed the reworked rows"
     if key in V2:  # the reclaim is refused at admission on V2 (and under async scheduling)
         assert stats["prunehal_freed_blocks"] == 0, stats
@@ -108,7 +116,8 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
 @pytest.mark.parametrize("key", [k for k in KEYS if k in NO_PLUGIN])
 def test_plain_rows_equal_an_engine_without_the_plugin(gpu_run, key):
     """The plain rows of the mixed batch = the same plain requests on an engine that loaded no plugin
-    (same backend and stand-ins, runner and scheduling), token ids and log-probs bit for bit."""
+    (same backend and stand-ins, runner and scheduling): token ids, and log-probs bit for bit on
+    FLASH_ATTN (the stand-in is batch-invariant), within :data:`TRITON_ROUNDING` on TRITON_ATTN."""
     run = gpu_run[key]
     ref = run["no_plugin"]
     assert ref["registered"] is False, "the reference engine's process must not have loaded the plugin"
@@ -118,7 +127,13 @@ def test_plain_rows_equal_an_engine_without_the_plugin(gpu_run, key):
     assert plain and len(plain) == len(ref["gens"])
     for got, want in zip(plain, ref["gens"], strict=True):
         assert got["token_ids"] == want["token_ids"], f"{key}: plain tokens differ from the no-plugin engine"
-        assert got["logprobs"] == want["logprobs"], f"{key}: plain log-probs differ from the no-plugin engine"
+        if BACKEND[key] == "FLASH_ATTN":
+            assert got["logprobs"] == want["logprobs"], (
+                f"{key}: plain log-probs differ from the no-plugin engine"
+            )
+            continue
+        for a, b in zip(got["logprobs"], want["logprobs"], strict=True):
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) <= TRITON_ROUNDING, (key, a, b)
 
 
 @pytest.mark.parametrize("key", list(PREEMPTIONS))
