@@ -293,6 +293,7 @@ def _without_plugin(keys: list[str], engines: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not keys:
         return out
+    allowed = os.environ.get("VLLM_PLUGINS")
     os.environ["VLLM_PLUGINS"] = "none-at-all"
     order = sorted((r for r in RUNS if r[0] in keys), key=lambda r: r[3])  # V1 engines, then V2
     for key, backend, version, v2 in order:
@@ -317,7 +318,10 @@ def _without_plugin(keys: list[str], engines: list[Any]) -> dict[str, Any]:
         }
     from vllm import envs
 
-    del os.environ["VLLM_PLUGINS"]
+    if allowed is None:
+        del os.environ["VLLM_PLUGINS"]
+    else:
+        os.environ["VLLM_PLUGINS"] = allowed
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the plugin's runs start on V1
     envs.disable_envs_cache()
     vllm.plugins.plugins_loaded = False
