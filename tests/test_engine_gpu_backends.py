@@ -8,10 +8,11 @@ rows, every method, FarSight's two modes, PruneHal's reclaiming variant (V1; ref
 V2) and compositions (on TRITON_ATTN V2: a plain row and the two compositions, which hold every
 method). Here, per run: the engine ran the runner, scheduler and wrapped class it was given; every
 mitigated row = the dense reference (tokens, log-probs, free greedy run); the plain rows = the
-native kernel over the whole batch, bit for bit (``HALLUGUARD_VERIFY_NATIVE``), and = the same plain
-requests on the engine without the plugin (vLLM's own backend class, same runner and scheduling),
-bit for bit; FlashAttention got FA3's arguments within the real ops' contracts (bf16 ``s_aux``
-included), or the run fails. Untested on a GPU.
+native kernel over the whole batch (``HALLUGUARD_VERIFY_NATIVE``) and = the same plain requests on
+the engine without the plugin (vLLM's own backend class, same runner and scheduling): bit for bit on
+FLASH_ATTN, within :data:`TRITON_ROUNDING` on TRITON_ATTN (its kernel choice follows the batch);
+FlashAttention got FA3's arguments within the real ops' contracts (bf16 ``s_aux`` included), or the
+run fails. Untested on a GPU.
 """
 
 import json
