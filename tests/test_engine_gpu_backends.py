@@ -1,15 +1,18 @@
 """vLLM's GPU attention backends in the CPU engine: the plugin's wrapped TRITON_ATTN and FLASH_ATTN (FA3),
 selected through the CUDA platform's class-path resolution (:mod:`helpers.gpu_backends`).
 
-One extra process (the mode must be set before vLLM is imported) starts one engine per run (FA3 and
-TRITON_ATTN on the V1 runner, then FA3 on the V2 runner with async scheduling) and runs one mixed
-batch: plain rows, every method, FarSight's two modes, PruneHal's reclaiming variant (V1; refused at
-admission on V2) and two compositions. Here, per run: the engine ran the runner, scheduler and wrapped
-class it was given; every
+One extra process (the mode must be set before vLLM is imported) first starts one engine without the
+plugin per run (vLLM loads no plugin there yet), then one engine with it per run (FA3 and TRITON_ATTN
+on the V1 runner, then both on the V2 runner with async scheduling) and runs one mixed batch: plain
+rows, every method, FarSight's two modes, PruneHal's reclaiming variant (V1; refused at admission on
+V2) and compositions (on TRITON_ATTN V2: a plain row and the two compositions, which hold every
+method). Here, per run: the engine ran the runner, scheduler and wrapped class it was given; every
 mitigated row = the dense reference (tokens, log-probs, free greedy run); the plain rows = the
-native kernel over the whole batch, bit for bit (``HALLUGUARD_VERIFY_NATIVE``); FlashAttention got
-FA3's arguments within the real ops' contracts (bf16 ``s_aux`` included), or the run fails.
-Untested on a GPU.
+native kernel over the whole batch (``HALLUGUARD_VERIFY_NATIVE``) and = the same plain requests on
+the engine without the plugin (vLLM's own backend class, same runner and scheduling): bit for bit on
+FLASH_ATTN, within :data:`TRITON_ROUNDING` on TRITON_ATTN (its kernel choice follows the batch);
+FlashAttention got FA3's arguments within the real ops' contracts (bf16 ``s_aux`` included), or the
+run fails. Untested on a GPU.
 """
 
 import json
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.gpu_backends import MAX_TOKENS, RUNS, cases_of
+from helpers.gpu_backends import MAX_TOKENS, NO_PLUGIN, RUNS, cases_of
 from helpers.parity import Case, Generation, compare, hf_generate
 from vllm_halluguard import reference
 from vllm_halluguard.tiny_models import load_hf
@@ -33,6 +36,18 @@ KEYS = [r[0] for r in RUNS]
 BACKEND = {r[0]: r[1] for r in RUNS}
 V2 = {r[0] for r in RUNS if r[3]}
 FA_RUNS = [k for k in KEYS if BACKEND[k] == "FLASH_ATTN"]
+#: The runs with prefix-cache and preemption checks, and the fewest preemptions each must see (the
+#: interpreted TRITON_ATTN run on V2 preempts a 3-row batch twice).
+PREEMPTIONS = {**{k: 8 for k in FA_RUNS}, "TRITON_ATTN_V2": 3}
+#: TRITON_ATTN's ``unified_attention`` takes its split 3D kernel for a decode-only batch of few enough
+#: sequences and the 2D one otherwise, so a row's rounding follows the batch it runs in, with or without
+#: the plugin (docs/architecture.md, plain rows of a mixed step): plain rows are compared within this.
+TRITON_ROUNDING = 1e-5
+#: vLLM's own backend classes (what an engine without the plugin must run).
+NATIVE = {
+    "TRITON_ATTN": "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend",
+    "FLASH_ATTN": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
+}
 V1_ENGINE = {"v2": False, "scheduler": "Scheduler", "batch_queue": False}
 V2_ENGINE = {"v2": True, "scheduler": "AsyncScheduler", "batch_queue": True}  # vLLM 0.32 on Hopper
 
@@ -61,7 +76,11 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
     assert run["engine"] == (V2_ENGINE if key in V2 else V1_ENGINE), run["engine"]
     assert run["backends"] == [WRAPPED + CLASSES[BACKEND[key]]], "the engine must run the wrapped backend"
     stats = run["stats"]
-    assert stats["native_checked"] > 0 and stats["native_mismatch"] == 0, stats
+    assert stats["native_checked"] > 0, stats
+    if BACKEND[key] == "TRITON_ATTN":  # unified_attention's 2D/3D choice follows the batch's shape
+        assert stats["native_max_diff"] <= TRITON_ROUNDING, stats
+    else:
+        assert stats["native_mismatch"] == 0, stats
     assert stats["kernel_rows"] > 0, "the project's kernel must have computed the reworked rows"
     if key in V2:  # the reclaim is refused at admission on V2 (and under async scheduling)
         assert stats["prunehal_freed_blocks"] == 0, stats
@@ -95,15 +114,38 @@ def test_gpu_backend_serves_every_method_as_the_reference(gpu_run, hf, key):
     assert plain, "the batch must hold plain rows"
 
 
-@pytest.mark.parametrize("key", FA_RUNS)
-def test_flash_attn_keeps_prefix_cache_isolation_and_recovers_from_preemption(gpu_run, key):
+@pytest.mark.parametrize("key", [k for k in KEYS if k in NO_PLUGIN])
+def test_plain_rows_equal_an_engine_without_the_plugin(gpu_run, key):
+    """The plain rows of the mixed batch = the same plain requests on an engine that loaded no plugin
+    (same backend and stand-ins, runner and scheduling): token ids, and log-probs bit for bit on
+    FLASH_ATTN (the stand-in is batch-invariant), within :data:`TRITON_ROUNDING` on TRITON_ATTN."""
+    run = gpu_run[key]
+    ref = run["no_plugin"]
+    assert ref["registered"] is False, "the reference engine's process must not have loaded the plugin"
+    assert ref["backends"] == [NATIVE[BACKEND[key]]], ref["backends"]  # vLLM's class, not the wrapped one
+    assert ref["engine"] == run["engine"], (ref["engine"], run["engine"])
+    plain = [g for (_, spec), g in zip(cases_of(key), run["gens"], strict=True) if spec is None]
+    assert plain and len(plain) == len(ref["gens"])
+    for got, want in zip(plain, ref["gens"], strict=True):
+        assert got["token_ids"] == want["token_ids"], f"{key}: plain tokens differ from the no-plugin engine"
+        if BACKEND[key] == "FLASH_ATTN":
+            assert got["logprobs"] == want["logprobs"], (
+                f"{key}: plain log-probs differ from the no-plugin engine"
+            )
+            continue
+        for a, b in zip(got["logprobs"], want["logprobs"], strict=True):
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) <= TRITON_ROUNDING, (key, a, b)
+
+
+@pytest.mark.parametrize("key", list(PREEMPTIONS))
+def test_gpu_backend_keeps_prefix_cache_isolation_and_recovers_from_preemption(gpu_run, key):
     run = gpu_run[key]
     cached = run["prefix_cache"]
     assert cached["plain"] == 0 and cached["plain_again"] > 0, cached  # plain requests share
     assert cached["kvsmooth"] == 0 and cached["kvsmooth_again"] > 0, cached  # a method never reads plain KV
     assert cached["farsight_b"] == 0 and cached["plain_last"] > 0, cached
     pre = run["preemption"]
-    assert pre["preempted"] >= 8, f"only {pre['preempted']} preemptions"
+    assert pre["preempted"] >= PREEMPTIONS[key], f"only {pre['preempted']} preemptions"
     assert pre["relaxed_preempted"] == 0, "the comparison run must not be preempted"
     assert pre["stats"]["active"] == 0 and pre["stats"]["admitted"] == pre["stats"]["released"], pre["stats"]
     # every row, mitigated ones included (replayed after recompute), = its answer without preemption

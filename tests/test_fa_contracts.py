@@ -234,3 +234,40 @@ def test_a_sink_lane_hands_fa3_its_sinks_within_mha_fwds_contract(model_sinks) -
     _native_sub(impl, native, None, q, None, None, k, sub, output, farsight, (), {})
     assert seen == [torch.bfloat16] and impl.sinks is model_sinks
     assert output.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("heads", "lane"), [(64, True), (65, False), (128, False)])
+def test_farsight_b_leaves_fa3s_sink_lane_above_64_query_heads_per_rank(monkeypatch, heads, lane) -> None:
+    """vLLM's FLASH_ATTN builder, wrapped, with FA3's sinks: a mitigated step's plan hands FarSight mode B
+    the native sink lane only for at most 64 query heads per rank (``mha_fwd`` refuses ``s_aux`` above,
+    the stand-in's "query heads <= 64" check); above, its rows are reworked (the project's kernel on a
+    GPU), as on a backend without sinks."""
+    from vllm.v1.attention.backends import flash_attn
+
+    from vllm_halluguard.engine import plan, state
+    from vllm_halluguard.engine.backends import wrap
+    from vllm_halluguard.engine.base import RowSpan
+    from vllm_halluguard.engine.farsight import FarSightEngine
+    from vllm_halluguard.engine.state import RequestState, Row, StepView
+    from vllm_halluguard.methods import FarSightConfig
+
+    monkeypatch.setattr(flash_attn, "is_flash_attn_varlen_func_available", lambda: True)  # as on CUDA
+    monkeypatch.setattr(flash_attn, "flash_attn_supports_sinks", lambda: True, raising=False)  # FA3
+    builder_cls = wrap(flash_attn.FlashAttentionBackend, "FLASH_ATTN").get_builder_cls()
+    builder = object.__new__(builder_cls)
+    builder._hg_decoder, builder._hg_kernel, builder._hg_num_heads = True, True, heads
+    seen = []
+    monkeypatch.setattr(plan, "build_plan", lambda build, prefix, cm, view, backend, *a: seen.append(backend))
+    row = Row(0, RequestState("b", 0, FarSightConfig(mode="B"), 5))
+    runtime = types.SimpleNamespace(num_layers=2, stats={})
+    runtime.view_for = lambda n: StepView(1, (row,))
+    cm = types.SimpleNamespace(num_reqs=1, causal=True)
+    try:
+        state.set_current(runtime)
+        builder.build(0, cm)
+    finally:
+        state.set_current(None)
+    (backend,) = seen
+    assert backend.native_sinks is lane and backend.num_heads == heads
+    route = FarSightEngine().route(row, RowSpan(0, 1, 9), backend)
+    assert (route.sinks is not None) is lane and bool(route.rework) is not lane

@@ -161,15 +161,25 @@ RECLAIM = dict(CASES)[86]  # the reclaiming PruneHal row
 #: TRITON_ATTN's kernels run in Triton's interpreter (minutes per batch): plain, FarSight B (the
 #: kernel's sink lane), SCR, the reclaim and the composition (KVSmooth, PruneHal, FarSight B).
 TRITON_CASES = tuple(c for c in CASES if c[0] in (80, 82, 85, 86, 87))
+#: Added to the V1 TRITON_ATTN batch so that it holds every method and both compositions: KVSmooth
+#: alone, FarSight C and the SCR composition (PruneHal runs in the reclaim and the composition).
+TRITON_MORE = tuple(c for c in CASES if c[0] in (81, 83, 88))
+#: TRITON_ATTN on the V2 runner, each property once: a plain row and the two compositions (every
+#: method: FarSight B + KVSmooth + PruneHal, SCR + FarSight C); the reclaim is refused there.
+TRITON_V2_CASES = tuple(c for c in CASES if c[0] in (80, 87, 88))
 MAX_TOKENS = 4
 #: (key, backend, FlashAttention version, V2 runner with async scheduling) of each run: FLASH_ATTN as
-#: on SM90 (FA3) and TRITON_ATTN on the V1 runner, then FA3 on vLLM 0.32's Hopper defaults (V2 runner,
-#: async scheduling). The V2 run comes last: the runner is chosen by an environment variable.
+#: on SM90 (FA3) and TRITON_ATTN on the V1 runner, then both on vLLM 0.32's Hopper defaults (V2 runner,
+#: async scheduling). The V2 runs come last: the runner is chosen by an environment variable.
 RUNS = (
     ("FLASH_ATTN3", "FLASH_ATTN", 3, False),
     ("TRITON_ATTN", "TRITON_ATTN", None, False),
     ("FLASH_ATTN3_V2", "FLASH_ATTN", 3, True),
+    ("TRITON_ATTN_V2", "TRITON_ATTN", None, True),
 )
+#: The runs whose plain rows are compared with the same plain requests on an engine without the
+#: plugin (same backend, stand-ins, runner and scheduling), started first, before vLLM loads plugins.
+NO_PLUGIN = ("FLASH_ATTN3", "TRITON_ATTN", "FLASH_ATTN3_V2", "TRITON_ATTN_V2")
 #: Under recompute preemption: plain rows, KVSmooth, PruneHal, FarSight B and a composition, compared
 #: with the same batch without preemption.
 PRUNE = {"method": "prunehal", "r": 0.5}
@@ -183,13 +193,17 @@ PREEMPTED = (
     None,
     ["kvsmooth", PRUNE],
 )
+#: TRITON_ATTN on V2 (interpreted, slow): a plain row, FarSight B and a composition under preemption.
+TRITON_PREEMPTED = (None, {"method": "farsight", "mode": "B"}, ["kvsmooth", PRUNE])
 
 
 def cases_of(key: str) -> tuple[tuple[int, Any], ...]:
-    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``, ``FLASH_ATTN3_V2``: V2 refuses the
-    reclaim at admission, so it is sent on its own there)."""
+    """The mixed batch of one run (``FLASH_ATTN3``, ``TRITON_ATTN``, ``FLASH_ATTN3_V2``,
+    ``TRITON_ATTN_V2``: V2 refuses the reclaim at admission, so it is sent on its own there)."""
     if key == "TRITON_ATTN":
-        return TRITON_CASES
+        return TRITON_CASES + TRITON_MORE
+    if key == "TRITON_ATTN_V2":
+        return TRITON_V2_CASES
     return tuple(c for c in CASES if c[1] is not RECLAIM) if key.endswith("_V2") else CASES
 
 
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=[r[0] for r in RUNS])
+    parser.add_argument("--no-plugin", nargs="*", default=list(NO_PLUGIN))
     args = parser.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["HALLUGUARD_VERIFY_NATIVE"] = "1"  # native rows = the native kernel over the whole batch
@@ -213,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     from vllm_halluguard.engine.runtime import worker_stats
 
     result: dict[str, Any] = {}
-    engines = []  # kept alive: a collected engine would tear down the process's parallel groups
+    engines: list[Any] = []  # kept alive: a collected engine would tear down the process's parallel groups
+    no_plugin = _without_plugin([k for k in args.runs if k in args.no_plugin], engines)
     for key, backend, version, v2 in RUNS:
         if key not in args.runs:
             continue
@@ -246,11 +262,70 @@ def main(argv: list[str] | None = None) -> None:
         }
         if backend == "FLASH_ATTN":  # cheap with the torch stand-ins; TRITON_ATTN's interpreter is not
             result[key].update(prefix_cache=_prefix_cache(llm), preemption=_preemption(llm))
+        elif key == "TRITON_ATTN_V2":  # each property once, on a small batch
+            result[key].update(
+                prefix_cache=_prefix_cache(llm),
+                preemption=_preemption(llm, TRITON_PREEMPTED, max_tokens=5, every=2, times=2),
+            )
         if v2:
             result[key]["reclaim_refusal"] = _refusal(llm)
+        if key in no_plugin:
+            result[key]["no_plugin"] = no_plugin[key]
         result[key]["seconds"] = round(time.monotonic() - start, 1)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(result, fh)
+
+
+def _without_plugin(keys: list[str], engines: list[Any]) -> dict[str, Any]:
+    """The plain rows of each run in ``keys`` on an engine without the plugin (same backend, stand-ins,
+    runner and scheduling). vLLM loads general plugins once per process (``vllm.plugins.plugins_loaded``)
+    and only those named in ``VLLM_PLUGINS``: these engines start first with a list naming no plugin;
+    then the list is dropped, the envs cache cleared and the flag reset, so the next engine loads the
+    plugin. Each result records the backend class its layers ran and whether the plugin was
+    registered, which the test checks."""
+    import time
+
+    import vllm.plugins
+
+    from helpers.parity import Case, make_llm, run_vllm
+    from vllm_halluguard import plugin
+
+    out: dict[str, Any] = {}
+    if not keys:
+        return out
+    allowed = os.environ.get("VLLM_PLUGINS")
+    os.environ["VLLM_PLUGINS"] = "none-at-all"
+    order = sorted((r for r in RUNS if r[0] in keys), key=lambda r: r[3])  # V1 engines, then V2
+    for key, backend, version, v2 in order:
+        start = time.monotonic()
+        select(backend, version or 3)
+        llm = make_llm("llava", block_size=16, **(_v2_async() if v2 else {}))
+        engines.append(llm)
+        plain = [Case("llava", seed, max_tokens=MAX_TOKENS) for seed, spec in cases_of(key) if spec is None]
+        gens = run_vllm(llm, plain)
+        out[key] = {
+            "engine": _engine_mode(llm),
+            "backends": llm.collective_rpc(backend_names)[0],
+            "registered": plugin.is_registered(),
+            "gens": [
+                {
+                    "token_ids": g.token_ids,
+                    "logprobs": [{str(k): v for k, v in s.items()} for s in g.logprobs],
+                }
+                for g in gens
+            ],
+            "seconds": round(time.monotonic() - start, 1),
+        }
+    from vllm import envs
+
+    if allowed is None:
+        del os.environ["VLLM_PLUGINS"]
+    else:
+        os.environ["VLLM_PLUGINS"] = allowed
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the plugin's runs start on V1
+    envs.disable_envs_cache()
+    vllm.plugins.plugins_loaded = False
+    return out
 
 
 def _prefix_cache(llm: Any) -> dict[str, int]:
@@ -314,10 +389,13 @@ def _refusal(llm: Any) -> str:
     return ""
 
 
-def _preemption(llm: Any) -> dict[str, Any]:
-    """A mixed batch (:data:`PREEMPTED`) stepped on ``llm`` while vLLM preempts every running request at
-    every 3rd step, 4 times (``reset_prefix_cache(reset_running_requests=True)``: recompute
-    preemption), then the same batch on ``llm`` without it."""
+def _preemption(
+    llm: Any, specs: tuple[Any, ...] = PREEMPTED, max_tokens: int = 8, every: int = 3, times: int = 4
+) -> dict[str, Any]:
+    """A mixed batch (``specs``, :data:`PREEMPTED` by default) stepped on ``llm`` while vLLM preempts every
+    running request at every ``every``-th step, ``times`` times
+    (``reset_prefix_cache(reset_running_requests=True)``: recompute preemption), then the same batch on
+    ``llm`` without it."""
     from transformers import AutoProcessor
 
     from helpers.parity import Case, run_vllm, sampling_params, vllm_inputs
@@ -330,8 +408,8 @@ def _preemption(llm: Any) -> dict[str, Any]:
         return dict(llm.collective_rpc(worker_stats)[0])
 
     cases = [
-        Case("llava", 60 + i, max_tokens=8, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
-        for i, s in enumerate(PREEMPTED)
+        Case("llava", 60 + i, max_tokens=max_tokens, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
+        for i, s in enumerate(specs)
     ]
     processor = AutoProcessor.from_pretrained(ensure_fixture("llava"))
     before = stats()["preempted"]
@@ -345,7 +423,7 @@ def _preemption(llm: Any) -> dict[str, Any]:
             if out.finished:
                 done[out.request_id] = list(out.outputs[0].token_ids)
         step += 1
-        if step % 3 == 0 and step // 3 <= 4:  # bounded: a replay catching up must get to finish
+        if step % every == 0 and step // every <= times:  # bounded: a replay catching up must get to finish
             llm.reset_prefix_cache(reset_running_requests=True)
     during = stats()["preempted"]
     want = run_vllm(llm, cases)

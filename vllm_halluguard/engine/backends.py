@@ -27,6 +27,10 @@ from vllm_halluguard.engine.plan import BuilderMixin
 
 #: The native backends the plugin wraps (attribute of this module -> vLLM backend name).
 WRAPPED = {"HG_CPU_ATTN": "CPU_ATTN", "HG_FLASH_ATTN": "FLASH_ATTN", "HG_TRITON_ATTN": "TRITON_ATTN"}
+#: Query heads per rank up to which FLASH_ATTN takes per-head sinks: FA3's ``mha_fwd`` refuses ``s_aux``
+#: above 64 (vllm-project/flash-attention ``hopper/flash_api.cpp``: "We only support query heads <= 64
+#: with S aux"). Applied to FLASH_ATTN whatever its version (FA4's limit is not checked).
+FA_SINK_HEADS_MAX = 64
 #: The wrapped classes' own names (``HG`` + the native class name) -> vLLM backend name.
 CLASS_NAMES = {
     "HGCPUAttentionBackend": "CPU_ATTN",
@@ -52,6 +56,7 @@ def wrap(native: Any, backend_name: str) -> type:
     hg_builder = type(f"HG{builder.__name__}", (BuilderMixin, builder), {
         "__init__": _builder_init,
         "_hg_native_sinks": backend_name == "CPU_ATTN" or bool(native.supports_sink()),
+        "_hg_sink_heads_max": FA_SINK_HEADS_MAX if backend_name == "FLASH_ATTN" else None,
     })  # fmt: skip
     hg_impl = type(f"HG{impl.__name__}", (ImplMixin, impl), {"_hg_backend_name": backend_name})
     return type(f"HG{native.__name__}", (native,), {

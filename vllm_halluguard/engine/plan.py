@@ -468,6 +468,8 @@ class BuilderMixin:
     """Metadata builder: native metadata for plain steps, a :class:`StepPlan` for mitigated ones."""
 
     _hg_native_sinks: bool = False
+    #: Most query heads per rank the native kernel takes sinks for (``None``: no limit).
+    _hg_sink_heads_max: int | None = None
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
@@ -479,6 +481,13 @@ class BuilderMixin:
         self._hg_kernel = rework_engine() == "kernel"
         self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 
+    def _hg_sink_lane(self) -> bool:
+        """Whether FarSight mode-B rows run as the native kernel's sink lane: the kernel takes sinks, for
+        this rank's query heads (FA3: at most 64); otherwise they go to the project's kernel (GPU) or
+        the torch path, as on a backend without sinks."""
+        limit = self._hg_sink_heads_max
+        return self._hg_native_sinks and (limit is None or self._hg_num_heads <= limit)
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
         parent = super().build  # type: ignore[misc]  # a mixin: vLLM's builder follows in the MRO
         runtime = current()
@@ -488,7 +497,7 @@ class BuilderMixin:
             return parent(common_prefix_len, cm, fast_build)
         backend = Backend(
             kernel=self._hg_kernel,
-            native_sinks=self._hg_native_sinks and not isinstance(cm.causal, torch.Tensor),
+            native_sinks=self._hg_sink_lane() and not isinstance(cm.causal, torch.Tensor),
             num_layers=runtime.num_layers,
             num_heads=self._hg_num_heads,
         )
