@@ -208,6 +208,12 @@ class EngineMethod:
         The default (no kernel arguments) is."""
         return type(self).kernel_args is EngineMethod.kernel_args
 
+    def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
+        """Once per step, in the metadata builder: tables for the rows that every layer call of the step
+        will hand :meth:`run` (``kernel=False``) or :meth:`after_kernel` (``kernel=True``), kept in
+        ``plan.prepared`` (:class:`~vllm_halluguard.engine.plan.StepPlan`), so that a layer call does no
+        per-row work. Default: none."""
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
