@@ -63,7 +63,9 @@ MEASURED: dict[tuple[str, int, int], tuple[float, float, float, float, float]] =
 }
 BATCHES = (1, 8, 32)
 # Host µs with every row of the batch mitigated: (one layer call, the step's plan), per method; measured
-# 2026-12-07 (benchmarks/host_layer.py --kernel-path, docs/benchmarks.md).
+# 2026-12-07 (benchmarks/host_layer.py --kernel-path, docs/benchmarks.md) on the idle machine. KVSmooth's
+# per-step tables since cut its smoothed layer call from 102 to 65 torch ops at any row count; their
+# times were taken at load 20-30 and are not comparable, so these stay until a quiet rerun.
 HOST_US: dict[str, dict[int, tuple[float, float]]] = {
     "kvsmooth": {1: (187, 204), 8: (281, 302), 32: (786, 553)},
     "prunehal": {1: (320, 165), 8: (571, 212), 32: (1486, 392)},

@@ -239,8 +239,9 @@ def test_a_deliberate_read_back_in_prunehal_is_caught(kernel_engine, monkeypatch
 
 def _kvsmooth_layer(with_plan: bool) -> tuple[list, list[Event], torch.Tensor, torch.Tensor, torch.Tensor]:
     """KVSmooth's ``after_kernel`` over three decode rows (two configs, two rows at their first generated
-    token) on the simulated device, FLASH_ATTN's cache views; with the step's device tables or the
-    per-row path. Returns the host transfers, the counted syncs, the caches and the FIFOs after."""
+    token) on the simulated device, FLASH_ATTN's cache views; with the step's tables (made from its
+    device tables outside the layer call, as the builder does) or the per-row path. Returns the host
+    transfers, the counted syncs, the caches and the FIFOs after."""
     g = torch.Generator().manual_seed(3)
     nb, bs, hkv, hq, d = 8, 16, 2, 4, 8
     k_cache, v_cache = torch.randn(2, nb, bs, hkv, d, generator=g).unbind(0)
@@ -268,12 +269,18 @@ def _kvsmooth_layer(with_plan: bool) -> tuple[list, list[Event], torch.Tensor, t
                 query_start_loc=on_device(torch.arange(4, dtype=torch.int32)),
                 seq_lens=on_device(torch.tensor(seq_lens, dtype=torch.int32)),
             )
-            plan = SimpleNamespace(rows=device_rows(cm, StepView(3, tuple(rows))))
+            plan = SimpleNamespace(
+                rows=device_rows(cm, StepView(3, tuple(rows))), query_start_loc=[0, 1, 2, 3],
+                seq_lens=seq_lens, block_table=on_device(block_table), block_size=bs,
+                slot_mapping=on_device(slots), prepared={},
+            )  # fmt: skip
+            KVSmoothEngine().prepare_step(plan, rows, kernel=True)  # the builder's part, once per step
         query = on_device(torch.zeros(3, hq, d))
         call = LayerCall(
             layer=0, scale=d**-0.5, query=query, output=query.clone(), query_start_loc=[0, 1, 2, 3],
             seq_lens=seq_lens, slot_mapping=on_device(slots), runtime=runtime, gather=io.gather,
             write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan,
+            io=io if with_plan else None,
         )  # fmt: skip
         with sentinel.scope("layer"):
             KVSmoothEngine().after_kernel(call, rows, on_device(torch.zeros(3, hq)), on_device(entropy))

@@ -221,6 +221,12 @@ class EngineMethod:
         the builder then makes the lane's sinks once per step, and a layer call only the masks."""
         return self.kernel_args_static(row)
 
+    def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
+        """Once per step, in the metadata builder: tables for the rows that every layer call of the step
+        will hand :meth:`run` (``kernel=False``) or :meth:`after_kernel` (``kernel=True``), kept in
+        ``plan.prepared`` (:class:`~vllm_halluguard.engine.plan.StepPlan`), so that a layer call does no
+        per-row work. Default: none."""
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:

@@ -46,6 +46,22 @@ class CacheIO:
         index tensor: then no host data is read)."""
         raise NotImplementedError
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per cache block."""
+        raise NotImplementedError
+
+    def read_at(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[..., Hkv, D]`` at cache ``blocks`` and in-block ``offsets`` (same shape, on the
+        cache's device: a step's precomputed addresses, so a layer reads no host data)."""
+        raise NotImplementedError
+
+    def read_keys(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        """K ``[B, s_max, Hkv, D]`` of the blocks ``ids [B, n_blocks]``
+        (:func:`~vllm_halluguard.engine.cpu_cache.page_ids`, built once per step); positions past a
+        row's length are not zeroed (mask them)."""
+        raise NotImplementedError
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -64,6 +80,8 @@ class CPUPages(CacheIO):
         _, _, bs, two_hs = kv_cache.shape
         self.isa, self.kv_cache_dtype = isa, kv_cache_dtype
         self.layout = cpu_cache.learn_layout(isa, kv_cache.dtype, bs, two_hs // 2)
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views_made = False
 
     def gather(self, row: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return cpu_cache.gather_kv(self.kv_cache, self.block_table[row], seq_len, self.layout)
@@ -76,11 +94,29 @@ class CPUPages(CacheIO):
     def gather_slots(self, rows: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cpu_cache.gather_slots(self.kv_cache, self.block_table, rows, positions, self.layout)
 
+    @property
+    def block_size(self) -> int:
+        return int(self.kv_cache.shape[2])
+
+    def read_at(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.kernel_views()  # plain page halves: two index ops on strided views
+        if views is not None:
+            return views[0][blocks, offsets], views[1][blocks, offsets]
+        return cpu_cache.read_at(self.kv_cache, blocks, offsets, self.layout)
+
+    def read_keys(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        views = self.kernel_views()
+        if views is not None:
+            return views[0][ids].flatten(1, 2)[:, :s_max]
+        return cpu_cache.read_pages(self.kv_cache, ids, s_max, self.layout, 1)[0]
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         cpu_cache.write_kv(self.kv_cache, k, v, slots, self.isa, self.kv_cache_dtype)
 
     def kernel_views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return cpu_kernel_views(self.kv_cache, self.layout)
+        if not self._views_made:  # made once per layer call
+            self._views, self._views_made = cpu_kernel_views(self.kv_cache, self.layout), True
+        return self._views
 
 
 def cpu_kernel_views(
@@ -138,6 +174,16 @@ class SplitViews(CacheIO):
         blocks = self.block_table[rows].long().gather(1, positions // bs)
         offsets = positions % bs
         return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
+
+    @property
+    def block_size(self) -> int:
+        return int(self.k_cache.shape[1])
+
+    def read_at(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
+
+    def read_keys(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        return self.k_cache[ids].flatten(1, 2)[:, :s_max]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store at real token slots (``>= 0``: the methods write their rows' tokens, never vLLM's padding),

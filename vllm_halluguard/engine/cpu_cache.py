@@ -124,21 +124,44 @@ def gather_kv_batched(
     Also returns ``valid [B, S_max]`` (bool, position ``< seq_len``); padded positions are zero.
     ``values=False`` reads only the K half of the pages and returns ``None`` for V.
     """
+    bs = kv_cache.shape[2]
+    s_max = max(seq_lens)
+    lens = torch.tensor(seq_lens)
+    ids, valid = page_ids(block_table[rows], lens, s_max, bs)
+    padded = bool((lens < s_max).any())
+    halves = read_pages(kv_cache, ids, s_max, layout, 2 if values else 1)
+    if padded:
+        halves = [x.masked_fill(~valid[:, :, None, None], 0) for x in halves]
+    return halves[0], halves[1] if values else None, valid
+
+
+def page_ids(
+    block_table: torch.Tensor, lens: torch.Tensor, s_max: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks ``[B, n_blocks]`` that hold rows of lengths ``lens [B]`` (``block_table``: the rows'
+    tables) padded to ``s_max`` (entries past a row's blocks may be stale: its first block is read
+    instead), and ``valid [B, s_max]`` (position ``< len``). Built once per step, read by every layer."""
+    n_blocks = -(-s_max // block_size)
+    device = block_table.device
+    ids = block_table[:, :n_blocks].long()
+    used = torch.arange(n_blocks, device=device)[None, :] * block_size < lens[:, None]
+    ids = torch.where(used, ids, ids[:, :1])
+    valid = torch.arange(s_max, device=device)[None, :] < lens[:, None]
+    return ids, valid
+
+
+def read_pages(
+    kv_cache: torch.Tensor, ids: torch.Tensor, s_max: int, layout: PageLayout, halves: int = 2
+) -> list[torch.Tensor]:
+    """K (and V, ``halves=2``) of the pages ``ids [B, n_blocks]`` (:func:`page_ids`) as ``[B, s_max, Hkv,
+    hs]``; positions past a row's length hold whatever its pages hold (mask them with ``valid``)."""
     hkv, bs = kv_cache.shape[1:3]
     hs = layout.k_index.shape[1]
-    b, s_max = len(rows), max(seq_lens)
-    n_blocks = -(-s_max // bs)
-    lens = torch.tensor(seq_lens)
-    ids = block_table[rows, :n_blocks].long()  # [B, n_blocks]
-    used = torch.arange(n_blocks)[None, :] * bs < lens[:, None]
-    ids = torch.where(used, ids, ids[:, :1])  # entries past a row's blocks may be stale: read its first
-    read = 2 if values else 1  # page halves to read: K, then V
-    pages = kv_cache.view(-1, hkv, 2, bs * hs)[:, :, :read].index_select(0, ids.flatten())
-    pages = pages.view(b, n_blocks, hkv, read, bs * hs)
-    valid = torch.arange(s_max)[None, :] < lens[:, None]
-    padded = bool((lens < s_max).any())
-    halves = []
-    specs = ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order))[:read]
+    b, n_blocks = ids.shape
+    pages = kv_cache.view(-1, hkv, 2, bs * hs)[:, :, :halves].index_select(0, ids.flatten())
+    pages = pages.view(b, n_blocks, hkv, halves, bs * hs)
+    out = []
+    specs = ((0, layout.k_index, layout.k_order), (1, layout.v_index, layout.v_order))[:halves]
     for half, index, order in specs:
         flat = pages[:, :, :, half]
         if order == "token":
@@ -147,11 +170,8 @@ def gather_kv_batched(
             x = flat.view(b, n_blocks, hkv, hs, bs).transpose(3, 4)
         else:
             x = flat[..., index.flatten()].view(b, n_blocks, hkv, bs, hs)
-        x = x.permute(0, 1, 3, 2, 4).reshape(b, n_blocks * bs, hkv, hs)[:, :s_max]
-        if padded:
-            x = x.masked_fill(~valid[:, :, None, None], 0)
-        halves.append(x)
-    return halves[0], halves[1] if values else None, valid
+        out.append(x.permute(0, 1, 3, 2, 4).reshape(b, n_blocks * bs, hkv, hs)[:, :s_max])
+    return out
 
 
 def gather_slots(
@@ -163,13 +183,19 @@ def gather_slots(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V at ``positions [B, P]`` of sequences ``rows``: ``[B, P, Hkv, hs]`` each (a few slots
     per row, without reading the rest of their pages)."""
-    hkv, bs = kv_cache.shape[1:3]
-    hs = layout.k_index.shape[1]
+    bs = kv_cache.shape[2]
     blocks = block_table[rows].long().gather(1, positions // bs)  # [B, P]
-    pages = kv_cache.view(-1, hkv, 2, bs * hs)[blocks]  # [B, P, Hkv, 2, bs * hs]
-    offset = positions % bs
+    return read_at(kv_cache, blocks, positions % bs, layout)
+
+
+def read_at(
+    kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, layout: PageLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V at cache ``blocks`` and in-block ``offsets`` (same shape ``[...]``): ``[..., Hkv, hs]``."""
+    hkv, bs = kv_cache.shape[1:3]
+    pages = kv_cache.view(-1, hkv, 2, bs * layout.k_index.shape[1])[blocks]  # [..., Hkv, 2, bs * hs]
     out = []
     for half, index in ((0, layout.k_index), (1, layout.v_index)):
-        flat = index[offset]  # [B, P, hs] offsets of the slot's dims inside the page half
-        out.append(pages[:, :, :, half].gather(-1, flat[:, :, None, :].expand(-1, -1, hkv, -1)))
+        flat = index[offsets]  # [..., hs] offsets of the slot's dims inside the page half
+        out.append(pages[..., half, :].gather(-1, flat.unsqueeze(-2).expand(*flat.shape[:-1], hkv, -1)))
     return out[0], out[1]

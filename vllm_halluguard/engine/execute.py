@@ -24,7 +24,7 @@ import torch
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch, lane_args
-from vllm_halluguard.engine.registry import method_of, named
+from vllm_halluguard.engine.registry import named
 from vllm_halluguard.engine.state import current
 
 logger = logging.getLogger(__name__)
@@ -86,23 +86,20 @@ def run_layer(
         gather_batch=io.gather_batch,
         gather_slots=io.gather_slots,
         plan=plan,
+        io=io,
     )
     if os.environ.get(VERIFY_ENV) == "1":
         _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)
-    skip: frozenset[int] = frozenset()  # a sink lane's rows are run only if their method observes them
     if lp.rework:
         _check_plain(impl)
         if lp.kernel is not None:
             _kernel_lane(impl, call, lp, lp.kernel, io)
-            skip = skip | {row.index for row in lp.rework}
         else:  # torch path: poison, so that a row its method fails to compute cannot pass for computed
             for row in lp.rework:
                 start, end, _ = call.span(row)
                 out3[start:end] = float("nan")
-    for name, rows in plan.by_method.items():
-        todo = [row for row in rows if row.index not in skip]
-        if todo:
-            named(name).run(call, todo)
+    for name, rows in lp.observed:  # the kernel lane's rows left out by the builder
+        named(name).run(call, rows)
     return output
 
 
@@ -170,24 +167,26 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     if impl.sinks is not None:  # the model's own sinks: the two dropped masses add up
         own = impl.sinks.float()[None]
         sinks = own.expand(sub.num_tokens, -1).contiguous() if sinks is None else torch.logaddexp(sinks, own)
-    out = torch.empty_like(q)
-    lse = torch.empty(sub.num_tokens, hq, dtype=torch.float32, device=device)
-    entropy = torch.empty_like(lse)
+    n = call.query.shape[0]
+    # LSE and entropy of every token (the lane's rows filled); with contiguous lane tokens the kernel
+    # writes its output, LSE and entropy in place (views), else into its own tensors, then scattered
+    lse_all = torch.zeros(2, n, hq, dtype=torch.float32, device=device)
+    contiguous = isinstance(sub.tokens, slice)
+    if contiguous:
+        out, lse, entropy = call.output[sub.tokens], lse_all[0, sub.tokens], lse_all[1, sub.tokens]
+    else:
+        out = torch.empty_like(q)
+        lse, entropy = lse_all.new_empty(sub.num_tokens, hq), lse_all.new_empty(sub.num_tokens, hq)
     paged_attention_into(
         out, lse, entropy, q, views[0], views[1], sub.query_start_loc, sub.seq_lens, sub.block_table,
         impl.scale, sinks=sinks, key_mask=mask,
     )  # fmt: skip
-    call.output[sub.tokens] = out
+    if not contiguous:
+        call.output[sub.tokens] = out
+        lse_all[0, sub.tokens], lse_all[1, sub.tokens] = lse, entropy
     call.runtime.stats["kernel_rows"] += len(lp.rework)
-    n = call.query.shape[0]
-    lse_all = torch.zeros(n, hq, dtype=torch.float32, device=device)
-    entropy_all = torch.zeros_like(lse_all)
-    lse_all[sub.tokens], entropy_all[sub.tokens] = lse, entropy
-    groups: dict[str, list[Any]] = {}
-    for row in lp.rework:
-        groups.setdefault(method_of(row.request.config).name, []).append(row)
-    for name, rows in groups.items():
-        named(name).after_kernel(call, rows, lse_all, entropy_all)
+    for name, rows in lp.lane:  # grouped by the builder
+        named(name).after_kernel(call, rows, lse_all[0], lse_all[1])
 
 
 def native_exact(backend_name: str) -> bool:

@@ -8,6 +8,12 @@ layer call at once in :func:`apply_batch`: their K for the logits, K and V of tw
 the native kernel's output is kept). With the Triton kernel the smoothed decode rows are computed by
 the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`).
 
+Everything about the rows that is the same in every layer of a step (which rows decode, their tokens,
+FIFO slots, the cache addresses of the two slots the EMA reads and of the slot it writes, on the torch
+path the padded K gather's page ids) is made once per step by the metadata builder
+(:meth:`KVSmoothEngine.prepare_step`, :func:`tables`); a smoothed layer call then runs a fixed
+sequence of tensor ops over all its rows, with no per-row Python and no host data.
+
 State: one entropy FIFO (ring buffer + push count) per slot and decoder layer (:class:`Buffers`).
 Under tensor parallelism the entropy is averaged over every rank's heads (:func:`entropy`), so all ranks
 push the same value and smooth with the same lambda.
@@ -15,12 +21,13 @@ push the same value and smooth with the same lambda.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.engine.tp import head_mean
@@ -177,38 +184,184 @@ class KVSmoothEngine(EngineMethod):
     apply = staticmethod(apply)
     apply_batch = staticmethod(apply_batch)
 
+    def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
+        """The step's :func:`tables` of ``rows``, made in the builder (a layer call finds them)."""
+        tables(plan, rows, keys=not kernel)
+
+    def run(self, call: LayerCall, rows: list[Row]) -> None:
+        """Torch path (and rows the kernel lane does not serve): per smoothed layer, one padded K gather
+        at the step's page ids, the rows' entropies, then :func:`smooth_group`."""
+        if call.plan is None or call.io is None or call.gather_batch is None:
+            super().run(call, rows)
+            return
+        t = tables(call.plan, rows, keys=True)
+        for g in t.by_layer.get(call.layer, ()):
+            ids, valid, s_max = g.keys(call.io.block_size)
+            k = call.io.read_keys(ids, s_max)
+            probs = torch.softmax(attention_logits_padded(call.query[g.token], k, call.scale, valid), dim=-1)
+            smooth_group(call, g, entropy(probs, g.cfg.head_reduce))
+        if t.rest:
+            super().run(call, t.rest)
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        """The rows' entropies from the kernel, then the FIFO push, lambda and EMA of every row at once,
-        on the device: the rows' tokens, positions and slots come from the step's device tables
-        (``call.plan.rows``), so no host data is read or copied (the non-recursive option keeps the
-        per-row path: its raw previous K/V live in the request's scratch)."""
-        todo = [row for row in rows if decode_position(call, row) is not None]
-        if not todo:
-            return
-        tables = None if call.plan is None else call.plan.rows
-        if tables is None or not all(cast(KVSmoothConfig, r.request.config).recursive for r in todo):
+        """The rows' entropies from the kernel (``entropy [T, Hq]``), then :func:`smooth_group` over the
+        step's tables: no host data is read or copied. Rows without tables (the non-recursive option, a
+        call without a plan) go row by row."""
+        if call.plan is None or call.io is None:
+            rest = rows
+        else:
+            t = tables(call.plan, rows, keys=False)
+            for g in t.by_layer.get(call.layer, ()):
+                smooth_group(call, g, head_mean(entropy[g.token], -1))
+            rest = t.rest
+        todo = [row for row in rest if decode_position(call, row) is not None]
+        if todo:
             _after_kernel_rows(call, todo, entropy)
-            return
-        assert call.gather_slots is not None
-        buf = device_buffers(call.runtime, entropy.device)
-        groups: dict[KVSmoothConfig, list[int]] = {}
-        for row in todo:
-            groups.setdefault(cast(KVSmoothConfig, row.request.config), []).append(row.index)
-        layer = call.layer
-        for cfg, indices in groups.items():  # rows sharing a config: one batch (usually one group)
-            idx = tables.index(indices)
-            pos, slots = tables.position[idx], tables.slot[idx]
-            z = head_mean(entropy[tables.last_token[idx]], -1)
-            m = cfg.window
-            lam, queue, count = update_lambda(buf.queue[slots, layer, :m], buf.count[slots, layer], z, cfg)
-            buf.queue[slots, layer, :m], buf.count[slots, layer] = queue, count
-            if not cfg.smooth_first_token:
-                lam = torch.where(pos == tables.prompt_len[idx], torch.zeros_like(lam), lam)
-            k2, v2 = call.gather_slots(idx, torch.stack([pos - 1, pos], dim=1))
-            tokens = call.slot_mapping[tables.last_token[idx]]
-            call.write(tokens, ema(k2[:, 0], k2[:, 1], lam), ema(v2[:, 0], v2[:, 1], lam))
+
+
+@dataclass
+class Group:
+    """The decode rows of one config in one step, as tensors on the layers' device (:func:`tables`)."""
+
+    cfg: KVSmoothConfig
+    layers: frozenset[int]
+    token: torch.Tensor  # [B] the rows' tokens in the flat batch
+    slot: torch.Tensor  # [B] their FIFO slots
+    first: torch.Tensor | None  # [B] bool: at the first generated token (lambda 0); None: smoothed too
+    cur: torch.Tensor  # [B] the token's cache slot (the EMA's write)
+    positions: torch.Tensor  # [B, 2]: pos - 1 and pos (the EMA's reads)
+    table: torch.Tensor  # [B, max_blocks] the rows' block tables (long)
+    window: torch.Tensor  # [M] ``arange(cfg.window)`` (the FIFO's positions)
+    s_max: int  # the longest row
+    #: By the cache's block size (the builder's, or the layer cache's if it differs): the cache blocks
+    #: and offsets of ``positions``, and the padded K gather's page ids and key mask (torch path).
+    _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _keys: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
+
+    def addresses(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache blocks and in-block offsets ``[B, 2]`` of ``positions``."""
+        out = self._addresses.get(block_size)
+        if out is None:
+            blocks = self.table.gather(1, self.positions // block_size)
+            out = self._addresses[block_size] = (blocks, self.positions % block_size)
+        return out
+
+    def keys(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Page ids ``[B, n_blocks]``, key mask ``[B, s_max]`` and ``s_max`` of the rows' K."""
+        out = self._keys.get(block_size)
+        if out is None:
+            ids, valid = page_ids(self.table, self.positions[:, 1] + 1, self.s_max, block_size)
+            out = self._keys[block_size] = (ids, valid, self.s_max)
+        return out
+
+
+@dataclass
+class Tables:
+    """KVSmooth's rows of one hook call, for every layer of the step."""
+
+    by_layer: dict[int, list[Group]] = field(default_factory=dict)
+    #: Decode rows served row by row (the non-recursive option reads per-request scratch).
+    rest: list[Row] = field(default_factory=list)
+
+
+def tables(plan: Any, rows: list[Row], keys: bool) -> Tables:
+    """The :class:`Tables` of ``rows`` in this step, made on first use and kept in ``plan.prepared``:
+    the builder makes those of the row lists its layer plans hand the hooks
+    (:meth:`KVSmoothEngine.prepare_step`), so a layer call only looks them up (by the list's identity;
+    another list of the same rows, e.g. a composition's, by its row indices)."""
+    entry = plan.prepared.get(("kvsmooth", keys, id(rows)))
+    if entry is not None and entry[0] is rows:
+        return entry[1]
+    key = ("kvsmooth", keys, tuple(row.index for row in rows))
+    out = plan.prepared.get(key)
+    if out is None:
+        out = plan.prepared[key] = _build(plan, rows, keys)
+    plan.prepared[("kvsmooth", keys, id(rows))] = (rows, out)  # holds ``rows``: its id stays unique
+    return out
+
+
+def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
+    """Group the decode rows by config and make their tensors: on the kernel path from the step's device
+    tables (``plan.rows``: no host data), on the torch path (CPU) from the host lists."""
+    qsl, seq_lens = plan.query_start_loc, plan.seq_lens
+    out = Tables()
+    groups: dict[KVSmoothConfig, list[Row]] = {}
+    for row in rows:
+        i = row.index
+        if qsl[i + 1] - qsl[i] != 1 or seq_lens[i] - 1 < row.request.prompt_len:
+            continue  # prompt rows are never smoothed
+        cfg = cast(KVSmoothConfig, row.request.config)
+        if cfg.recursive:
+            groups.setdefault(cfg, []).append(row)
+        else:
+            out.rest.append(row)
+    bs = getattr(plan, "block_size", 0)
+    for cfg, members in groups.items():
+        indices = [row.index for row in members]
+        device_rows = getattr(plan, "rows", None)
+        if device_rows is not None:
+            idx = device_rows.index(indices)
+            token, slot, pos = device_rows.last_token[idx], device_rows.slot[idx], device_rows.position[idx]
+            prompt_len = device_rows.prompt_len[idx]
+        else:
+            device = plan.block_table.device
+            host = torch.tensor(
+                [indices, [qsl[i] for i in indices], [r.request.slot for r in members],
+                 [seq_lens[i] - 1 for i in indices], [r.request.prompt_len for r in members]],
+            )  # fmt: skip
+            idx, token, slot, pos, prompt_len = host.to(device).unbind(0)
+        g = Group(
+            cfg, frozenset(cfg.layers or ()), token, slot,
+            None if cfg.smooth_first_token else pos == prompt_len,
+            plan.slot_mapping[token].long(), torch.stack([pos - 1, pos], dim=1), plan.block_table[idx].long(),
+            torch.arange(cfg.window, device=token.device), max(seq_lens[i] for i in indices),
+        )  # fmt: skip
+        if bs > 0:  # the builder's block size: the layers' addresses made now, once
+            g.addresses(bs)
+            if keys:
+                g.keys(bs)
+        for layer in g.layers:
+            out.by_layer.setdefault(layer, []).append(g)
+    return out
+
+
+def smooth_group(call: LayerCall, g: Group, z: torch.Tensor) -> None:
+    """FIFO push of the rows' entropies ``z [B]``, rank lambdas and the EMA of each row's token with its
+    previous slot, for all rows of ``g`` at once (a fixed sequence of tensor ops)."""
+    buf = device_buffers(call.runtime, z.device)
+    layer, cfg = call.layer, g.cfg
+    m = cfg.window
+    lam, queue, count = push_rank(buf.queue[g.slot, layer, :m], buf.count[g.slot, layer], z, cfg, g.window)
+    buf.queue[g.slot, layer, :m], buf.count[g.slot, layer] = queue, count
+    if g.first is not None:
+        lam = lam.masked_fill(g.first, 0.0)
+    kv = torch.stack(
+        call.io.read_at(*g.addresses(call.io.block_size))
+    )  # [2 (K, V), B, 2 (pos - 1, pos), Hkv, D]
+    new = ema(kv[:, :, 0], kv[:, :, 1], lam[None])
+    call.write(g.cur, new[0], new[1])
+
+
+def push_rank(
+    queue: torch.Tensor, count: torch.Tensor, z: torch.Tensor, cfg: KVSmoothConfig, window: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~vllm_halluguard.methods.kvsmooth.update_lambda` of rows ``queue [B, M]``, ``count [B]``,
+    ``z [B]`` in fewer ops (``window``: ``arange(M)`` on the rows' device, made once per step): the
+    same push, rank, clip and results. Returns ``(lam, queue, count)``."""
+    if cfg.lam_ref is None:
+        raise ValueError("KVSmoothConfig.lam_ref is unresolved; call cfg.for_model(...) first")
+    m = queue.shape[-1]
+    zq = z.to(queue.dtype)[:, None]
+    queue = torch.where(window == (count % m)[:, None], zq, queue)
+    count = count + 1
+    filled = count.clamp(max=m)
+    below = (queue <= zq) if cfg.rank_inclusive else (queue < zq)
+    k = (below & (window < filled[:, None])).sum(-1)
+    lam_hat = k / (m if cfg.rank_divisor == "window" else filled)  # ``filled >= 1`` after the push
+    lo, hi = max(cfg.lam_ref - cfg.clip, 0.0), min(cfg.lam_ref + cfg.clip, 1.0)  # both clips at once
+    return lam_hat.float().clamp(lo, hi), queue, count
 
 
 def device_buffers(runtime: Any, device: torch.device) -> Buffers:
@@ -220,7 +373,7 @@ def device_buffers(runtime: Any, device: torch.device) -> Buffers:
 
 
 def _after_kernel_rows(call: LayerCall, todo: list[Row], entropy: torch.Tensor) -> None:
-    """Row by row (the non-recursive option, or a call without the step's device tables)."""
+    """Row by row (the non-recursive option, or a call without the step's tables)."""
     assert call.gather_slots is not None
     pos = torch.tensor([decode_position(call, row) for row in todo])
     k2, v2 = call.gather_slots([row.index for row in todo], torch.stack([pos - 1, pos], dim=1))

@@ -39,6 +39,9 @@ class LayerCall:
     #: The step's :class:`~vllm_halluguard.engine.plan.StepPlan` (its per-row device tables on the
     #: kernel path), when the call comes from one.
     plan: Any = None
+    #: The layer's :class:`~vllm_halluguard.engine.cache_io.CacheIO` (reads at a step's precomputed
+    #: addresses: ``read_at``, ``read_keys``), when the call comes from a plan.
+    io: Any = None
 
     def span(self, row: Row) -> tuple[int, int, int]:
         """``(first token, end token, seq_len)`` of a row in the flat batch."""

@@ -28,7 +28,7 @@ import torch
 from vllm_halluguard.engine.base import Backend, Route, RowSpan
 from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.registry import method_of
+from vllm_halluguard.engine.registry import method_of, named
 from vllm_halluguard.engine.state import Row, StepView, current
 
 #: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
@@ -82,6 +82,12 @@ class LayerPlan:
     native: SubBatch | None
     rework: tuple[Row, ...] = ()
     kernel: SubBatch | None = None
+    #: Kernel lane: the reworked rows by method name (:func:`~vllm_halluguard.engine.registry.method_of`),
+    #: in order of first row, grouped once per step for every layer's ``after_kernel`` calls.
+    lane: tuple[tuple[str, list[Row]], ...] = ()
+    #: The rows each method observes in this layer (``run``), by method name: the step's ``by_method``
+    #: less the kernel lane's rows, filtered once per step.
+    observed: tuple[tuple[str, list[Row]], ...] = ()
 
 
 @dataclass
@@ -112,6 +118,11 @@ class StepPlan:
     #: Kernel path: layers of ``kernel_args`` whose sinks are made by the builder but whose key masks are
     #: made in the layer call (on the device, from method state: PruneHal's keep masks).
     masks_per_layer: frozenset[int] = frozenset()
+    #: The KV cache's block size (the builder's spec; 0 where unknown).
+    block_size: int = 0
+    #: Per-step tables the methods build once (:meth:`~vllm_halluguard.engine.base.EngineMethod.
+    #: prepare_step`) and read in every layer call, by a key of their choosing.
+    prepared: dict[Hashable, Any] = field(default_factory=dict)
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers.get(index, self.default)
@@ -263,6 +274,7 @@ def build_plan(
     backend: Backend,
     stats: dict[str, int] | None = None,
     verify: bool = False,
+    block_size: int = 0,
 ) -> StepPlan | Any:
     """Partition the step ``view`` of batch ``cm``; ``build(prefix_len, common)`` is the native builder.
 
@@ -303,8 +315,10 @@ def build_plan(
             stats[counter] += len(rows)
     in_lanes = frozenset(i for rows in sink_groups.values() for i in rows)
 
-    plan = StepPlan(view, qsl, seq_lens, int(qsl[-1]), LayerPlan(None), sink_lanes=lanes, by_method=by_method)
+    plan = StepPlan(view, qsl, seq_lens, int(qsl[-1]), LayerPlan(None, observed=tuple(by_method.items())),
+                    sink_lanes=lanes, by_method=by_method)  # fmt: skip
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
+    plan.block_size = block_size
     if backend.kernel:
         plan.rows = device_rows(cm, view)
     plan.in_sink_lanes = in_lanes
@@ -324,6 +338,14 @@ def build_plan(
         lp = LayerPlan(native, tuple(rows_by_index[i] for i in sorted(rework)))
         if rework and backend.kernel:
             lp.kernel = _kernel_batch(sorted(rework), qsl, seq_lens, cm, device)
+            lane: dict[str, list[Row]] = {}
+            for row in lp.rework:
+                lane.setdefault(method_of(row.request.config).name, []).append(row)
+            lp.lane = tuple(lane.items())
+            kept = ((name, [r for r in rows if r.index not in rework]) for name, rows in by_method.items())
+            lp.observed = tuple((name, rows) for name, rows in kept if rows)
+        else:
+            lp.observed = tuple(by_method.items())
         cache[rework] = lp
         return lp
 
@@ -338,7 +360,22 @@ def build_plan(
         plan.full = build(common_prefix_len, cm)
     if backend.kernel:
         plan.kernel_args, plan.masks_per_layer = static_kernel_args(plan, backend, device)
+    _prepare(plan)
     return plan
+
+
+def _prepare(plan: StepPlan) -> None:
+    """Each method's per-step tables for the row lists its hooks will be handed in the layer plans: the
+    rows it observes (``run``) and the kernel lane's rows it reworks (``after_kernel``)."""
+    seen: set[int] = set()
+    for lp in (plan.default, *plan.layers.values()):
+        if id(lp) in seen:
+            continue
+        seen.add(id(lp))
+        for name, rows in lp.observed:
+            named(name).prepare_step(plan, rows, False)
+        for name, rows in lp.lane:
+            named(name).prepare_step(plan, rows, True)
 
 
 def lane_args(
@@ -470,6 +507,7 @@ class BuilderMixin:
     _hg_native_sinks: bool = False
     #: Most query heads per rank the native kernel takes sinks for (``None``: no limit).
     _hg_sink_heads_max: int | None = None
+    _hg_block_size: int = 0  # the KV cache spec's (0: the methods take the layer cache's)
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
@@ -479,6 +517,7 @@ class BuilderMixin:
             kv_cache_spec, MLAAttentionSpec
         )
         self._hg_kernel = rework_engine() == "kernel"
+        self._hg_block_size = int(getattr(kv_cache_spec, "block_size", 0))
         self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 
     def _hg_sink_lane(self) -> bool:
@@ -507,4 +546,4 @@ class BuilderMixin:
         # which mitigated steps do not use), so every earlier build would read the last one's schedule.
         del fast_build
         return build_plan(lambda prefix, common: parent(prefix, common, True), common_prefix_len, cm,
-                          view, backend, runtime.stats, verify)  # fmt: skip
+                          view, backend, runtime.stats, verify, self._hg_block_size)  # fmt: skip

@@ -1,0 +1,147 @@
+"""KVSmooth's per-step tables: a smoothed layer call is a fixed op sequence over all its rows.
+
+No engine: the layer call is driven directly, on CPU tensors, with FLASH_ATTN's cache views
+(:class:`~vllm_halluguard.engine.cache_io.SplitViews`) and vLLM's packed CPU pages.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vllm_halluguard.engine.cache_io import CPUPages, SplitViews
+from vllm_halluguard.engine.cpu_cache import page_ids, write_kv
+from vllm_halluguard.engine.kvsmooth import Buffers, KVSmoothEngine, push_rank
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.plan import device_rows
+from vllm_halluguard.engine.state import RequestState, Row, StepView
+from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, update_lambda
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+@pytest.mark.parametrize("divisor", ["window", "filled"])
+def test_push_rank_equals_update_lambda(inclusive, divisor):
+    g = torch.Generator().manual_seed(1)
+    m = 5
+    cfg = KVSmoothConfig(lam_ref=0.6, clip=0.3, window=m, rank_inclusive=inclusive, rank_divisor=divisor)
+    count = torch.tensor([0, 1, 4, 5, 8, 25, 3])  # empty, filling, full, wrapped
+    queue = torch.randint(0, 4, (7, m), generator=g).float()  # small integers: ties with z
+    z = torch.tensor([1.0, 2.0, 0.0, 3.0, 2.0, 1.5, 9.0])
+    want = update_lambda(queue, count, z, cfg)
+    got = push_rank(queue, count, z, cfg, torch.arange(m))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _packed_cache(dtype=torch.float32):
+    """vLLM's packed CPU pages with known K/V written through vLLM's op; returns (io, k, v, table)."""
+    nb, hkv, bs, hs = 6, 2, 16, 32
+    g = torch.Generator().manual_seed(2)
+    cache = torch.zeros(nb, hkv, bs, 2 * hs, dtype=dtype)
+    table = torch.tensor([[4, 1, 3], [2, 5, 0]])
+    k = torch.randn(2, 3 * bs, hkv, hs, generator=g).to(dtype)
+    v = torch.randn(2, 3 * bs, hkv, hs, generator=g).to(dtype)
+    pos = torch.arange(3 * bs)
+    for r in range(2):
+        write_kv(cache, k[r], v[r], table[r, pos // bs] * bs + pos % bs, "vec")
+    return CPUPages(cache, table, "vec", "auto"), k, v, table, bs
+
+
+@pytest.mark.parametrize("strided", [True, False])
+def test_cpu_pages_read_at_precomputed_addresses(strided):
+    io, k, v, table, bs = _packed_cache()
+    if not strided:  # the page-gather path (packings without plain page halves)
+        io._views, io._views_made = None, True
+    positions = torch.tensor([[0, 17], [33, 40]])
+    rows = torch.tensor([[0, 0], [1, 1]])
+    got_k, got_v = io.read_at(table[rows, positions // bs], positions % bs)
+    assert torch.equal(got_k, k[rows, positions]) and torch.equal(got_v, v[rows, positions])
+    lens = torch.tensor([20, 41])
+    ids, valid = page_ids(table, lens, 41, bs)
+    keys = io.read_keys(ids, 41)
+    assert keys.shape == (2, 41, 2, 32)
+    for r in range(2):
+        assert torch.equal(keys[r][valid[r]], k[r, : int(lens[r])])
+
+
+def _layer_call(n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """KVSmooth's ``after_kernel`` over ``n`` decode rows (two configs, one skipping its first generated
+    token) with the step's tables made beforehand, as the builder does. Returns the ops dispatched in
+    the layer call, the K cache after and the expected K cache (the EMA computed here, row by row)."""
+    g = torch.Generator().manual_seed(4)
+    nb, bs, hkv, hq, d = 4 * n, 16, 2, 4, 8
+    k_cache, v_cache = torch.randn(2, nb, bs, hkv, d, generator=g).unbind(0)
+    table = torch.arange(nb).view(n, 4).flip(1).contiguous()
+    seq_lens = [20 + (7 * i) % 40 for i in range(n)]  # 2 to 4 blocks each
+    prompt_lens = [s - 1 if i % 3 == 0 else s - 5 for i, s in enumerate(seq_lens)]
+    slots = torch.tensor([int(table[i, (s - 1) // bs]) * bs + (s - 1) % bs for i, s in enumerate(seq_lens)])
+    cfgs = (
+        KVSmoothConfig(lam_ref=0.5, window=4, layers=(0,), smooth_first_token=False),
+        KVSmoothConfig(lam_ref=0.7, window=15, layers=(0,)),
+    )
+    rows = [Row(i, RequestState(f"r{i}", i, cfgs[i % 2], p)) for i, p in enumerate(prompt_lens)]
+    runtime = SimpleNamespace(capacity=n, num_layers=1, ext={})
+    KVSmoothEngine().setup(runtime)
+    buf: Buffers = runtime.ext["kvsmooth"]
+    buf.queue[:, 0, :3] = torch.rand(n, 3, generator=g)
+    buf.count[:, 0] = 3
+    queue0, count0 = buf.queue.clone(), buf.count.clone()
+    entropy = torch.rand(n, hq, generator=g) * 3
+    qsl = list(range(n + 1))
+    cm = SimpleNamespace(
+        num_reqs=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+    )  # fmt: skip
+    plan = SimpleNamespace(
+        rows=device_rows(cm, StepView(n, tuple(rows))), query_start_loc=qsl, seq_lens=seq_lens,
+        block_table=table, block_size=bs, slot_mapping=slots, prepared={},
+    )  # fmt: skip
+    io = SplitViews(k_cache, v_cache, table)
+    KVSmoothEngine().prepare_step(plan, rows, kernel=True)
+    want = k_cache.clone()
+    for i in range(n):  # the expected EMA, row by row with the method's own math
+        cfg = cfgs[i % 2]
+        lam, _, _ = update_lambda(
+            queue0[i, 0, : cfg.window][None], count0[i, 0][None], entropy[i].mean()[None], cfg
+        )
+        if seq_lens[i] - 1 == prompt_lens[i] and not cfg.smooth_first_token:
+            lam = torch.zeros_like(lam)
+        p = seq_lens[i] - 1
+        prev, cur = k_cache[table[i, (p - 1) // bs], (p - 1) % bs], k_cache[table[i, p // bs], p % bs]
+        want[table[i, p // bs], p % bs] = ema(prev[None], cur[None], lam)[0]
+    call = LayerCall(
+        layer=0, scale=d**-0.5, query=torch.zeros(n, hq, d), output=torch.zeros(n, hq, d),
+        query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, gather=io.gather,
+        write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+    )  # fmt: skip
+    counter = _Ops()
+    with counter:
+        KVSmoothEngine().after_kernel(call, rows, torch.zeros(n, hq), entropy)
+    return counter.ops, k_cache, want
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: The most ops one smoothed layer call's ``after_kernel`` may dispatch with two configs (two groups)
+#: in this harness, whatever the row count: per group (44 when written) the entropies, the FIFO push
+#: and rank, the two-slot read, the EMA and the write. The per-row path dispatched ~40 per row.
+OPS_BUDGET = 2 * 44
+
+
+def test_a_smoothed_layer_call_is_a_fixed_op_sequence_over_its_rows():
+    ops_few, k_few, want_few = _layer_call(4)
+    ops_many, k_many, want_many = _layer_call(24)
+    torch.testing.assert_close(k_few, want_few)
+    torch.testing.assert_close(k_many, want_many)
+    assert ops_few == ops_many <= OPS_BUDGET, (ops_few, ops_many)
