@@ -19,7 +19,7 @@ from vllm_halluguard.engine.cpu_cache import (
 )
 from vllm_halluguard.engine.kvsmooth import Buffers
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.prunehal import PruneState
+from vllm_halluguard.engine.prunehal import PruneState, read_decisions
 from vllm_halluguard.engine.registry import method_of
 from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.kernels.reference import attention_logits, attention_rows, attention_rows_padded
@@ -247,6 +247,8 @@ def test_apply_batch_equals_per_row_apply_over_decode_steps():
             torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
             assert torch.equal(outs[1][[0, 1, 4, 5, 8]], native[[0, 1, 4, 5, 8]])  # untouched rows
             assert not torch.equal(outs[1][2], native[2])  # FarSight B reworks every layer
+        for world in (per_row, batched):  # the end of the step: the host reads PruneHal's decisions
+            read_decisions(world.runtime)
     torch.testing.assert_close(batched.cache, per_row.cache, atol=1e-6, rtol=1e-6)
     layout = learn_layout("vec", torch.float32, BS, D)
     for r in (1, 4):  # KVSmooth smoothed the last token's cached K/V (lambda >= 0.1 for both configs)

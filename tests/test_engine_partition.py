@@ -68,7 +68,9 @@ def _rows() -> StepView:
     kvsmooth = KVSmoothConfig(lam_ref=0.5, layers=(1, 2))
     prune = RequestState("p", 3, prunehal, 50)
     st = PruneState.fresh(torch.arange(4, 36), (1, 2, 3), {})
-    st.keep[1, ::2] = False  # layer 2 (index 1 of the config's layers) has pruned keys
+    st.keep[1, ::2] = False  # layer 2 (index 1 of the config's layers) has pruned keys,
+    st.host_keep[1, ::2] = False  # as the host read it after the step that decided it
+    st.host_kept[1], st.pruned_layers = False, frozenset({2})
     prune.scratch["prunehal"] = st
     return StepView(
         len(ROWS),

@@ -214,8 +214,10 @@ def _layer_world(seed: int):
         cfg = PruneHalConfig(r=0.5, t=3, layers=(0,), force_step=None)
         state = RequestState(f"req{r}", r, cfg, prompt)
         st = PruneState.fresh(visual, (0,), {"prompt_len": prompt, "steps": 0, "prunes": []})
-        if r == 1:
+        if r == 1:  # pruned by an earlier decision, which the host has read
             st.keep[0, ::3] = False
+            st.host_keep[0, ::3] = False
+            st.host_kept[0], st.pruned_layers = False, frozenset({0})
         st.hist_sum, st.hist_n = torch.full((1, 1), 0.3), torch.ones(1, dtype=torch.long)
         state.scratch["prunehal"] = st
         rows.append(Row(r, state))
