@@ -62,13 +62,13 @@ MEASURED: dict[tuple[str, int, int], tuple[float, float, float, float, float]] =
     ("28/4", 32, 2000): (0.1092, 1.09, 1.34, 1.03, 0.69),
 }
 BATCHES = (1, 8, 32)
-# Host µs with every row of the batch mitigated: (one layer call, the step's plan), per method; measured
-# 2026-12-07 (benchmarks/host_layer.py --kernel-path, docs/benchmarks.md) on the idle machine. KVSmooth's
-# per-step tables since cut its smoothed layer call from 102 to 65 torch ops at any row count; their
-# times were taken at load 20-30 and are not comparable, so these stay until a quiet rerun.
+# Host µs with every row of the batch mitigated: (one layer call, the step's plan), per method: the
+# median layer call over the tiny LLaVA's 4 layers and the step's plan, measured 2026-12-07 14:06 UTC
+# (benchmarks/host_layer.py --kernel-path --count-ops, docs/benchmarks.md) on the idle machine, after
+# KVSmooth's per-step tables and PruneHal's sync-free layer calls.
 HOST_US: dict[str, dict[int, tuple[float, float]]] = {
-    "kvsmooth": {1: (187, 204), 8: (281, 302), 32: (786, 553)},
-    "prunehal": {1: (320, 165), 8: (571, 212), 32: (1486, 392)},
+    "kvsmooth": {1: (148, 269), 8: (156, 344), 32: (195, 574)},
+    "prunehal": {1: (257, 175), 8: (420, 254), 32: (890, 476)},
 }
 CONTEXTS = (600, 2000)
 
