@@ -38,6 +38,7 @@ from vllm_halluguard.methods import (
     KVSmoothConfig,
     SCRConfig,
 )
+from vllm_halluguard.methods.scr import Selection
 
 
 class Step:
@@ -160,7 +161,8 @@ def test_full_graphs_are_kept_exactly_for_steps_that_need_nothing_from_attention
     step = decode_step(mitigated)
     runtime = make_runtime()
     state.set_current(runtime)
-    scr_worker(runtime).selections["s"] = object()  # SCR's diagnostic pass chose the real request's sources
+    # SCR's diagnostic pass chose the real request's sources
+    scr_worker(runtime).selections["s"] = Selection(torch.tensor([[3, -1]]), torch.full((1, 9), -1))
     step.run(runtime)
     n = step.batch.num_reqs
     assert (runtime.step is not None) == bool(mitigated), "mitigated rows are in the step's view"

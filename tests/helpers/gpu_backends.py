@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     apply()
     from helpers import fa_ops
     from helpers.parity import Case, make_llm, run_vllm
+    from helpers.sync_sentinel import SyncSentinel, sync_counts
     from vllm_halluguard.engine.keys import EXTRA_ARGS_KEY
     from vllm_halluguard.engine.runtime import worker_stats
 
@@ -243,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             Case("llava", seed, max_tokens=MAX_TOKENS, extra_args=None if s is None else {EXTRA_ARGS_KEY: s})
             for seed, s in cases_of(key)
         ]
-        gens = run_vllm(llm, cases)
+        sentinel = SyncSentinel()
+        with sentinel.engine():  # host syncs of the plugin's layer calls and step plans
+            gens = run_vllm(llm, cases)
         run_vllm(llm, [Case("llava", None, max_tokens=1)])  # delivers the finished ids to the worker
         (stats,) = llm.collective_rpc(worker_stats)
         result[key] = {
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             "backends": llm.collective_rpc(backend_names)[0],
             "fa_versions": llm.collective_rpc(impl_versions)[0],
             "stats": stats,
+            "syncs": sync_counts(sentinel),
             "fa_calls": sorted({f"{op}:{dt}:{sched}" for op, dt, sched in fa_ops.CALLS}),
             "gens": [
                 {

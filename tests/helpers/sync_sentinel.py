@@ -23,11 +23,12 @@ e.g. the request's device state. Inside them, vLLM's own kernel and metadata bui
 ``native`` and ``build`` callables they are handed) and the project's Triton launch under the interpreter
 (``GridExecutor.__call__``, which copies its arguments to NumPy; on a GPU an asynchronous launch) are not
 counted: they are the kernels, not the plugin's host code; nor is ``cpu_cache.learn_layout``, CPU_ATTN's
-one-time probe of vLLM's page packing (no GPU backend has one). The wrapper around the launch
-(``paged_attention_into``'s host-side checks and grid) is counted. In a step, reads of vLLM's host
-copies of the metadata (``query_start_loc_cpu``, ``seq_lens_cpu_upper_bound``, ...: the common
-metadata's ``*_cpu`` fields, where they do not share storage with a device field) are not counted:
-they are host tensors on a GPU too.
+one-time probe of vLLM's page packing (no GPU backend has one), nor the test-only comparison of the
+plain rows with a whole-batch pass (``execute._verify_native``, ``HALLUGUARD_VERIFY_NATIVE``). The
+wrapper around the launch (``paged_attention_into``'s host-side checks and grid) is counted. In a
+step, reads of vLLM's host copies of the metadata (``query_start_loc_cpu``,
+``seq_lens_cpu_upper_bound``, ...: the common metadata's ``*_cpu`` fields, where they do not share
+storage with a device field) are not counted: they are host tensors on a GPU too.
 
 ``with SyncSentinel().engine() as s:`` installs the wrappers while the block runs (an in-process
 engine's worker runs in the calling thread); ``s.events`` lists every counted op with its scope and
@@ -75,14 +76,25 @@ _INDEX_OPS = {
 }
 
 
+#: Per step (the plan, built once per step): the most counted events allowed in any one step, each
+#: copy among them non-blocking. Counted conservatively: the step's one host-to-device copy
+#: (``plan.Upload``: the request tables, the sink lanes' sinks, the kernel lane's static sinks and masks)
+#: and the tensor of request tables it sends (made from Python data, on the host), and the read of
+#: ``query_start_loc_cpu`` (a host tensor on a GPU runner; on a CPU runner it may share the device
+#: field's storage, and is then counted): on a GPU, one non-blocking copy.
+STEP_BOUND = 4
+
+
 @dataclass(frozen=True)
 class Event:
-    """One counted op: its scope (``layer`` / ``step``), what it was, where, and ``non_blocking``."""
+    """One counted op: its scope (``layer`` / ``step`` / ``read``), what it was, where, ``non_blocking``
+    and the step it was counted in."""
 
     scope: str
     kind: str
     where: str
     non_blocking: bool = False
+    step: int = 0  # the number of steps begun when it was counted (its step, in the ``step`` scope)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -153,7 +165,7 @@ class SyncSentinel:
             return
         if kind in _HOST_READS and isinstance(tensor, torch.Tensor) and _storage(tensor) in local.host:
             return  # a read of vLLM's host copy of the metadata: no device involved on a GPU
-        self.events.append(Event(local.scope, kind, _where(), non_blocking))
+        self.events.append(Event(local.scope, kind, _where(), non_blocking, self.steps))
 
     def counts(self, scope: str) -> Counter[str]:
         """``where: kind`` -> count of the events of ``scope``."""
@@ -161,6 +173,16 @@ class SyncSentinel:
 
     def total(self, scope: str) -> int:
         return sum(1 for e in self.events if e.scope == scope)
+
+    def most_in_one_step(self) -> int:
+        """The most events counted in any one step's plan (``step`` scope)."""
+        per_step = Counter(e.step for e in self.events if e.scope == "step")
+        return max(per_step.values(), default=0)
+
+    def blocking_copies(self, scope: str) -> list[Event]:
+        """The moves between devices of ``scope`` that were not made ``non_blocking``."""
+        moves = ("cpu", "cuda", "to(device)")
+        return [e for e in self.events if e.scope == scope and e.kind in moves and not e.non_blocking]
 
     def reset(self) -> None:
         self.events.clear()
@@ -211,7 +233,7 @@ class SyncSentinel:
         from vllm_halluguard.engine import cpu_cache, execute, plan, prunehal
 
         run_layer, build_plan, launch = execute.run_layer, plan.build_plan, interpreter.GridExecutor.__call__
-        learn, collect = cpu_cache.learn_layout, prunehal.collect
+        learn, collect, verify = cpu_cache.learn_layout, prunehal.collect, execute._verify_native
 
         def layer(impl: Any, native: Any, *args: Any, **kwargs: Any) -> Any:
             self.layer_calls += 1
@@ -245,6 +267,7 @@ class SyncSentinel:
         interpreter.GridExecutor.__call__ = grid  # type: ignore[method-assign]
         cpu_cache.learn_layout = self._unpaused(learn)  # type: ignore[assignment]
         prunehal.collect = read  # type: ignore[assignment]
+        execute._verify_native = self._unpaused(verify)  # type: ignore[assignment]
         try:
             yield self
         finally:
@@ -252,6 +275,7 @@ class SyncSentinel:
             interpreter.GridExecutor.__call__ = launch  # type: ignore[method-assign]
             cpu_cache.learn_layout = learn  # type: ignore[assignment]
             prunehal.collect = collect  # type: ignore[assignment]
+            execute._verify_native = verify  # type: ignore[assignment]
 
 
 class _FunctionMode(TorchFunctionMode):
@@ -294,3 +318,17 @@ class _DispatchMode(TorchDispatchMode):
         if kind is not None:
             self.sentinel._record(kind)
         return func(*args, **kwargs)
+
+
+def sync_counts(s: SyncSentinel) -> dict[str, Any]:
+    """A JSON-able summary of ``s``: calls, totals per scope, the most in one step, the blocking copies
+    of the steps and every counted event by scope, place and kind."""
+    return {
+        "layer_calls": s.layer_calls,
+        "steps": s.steps,
+        "reads": s.reads,
+        **{scope: s.total(scope) for scope in ("layer", "step", "read")},
+        "most_in_one_step": s.most_in_one_step(),
+        "blocking": [f"{e.where} {e.kind}" for e in s.blocking_copies("step")],
+        "events": {scope: dict(s.counts(scope)) for scope in ("layer", "step", "read")},
+    }

@@ -40,15 +40,15 @@ def _steady_sinks(cfg: FarSightConfig, num_heads: int) -> torch.Tensor:
 def row_sinks(
     cfg: FarSightConfig, positions: torch.Tensor, prompt_len: int, num_heads: int
 ) -> torch.Tensor | None:
-    """Sink logits ``[n, H]`` for tokens at ``positions`` of a request, or ``None`` if none applies
-    (``num_heads``: this rank's query heads; the ALiBi slopes depend on the head's global index)."""
+    """Sink logits ``[n, H]`` for tokens at ``positions`` of a request, or ``None`` for a no-op config
+    (``num_heads``: this rank's query heads; the ALiBi slopes depend on the head's global index). Mode C
+    gives ``-inf`` (no sink) at generated positions; callers skip rows without a prompt token (from their
+    host spans: nothing is read from ``positions``)."""
     if cfg.is_noop():
         return None
     if cfg.mode == "B":
         return steady_sinks(cfg, num_heads).expand(len(positions), -1)
     prompt = positions < prompt_len  # mode C: registers over the prompt, for prompt rows only
-    if not bool(prompt.any()):
-        return None
     length = torch.full_like(positions, prompt_len)
     total, heads = head_slice(num_heads)
     log_r = row_log_r(positions, length, total, cfg.sigma, cfg.alibi, cfg.progressive)[heads].T  # [n, H]
@@ -61,6 +61,8 @@ def apply(call: LayerCall, row: Row) -> None:
     if cfg.layers is not None and call.layer not in cfg.layers:
         return
     start, end, seq_len = call.span(row)
+    if cfg.mode == "C" and seq_len - (end - start) >= row.request.prompt_len:
+        return  # mode C: generated tokens carry no sink
     positions = call.positions(row)
     sinks = row_sinks(cfg, positions, row.request.prompt_len, call.query.shape[1])
     if sinks is None:

@@ -150,24 +150,67 @@ class DeviceRows:
 
 
 def device_rows(cm: Any, view: StepView) -> DeviceRows:
+    """:class:`DeviceRows` of the step, its request tables sent in a copy of their own."""
+    upload = Upload()
+    make = queue_device_rows(cm, view, upload)
+    return make(upload.send(cm.query_start_loc.device))
+
+
+def queue_device_rows(cm: Any, view: StepView, upload: Upload) -> Callable[[list[torch.Tensor]], DeviceRows]:
     """:class:`DeviceRows` of the step: the token and position tables from vLLM's device metadata, the
-    request tables in one host-to-device copy (pinned and non-blocking where CUDA is available)."""
+    request tables added to the step's one host-to-device copy (``upload``). Returns the function that
+    makes them from the copy's device tensors."""
     n = cm.num_reqs
     device = cm.query_start_loc.device
     slots, prompt_lens = [-1] * n, [-1] * n
     for row in view.rows:
         slots[row.index], prompt_lens[row.index] = row.request.slot, row.request.prompt_len
-    host = torch.tensor([slots, prompt_lens], dtype=torch.long)
-    if device.type == "cuda" and torch.cuda.is_available():
-        host = host.pin_memory()
-    table = host.to(device, non_blocking=True)
-    return DeviceRows(
-        last_token=cm.query_start_loc[1 : n + 1].long() - 1,
-        position=cm.seq_lens[:n].long() - 1,
-        slot=table[0],
-        prompt_len=table[1],
-        _arange=torch.arange(n, device=device),
-    )
+    part = upload.add(torch.tensor([slots, prompt_lens], dtype=torch.long))
+
+    def make(sent: list[torch.Tensor]) -> DeviceRows:
+        table = sent[part]
+        return DeviceRows(
+            last_token=cm.query_start_loc[1 : n + 1].long() - 1,
+            position=cm.seq_lens[:n].long() - 1,
+            slot=table[0],
+            prompt_len=table[1],
+            _arange=torch.arange(n, device=device),
+        )
+
+    return make
+
+
+@dataclass
+class Upload:
+    """The host tensors a step sends to the device, sent in **one** copy (:meth:`send`): their bytes
+    packed into one buffer (each part aligned to 16 bytes), pinned and non-blocking where CUDA is
+    available, then viewed back as each part's dtype and shape on the device."""
+
+    parts: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, x: torch.Tensor) -> int:
+        """Queue host tensor ``x``; its index in :meth:`send`'s result."""
+        self.parts.append(x)
+        return len(self.parts) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        if not self.parts:
+            return []
+        chunks, spans, offset = [], [], 0
+        for x in self.parts:
+            raw = x.contiguous().reshape(-1).view(torch.uint8)
+            pad = -raw.numel() % 16
+            chunks += [raw, raw.new_zeros(pad)] if pad else [raw]
+            spans.append((offset, raw.numel()))
+            offset += raw.numel() + pad
+        flat = torch.cat(chunks)
+        if device.type == "cuda" and torch.cuda.is_available():
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        return [
+            flat[start : start + size].view(x.dtype).view(x.shape)
+            for (start, size), x in zip(spans, self.parts, strict=True)
+        ]
 
 
 def seq_lens_cpu(cm: Any) -> list[int]:
@@ -305,11 +348,13 @@ def build_plan(
     for index, route in routes.items():
         if route.sinks is not None:
             sink_groups.setdefault(route.sink_key, []).append(index)
-    lanes = []
+    upload = Upload()  # every host table of the step, in one copy (sent below)
+    lanes, lane_sinks = [], []
     for rows in sink_groups.values():
         route = routes[rows[0]]
         assert route.sinks is not None
-        lanes.append(SinkLane(sub(sorted(rows)), route.sinks.to(device), route.sink_layers))
+        lanes.append(SinkLane(sub(sorted(rows)), route.sinks, route.sink_layers))
+        lane_sinks.append(upload.add(route.sinks))
         counter = f"{method_of(rows_by_index[rows[0]].request.config).name}_native_rows"
         if stats is not None and counter in stats:
             stats[counter] += len(rows)
@@ -319,8 +364,7 @@ def build_plan(
                     sink_lanes=lanes, by_method=by_method)  # fmt: skip
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
     plan.block_size = block_size
-    if backend.kernel:
-        plan.rows = device_rows(cm, view)
+    make_rows = queue_device_rows(cm, view, upload) if backend.kernel else None
     plan.in_sink_lanes = in_lanes
     cache: dict[frozenset[int], LayerPlan] = {}
 
@@ -358,8 +402,13 @@ def build_plan(
         plan.default = layer_plan(frozenset())
     if plan.full is None and verify:
         plan.full = build(common_prefix_len, cm)
-    if backend.kernel:
-        plan.kernel_args, plan.masks_per_layer = static_kernel_args(plan, backend, device)
+    make_args = static_kernel_args(plan, backend, upload) if backend.kernel else None
+    sent = upload.send(device)
+    for lane, part in zip(lanes, lane_sinks, strict=True):
+        lane.sinks = sent[part]
+    if make_rows is not None and make_args is not None:
+        plan.rows = make_rows(sent)
+        plan.kernel_args, plan.masks_per_layer = make_args(sent)
     _prepare(plan)
     return plan
 
@@ -417,23 +466,26 @@ def _no_cache(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("kernel_args_static methods read no cache")
 
 
+#: The kernel lane's sinks and key mask by layer (``None``: none), and the layers whose masks are made in
+#: the layer call.
+KernelArgs: TypeAlias = tuple[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]], frozenset[int]]
+
+
 def static_kernel_args(
-    plan: StepPlan, backend: Backend, device: torch.device
-) -> tuple[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]], frozenset[int]]:
+    plan: StepPlan, backend: Backend, upload: Upload
+) -> Callable[[list[torch.Tensor]], KernelArgs]:
     """The kernel lane's sinks and masks of every layer whose rows all have static kernel arguments
     (:meth:`~vllm_halluguard.engine.base.EngineMethod.kernel_args_static`), made on the host once per
-    step and copied to the device in one copy per kind (pinned and non-blocking where CUDA is available);
-    and of the layers whose rows' sinks only are static (``kernel_sinks_static``: PruneHal's rows), the
-    sinks the same way, with the layers whose masks the layer call makes."""
+    step and added to the step's one copy to the device (``upload``); and of the layers whose rows' sinks
+    only are static (``kernel_sinks_static``: PruneHal's rows), the sinks the same way, with the layers
+    whose masks the layer call makes. Returns the function that makes them from the copy's tensors."""
     stub = LayerCall(
         layer=0, scale=0.0, query=torch.empty(0, backend.num_heads, 0), output=torch.empty(0),
         query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens,
         slot_mapping=torch.empty(0, dtype=torch.long), runtime=current(), gather=_no_cache, write=_no_cache,
     )  # fmt: skip
-    per_layer: dict[int, tuple[int, int]] = {}  # layer -> indices into the lists below (-1: none)
+    per_layer: dict[int, tuple[int, int]] = {}  # layer -> parts of ``upload`` (-1: none)
     made: dict[tuple[int, ...], tuple[int, int]] = {}
-    sinks_host: list[torch.Tensor] = []
-    masks_host: list[torch.Tensor] = []
     alive: list[Any] = []  # the rows' results stay referenced while their ids key ``made``
     dynamic: set[int] = set()
     for layer in range(backend.num_layers):
@@ -451,35 +503,16 @@ def static_kernel_args(
         alive.append(results)
         key = (id(lp), *(id(x) for pair in results for x in pair))
         if key not in made:
-            made[key] = (_append(sinks_host, sinks), _append(masks_host, mask))
+            made[key] = (-1 if sinks is None else upload.add(sinks), -1 if mask is None else upload.add(mask))
         per_layer[layer] = made[key]
-    sinks_dev, masks_dev = _upload(sinks_host, device), _upload(masks_host, device)
-    return {
-        layer: (sinks_dev[i] if i >= 0 else None, masks_dev[j] if j >= 0 else None)
-        for layer, (i, j) in per_layer.items()
-    }, frozenset(dynamic)
 
+    def make(sent: list[torch.Tensor]) -> KernelArgs:
+        def pick(i: int) -> torch.Tensor | None:
+            return sent[i] if i >= 0 else None
 
-def _append(out: list[torch.Tensor], x: torch.Tensor | None) -> int:
-    if x is None:
-        return -1
-    out.append(x)
-    return len(out) - 1
+        return {layer: (pick(i), pick(j)) for layer, (i, j) in per_layer.items()}, frozenset(dynamic)
 
-
-def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host tensors of one dtype on the device, in one copy."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if device.type == "cuda" and torch.cuda.is_available():
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return out
+    return make
 
 
 def _kernel_batch(

@@ -55,11 +55,25 @@ class DiagState:
     """A diagnostic request's running sums (``rows`` = query rows counted once, at the first layer)."""
 
     parent: str
-    visual: torch.Tensor  # [Nv] image-token positions
+    visual: torch.Tensor  # [Nv] image-token positions (host)
     grid: Grid
     layers: tuple[int, ...]
+    after_image: int = 0  # the first position after the image (host data: no read in a layer)
+    visual_dev: torch.Tensor | None = None  # ``visual`` on the layers' device, copied at admission
     map_sum: torch.Tensor | None = None  # [Nv] fp32, summed over rows and layers
     rows: int = 0
+
+
+@dataclass
+class PendingMap:
+    """A diagnostic's finished map, on its way to the host: a copy into host memory queued behind the last
+    diagnostic layer (pinned and non-blocking on CUDA, ``event`` after it). The host turns it into the
+    selection when it next needs it (:func:`selection`), after the forward."""
+
+    attn_map: torch.Tensor  # [Nv] fp32, host
+    event: Any
+    grid: Grid
+    cfg: SCRConfig
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ class EditPlan:
 class Worker:
     """Per-runner SCR state: selections by real request id, and this step's edits and early exit."""
 
-    selections: OrderedDict[str, Selection]
+    selections: OrderedDict[str, Selection | PendingMap]
     plan: tuple[EditPlan, ...] = ()
     skip_from: int | None = None
     hooked: bool = False
@@ -101,55 +115,98 @@ def init_state(runtime: Any, state: RequestState, cached: Any) -> None:
     visual = visual_positions(cached, getattr(runtime.hf_config, "image_token_id", None))
     if parent is not None:
         grid = patch_grid(runtime.model_type, cached, visual)
-        state.scratch["scr_diag"] = DiagState(parent, visual, grid, tuple(sorted(cfg.diag_layers or ())))
+        layers = tuple(sorted(cfg.diag_layers or ()))
+        after = int(visual.max()) + 1 if visual.numel() else 0  # host positions
+        state.scratch["scr_diag"] = DiagState(parent, visual, grid, layers, after, _to_device(visual))
         return
-    selection = worker(runtime).selections.get(state.req_id)
+    selection = selection_of(runtime, state.req_id)
     if selection is None:  # the scheduler queues it only after its diagnostic finished normally
         runtime.stats["scr_unedited"] += 1
         logger.error("halluguard: scr request %s has no diagnostic result; it runs unedited", state.req_id)
         return
-    state.scratch["scr_edit"] = (visual, selection, cfg)  # the member config (the request may compose)
+    device_sel = Selection(_to_device(selection.sources), _to_device(selection.owner))  # once, at admission
+    state.scratch["scr_edit"] = (visual, device_sel, cfg)  # the member config (the request may compose)
 
 
 def apply(call: LayerCall, row: Row) -> None:
-    """Diagnostic rows: add this layer's head-averaged attention of the rows after the image."""
+    """Diagnostic rows: add this layer's head-averaged attention of the rows after the image. The rows are
+    a contiguous range of positions known on the host (no mask, no read back); at the last diagnostic
+    layer of the prompt's last chunk the map is finished on the device and queued for the host."""
     st: DiagState | None = row.request.scratch.get("scr_diag")
     if st is None or call.layer not in st.layers:
         return
     start, end, seq_len = call.span(row)
-    pos = call.positions(row)
-    prompt_len = row.request.prompt_len
-    if cast(SCRConfig, row.request.config).diag_rows == "last":
-        rows = pos == prompt_len - 1
-    else:
-        rows = (pos > st.visual.max()) & (pos < prompt_len)
-    if bool(rows.any()):
+    first, prompt_len = seq_len - (end - start), row.request.prompt_len
+    diag_first = prompt_len - 1 if cast(SCRConfig, row.request.config).diag_rows == "last" else st.after_image
+    lo, hi = max(diag_first, first), min(prompt_len, seq_len)  # the positions counted in this chunk
+    if lo < hi:
         k, _ = call.gather(row.index, seq_len)
-        q = call.query[start:end][rows.to(call.query.device)]
-        logits = attention_logits(q, k, call.scale, pos[rows].to(k.device))
-        probs = torch.softmax(logits, dim=-1)[..., st.visual.to(k.device)]  # [T, Hq, Nv]
+        q = call.query[start + lo - first : start + hi - first]
+        logits = attention_logits(q, k, call.scale, torch.arange(lo, hi, device=k.device))
+        if st.visual_dev is None or st.visual_dev.device != k.device:
+            st.visual_dev = st.visual.to(k.device)  # the admission's copy went elsewhere (tests)
+        probs = torch.softmax(logits, dim=-1).index_select(-1, st.visual_dev)  # [T, Hq, Nv]
         part = probs.mean(1).sum(0)
         st.map_sum = part if st.map_sum is None else st.map_sum + part
         if call.layer == st.layers[0]:
-            st.rows += int(rows.sum())
+            st.rows += hi - lo
     if seq_len == prompt_len and call.layer == st.layers[-1]:
-        _select(call.runtime, row.request, st)
+        _finish(call.runtime, row.request, st)
 
 
-def _select(runtime: Any, state: RequestState, st: DiagState) -> None:
-    cfg = cast(SCRConfig, state.config)
+def _finish(runtime: Any, state: RequestState, st: DiagState) -> None:
+    """The diagnostic's mean map, averaged across ranks on the device, queued for the host under the
+    real request's id (:class:`PendingMap`)."""
     if st.map_sum is None or st.rows == 0:
         logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
         return
-    attn_map = st.map_sum / (st.rows * len(st.layers))
-    attn_map = rank_mean(attn_map).float().cpu()  # equal head counts per rank: the mean over all heads
-    picked = select_sources(
-        attn_map, st.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
+    attn_map = rank_mean(st.map_sum / (st.rows * len(st.layers))).float()  # equal head counts per rank
+    cuda = attn_map.is_cuda and torch.cuda.is_available()
+    host = torch.empty(attn_map.shape, dtype=attn_map.dtype, pin_memory=cuda)
+    host.copy_(attn_map, non_blocking=True)
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    _remember(
+        worker(runtime).selections, st.parent, PendingMap(host, event, st.grid, cast(SCRConfig, state.config))
     )
-    _remember(worker(runtime).selections, st.parent, picked)
-    record = {"attn_map": attn_map.tolist(), "grid": list(st.grid), "sources": picked.sources[0].tolist(),
-              "owner": picked.owner[0].tolist(), "num_visual": int(st.visual.numel())}  # fmt: skip
-    runtime.remember(LOG, st.parent, record, MAX_KEPT)
+
+
+def selection_of(runtime: Any, req_id: str) -> Selection | None:
+    """The selection of real request ``req_id``, made from its diagnostic's map on first use (at its
+    admission, after the diagnostic's forward: vLLM queues the real request once the diagnostic has
+    finished, so its map's copy has completed and waiting costs nothing)."""
+    table = worker(runtime).selections
+    got = table.get(req_id)
+    if isinstance(got, PendingMap):
+        got = table[req_id] = _select(runtime, req_id, got)
+    return got
+
+
+def _select(runtime: Any, req_id: str, pending: PendingMap) -> Selection:
+    if pending.event is not None:
+        pending.event.synchronize()
+    cfg, attn_map = pending.cfg, pending.attn_map
+    picked = select_sources(
+        attn_map, pending.grid, cfg.top_k, exclude_border=cfg.exclude_border, connectivity=cfg.connectivity
+    )
+    record = {
+        "attn_map": attn_map.tolist(),
+        "grid": list(pending.grid),
+        "sources": picked.sources[0].tolist(),
+        "owner": picked.owner[0].tolist(),
+        "num_visual": int(attn_map.numel()),
+    }
+    runtime.remember(LOG, req_id, record, MAX_KEPT)
+    return picked
+
+
+def _to_device(x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the platform's device (at admission, outside the forward's layers)."""
+    from vllm.platforms import current_platform
+
+    return x.to(torch.device(current_platform.device_type))
 
 
 def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: dict[str, Any]) -> None:
@@ -168,6 +225,7 @@ def plan_step(runtime: Any, scheduler_output: Any, input_batch: Any, requests: d
             inside = (visual >= computed) & (visual < computed + n)
             if bool(inside.all()):
                 flat = visual - computed + offset
+                flat = flat.to(selection.sources.device)  # once per step: the layers index on the device
                 plans.append(EditPlan(flat, selection, cfg.lam, frozenset(cfg.layers or ())))
                 runtime.stats["scr_edits"] += 1
             elif bool(inside.any()):  # two_pass keeps an image in one chunk and fails a request it cut
@@ -201,10 +259,9 @@ def _layer_forward(layer: int, forward: Any, positions: Any, hidden: Any, residu
         if layer not in plan.layers:
             continue
         for t in output:  # hidden_states and residual: the stream is their sum
-            idx = plan.flat.to(t.device)
-            sel = plan.selection
+            idx, sel = plan.flat, plan.selection  # on the layers' device (made in plan_step)
             rows = t.index_select(0, idx).unsqueeze(0)
-            edited = apply_edit(rows, sel.sources.to(t.device), sel.owner.to(t.device), plan.lam)
+            edited = apply_edit(rows, sel.sources, sel.owner, plan.lam)
             t.index_copy_(0, idx, edited[0].to(t.dtype))
     return output
 
@@ -231,8 +288,13 @@ def scr_trace(worker: Any, clear: bool = False) -> dict[str, dict[str, Any]]:
     """``LLM.collective_rpc(scr_trace)``: per real request id, its diagnostic map and selection.
 
     Each record: ``attn_map [Nv]``, ``grid (t, h, w)``, ``sources [K]`` (-1 padded), ``owner [Nv]`` and
-    ``num_visual``. ``clear`` empties the log afterwards.
+    ``num_visual``. ``clear`` empties the log afterwards. Maps still on their way to the host are made
+    into selections first.
     """
+    runtime = worker.model_runner.__dict__.get("_halluguard_runtime")
+    if runtime is not None and "scr" in runtime.ext:
+        for req_id in list(runtime.ext["scr"].selections):
+            selection_of(runtime, req_id)
     return worker_log(worker, LOG, clear)
 
 

@@ -117,8 +117,7 @@ def register_slope(
     else:
         factor = torch.ones_like(row + length)
     m = _head_slopes(num_heads, alibi, row.device).double()
-    sig = torch.as_tensor(sigma, dtype=torch.float64, device=row.device)
-    decay = torch.where(torch.isinf(sig), torch.full_like(factor, math.inf), sig * factor)
+    decay = torch.full_like(factor, math.inf) if math.isinf(sigma) else float(sigma) * factor
     return decay.unsqueeze(0) + m.reshape((num_heads,) + (1,) * factor.dim())
 
 
@@ -127,7 +126,10 @@ def log_register_mass(a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     ``R_inf = e^-a / (1 - e^-a)``. Returns ``-inf`` where ``n <= 0`` or ``a = inf``. Computed in fp64.
     """
     a = a.double()
-    n = torch.as_tensor(n, device=a.device).double()
+    if isinstance(n, torch.Tensor) and n.device == a.device:
+        n = n.double()  # (no tensor made from host data: the engine's step plans count those)
+    else:
+        n = torch.as_tensor(n, device=a.device).double()
     a, n = torch.broadcast_tensors(a, n)
     live = (n > 0) & torch.isfinite(a)
     a_s = torch.where(live, a, torch.ones_like(a))
