@@ -365,6 +365,19 @@ def smooth_group(call: LayerCall, g: Group, z: torch.Tensor) -> None:
     call.write(g.cur, new[0], new[1])
 
 
+_update_module: Any = None
+
+
+def _kvsmooth_update() -> Any:
+    """:mod:`vllm_halluguard.kernels.kvsmooth_update`, imported on first use (Triton: the kernel path)."""
+    global _update_module
+    if _update_module is None:
+        from vllm_halluguard.kernels import kvsmooth_update
+
+        _update_module = kvsmooth_update
+    return _update_module
+
+
 def smooth_group_kernel(call: LayerCall, g: Group, entropy: torch.Tensor) -> bool:
     """:func:`smooth_group` of the kernel path in one Triton launch
     (:func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`: the head mean of ``entropy [T, Hq]``
@@ -372,9 +385,8 @@ def smooth_group_kernel(call: LayerCall, g: Group, entropy: torch.Tensor) -> boo
     parallelism the head mean is all-reduced here first (:func:`head_mean`). Returns False, having done
     nothing, where the kernel cannot run (a cache without kernel views, or on the host without Triton's
     interpreter)."""
-    from vllm_halluguard.kernels import kvsmooth_update
-
     views = call.io.kernel_views()
+    kvsmooth_update = _kvsmooth_update()
     if (
         views is None
         or not kvsmooth_update.available(views[0])

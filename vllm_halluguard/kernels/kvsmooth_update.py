@@ -26,6 +26,9 @@ Not measured on a GPU (none was available when it was written).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -192,18 +195,28 @@ def smooth_rows(
     b = token.shape[0]
     if b == 0:
         return
-    _, page, hkv, d = k_cache.shape
     hq = 1 if z_given else entropy.shape[1]
     stride_et, stride_eh = (entropy.stride(0), 0) if z_given else entropy.stride()
     ta._launcher(_kvsmooth_update_kernel, (b,))(
         queue, count, entropy, token, slot, first, cur, positions, table, k_cache, v_cache,
         layer, window, lo, hi, hq, int(z_given), int(has_first), int(inclusive), int(by_window),
         *queue.stride(), *count.stride(), stride_et, stride_eh, *positions.stride(), *table.stride(),
-        *k_cache.stride(), *v_cache.stride(),
-        PAGE=page, HQ_PAD=max(2, triton.next_power_of_2(hq)), HKV=hkv,
-        HKV_PAD=max(2, triton.next_power_of_2(hkv)), HEAD_SIZE=d, HEAD_PAD=max(16, triton.next_power_of_2(d)),
-        M_PAD=M_PAD, num_warps=1, enable_fp_fusion=False,
+        *k_cache.stride(), *v_cache.stride(), **_options(*k_cache.shape[1:], hq),
     )  # fmt: skip
+
+
+def _pow2(n: int, least: int) -> int:
+    """The next power of two ``>= max(n, least)``."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+@functools.cache
+def _options(page: int, hkv: int, d: int, hq: int) -> dict[str, Any]:
+    """The launch's constexprs and options for one geometry (made once: a host-cost matter)."""
+    return {
+        "PAGE": page, "HQ_PAD": _pow2(hq, 2), "HKV": hkv, "HKV_PAD": _pow2(hkv, 2), "HEAD_SIZE": d,
+        "HEAD_PAD": _pow2(d, 16), "M_PAD": M_PAD, "num_warps": 1, "enable_fp_fusion": False,
+    }  # fmt: skip
 
 
 def launch_variant(
