@@ -167,3 +167,40 @@ def test_no_kernel_views_falls_back():
     assert not smooth_group_kernel(_call(buf, io), grp, torch.rand(5, 2, generator=g))
     assert torch.equal(buf.queue, before[0]) and torch.equal(buf.count, before[1])
     assert torch.equal(io.k_cache, before[2])
+
+
+class _TwoRanks:
+    """A tensor-parallel group of two ranks whose other rank holds the same heads (its all-reduce
+    doubles the sum), counting its reductions."""
+
+    world_size, rank_in_group, device = 2, 0, torch.device(DEVICE)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 2
+
+
+def test_tensor_parallel_head_mean_is_reduced_before_the_launch(monkeypatch):
+    """Under tensor parallelism the launch gets the all-reduced head mean (``z_given``), one reduction
+    per group, and smooths as the torch path does with that mean."""
+    from vllm_halluguard.engine import kvsmooth, tp
+
+    group = _TwoRanks()
+    monkeypatch.setattr(kvsmooth, "tp_group", lambda: group)
+    monkeypatch.setattr(tp, "tp_group", lambda: group)
+    g = torch.Generator().manual_seed(8)
+    cfg = KVSmoothConfig(lam_ref=0.5, clip=0.4, window=5, layers=(LAYER,))
+    grp = _group(cfg, 16, 4, g, 16, 6)
+    entropy = (torch.rand(6, 4, generator=g) * 3).to(DEVICE)
+    buf = _buffers(g, cfg.window, None, grp)
+    k, v = (torch.randn(2, 16, 16, 2, 8, generator=g).to(DEVICE)).unbind(0)
+    buf_want, k_want, v_want, k0 = _clone(buf), k.clone(), v.clone(), k.clone()
+    z = (entropy[grp.token].sum(-1) * 2) / 8  # what head_mean makes of two such ranks
+    smooth_group(_call(buf_want, SplitViews(k_want, v_want, grp.table)), grp, z)
+    assert smooth_group_kernel(_call(buf, SplitViews(k, v, grp.table)), grp, entropy)
+    assert group.calls == 1
+    assert torch.equal(buf.queue, buf_want.queue) and torch.equal(buf.count, buf_want.count)
+    assert torch.equal(k, k_want) and torch.equal(v, v_want) and not torch.equal(k, k0)
