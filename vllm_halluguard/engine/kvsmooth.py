@@ -6,7 +6,9 @@ slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.method
 backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
 layer call at once in :func:`apply_batch`: their K for the logits, K and V of two slots for the EMA;
 the native kernel's output is kept). With the Triton kernel the smoothed decode rows are computed by
-the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`).
+the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`);
+the rest of the layer's work (head mean, FIFO push, lambda, EMA written in the cache) is then one launch
+of :mod:`vllm_halluguard.kernels.kvsmooth_update` per config group (:func:`smooth_group_kernel`).
 
 Everything about the rows that is the same in every layer of a step (which rows decode, their tokens,
 FIFO slots, the cache addresses of the two slots the EMA reads and of the slot it writes, on the torch

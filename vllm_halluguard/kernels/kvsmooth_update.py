@@ -21,7 +21,10 @@ window, clip bounds, flags, batch size) is a runtime argument; the constexprs de
 geometry only, so :func:`launch_variant` compiles the one specialisation per layer geometry at
 start-up (:mod:`vllm_halluguard.engine.warmup`).
 
-Not measured on a GPU (none was available when it was written).
+Not run on a GPU (none was available when it was written); compiled for sm_90 on the host, its PTX
+has no fused multiply-add, IEEE divisions and round-to-nearest bf16 stores (tests/test_kvsmooth_update.py).
+Triton's interpreter casts fp32 to bf16 by truncation, so interpreted bf16 results may differ from
+torch's by one bf16 ulp.
 """
 
 from __future__ import annotations
