@@ -11,6 +11,11 @@ torch does), so interpreted bf16 caches are compared to within one bf16 ulp.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -206,42 +211,47 @@ def test_tensor_parallel_head_mean_is_reduced_before_the_launch(monkeypatch):
     assert torch.equal(k, k_want) and torch.equal(v, v_want) and not torch.equal(k, k0)
 
 
+#: Compiles the kernel for sm_90 and prints which float instructions its PTX has (a fresh process:
+#: an interpreted launch leaves ``triton.language`` patched for the interpreter).
+_COMPILE_SM90 = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm_halluguard.kernels import kvsmooth_update as KU
+jit = KU._kvsmooth_update_kernel
+pointers = dict.fromkeys(("queue_ptr", "ent_ptr"), "*fp32") | {"first_ptr": "*u8"}
+pointers |= dict.fromkeys(("count_ptr", "tok_ptr", "slot_ptr", "cur_ptr", "pos_ptr", "table_ptr"), "*i64")
+pointers |= dict.fromkeys(("k_ptr", "v_ptr"), "*bf16")
+consts = {"PAGE": 16, "HQ_PAD": 32, "HKV": 8, "HKV_PAD": 8, "HEAD_SIZE": 128, "HEAD_PAD": 128, "M_PAD": 64}
+names = jit.arg_names
+scalar = lambda n: "constexpr" if n in consts else "fp32" if n in ("lo", "hi") else "i32"
+sig = {n: pointers.get(n) or scalar(n) for n in names}
+src = ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+options = KU._options(16, 8, 128, 32)
+try:
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": options["num_warps"], "enable_fp_fusion": options["enable_fp_fusion"]})
+except (RuntimeError, FileNotFoundError) as err:
+    print(json.dumps({"skip": str(err)}))
+else:
+    ptx = compiled.asm["ptx"]
+    print(json.dumps({op: op in ptx for op in ("fma.rn.f32", "div.rn.f32", "cvt.rn.bf16.f32")}))
+"""
+
+
 def test_compiled_for_sm90_the_ema_rounds_as_torch():
     """Compiled for an H100 (sm_90, no GPU needed: Triton's frontend and the bundled ptxas), the kernel's
     float ops round as torch's separate ops: no fused multiply-add (Triton fuses by default), IEEE
     divisions, round-to-nearest bf16 stores. (Not run on a GPU.)"""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = KU._kvsmooth_update_kernel
-    fn = getattr(fn, "fn", fn)  # the interpreter wraps the function
-    jit = triton.JITFunction(fn, do_not_specialize=KU.VARYING, do_not_specialize_on_alignment=KU.UNALIGNED)
-    pointers = dict.fromkeys(("queue_ptr", "ent_ptr"), "*fp32") | {"first_ptr": "*u8"}
-    pointers |= dict.fromkeys(("count_ptr", "tok_ptr", "slot_ptr", "cur_ptr", "pos_ptr", "table_ptr"), "*i64")
-    pointers |= dict.fromkeys(("k_ptr", "v_ptr"), "*bf16")
-    consts = {
-        "PAGE": 16,
-        "HQ_PAD": 32,
-        "HKV": 8,
-        "HKV_PAD": 8,
-        "HEAD_SIZE": 128,
-        "HEAD_PAD": 128,
-        "M_PAD": 64,
-    }
-    names = jit.arg_names
-    sig = {
-        n: pointers.get(n) or ("constexpr" if n in consts else "fp32" if n in ("lo", "hi") else "i32")
-        for n in names
-    }
-    src = ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    options = KU._options(16, 8, 128, 32)
-    try:
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": options["num_warps"], "enable_fp_fusion": options["enable_fp_fusion"]},
-        )  # fmt: skip
-    except (RuntimeError, FileNotFoundError) as err:  # no CUDA backend or ptxas in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {err}")
-    ptx = compiled.asm["ptx"]
-    assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx and "cvt.rn.bf16.f32" in ptx
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH")) if p
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    if "skip" in got:  # no CUDA backend or ptxas in this Triton build
+        pytest.skip(f"cannot compile for sm_90 here: {got['skip']}")
+    assert got == {"fma.rn.f32": False, "div.rn.f32": True, "cvt.rn.bf16.f32": True}
