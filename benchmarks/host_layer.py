@@ -14,9 +14,11 @@ timings do not include it).
 
 Two paths: by default the CPU engine's own (the reworked rows' attention computed in torch, tiny
 tensors); with ``--kernel-path`` the GPU code path (the builders switched to the kernel lane, as on a
-GPU) with the Triton launch replaced by a stub that only zero-fills its outputs, so what is timed is
-the host orchestration around the kernel: the step's tables, the lane's arguments, the methods'
-``after_kernel``. The stub's outputs are not attention, so the generated tokens are meaningless there.
+GPU) with the Triton launches replaced by stubs (the attention kernel's wrapper by one that only
+zero-fills its outputs; KVSmooth's update keeps its wrapper, whose launch does nothing), so what is
+timed is the host orchestration around the kernels: the step's tables, the lane's arguments, the
+methods' ``after_kernel`` (not Triton's own launch path). The stubs' outputs are not attention, so the
+generated tokens are meaningless there.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/host_layer.py --kernel-path --rows 1 32
@@ -121,12 +123,19 @@ def main() -> None:
         "|---|---:|---:|---|---|---|---:|---:|",
     ]
     if args.kernel_path:
-        from vllm_halluguard.kernels import triton_attention
+        from vllm_halluguard.kernels import kvsmooth_update, triton_attention
 
         def no_kernel(out: Any, lse: Any, entropy: Any, *a: Any, **kw: Any) -> None:
             out.zero_(), lse.zero_(), entropy.zero_()
 
         triton_attention.paged_attention_into = no_kernel  # type: ignore[assignment]
+
+        class NoLaunch:  # KVSmooth's update: its wrapper runs, the launch does nothing
+            def __getitem__(self, grid: Any) -> Any:
+                return lambda *a, **kw: None
+
+        kvsmooth_update._kvsmooth_update_kernel = NoLaunch()  # type: ignore[assignment]
+        kvsmooth_update.available = lambda k_cache: True  # type: ignore[assignment]
     with engine(args.fixture, max_num_seqs=max(args.rows), enable_prefix_caching=False) as llm:
         if args.kernel_path:
             llm.collective_rpc(_kernel_lane_on)

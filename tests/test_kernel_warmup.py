@@ -211,3 +211,50 @@ def test_warm_up_is_off_without_the_kernel_path(monkeypatch):
     monkeypatch.setenv(warmup.WARMUP_ENV, "1")  # the check can fail: now the layers are looked at
     with pytest.raises(pytest.fail.Exception, match="must not look"):
         warmup.warm_up(object(), mode="record")
+
+
+def kvsmooth_serving_keys(k, v, z_given: bool, seed: int = 0) -> set:
+    """KVSmooth update launches as the engine makes them (engine/kvsmooth.py): 1..16 rows of the step's
+    tables (long index tensors, uint8 first-token flags or the tokens as a dummy), windows 1..64, every
+    flag, layers 0..31, the entropies of a batch of rows (``[T, Hq]`` fp32) or, under tensor
+    parallelism, their all-reduced means ``[B]``."""
+    from vllm_halluguard.kernels import kvsmooth_update as KU
+
+    rng = random.Random(seed)
+    queue = torch.zeros(MAX_REQS, 32, 64, device=DEVICE)
+    count = torch.zeros(MAX_REQS, 32, dtype=torch.long, device=DEVICE)
+    table = torch.arange(MAX_REQS * MAX_BLOCKS, device=DEVICE).view(MAX_REQS, MAX_BLOCKS)
+    with TA.record_launches(MODE) as keys:
+        for rows in range(1, 17):
+            t = rows + rng.randint(0, 5)
+            picked = torch.tensor(sorted(rng.sample(range(MAX_REQS), rows)), device=DEVICE)
+            token = torch.tensor(sorted(rng.sample(range(t), rows)), device=DEVICE)
+            pos = torch.tensor([rng.randint(1, 500) for _ in range(rows)], device=DEVICE)
+            rows_table = table[picked]
+            cur = rows_table.gather(1, (pos // BS)[:, None])[:, 0] * BS + pos % BS
+            entropy = torch.rand(t, HQ, device=DEVICE)
+            z = entropy[token].mean(-1) if z_given else entropy
+            first = pos == 1
+            has_first = rng.random() < 0.5
+            flags = (first if has_first else token).view(torch.uint8)
+            KU.smooth_rows(
+                queue, count, rng.randint(0, 31), z, token, picked, flags, cur,
+                torch.stack([pos - 1, pos], 1), rows_table, k, v, window=rng.randint(1, 64),
+                lo=rng.random() * 0.5, hi=0.5 + rng.random() * 0.5, has_first=has_first,
+                inclusive=rng.random() < 0.5, by_window=rng.random() < 0.5, z_given=z_given,
+            )  # fmt: skip
+    return keys
+
+
+@pytest.mark.parametrize("z_given", [False, True], ids=["one-rank", "tensor-parallel"])
+def test_kvsmooth_update_launches_only_its_warmed_specialisation(z_given):
+    """KVSmooth's update has one specialisation per layer geometry, the one the warm-up launches; the
+    check fails without that launch."""
+    from vllm_halluguard.kernels import kvsmooth_update as KU
+
+    k, v = caches()
+    launched = kvsmooth_serving_keys(k, v, z_given)
+    with TA.record_launches("record") as warmed:
+        KU.launch_variant(HQ, k, v, z_given=z_given)
+    assert len(launched) == len(warmed) == 1 and launched == warmed
+    assert launched - warm_keys(k, v)  # the attention kernel's warm-up alone misses it

@@ -6,7 +6,9 @@ slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.method
 backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
 layer call at once in :func:`apply_batch`: their K for the logits, K and V of two slots for the EMA;
 the native kernel's output is kept). With the Triton kernel the smoothed decode rows are computed by
-the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`).
+the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`);
+the rest of the layer's work (head mean, FIFO push, lambda, EMA written in the cache) is then one launch
+of :mod:`vllm_halluguard.kernels.kvsmooth_update` per config group (:func:`smooth_group_kernel`).
 
 Everything about the rows that is the same in every layer of a step (which rows decode, their tokens,
 FIFO slots, the cache addresses of the two slots the EMA reads and of the slot it writes, on the torch
@@ -30,7 +32,7 @@ from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, Ro
 from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
-from vllm_halluguard.engine.tp import head_mean
+from vllm_halluguard.engine.tp import head_mean, tp_group
 from vllm_halluguard.kernels.reference import attention_logits, attention_logits_padded
 from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, row_entropy, update_lambda
 from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW
@@ -206,15 +208,18 @@ class KVSmoothEngine(EngineMethod):
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        """The rows' entropies from the kernel (``entropy [T, Hq]``), then :func:`smooth_group` over the
-        step's tables: no host data is read or copied. Rows without tables (the non-recursive option, a
-        call without a plan) go row by row."""
+        """The rows' entropies from the kernel (``entropy [T, Hq]``), then one launch of
+        :mod:`~vllm_halluguard.kernels.kvsmooth_update` per config group of the step's tables (head mean,
+        FIFO, lambda and EMA written in the cache: :func:`smooth_group_kernel`); :func:`smooth_group` in
+        torch where that kernel cannot run. No host data is read or copied. Rows without tables (the
+        non-recursive option, a call without a plan) go row by row."""
         if call.plan is None or call.io is None:
             rest = rows
         else:
             t = tables(call.plan, rows, keys=False)
             for g in t.by_layer.get(call.layer, ()):
-                smooth_group(call, g, head_mean(entropy[g.token], -1))
+                if not smooth_group_kernel(call, g, entropy):
+                    smooth_group(call, g, head_mean(entropy[g.token], -1))
             rest = t.rest
         todo = [row for row in rest if decode_position(call, row) is not None]
         if todo:
@@ -239,6 +244,22 @@ class Group:
     #: and offsets of ``positions``, and the padded K gather's page ids and key mask (torch path).
     _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _keys: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
+    _launch: dict[str, Any] | None = field(default=None, repr=False)
+
+    def launch_args(self) -> dict[str, Any]:
+        """The config's and rows' arguments of :func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`
+        (made by the builder for the kernel path's tables, else on first use)."""
+        if self._launch is None:
+            cfg = self.cfg
+            if cfg.lam_ref is None:
+                raise ValueError("KVSmoothConfig.lam_ref is unresolved; call cfg.for_model(...) first")
+            first = self.first if self.first is not None else self.token  # never read without flags
+            self._launch = {
+                "first": first.view(torch.uint8), "window": cfg.window, "has_first": self.first is not None,
+                "lo": max(cfg.lam_ref - cfg.clip, 0.0), "hi": min(cfg.lam_ref + cfg.clip, 1.0),
+                "inclusive": cfg.rank_inclusive, "by_window": cfg.rank_divisor == "window",
+            }  # fmt: skip
+        return self._launch
 
     def addresses(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache blocks and in-block offsets ``[B, 2]`` of ``positions``."""
@@ -322,6 +343,8 @@ def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
             g.addresses(bs)
             if keys:
                 g.keys(bs)
+        if not keys:  # the kernel path: the launch's arguments made now, once
+            g.launch_args()
         for layer in g.layers:
             out.by_layer.setdefault(layer, []).append(g)
     return out
@@ -342,6 +365,44 @@ def smooth_group(call: LayerCall, g: Group, z: torch.Tensor) -> None:
     )  # [2 (K, V), B, 2 (pos - 1, pos), Hkv, D]
     new = ema(kv[:, :, 0], kv[:, :, 1], lam[None])
     call.write(g.cur, new[0], new[1])
+
+
+_update_module: Any = None
+
+
+def _kvsmooth_update() -> Any:
+    """:mod:`vllm_halluguard.kernels.kvsmooth_update`, imported on first use (Triton: the kernel path)."""
+    global _update_module
+    if _update_module is None:
+        from vllm_halluguard.kernels import kvsmooth_update
+
+        _update_module = kvsmooth_update
+    return _update_module
+
+
+def smooth_group_kernel(call: LayerCall, g: Group, entropy: torch.Tensor) -> bool:
+    """:func:`smooth_group` of the kernel path in one Triton launch
+    (:func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`: the head mean of ``entropy [T, Hq]``
+    at the rows' tokens, FIFO, lambda, EMA written through the cache's kernel views). Under tensor
+    parallelism the head mean is all-reduced here first (:func:`head_mean`). Returns False, having done
+    nothing, where the kernel cannot run (a cache without kernel views, or on the host without Triton's
+    interpreter)."""
+    views = call.io.kernel_views()
+    kvsmooth_update = _kvsmooth_update()
+    if (
+        views is None
+        or not kvsmooth_update.available(views[0])
+        or getattr(call.io, "kv_cache_dtype", "auto") != "auto"
+    ):
+        return False
+    buf = device_buffers(call.runtime, entropy.device)
+    z_given = tp_group().world_size > 1
+    z = head_mean(entropy[g.token], -1) if z_given else entropy
+    kvsmooth_update.smooth_rows(
+        buf.queue, buf.count, call.layer, z, g.token, g.slot, cur=g.cur, positions=g.positions, table=g.table,
+        k_cache=views[0], v_cache=views[1], z_given=z_given, **g.launch_args(),
+    )  # fmt: skip
+    return True
 
 
 def push_rank(

@@ -1,4 +1,5 @@
-"""Start-up compile of the Triton kernel's specialisations (:mod:`vllm_halluguard.kernels.warmup`).
+"""Start-up compile of the Triton kernels' specialisations (:mod:`vllm_halluguard.kernels.warmup`, and
+KVSmooth's update, :mod:`vllm_halluguard.kernels.kvsmooth_update`).
 
 Both GPU model runners (V1 and V2) are warmed up by ``gpu_worker.Worker.compile_or_warm_up_model``,
 after the KV caches are bound to the layers and before CUDA-graph capture and vLLM's JIT monitor.
@@ -53,9 +54,12 @@ def _geometry(num_heads: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
 
 def warm_up(runner: Any, mode: str = "compile") -> set:
     """Compile (``mode="compile"``) or list (``"record"``) every specialisation the engine can launch
-    for ``runner``'s layers; returns their keys. Nothing when the kernel path is off or
-    ``HALLUGUARD_KERNEL_WARMUP=0``."""
+    for ``runner``'s layers (the attention kernel's, :mod:`~vllm_halluguard.kernels.warmup`, and
+    KVSmooth's update, :mod:`~vllm_halluguard.kernels.kvsmooth_update`); returns their keys. Nothing
+    when the kernel path is off or ``HALLUGUARD_KERNEL_WARMUP=0``."""
     from vllm_halluguard.engine.plan import rework_engine
+    from vllm_halluguard.engine.tp import tp_group
+    from vllm_halluguard.kernels import kvsmooth_update
     from vllm_halluguard.kernels import triton_attention as ta
     from vllm_halluguard.kernels.warmup import launch_variants
 
@@ -69,6 +73,9 @@ def warm_up(runner: Any, mode: str = "compile") -> set:
             if geometry not in seen:
                 seen.add(geometry)
                 launch_variants(num_heads, k, v, split_kv=ta.num_sms(k.device) > 0)
+                # KVSmooth's update (one specialisation per geometry; the head mean all-reduced in
+                # torch under tensor parallelism, see engine/kvsmooth.py)
+                kvsmooth_update.launch_variant(num_heads, k, v, z_given=tp_group().world_size > 1)
     if keys:
         logger.info(
             "halluguard: %s %d Triton kernel specialisations for %d layer geometries in %.1f s",

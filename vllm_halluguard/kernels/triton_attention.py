@@ -554,6 +554,12 @@ _SPECIALISATION = {"_paged_attention_kernel": (MAIN_VARYING, MAIN_UNALIGNED),
                    "_merge_splits_kernel": (MERGE_VARYING, MERGE_UNALIGNED)}  # fmt: skip
 
 
+def register_specialisation(name: str, varying: tuple[str, ...], unaligned: tuple[str, ...]) -> None:
+    """Declare another module's kernel ``name`` (its ``do_not_specialize`` lists) so that
+    :func:`_launcher` records its launches too (:mod:`.kvsmooth_update`)."""
+    _SPECIALISATION[name] = (varying, unaligned)
+
+
 def launch_key(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key:
     """The specialisation a launch of ``kernel`` (one of this module's kernels) compiles or reuses."""
     fn = kernel.fn
