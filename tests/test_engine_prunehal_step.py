@@ -50,7 +50,7 @@ def _world(n: int):
     g = torch.Generator().manual_seed(n)
     prompts = [24 + (5 * i) % 17 for i in range(n)]
     seq_lens = [p + 3 for p in prompts]
-    blocks = -(-max(seq_lens) // BS)
+    blocks = -(-(max(seq_lens) + 1) // BS)  # room for a second step
     k_cache = torch.randn(n * blocks + 1, BS, HKV, D, generator=g)
     v_cache = torch.randn_like(k_cache)
     table = (torch.arange(n * blocks) + 1).view(blocks, n).T.contiguous().int()  # interleaved blocks
@@ -59,10 +59,9 @@ def _world(n: int):
         state = RequestState(f"r{i}", i, cfg, prompt)
         record = {"prompt_len": prompt, "steps": 3, "prunes": [], "reclaimable_blocks": 0}
         st = PruneState.fresh(VISUAL.clone(), LAYERS, record)
-        st.hist_sum, st.hist_n = (
-            torch.rand(1, len(LAYERS), generator=g) * 0.05,
-            torch.ones(1, dtype=torch.long),
-        )
+        high = 5.0 if i % 4 < 2 else 0.05  # a high history on half the rows: their vote fires
+        st.hist_sum = torch.rand(1, len(LAYERS), generator=g) * high
+        st.hist_n = torch.ones(1, dtype=torch.long)
         st.count = torch.ones(1, dtype=torch.long)
         if i % 2:  # pruned before: the host read that decision
             st.keep = torch.rand(len(LAYERS), VISUAL.numel(), generator=g) < 0.6
@@ -78,9 +77,15 @@ def _world(n: int):
 
 
 def _step(n: int, monkeypatch):
-    """One decode step of ``n`` rows through both layers' kernel lanes. Returns the ops of each layer
-    call, the key masks the kernel got, the rows, the expected (A, scores) per row and the masks."""
+    """One decode step of ``n`` rows through both layers' kernel lanes (:func:`_run_step`)."""
     rows, seq_lens, io, q, masks = _world(n)
+    return _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+
+
+def _run_step(rows, seq_lens, io, q, masks, monkeypatch):
+    """One decode step through both layers' kernel lanes. Returns the ops of each layer call, the key
+    masks the kernel got, the rows, the expected (A, scores) per row and the masks."""
+    n = len(rows)
     table = io.block_table
     qsl = list(range(n + 1))
     view = StepView(n, tuple(rows))
@@ -162,3 +167,45 @@ def test_a_kernel_path_layer_call_is_a_fixed_op_sequence_over_its_rows(monkeypat
             torch.testing.assert_close(st.scores, torch.stack([want[j][r][1] for j in range(len(LAYERS))]))
     (few, *_), (many, *_) = results[4], results[24]
     assert few == many, f"ops per layer call (measuring, deciding): {few} at 4 rows, {many} at 24 rows"
+
+
+def _next_step(rows, seq_lens, q):
+    """The next step's sequence lengths, queries and key masks (the decisions' host copies)."""
+    seq_lens = [s + 1 for s in seq_lens]
+    masks = []
+    for r, row in enumerate(rows):
+        d = row.request.scratch["prunehal"].pending[-1]
+        layer_masks = torch.ones(len(LAYERS), seq_lens[r], dtype=torch.bool)
+        layer_masks[:, VISUAL] = d.keep[d.row]
+        masks.append(layer_masks)
+    return seq_lens, q.flip(1).contiguous(), masks
+
+
+def _two_steps(n: int, settle: bool, monkeypatch):
+    """Two decode steps; the second reads the first's decision as one stack (the requests decided
+    together), or, with ``settle``, each request's own rows of it first (the per-row stacking)."""
+    rows, seq_lens, io, q, masks = _world(n)
+    ops1, *_ = _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+    seq_lens, q, masks = _next_step(rows, seq_lens, q)
+    fired = [bool(d.fired[d.row]) for d in (row.request.scratch["prunehal"].pending[-1] for row in rows)]
+    assert any(fired) and not all(fired), "some requests prune at step 4, some do not"
+    if settle:
+        for row in rows:
+            row.request.scratch["prunehal"].settle()
+    ops2, seen, _, want, _, _ = _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+    state = []
+    for r, row in enumerate(rows):
+        st = row.request.scratch["prunehal"]
+        d = st.pending[-1]
+        assert torch.equal(seen[0][r, : seq_lens[r]], masks[r][0]), "the first decision's masks apply"
+        state.append((d.step, bool(d.fired[d.row]), d.keep[d.row], st.keep, st.count, st.hist_sum, st.hist_n))
+        torch.testing.assert_close(st.A, torch.stack([want[j][r][0] for j in range(len(LAYERS))]))
+    return ops1, ops2, state
+
+
+def test_a_decision_read_as_one_stack_equals_the_per_row_state(monkeypatch):
+    _, _, stacked = _two_steps(6, False, monkeypatch)
+    _, _, per_row = _two_steps(6, True, monkeypatch)
+    assert [x[0] for x in stacked] == [5] * 6
+    for a, b in zip(stacked, per_row, strict=True):
+        assert a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:], strict=True))

@@ -111,6 +111,8 @@ class Decided:
     hist_n: torch.Tensor  # [B]
     A: torch.Tensor  # [B, n]
     scores: torch.Tensor  # [B, n, Nv]
+    #: The kernel path's group that decided (its rows' visual positions serve the next step's tables).
+    group: Group | None = None
 
 
 class _Row:
@@ -533,23 +535,25 @@ def _build(plan: Any, rows: list[Row], lp: Any) -> Tables:
 def _group(plan: Any, cfg: PruneHalConfig, members: list[tuple[Row, PruneState]], idx: torch.Tensor) -> Group:
     sts = [st for _, st in members]
     pad = torch.nn.utils.rnn.pad_sequence
-    vis = [cast(torch.Tensor, st.visual_dev) for st in sts]
-    visual = pad(vis, batch_first=True)
-    real = pad([torch.ones_like(x, dtype=torch.bool) for x in vis], batch_first=True)
     nvs = [st.visual.numel() for st in sts]
     last = _last_decided(sts)
+    blocks = None
     if last is not None:  # the same requests decided together last step: their results as they are
+        assert last.group is not None
         keep, count, hist_sum, hist_n = last.keep, last.count, last.hist_sum, last.hist_n
+        visual, padding, blocks = last.group.visual, last.group.pad, last.group.blocks
     else:
+        vis = [cast(torch.Tensor, st.visual_dev) for st in sts]
+        visual = pad(vis, batch_first=True)
+        padding = ~pad([torch.ones_like(x, dtype=torch.bool) for x in vis], batch_first=True)
+        if cfg.granularity == "block":
+            blocks = pad([cast(torch.Tensor, st.groups) for st in sts], batch_first=True)
         count = torch.cat([st.count for st in sts])
         hist_sum, hist_n = torch.cat([st.hist_sum for st in sts]), torch.cat([st.hist_n for st in sts])
         if len(set(nvs)) == 1:
             keep = torch.stack([st.keep for st in sts])
         else:  # [B, Nv_max, L] padded, then [B, L, Nv_max]
             keep = pad([st.keep.T for st in sts], batch_first=True).transpose(1, 2)
-    blocks = None
-    if cfg.granularity == "block":
-        blocks = pad([cast(torch.Tensor, st.groups) for st in sts], batch_first=True)
     runs, lo = [], 0
     for j in range(1, len(nvs) + 1):
         if j == len(nvs) or nvs[j] != nvs[lo]:
@@ -559,7 +563,7 @@ def _group(plan: Any, cfg: PruneHalConfig, members: list[tuple[Row, PruneState]]
     position = plan.rows.position.index_select(0, idx)
     g = Group(
         cfg, sts, layers, dict(sts[0].index), plan.rows.last_token.index_select(0, idx), idx, position,
-        position - plan.rows.prompt_len.index_select(0, idx) + 2, visual, ~real, keep,
+        position - plan.rows.prompt_len.index_select(0, idx) + 2, visual, padding, keep,
         count, hist_sum, hist_n, blocks, plan.block_table.index_select(0, idx), runs,
         [plan.seq_lens[row.index] - row.request.prompt_len + 1 for row, _ in members],
         frozenset(layer for i, layer in enumerate(layers) if any(not st.all_kept(i) for st in sts)),
@@ -574,7 +578,7 @@ def _last_decided(sts: list[PruneState]) -> Decided | None:
     """The one decision all of ``sts`` took last, as its rows ``0..B-1`` in this order, and not yet taken
     into their tensors (then the group's state tensors are that decision's, with no op per row)."""
     first = sts[0].decided
-    if first is None or first[0].keep.shape[0] != len(sts):
+    if first is None or first[0].group is None or first[0].keep.shape[0] != len(sts):
         return None
     d = first[0]
     if all(st.decided is not None and st.decided[0] is d and st.decided[1] == j for j, st in enumerate(sts)):
@@ -674,7 +678,7 @@ def decide_group(runtime: Any, g: Group) -> None:
             step, g.cfg, keep0, count0, a, sc, hist_sum0, hist_n0, blocks,
             num_groups=max(st.num_groups for st in sts), skip_idle=False,
         )  # fmt: skip
-        done = Decided(keep, count, hist_sum, hist_n, a, sc)
+        done = Decided(keep, count, hist_sum, hist_n, a, sc, g if len(g.runs) == 1 else None)
         host_fired, host_keep, event = _start_read(fired, keep)
         for j, st in enumerate(sts):  # host bookkeeping only: no tensor op per row
             st.decided = (done, j)
