@@ -122,7 +122,9 @@ class _Row:
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = "_" + name
 
-    def __get__(self, st: PruneState, owner: type | None = None) -> torch.Tensor:
+    def __get__(self, st: PruneState | None, owner: type | None = None) -> torch.Tensor:
+        if st is None:  # on the class: the descriptor itself
+            return cast(torch.Tensor, self)
         st.settle()
         return cast(torch.Tensor, st.__dict__[self.name])
 
@@ -143,8 +145,9 @@ class PruneState:
 
     visual: torch.Tensor  # [Nv] positions of the image tokens in the prompt (host)
     layers: tuple[int, ...]
-    #: This step's measurements so far: layer index -> (the layer call's A [B], scores [B, Nv_max], row b);
-    #: stacked into ``A`` and ``scores`` once, at the decision (no per-layer write per row).
+    #: Torch path: this step's measurements so far: layer index -> (the layer call's A [B], scores
+    #: [B, Nv_max], row b); stacked into ``A`` and ``scores`` once, at the decision (the kernel path keeps
+    #: them per config group: :class:`Group`).
     parts: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     req_id: str = ""
