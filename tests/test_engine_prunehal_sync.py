@@ -18,8 +18,9 @@ from helpers.device_sim import OnDevice, on_device, simulated_device
 from vllm_halluguard.engine import prunehal, tp
 from vllm_halluguard.engine.cache_io import SplitViews
 from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.plan import device_rows
 from vllm_halluguard.engine.prunehal import PruneHalEngine, PruneState
-from vllm_halluguard.engine.state import RequestState, Row
+from vllm_halluguard.engine.state import RequestState, Row, StepView
 from vllm_halluguard.kernels.reference import attention_logits
 from vllm_halluguard.methods.prunehal import PruneHalConfig
 
@@ -123,13 +124,25 @@ def _run(device: bool) -> tuple[list[tuple[str, int, int]], list[dict]]:
         io = _cache(k, v, move)
         for step in range(STEPS):
             seq_lens = [p + step for p in PROMPTS]
+            plan = None
+            if step:  # the kernel path's step tables, made by the builder once per step
+                cm = SimpleNamespace(
+                    num_reqs=2, query_start_loc=move(torch.arange(3, dtype=torch.int32)),
+                    seq_lens=move(torch.tensor(seq_lens, dtype=torch.int32)),
+                )  # fmt: skip
+                plan = SimpleNamespace(
+                    rows=device_rows(cm, StepView(2, tuple(rows))), query_start_loc=[0, 1, 2],
+                    seq_lens=seq_lens, block_table=io.block_table, block_size=BS, prepared={},
+                    default=SimpleNamespace(lane=()), layers={},
+                )  # fmt: skip
+                PruneHalEngine().prepare_step(plan, rows, kernel=True)
             for j, layer in enumerate(LAYERS):
                 query = move(q[step, j].clone())
                 call = LayerCall(
                     layer=layer, scale=D**-0.5, query=query, output=torch.zeros_like(query),
                     query_start_loc=[0, 1, 2], seq_lens=seq_lens, slot_mapping=move(torch.tensor(seq_lens)),
                     runtime=runtime, gather=io.gather, write=io.write, gather_batch=io.gather_batch,
-                    gather_slots=io.gather_slots,
+                    gather_slots=io.gather_slots, plan=plan,
                 )  # fmt: skip
                 lse = move(_kernel_lse(q[step, j], k, rows, seq_lens, layer)) if step else None
                 before, h2d_before = len(transfers), h2d.count
@@ -171,4 +184,6 @@ def test_the_check_sees_a_deliberate_read_back(monkeypatch):
     """A regression inside the layer code: the head-averaged statistic taken to the host and back."""
     monkeypatch.setattr(prunehal, "head_mean", lambda x, dim: tp.head_mean(x, dim).cpu().to(x.device))
     counts, _ = _run(device=True)
-    assert [d2h for _, d2h, _ in counts] == [1] * len(counts), counts
+    # one per reduction: the torch path's batch, the kernel path's config groups (one per config here)
+    want = [1 if path == "run" else len(CONFIGS) for path, _, _ in counts]
+    assert [d2h for _, d2h, _ in counts] == want, counts

@@ -210,17 +210,22 @@ def test_a_deliberate_read_back_in_prunehal_is_caught(kernel_engine, monkeypatch
     decision read (the device masks read instead of the decision's host copy)."""
     from vllm_halluguard.engine import prunehal
 
-    store, record = prunehal._store, prunehal._record
+    store, measure, record = prunehal._store, prunehal.measure, prunehal._record
 
-    def _store(call, todo, head_avg, keep):
+    def _store(call, todo, head_avg, keep):  # the torch path (the prompt's last token)
         head_avg.cpu()  # the regression: a device-to-host copy in every measured layer call
         return store(call, todo, head_avg, keep)
+
+    def _measure(call, g, lse):  # the kernel path (decode rows: one config group here)
+        lse.cpu()  # the same regression
+        return measure(call, g, lse)
 
     def _record(runtime, st, d):
         st.keep.tolist()  # the regression: the host reads the device masks
         return record(runtime, st, d)
 
     monkeypatch.setattr(prunehal, "_store", _store)
+    monkeypatch.setattr(prunehal, "measure", _measure)
     monkeypatch.setattr(prunehal, "_record", _record)
     s = _run(kernel_engine, "prunehal")
     added = [e for e in s.events if e.scope == "layer" and e.kind == "cpu" and "prunehal.py" in e.where]

@@ -221,6 +221,23 @@ class EngineMethod:
         the builder then makes the lane's sinks once per step, and a layer call only the masks."""
         return self.kernel_args_static(row)
 
+    def lane_mask(
+        self, call: LayerCall, lp: Any, rows: list[Row], mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Write the key masks of ``rows`` (this method's rows of the kernel lane of layer plan ``lp``, a
+        :class:`~vllm_halluguard.engine.plan.LayerPlan`) into the lane's ``mask [len(lp.rework),
+        lp.width]`` (made all True where the first row needs one, on that row's device) and return it.
+        Default: each row's :meth:`kernel_mask`."""
+        at = {r.index: j for j, r in enumerate(lp.rework)}
+        for row in rows:
+            row_mask = self.kernel_mask(call, row)
+            if row_mask is None:
+                continue
+            if mask is None:
+                mask = torch.ones(len(lp.rework), lp.width, dtype=torch.bool, device=row_mask.device)
+            mask[at[row.index], : row_mask.shape[0]] = row_mask
+        return mask
+
     def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
         """Once per step, in the metadata builder: tables for the rows that every layer call of the step
         will hand :meth:`run` (``kernel=False``) or :meth:`after_kernel` (``kernel=True``), kept in

@@ -23,7 +23,7 @@ import torch
 
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch, lane_args
+from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch, lane_args, lane_masks
 from vllm_halluguard.engine.registry import named
 from vllm_halluguard.engine.state import current
 
@@ -158,7 +158,7 @@ def _kernel_lane(impl: Any, call: LayerCall, lp: LayerPlan, sub: SubBatch, io: A
     if pre is not None:  # made and copied once per step by the builder
         sinks, mask = pre
         if call.layer in call.plan.masks_per_layer:  # PruneHal's masks: made on the device, per layer
-            _, mask, _ = lane_args(call, lp.rework, sub.num_tokens, "mask")
+            mask = lane_masks(call, lp)
     else:  # a method whose arguments depend on this step's earlier layers (PruneHal's mask)
         sinks, mask, _ = lane_args(call, lp.rework, sub.num_tokens)
         sinks = None if sinks is None else sinks.to(device)

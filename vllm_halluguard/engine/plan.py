@@ -88,6 +88,8 @@ class LayerPlan:
     #: The rows each method observes in this layer (``run``), by method name: the step's ``by_method``
     #: less the kernel lane's rows, filtered once per step.
     observed: tuple[tuple[str, list[Row]], ...] = ()
+    #: Kernel lane: the longest reworked row (the key mask's width), found once per step.
+    width: int = 0
 
 
 @dataclass
@@ -382,6 +384,7 @@ def build_plan(
         lp = LayerPlan(native, tuple(rows_by_index[i] for i in sorted(rework)))
         if rework and backend.kernel:
             lp.kernel = _kernel_batch(sorted(rework), qsl, seq_lens, cm, device)
+            lp.width = max(seq_lens[i] for i in rework)
             lane: dict[str, list[Row]] = {}
             for row in lp.rework:
                 lane.setdefault(method_of(row.request.config).name, []).append(row)
@@ -460,6 +463,16 @@ def lane_args(
             mask[j, :seq_len] = row_mask
         local += end - start
     return sinks, mask, tuple(key)
+
+
+def lane_masks(call: LayerCall, lp: LayerPlan) -> torch.Tensor | None:
+    """The kernel lane's key mask ``[len(lp.rework), lp.width]`` of a layer whose masks are made in the
+    layer call (``masks_per_layer``): each method writes its lane rows' masks
+    (:meth:`~vllm_halluguard.engine.base.EngineMethod.lane_mask`); ``None`` where no row has one."""
+    mask: torch.Tensor | None = None
+    for name, rows in lp.lane:
+        mask = named(name).lane_mask(call, lp, rows, mask)
+    return mask
 
 
 def _no_cache(*args: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,15 @@ Its tensors move to the layers' device at the request's first measured layer and
 read anything back to the host (no ``.cpu()``, ``.item()``, boolean-mask indexing or ``nonzero``): the
 decision runs on the device and the host reads it once per step, after the forward (:func:`collect`,
 which says why that is race-free under async scheduling); tests/test_engine_prunehal_sync.py counts.
-On the kernel path a layer reads only the ``Nv`` visual keys of each row (:func:`visual_keys`).
+On the kernel path (the project's Triton kernel computes the decode rows with their key masks and
+returns their LSE) the step's tables are made once per step in the metadata builder
+(:meth:`PruneHalEngine.prepare_step`, :func:`tables`): per config, the rows' tokens, visual positions,
+block-table rows and state (keep masks of every configured layer, prune count, history) stacked. A layer
+call then runs a fixed op sequence per config group whatever its row count: the lane's key mask in one
+write (:meth:`PruneHalEngine.lane_mask`), one gather of the ``Nv`` visual keys of every row (no V, no
+other key), the statistics (:func:`measure`); after the last configured layer one batched decision
+per run of equal visual token counts (:func:`decide_group`), whose rows each request takes on its next
+use (:class:`Decided`). Untested on a GPU: the op counts are CPU measurements.
 A preempted request starts over and replays its decode steps one per step (:mod:`.replay`), deciding
 its prunes again at the same steps. The decode rows of a layer call are measured together
 (:func:`apply_batch`: one padded gather, of K only until something is pruned, and one batched masked
@@ -75,18 +83,54 @@ MAX_LOGGED_REQUESTS = 256
 LOG = "prunehal_log"
 #: ``Runtime.ext`` key: ``{id(state): state}`` of the requests with decisions the host has not read.
 UNREAD = "prunehal_unread"
+#: ``Runtime.ext`` key: the step tables of a layer call made without a plan (unit harnesses).
+STEP_TABLES = "prunehal_step_tables"
 
 
 @dataclass
 class Decision:
-    """A decision the host has not read yet: ``fired []`` and ``keep [n, Nv]`` after step ``step``, in host
-    buffers (pinned on CUDA) that a copy queued behind the decision fills; on CUDA the copy is
-    non-blocking and complete once ``event`` is. The buffers are slices of one pair per decision group."""
+    """A decision the host has not read yet: row ``row`` of ``fired [B]`` and ``keep [B, n, Nv]`` after step
+    ``step``, host buffers (pinned on CUDA) of the request's decision group that a copy queued behind the
+    decision fills; on CUDA the copy is non-blocking and complete once ``event`` is."""
 
     step: int
     fired: torch.Tensor
     keep: torch.Tensor
     event: Any = None  # torch.cuda.Event, or None where the tensors can be read at once
+    row: int = 0
+
+
+@dataclass
+class Decided:
+    """The device results of one batched decision (:func:`prune_step`): row ``j`` is the state of its
+    ``j``-th request, which takes it on first use (:class:`_Row`), so a decision writes nothing per row."""
+
+    keep: torch.Tensor  # [B, n, Nv]
+    count: torch.Tensor  # [B]
+    hist_sum: torch.Tensor  # [B, n]
+    hist_n: torch.Tensor  # [B]
+    A: torch.Tensor  # [B, n]
+    scores: torch.Tensor  # [B, n, Nv]
+    #: The kernel path's group that decided (its rows' visual positions serve the next step's tables).
+    group: Group | None = None
+
+
+class _Row:
+    """A :class:`PruneState` tensor that may still be a row of its request's last :class:`Decided`: read
+    or written, the state first takes its rows (:meth:`PruneState.settle`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = "_" + name
+
+    def __get__(self, st: PruneState | None, owner: type | None = None) -> torch.Tensor:
+        if st is None:  # on the class: the descriptor itself
+            return cast(torch.Tensor, self)
+        st.settle()
+        return cast(torch.Tensor, st.__dict__[self.name])
+
+    def __set__(self, st: PruneState, value: torch.Tensor) -> None:
+        st.settle()
+        st.__dict__[self.name] = value
 
 
 @dataclass
@@ -101,14 +145,9 @@ class PruneState:
 
     visual: torch.Tensor  # [Nv] positions of the image tokens in the prompt (host)
     layers: tuple[int, ...]
-    keep: torch.Tensor  # [n, Nv] bool
-    count: torch.Tensor  # [1] prunes so far
-    hist_sum: torch.Tensor  # [1, n]
-    hist_n: torch.Tensor  # [1]
-    A: torch.Tensor  # [n] statistic of the last decided step
-    scores: torch.Tensor  # [n, Nv] per-token scores of the last decided step
-    #: This step's measurements so far: layer index -> (the layer call's A [B], scores [B, Nv_max], row b);
-    #: stacked into ``A`` and ``scores`` once, at the decision (no per-layer write per row).
+    #: Torch path: this step's measurements so far: layer index -> (the layer call's A [B], scores
+    #: [B, Nv_max], row b); stacked into ``A`` and ``scores`` once, at the decision (the kernel path keeps
+    #: them per config group: :class:`Group`).
     parts: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     req_id: str = ""
@@ -124,6 +163,26 @@ class PruneState:
     pending: list[Decision] = field(default_factory=list)
     index: dict[int, int] = field(default_factory=dict)  # layer -> its index in ``layers``
     pruned_layers: frozenset[int] = frozenset()  # layers with a pruned key, as ``host_kept``
+    #: The kernel path's last decision, not yet taken into the tensors below: ``(results, row)``.
+    decided: tuple[Decided, int] | None = None
+
+    keep = _Row()  # [n, Nv] bool
+    count = _Row()  # [1] prunes so far
+    hist_sum = _Row()  # [1, n]
+    hist_n = _Row()  # [1]
+    A = _Row()  # [n] statistic of the last decided step
+    scores = _Row()  # [n, Nv] per-token scores of the last decided step
+
+    def settle(self) -> None:
+        """Take the rows of the last decision (:attr:`decided`) as this request's tensors (views)."""
+        if self.decided is None:
+            return
+        d, j = self.decided
+        self.decided = None
+        self.__dict__.update(
+            _keep=d.keep[j], _count=d.count[j : j + 1], _hist_sum=d.hist_sum[j : j + 1],
+            _hist_n=d.hist_n[j : j + 1], _A=d.A[j], _scores=d.scores[j],
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.index = {layer: i for i, layer in enumerate(self.layers)}
@@ -134,20 +193,18 @@ class PruneState:
     def fresh(cls, visual: torch.Tensor, layers: tuple[int, ...], record: dict[str, Any]) -> PruneState:
         """The state before step 1 (the prompt's last token): everything kept, no history."""
         n, nv = len(layers), visual.numel()
-        return cls(
+        st = cls(
             visual=visual,
             layers=layers,
-            keep=torch.ones(n, nv, dtype=torch.bool),
-            count=torch.zeros(1, dtype=torch.long),
-            hist_sum=torch.zeros(1, n),
-            hist_n=torch.zeros(1, dtype=torch.long),
-            A=torch.zeros(n),
-            scores=torch.zeros(n, nv),
             record=record,
             host_keep=torch.ones(n, nv, dtype=torch.bool),
             host_kept=[True] * n,
             visual_list=visual.tolist(),
         )
+        st.keep, st.count = torch.ones(n, nv, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+        st.hist_sum, st.hist_n = torch.zeros(1, n), torch.zeros(1, dtype=torch.long)
+        st.A, st.scores = torch.zeros(n), torch.zeros(n, nv)
+        return st
 
     def keep_on_host(self) -> torch.Tensor:
         """The keep masks as the host knows them: as of the last decision :func:`collect` read (``pending``
@@ -283,7 +340,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         (k, key_mask), v = on_dev, None
     else:
         k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=pruned)
-    visual, real = _padded_visual(todo)
+    visual, real = _padded_visual(call, todo)
     keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
     last = _last_tokens(call, batch_rows)
     q = call.query.index_select(0, last)
@@ -306,22 +363,23 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     _store(call, todo, head_mean((on_visual * keep[:, None, :]).float(), -2), keep)  # over every rank's heads
 
 
-#: One step's padded visual positions, reused by its layer calls: ``(key, states, visual, real)``.
-_PADDED: list[Any] = [None]
-
-
-def _padded_visual(todo: list[tuple[Row, PruneState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_visual(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' visual positions ``[B, Nv_max]`` (padded with position 0) and which are real, on the
-    device; made once for the rows of a step (the layer calls of a step see the same rows)."""
-    key = tuple(id(st.visual_dev) for _, st, _ in todo)
-    hit = _PADDED[0]
-    if hit is not None and hit[0] == key:
-        return hit[2], hit[3]
+    device; made once for the rows of a step (kept in its plan: the layer calls of a step see the same
+    rows)."""
+    prepared = getattr(call.plan, "prepared", None)
+    key = ("prunehal_visual", *(id(st.visual_dev) for _, st, _ in todo))
+    hit = None if prepared is None else prepared.get(key)
+    if hit is not None:
+        return hit[1], hit[2]
     pad = torch.nn.utils.rnn.pad_sequence
     vis = [cast(torch.Tensor, st.visual_dev) for _, st, _ in todo]
     visual = pad(vis, batch_first=True)
     real = pad([torch.ones_like(x, dtype=torch.bool) for x in vis], batch_first=True)
-    _PADDED[0] = (key, vis, visual, real)  # ``vis`` keeps the ids of the key alive
+    if prepared is not None:
+        prepared[key] = (vis, visual, real)  # ``vis`` keeps the ids of the key alive
     return visual, real
 
 
@@ -332,13 +390,6 @@ def _last_tokens(call: LayerCall, rows: list[int]) -> torch.Tensor:
     if tables is not None:
         return tables.last_token.index_select(0, tables.index(rows))
     return torch.tensor([call.query_start_loc[r + 1] - 1 for r in rows], device=call.query.device)
-
-
-def _padded(todo: list[tuple[Row, PruneState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' visual positions and keep masks of this layer ``[B, Nv_max]``, padded (position 0, not
-    kept), on the device."""
-    visual, _ = _padded_visual(todo)
-    return visual, torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
 
 
 def _store(
@@ -378,16 +429,264 @@ def _keys_on_device(call: LayerCall, rows: list[int], s_max: int) -> tuple[torch
     return k, positions <= last
 
 
-def visual_keys(call: LayerCall, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
-    """K ``[B, P, Hkv, D]`` at ``positions [B, P]`` (on the layer's device) of the call's rows ``rows``,
-    read from the cache's kernel views (:func:`~vllm_halluguard.kernels.paged.gather_keys`): only those
-    keys, no V. The layer call's gathers are bound methods of its :class:`CacheIO`, which holds the cache."""
+@dataclass
+class Group:
+    """The kernel lane's decode rows of one config in one step, as tensors on the layers' device, made
+    once per step (:func:`tables`); rows ordered by their visual token count (equal counts adjacent).
+
+    The keep masks, prune count and history are those of the step's start: a decision replaces them at
+    the request's last configured layer, after which no layer of the step reads them, and it applies
+    from the next forward."""
+
+    cfg: PruneHalConfig
+    states: list[PruneState]
+    layers: tuple[int, ...]
+    index: dict[int, int]  # layer -> its index in ``layers``
+    token: torch.Tensor  # [B] flat index of the row's token
+    row: torch.Tensor  # [B] the row's index in the batch (the step's tables)
+    position: torch.Tensor  # [B] the token's position (seq_len - 1)
+    step: torch.Tensor  # [B] the decision's step (seq_len - prompt_len + 1)
+    visual: torch.Tensor  # [B, Nv_max] visual positions (padded with 0)
+    pad: torch.Tensor  # [B, Nv_max] bool: padding
+    keep: torch.Tensor  # [B, L, Nv_max] bool keep masks (padded False)
+    count: torch.Tensor  # [B]
+    hist_sum: torch.Tensor  # [B, L]
+    hist_n: torch.Tensor  # [B]
+    blocks: torch.Tensor | None  # [B, Nv_max] visual_groups (block granularity)
+    block_table: torch.Tensor  # [B, max_blocks] the rows' block tables
+    runs: list[tuple[int, int, int]]  # (start, end, Nv) of rows with equal visual token counts
+    steps: list[int]  # ``step`` on the host (the decisions' records)
+    masked: frozenset[int]  # layers where the host does not know that nothing is pruned in every row
+    last_layer: int  # where the group decides
+    #: This step's measurements so far: layer index -> (A [B], scores [B, Nv_max]); stacked at the decision.
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: By the cache's block size: the cache blocks and in-block offsets of ``visual``.
+    _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def addresses(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._addresses.get(block_size)
+        if out is None:
+            blocks = self.block_table.long().gather(
+                1, torch.div(self.visual, block_size, rounding_mode="floor")
+            )
+            out = self._addresses[block_size] = (blocks, self.visual % block_size)
+        return out
+
+
+@dataclass
+class Tables:
+    """PruneHal's rows of one hook call: their config groups and, for the kernel lane's rows, each group's
+    flat indices into the lane's key mask (where :meth:`PruneHalEngine.lane_mask` writes)."""
+
+    groups: list[Group]
+    lane: list[torch.Tensor] | None = None
+
+
+def tables(plan: Any, rows: list[Row], lp: Any = None) -> Tables:
+    """The :class:`Tables` of ``rows`` in this step, made on first use and kept in ``plan.prepared``: the
+    builder makes those of the kernel lane's row lists (:meth:`PruneHalEngine.prepare_step`), so a layer
+    call only looks them up (by the list's identity; another list, e.g. a composition's, by its rows).
+    The groups are shared by every list holding the same rows of a config (their measurements too)."""
+    entry = plan.prepared.get(("prunehal", id(rows)))
+    if entry is not None and entry[0] is rows:
+        return cast(Tables, entry[1])
+    key = ("prunehal", tuple(row.index for row in rows), id(lp))
+    out = plan.prepared.get(key)
+    if out is None:
+        out = plan.prepared[key] = _build(plan, rows, lp)
+    plan.prepared[("prunehal", id(rows))] = (rows, out)  # holds ``rows``: its id stays unique
+    return cast(Tables, out)
+
+
+def _lane_of(plan: Any, rows: list[Row]) -> Any:
+    """The layer plan whose kernel lane hands PruneHal ``rows`` (the builder's list), if any."""
+    for lp in (plan.default, *plan.layers.values()):
+        if any(r is rows for _, r in lp.lane):
+            return lp
+    return None
+
+
+def _build(plan: Any, rows: list[Row], lp: Any) -> Tables:
+    """Group the rows by config and stack their state, from the step's device tables (``plan.rows``: no
+    host data is copied)."""
+    dev = plan.rows
+    device = dev.last_token.device
+    by_cfg: dict[PruneHalConfig, list[tuple[Row, PruneState]]] = {}
+    for row in rows:
+        st = _state(row)
+        if st is not None:
+            by_cfg.setdefault(cast(PruneHalConfig, row.request.config), []).append((row, st))
+    out = Tables([], [] if lp is not None else None)
+    at = {r.index: j for j, r in enumerate(lp.rework)} if lp is not None else {}
+    for cfg, members in by_cfg.items():
+        members.sort(key=lambda m: m[1].visual.numel())  # stable: equal counts keep the batch order
+        for _, st in members:
+            on_device(st, cfg, device)
+        indices = [row.index for row, _ in members]
+        key = ("prunehal", cfg, tuple(indices))
+        g = plan.prepared.get(key)
+        if g is None:
+            g = plan.prepared[key] = _group(plan, cfg, members, dev.index(indices))
+        out.groups.append(g)
+        if out.lane is not None:  # flat indices into the lane's mask; padding rewrites the row's last key
+            lane = dev.index([at[i] for i in indices])[:, None]
+            where = torch.where(g.pad, g.position[:, None], g.visual)
+            out.lane.append(lane * lp.width + where)
+    return out
+
+
+def _group(plan: Any, cfg: PruneHalConfig, members: list[tuple[Row, PruneState]], idx: torch.Tensor) -> Group:
+    sts = [st for _, st in members]
+    pad = torch.nn.utils.rnn.pad_sequence
+    nvs = [st.visual.numel() for st in sts]
+    last = _last_decided(sts)
+    blocks = None
+    if last is not None:  # the same requests decided together last step: their results as they are
+        assert last.group is not None
+        keep, count, hist_sum, hist_n = last.keep, last.count, last.hist_sum, last.hist_n
+        visual, padding, blocks = last.group.visual, last.group.pad, last.group.blocks
+    else:
+        vis = [cast(torch.Tensor, st.visual_dev) for st in sts]
+        visual = pad(vis, batch_first=True)
+        padding = ~pad([torch.ones_like(x, dtype=torch.bool) for x in vis], batch_first=True)
+        if cfg.granularity == "block":
+            blocks = pad([cast(torch.Tensor, st.groups) for st in sts], batch_first=True)
+        count = torch.cat([st.count for st in sts])
+        hist_sum, hist_n = torch.cat([st.hist_sum for st in sts]), torch.cat([st.hist_n for st in sts])
+        if len(set(nvs)) == 1:
+            keep = torch.stack([st.keep for st in sts])
+        else:  # [B, Nv_max, L] padded, then [B, L, Nv_max]
+            keep = pad([st.keep.T for st in sts], batch_first=True).transpose(1, 2)
+    runs, lo = [], 0
+    for j in range(1, len(nvs) + 1):
+        if j == len(nvs) or nvs[j] != nvs[lo]:
+            runs.append((lo, j, nvs[lo]))
+            lo = j
+    layers = sts[0].layers
+    position = plan.rows.position.index_select(0, idx)
+    g = Group(
+        cfg, sts, layers, dict(sts[0].index), plan.rows.last_token.index_select(0, idx), idx, position,
+        position - plan.rows.prompt_len.index_select(0, idx) + 2, visual, padding, keep,
+        count, hist_sum, hist_n, blocks, plan.block_table.index_select(0, idx), runs,
+        [plan.seq_lens[row.index] - row.request.prompt_len + 1 for row, _ in members],
+        frozenset(layer for i, layer in enumerate(layers) if any(not st.all_kept(i) for st in sts)),
+        sts[0].last_layer,
+    )  # fmt: skip
+    if plan.block_size > 0:
+        g.addresses(plan.block_size)
+    return g
+
+
+def _last_decided(sts: list[PruneState]) -> Decided | None:
+    """The one decision all of ``sts`` took last, as its rows ``0..B-1`` in this order, and not yet taken
+    into their tensors (then the group's state tensors are that decision's, with no op per row)."""
+    first = sts[0].decided
+    if first is None or first[0].group is None or first[0].keep.shape[0] != len(sts):
+        return None
+    d = first[0]
+    if all(st.decided is not None and st.decided[0] is d and st.decided[1] == j for j, st in enumerate(sts)):
+        return d
+    return None
+
+
+def _tables(call: LayerCall, rows: list[Row]) -> Tables:
+    """The step's tables of ``rows``: the plan's on the kernel path. Elsewhere (a composition's rows on
+    the torch path, unit harnesses without a plan) made from the call's host data, copied to the device,
+    and kept for the step's other layer calls (in the plan, else in the runtime)."""
+    plan = call.plan
+    if plan is not None and getattr(plan, "rows", None) is not None:
+        return tables(plan, rows)
+    io = getattr(call.gather, "__self__", None)
+    if not isinstance(io, CacheIO):
+        raise NotImplementedError("prunehal's kernel path reads a cache with kernel views only")
+    key = (
+        "prunehal_host",
+        *((row.index, call.seq_lens[row.index], id(row.request.scratch.get("prunehal"))) for row in rows),
+    )
+    if plan is not None:
+        hit = plan.prepared.get(key)
+    else:
+        hit = call.runtime.ext.get(STEP_TABLES)
+        hit = hit[1] if hit is not None and hit[0] == key else None
+    if hit is not None:
+        return cast(Tables, hit)
+    from types import SimpleNamespace
+
+    from vllm_halluguard.engine.plan import DeviceRows
+
+    n, device = len(call.seq_lens), call.query.device
+    prompt_lens = [-1] * n
+    for row in rows:
+        prompt_lens[row.index] = row.request.prompt_len
+    qsl = call.query_start_loc
+    host = torch.tensor([[qsl[i + 1] - 1 for i in range(n)], [s - 1 for s in call.seq_lens], prompt_lens])
+    t = host.to(device)
+    dev = DeviceRows(t[0], t[1], t[2], t[2], _arange=torch.arange(n, device=device))
+    step = SimpleNamespace(
+        rows=dev, block_table=io.block_table, block_size=0, prepared={}, seq_lens=call.seq_lens
+    )
+    out = _build(step, rows, None)
+    if plan is not None:  # the tables hold the rows' states: the ids in the key stay theirs
+        plan.prepared[key] = out
+    else:
+        call.runtime.ext[STEP_TABLES] = (key, out)
+    return out
+
+
+def measure(call: LayerCall, g: Group, lse: torch.Tensor) -> None:
+    """The statistic and scores of group ``g``'s rows in this layer from the kernel's LSE over the kept
+    keys and the visual keys' logits: a fixed op sequence over all rows; after the group's last layer,
+    its decision (:func:`decide_group`)."""
     io = getattr(call.gather, "__self__", None)
     views = io.kernel_views() if isinstance(io, CacheIO) else None
-    if io is None or views is None:
+    if views is None:
         raise NotImplementedError("prunehal's kernel path reads a cache with kernel views only")
-    block_rows = torch.stack([io.block_table[r] for r in rows])  # device views: no index copy
-    return paged.gather_keys(views[0], block_rows, positions)
+    i = g.index[call.layer]
+    keep = g.keep[:, i]  # [B, Nv_max]; padding False
+    k = views[0][g.addresses(views[0].shape[1])]  # [B, Nv, Hkv, D]: the visual keys only
+    q = call.query.index_select(0, g.token)  # [B, Hq, D]
+    b, hq, hkv = q.shape[0], q.shape[1], k.shape[2]
+    qf = q.float().reshape(b, hkv, hq // hkv, -1)
+    logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * call.scale
+    row_lse = lse.index_select(0, g.token).float()  # [B, Hq]
+    probs = torch.exp(logits - row_lse[:, :, None]) * keep[:, None, :]  # pruned, padded keys: 0
+    # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only)
+    g.parts[i] = scores_statistic(head_mean(probs, -2), keep, g.cfg.statistic)
+    if call.layer == g.last_layer:
+        decide_group(call.runtime, g)
+
+
+def decide_group(runtime: Any, g: Group) -> None:
+    """The decisions of group ``g``'s requests after this step (they apply from the next forward): one
+    :func:`prune_step` per run of equal visual token counts, on the device, nothing read back."""
+    if len(g.parts) != len(g.layers):
+        missing = [layer for i, layer in enumerate(g.layers) if i not in g.parts]
+        raise RuntimeError(f"prunehal: layers {missing} were not measured in this step")
+    A = torch.stack([g.parts[i][0] for i in range(len(g.layers))], 1)  # [B, L]
+    scores = torch.stack([g.parts[i][1] for i in range(len(g.layers))], 1)  # [B, L, Nv_max]
+    g.parts = {}
+    unread = runtime.ext.setdefault(UNREAD, {})
+    for lo, hi, nv in g.runs:
+        sts = g.states[lo:hi]
+        if lo == 0 and hi == len(g.states) and nv == g.keep.shape[-1]:  # the whole group
+            rows, wide = [g.step, g.count, A, g.hist_sum, g.hist_n], [g.keep, scores, g.blocks]
+        else:
+            part = slice(lo, hi)
+            rows = [x[part] for x in (g.step, g.count, A, g.hist_sum, g.hist_n)]
+            wide = [None if x is None else x[part, ..., :nv] for x in (g.keep, scores, g.blocks)]
+        step, count0, a, hist_sum0, hist_n0 = rows
+        keep0, sc, blocks = wide
+        assert keep0 is not None and sc is not None
+        fired, keep, count, hist_sum, hist_n = prune_step(
+            step, g.cfg, keep0, count0, a, sc, hist_sum0, hist_n0, blocks,
+            num_groups=max(st.num_groups for st in sts), skip_idle=False,
+        )  # fmt: skip
+        done = Decided(keep, count, hist_sum, hist_n, a, sc, g if len(g.runs) == 1 else None)
+        host_fired, host_keep, event = _start_read(fired, keep)
+        for j, st in enumerate(sts):  # host bookkeeping only: no tensor op per row
+            st.decided = (done, j)
+            st.pending.append(Decision(g.steps[lo + j], host_fired, host_keep, event, j))
+            unread[id(st)] = st
 
 
 def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
@@ -434,7 +733,7 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
                 hist_sum[j : j + 1],
                 hist_n[j : j + 1],
             )
-            st.pending.append(Decision(step, host_fired[j], host_keep[j], event))
+            st.pending.append(Decision(step, host_fired, host_keep, event, j))
             unread[id(st)] = st
 
 
@@ -499,10 +798,10 @@ def read_decisions(runtime: Any) -> None:
 def _record(runtime: Any, st: PruneState, d: Decision) -> None:
     rec = st.record
     rec["steps"] = d.step
-    if not bool(d.fired):
+    if not bool(d.fired[d.row]):
         return
-    st.host_keep = d.keep
-    keep = d.keep.tolist()
+    st.host_keep = d.keep[d.row]
+    keep = st.host_keep.tolist()
     st.host_kept = [all(layer) for layer in keep]
     pairs = zip(st.layers, st.host_kept, strict=True)
     st.pruned_layers = frozenset(layer for layer, kept in pairs if not kept)
@@ -651,28 +950,37 @@ class PruneHalEngine(EngineMethod):
     def kernel_sinks_static(self, row: Row) -> bool:
         return True  # no sinks; the mask is made in the layer, on the device
 
+    def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
+        """Kernel lane: the step's :class:`Tables` of ``rows``, made in the builder (a layer call finds
+        them). The torch path needs none."""
+        if kernel and getattr(plan, "rows", None) is not None:
+            tables(plan, rows, _lane_of(plan, rows))
+
+    def lane_mask(
+        self, call: LayerCall, lp: Any, rows: list[Row], mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The rows' key masks from the step's stacked keep masks: one write per config group, none while
+        the host knows nothing is pruned in this layer (:attr:`Group.masked`)."""
+        t = _tables(call, rows) if call.plan is not None else None
+        if t is None or t.lane is None:
+            return super().lane_mask(call, lp, rows, mask)
+        for g, index in zip(t.groups, t.lane, strict=True):
+            if call.layer not in g.masked:
+                continue
+            if mask is None:
+                mask = torch.ones(len(lp.rework), lp.width, dtype=torch.bool, device=g.keep.device)
+            values = g.keep[:, g.index[call.layer]] | g.pad  # padded entries rewrite a kept key
+            mask.view(-1).index_put_((index.view(-1),), values.view(-1))
+        return mask
+
     def after_kernel(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor, entropy: torch.Tensor
     ) -> None:
-        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits: one
-        gather of the ``Nv`` visual keys per row (:func:`visual_keys`; no V, no other key)."""
-        todo = []
-        for row in rows:
-            st = _state(row)
-            assert st is not None
-            on_device(st, cast(PruneHalConfig, row.request.config), call.query.device)  # moved at step 1
-            todo.append((row, st, st.index[call.layer]))
-        visual, keep = _padded(todo)
-        starts = [call.query_start_loc[row.index] for row, _, _ in todo]
-        k = visual_keys(call, [row.index for row, _, _ in todo], visual)  # [B, Nv, Hkv, D]
-        q = torch.stack([call.query[s] for s in starts])  # [B, Hq, D]
-        b, hq, hkv = q.shape[0], q.shape[1], k.shape[2]
-        qf = q.float().reshape(b, hkv, hq // hkv, -1)
-        logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * call.scale
-        row_lse = torch.stack([lse[s] for s in starts]).float()  # [B, Hq]
-        probs = torch.exp(logits - row_lse[:, :, None]) * keep[:, None, :]  # pruned, padded keys: 0
-        # reduced on the layer's device (vLLM's all-reduce on CUDA takes device tensors only)
-        _store(call, todo, head_mean(probs, -2), keep)
+        """Visual statistics from the kernel's LSE over the kept keys and the visual keys' logits, per
+        config group of the step's :class:`Tables` (a fixed op sequence whatever the row count): one
+        gather of the ``Nv`` visual keys per row (no V, no other key)."""
+        for g in _tables(call, rows).groups:
+            measure(call, g, lse)
 
     def release(self, runtime: Any, state: RequestState) -> None:
         """Finished or preempted. Blocks not yet nulled in the worker's table are another allocation's

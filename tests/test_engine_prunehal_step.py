@@ -1,0 +1,211 @@
+"""PruneHal's per-step tables: a layer call on the kernel path is a fixed op sequence over its rows.
+
+No engine: the kernel lane of a layer (:func:`vllm_halluguard.engine.execute._kernel_lane`) is driven
+directly on CPU tensors with FLASH_ATTN's cache views, the step's tables made beforehand as the builder
+does (``_prepare``), and the Triton launch replaced by a stub that records the key mask it is handed and
+returns each row's LSE over its kept keys (computed here, row by row).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vllm_halluguard.engine import execute, tp
+from vllm_halluguard.engine import plan as plan_mod
+from vllm_halluguard.engine.cache_io import SplitViews
+from vllm_halluguard.engine.layer import LayerCall
+from vllm_halluguard.engine.plan import LayerPlan, StepPlan, SubBatch, device_rows
+from vllm_halluguard.engine.prunehal import PruneState
+from vllm_halluguard.engine.state import RequestState, Row, StepView
+from vllm_halluguard.kernels import triton_attention
+from vllm_halluguard.kernels.reference import attention_logits
+from vllm_halluguard.methods.prunehal import PruneHalConfig
+
+HQ, HKV, D, BS = 4, 2, 8, 8
+LAYERS = (0, 1)
+VISUAL = torch.arange(2, 18)
+CONFIGS = (
+    PruneHalConfig(r=0.5, t=3, layers=LAYERS),
+    PruneHalConfig(r=0.5, t=3, layers=LAYERS, statistic="mass"),
+)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _world(n: int):
+    """``n`` decode rows at their step 4 (two configs; every other row with keys pruned earlier), their
+    paged cache, queries and per-row key masks."""
+    g = torch.Generator().manual_seed(n)
+    prompts = [24 + (5 * i) % 17 for i in range(n)]
+    seq_lens = [p + 3 for p in prompts]
+    blocks = -(-(max(seq_lens) + 1) // BS)  # room for a second step
+    k_cache = torch.randn(n * blocks + 1, BS, HKV, D, generator=g)
+    v_cache = torch.randn_like(k_cache)
+    table = (torch.arange(n * blocks) + 1).view(blocks, n).T.contiguous().int()  # interleaved blocks
+    rows, masks = [], []
+    for i, (cfg, prompt) in enumerate(zip([CONFIGS[i % 2] for i in range(n)], prompts, strict=True)):
+        state = RequestState(f"r{i}", i, cfg, prompt)
+        record = {"prompt_len": prompt, "steps": 3, "prunes": [], "reclaimable_blocks": 0}
+        st = PruneState.fresh(VISUAL.clone(), LAYERS, record)
+        high = 5.0 if i % 4 < 2 else 0.05  # a high history on half the rows: their vote fires
+        st.hist_sum = torch.rand(1, len(LAYERS), generator=g) * high
+        st.hist_n = torch.ones(1, dtype=torch.long)
+        st.count = torch.ones(1, dtype=torch.long)
+        if i % 2:  # pruned before: the host read that decision
+            st.keep = torch.rand(len(LAYERS), VISUAL.numel(), generator=g) < 0.6
+            st.host_keep, st.host_kept = st.keep.clone(), [False] * len(LAYERS)
+            st.pruned_layers = frozenset(LAYERS)
+        state.scratch["prunehal"] = st
+        rows.append(Row(i, state))
+        layer_masks = torch.ones(len(LAYERS), seq_lens[i], dtype=torch.bool)
+        layer_masks[:, VISUAL] = st.keep
+        masks.append(layer_masks)
+    q = torch.randn(len(LAYERS), n, HQ, D, generator=g)
+    return rows, seq_lens, SplitViews(k_cache, v_cache, table), q, masks
+
+
+def _step(n: int, monkeypatch):
+    """One decode step of ``n`` rows through both layers' kernel lanes (:func:`_run_step`)."""
+    rows, seq_lens, io, q, masks = _world(n)
+    return _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+
+
+def _run_step(rows, seq_lens, io, q, masks, monkeypatch):
+    """One decode step through both layers' kernel lanes. Returns the ops of each layer call, the key
+    masks the kernel got, the rows, the expected (A, scores) per row and the masks."""
+    n = len(rows)
+    table = io.block_table
+    qsl = list(range(n + 1))
+    view = StepView(n, tuple(rows))
+    cm = SimpleNamespace(
+        num_reqs=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+    )  # fmt: skip
+    kernel = SubBatch(
+        list(range(n)), slice(0, n), n, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
+        block_table=table,
+    )  # fmt: skip
+    lp = LayerPlan(SubBatch([], slice(0, 0), 0), tuple(rows), kernel=kernel, lane=(("prunehal", rows),))
+    lp.width = max(seq_lens)
+    plan = StepPlan(view, qsl, seq_lens, n, LayerPlan(None), layers={layer: lp for layer in LAYERS})
+    plan.rows, plan.block_table, plan.block_size = device_rows(cm, view), table, BS
+    plan.slot_mapping = torch.tensor(seq_lens) - 1
+    plan.kernel_args = {layer: (None, None) for layer in LAYERS}
+    plan.masks_per_layer = frozenset(LAYERS)
+    plan_mod._prepare(plan)  # the builder's part, once per step
+    runtime = SimpleNamespace(block_size=BS, num_layers=len(LAYERS), stats={"kernel_rows": 0}, ext={})
+    scale = D**-0.5
+    lses, want = [], []
+    for j in range(len(LAYERS)):  # each row's LSE over its kept keys, and its statistics, row by row
+        lse, stats = [], []
+        for r, row in enumerate(rows):
+            k, _ = io.gather(r, seq_lens[r])
+            pos = torch.tensor([seq_lens[r] - 1])
+            logits = attention_logits(q[j, r : r + 1], k, scale, pos, masks[r][j])
+            lse.append(torch.logsumexp(logits, -1))
+            probs = torch.softmax(logits, -1)[0][:, VISUAL].mean(0)  # head mean on the visual keys
+            keep = masks[r][j][VISUAL]
+            total = probs[keep].sum()
+            mean = row.request.config.statistic == "mean"
+            stats.append((total / keep.sum() if mean else total, probs))
+        lses.append(torch.cat(lse))
+        want.append(stats)
+    seen: list[torch.Tensor | None] = []
+    current = {"layer": 0}
+
+    def stub(out, lse, entropy, *args, key_mask=None, **kwargs):
+        seen.append(None if key_mask is None else key_mask.clone())
+        lse.copy_(lses[current["layer"]])
+
+    monkeypatch.setattr(triton_attention, "paged_attention_into", stub)
+    impl = SimpleNamespace(sinks=None, scale=scale)
+    ops = []
+    for j, layer in enumerate(LAYERS):
+        current["layer"] = j
+        call = LayerCall(
+            layer=layer, scale=scale, query=q[j].clone(), output=torch.zeros(n, HQ, D), query_start_loc=qsl,
+            seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather,
+            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        )  # fmt: skip
+        counter = _Ops()
+        with counter:
+            execute._kernel_lane(impl, call, lp, kernel, io)
+        ops.append(counter.ops)
+    return ops, seen, rows, want, masks, seq_lens
+
+
+@pytest.fixture(autouse=True)
+def _one_rank(monkeypatch):
+    monkeypatch.setattr(tp, "tp_group", lambda: tp._SINGLE)
+
+
+def test_a_kernel_path_layer_call_is_a_fixed_op_sequence_over_its_rows(monkeypatch):
+    results = {n: _step(n, monkeypatch) for n in (4, 24)}
+    for n, (_, seen, rows, want, masks, seq_lens) in results.items():
+        for j in range(len(LAYERS)):  # the kernel got every row's key mask
+            mask = seen[j]
+            assert mask is not None and mask.shape == (n, max(seq_lens))
+            for r in range(n):
+                assert torch.equal(mask[r, : seq_lens[r]], masks[r][j]), (n, j, r)
+                assert mask[r, seq_lens[r] :].all()
+        for r, row in enumerate(rows):  # the decision after layer 1, from this step's statistics
+            st = row.request.scratch["prunehal"]
+            assert [d.step for d in st.pending] == [4]
+            torch.testing.assert_close(st.A, torch.stack([want[j][r][0] for j in range(len(LAYERS))]))
+            torch.testing.assert_close(st.scores, torch.stack([want[j][r][1] for j in range(len(LAYERS))]))
+    (few, *_), (many, *_) = results[4], results[24]
+    assert few == many, f"ops per layer call (measuring, deciding): {few} at 4 rows, {many} at 24 rows"
+
+
+def _next_step(rows, seq_lens, q):
+    """The next step's sequence lengths, queries and key masks (the decisions' host copies)."""
+    seq_lens = [s + 1 for s in seq_lens]
+    masks = []
+    for r, row in enumerate(rows):
+        d = row.request.scratch["prunehal"].pending[-1]
+        layer_masks = torch.ones(len(LAYERS), seq_lens[r], dtype=torch.bool)
+        layer_masks[:, VISUAL] = d.keep[d.row]
+        masks.append(layer_masks)
+    return seq_lens, q.flip(1).contiguous(), masks
+
+
+def _two_steps(n: int, settle: bool, monkeypatch):
+    """Two decode steps; the second reads the first's decision as one stack (the requests decided
+    together), or, with ``settle``, each request's own rows of it first (the per-row stacking)."""
+    rows, seq_lens, io, q, masks = _world(n)
+    ops1, *_ = _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+    seq_lens, q, masks = _next_step(rows, seq_lens, q)
+    fired = [bool(d.fired[d.row]) for d in (row.request.scratch["prunehal"].pending[-1] for row in rows)]
+    assert any(fired) and not all(fired), "some requests prune at step 4, some do not"
+    if settle:
+        for row in rows:
+            row.request.scratch["prunehal"].settle()
+    ops2, seen, _, want, _, _ = _run_step(rows, seq_lens, io, q, masks, monkeypatch)
+    state = []
+    for r, row in enumerate(rows):
+        st = row.request.scratch["prunehal"]
+        d = st.pending[-1]
+        assert torch.equal(seen[0][r, : seq_lens[r]], masks[r][0]), "the first decision's masks apply"
+        state.append((d.step, bool(d.fired[d.row]), d.keep[d.row], st.keep, st.count, st.hist_sum, st.hist_n))
+        torch.testing.assert_close(st.A, torch.stack([want[j][r][0] for j in range(len(LAYERS))]))
+    return ops1, ops2, state
+
+
+def test_a_decision_read_as_one_stack_equals_the_per_row_state(monkeypatch):
+    _, _, stacked = _two_steps(6, False, monkeypatch)
+    _, _, per_row = _two_steps(6, True, monkeypatch)
+    assert [x[0] for x in stacked] == [5] * 6
+    for a, b in zip(stacked, per_row, strict=True):
+        assert a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:], strict=True))
