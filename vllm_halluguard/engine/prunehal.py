@@ -225,7 +225,8 @@ def on_device(st: PruneState, cfg: PruneHalConfig, device: torch.device) -> None
         return
     if cfg.granularity == "block":
         groups = visual_groups(st.visual, cfg.block)
-        st.num_groups = int(groups.max()) + 1 if groups.numel() else 1  # host data: no sync
+        v = st.visual_list  # the positions as host ints (no tensor read): ``groups``' largest index + 1
+        st.num_groups = max(v) // cfg.block - v[0] // cfg.block + 1 if v else 1
         st.groups = _to(groups, device)
     st.visual_dev = _to(st.visual, device)
     st.keep, st.count = _to(st.keep, device), _to(st.count, device)
