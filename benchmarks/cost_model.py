@@ -63,12 +63,12 @@ MEASURED: dict[tuple[str, int, int], tuple[float, float, float, float, float]] =
 }
 BATCHES = (1, 8, 32)
 # Host µs with every row of the batch mitigated: (one layer call, the step's plan), per method: the
-# median layer call over the tiny LLaVA's 4 layers and the step's plan, measured 2026-12-07 14:06 UTC
+# median layer call over the tiny LLaVA's 4 layers and the step's plan, measured 2026-12-07 16:20 UTC
 # (benchmarks/host_layer.py --kernel-path --count-ops, docs/benchmarks.md) on the idle machine, after
-# KVSmooth's per-step tables and PruneHal's sync-free layer calls.
+# KVSmooth's fused update launch and PruneHal's per-step tables (launches stubbed).
 HOST_US: dict[str, dict[int, tuple[float, float]]] = {
-    "kvsmooth": {1: (148, 269), 8: (156, 344), 32: (195, 574)},
-    "prunehal": {1: (257, 175), 8: (420, 254), 32: (890, 476)},
+    "kvsmooth": {1: (58, 447), 8: (65, 574), 32: (127, 871)},
+    "prunehal": {1: (304, 455), 8: (418, 655), 32: (634, 1064)},
 }
 CONTEXTS = (600, 2000)
 
