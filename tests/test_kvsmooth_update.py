@@ -64,8 +64,12 @@ def _buffers(g: torch.Generator, window: int, ties: torch.Tensor | None, grp: Gr
     return Buffers(queue.to(DEVICE), count.to(DEVICE))
 
 
-def _call(buf: Buffers, io) -> SimpleNamespace:
-    return SimpleNamespace(runtime=SimpleNamespace(ext={"kvsmooth": buf}), layer=LAYER, io=io, write=io.write)
+def _call(buf: Buffers, io, kernel_path: bool = True) -> SimpleNamespace:
+    """A layer call; on the kernel path its plan has the step's device tables (``rows``)."""
+    plan = SimpleNamespace(rows=object() if kernel_path else None)
+    return SimpleNamespace(
+        runtime=SimpleNamespace(ext={"kvsmooth": buf}), layer=LAYER, io=io, write=io.write, plan=plan
+    )
 
 
 def _clone(buf: Buffers) -> Buffers:
@@ -161,15 +165,19 @@ def test_cpu_pages_written_where_vllms_op_writes():
 
 
 def test_no_kernel_views_falls_back():
-    """A cache the kernel cannot address (no kernel views) is left to the torch path untouched."""
+    """A call off the kernel path, and a cache the kernel cannot address (no kernel views), are left to
+    the torch path untouched."""
     g = torch.Generator().manual_seed(6)
     cfg = KVSmoothConfig(lam_ref=0.5, window=4, layers=(LAYER,))
     grp = _group(cfg, 16, 3, g, 12, 5)
     buf = _buffers(g, 4, None, grp)
     io = SplitViews(*torch.randn(2, 12, 16, 1, 8, generator=g).unbind(0), grp.table)
     before = (buf.queue.clone(), buf.count.clone(), io.k_cache.clone())
+    entropy = torch.rand(5, 2, generator=g)
+    # the torch path (no step device tables: a composition's reworked rows on CPU) keeps torch's update
+    assert not smooth_group_kernel(_call(buf, io, kernel_path=False), grp, entropy)
     io.kernel_views = lambda: None  # type: ignore[method-assign]
-    assert not smooth_group_kernel(_call(buf, io), grp, torch.rand(5, 2, generator=g))
+    assert not smooth_group_kernel(_call(buf, io), grp, entropy)
     assert torch.equal(buf.queue, before[0]) and torch.equal(buf.count, before[1])
     assert torch.equal(io.k_cache, before[2])
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -215,23 +215,98 @@ class CompositeEngine(EngineMethod):
     ) -> None:
         """Per member method, in order: ``after_kernel`` on the rows it reworks in this layer, ``run`` on
         the rows it observes."""
-        for name in ORDER:
-            reworking: list[Row] = []
-            observing: list[Row] = []
-            method: EngineMethod | None = None
-            for row in rows:
-                for step in _plan(row):
-                    if step.method.name != name:
-                        continue
-                    method = step.method
-                    if call.layer in step.route.rework:
-                        reworking.append(step.row)
-                    elif step.observes:
-                        observing.append(step.row)
-            if method is None:
-                continue
+        for method, reworking, observing in self._acts(call, rows):
             if reworking:
                 assert lse is not None and entropy is not None
                 method.after_kernel(call, reworking, lse, entropy)
             if observing:
                 method.run(call, observing)
+
+    def _acts(self, call: LayerCall, rows: list[Row]) -> Acts:
+        """The members' row lists of this layer: the step's (:meth:`prepare_step`) where the call has a
+        plan, else made here."""
+        if call.plan is None:
+            return _acts_of(rows, call.layer)
+        acts = _step_acts(call.plan, rows)
+        return acts[call.layer] if call.layer in acts else acts[None]
+
+    def prepare_step(self, plan: Any, rows: list[Row], kernel: bool) -> None:
+        """Once per step, in the builder: the members' row lists of every layer (the same list objects
+        for layers where they are the same, so each member finds its step tables by identity), and the
+        members' own ``prepare_step`` on those of the layers that hand them ``rows``. A kernel lane's
+        lists are told their layer plan (PruneHal writes its rows' key masks at the lane's positions)."""
+        lanes = (plan.default, *plan.layers.values())
+        lp = next((lp for lp in lanes if any(r is rows for _, r in lp.lane)), None) if kernel else None
+        for layer, acts in _step_acts(plan, rows).items():
+            if lp is not None and (layer is None or plan.layer(layer) is not lp):
+                continue  # a layer whose lane holds other lists
+            for method, reworking, observing in acts:
+                if reworking:
+                    if lp is not None:
+                        plan.prepared[(LANE_OF, id(reworking))] = (reworking, lp)
+                    method.prepare_step(plan, reworking, True)  # handed to after_kernel
+                if observing:
+                    method.prepare_step(plan, observing, False)
+
+    def lane_mask(
+        self, call: LayerCall, lp: Any, rows: list[Row], mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The intersection of the members' key masks (:meth:`kernel_mask`), each member writing its rows'
+        masks into a mask of its own (:meth:`~vllm_halluguard.engine.base.EngineMethod.lane_mask`)."""
+        for method, reworking, _ in self._acts(call, rows):
+            if reworking:
+                member = method.lane_mask(call, lp, reworking, None)
+                if member is not None:
+                    mask = member if mask is None else mask & member
+        return mask
+
+
+#: Per member method in order: the method, its rows reworked in a layer and the rows it observes there.
+Acts = list[tuple[EngineMethod, list[Row], list[Row]]]
+#: ``plan.prepared`` keys: a list's acts by layer (``None``: layers no member reworks), and a member row
+#: list's ``(list, layer plan)`` of the kernel lane it is part of.
+ACTS = "compose_acts"
+LANE_OF = "compose_lane_of"
+
+
+def _acts_of(rows: list[Row], layer: int | None) -> Acts:
+    """The members' row lists of ``layer`` (``None``: a layer no member reworks)."""
+    out: Acts = []
+    for name in ORDER:
+        reworking: list[Row] = []
+        observing: list[Row] = []
+        method: EngineMethod | None = None
+        for row in rows:
+            for step in _plan(row):
+                if step.method.name != name:
+                    continue
+                method = step.method
+                if layer is not None and layer in step.route.rework:
+                    reworking.append(step.row)
+                elif step.observes:
+                    observing.append(step.row)
+        if method is not None:
+            out.append((method, reworking, observing))
+    return out
+
+
+def _step_acts(plan: Any, rows: list[Row]) -> dict[int | None, Acts]:
+    """:func:`_acts_of` of every layer some member reworks, and of the others (``None``), for ``rows`` (a
+    list of the step), made once and kept in ``plan.prepared``; equal lists are one object."""
+    entry = plan.prepared.get((ACTS, id(rows)))
+    if entry is not None and entry[0] is rows:
+        return cast(dict[int | None, Acts], entry[1])
+    layers = sorted({layer for row in rows for step in _plan(row) for layer in step.route.rework})
+    same: dict[tuple, list[Row]] = {}
+
+    def shared(lst: list[Row], key: str) -> list[Row]:
+        return same.setdefault((key, *(r.index for r in lst)), lst)
+
+    out: dict[int | None, Acts] = {}
+    for layer in (None, *layers):
+        acts = _acts_of(rows, layer)
+        out[layer] = [
+            (m, shared(rw, f"{m.name}/rework"), shared(ob, f"{m.name}/observe")) for m, rw, ob in acts
+        ]
+    plan.prepared[(ACTS, id(rows))] = (rows, out)  # holds ``rows``: its id stays unique
+    return out

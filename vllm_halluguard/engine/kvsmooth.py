@@ -385,8 +385,11 @@ def smooth_group_kernel(call: LayerCall, g: Group, entropy: torch.Tensor) -> boo
     (:func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`: the head mean of ``entropy [T, Hq]``
     at the rows' tokens, FIFO, lambda, EMA written through the cache's kernel views). Under tensor
     parallelism the head mean is all-reduced here first (:func:`head_mean`). Returns False, having done
-    nothing, where the kernel cannot run (a cache without kernel views, or on the host without Triton's
-    interpreter)."""
+    nothing, off the kernel path (no step device tables: the torch path, whose compositions also reach
+    ``after_kernel``) and where the kernel cannot run (a cache without kernel views, or on the host
+    without Triton's interpreter)."""
+    if getattr(call.plan, "rows", None) is None:
+        return False  # the torch path (a composition's reworked rows on CPU): torch, as the CPU engine serves
     views = call.io.kernel_views()
     kvsmooth_update = _kvsmooth_update()
     if (

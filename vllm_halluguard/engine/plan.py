@@ -29,7 +29,7 @@ from vllm_halluguard.engine.base import Backend, Route, RowSpan
 from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.registry import method_of, named
-from vllm_halluguard.engine.state import Row, StepView, current
+from vllm_halluguard.engine.state import DeviceRows, Row, StepView, current, index_runs
 
 #: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
 #: ``TRITON_INTERPRET=1``) instead of the torch path: the GPU code path, testable on CPU.
@@ -130,27 +130,6 @@ class StepPlan:
         return self.layers.get(index, self.default)
 
 
-@dataclass
-class DeviceRows:
-    """Per-row tables of one step on the device, and index tensors of row subsets (no host copy)."""
-
-    last_token: torch.Tensor  # [num_reqs] long
-    position: torch.Tensor  # [num_reqs] long: the last token's position (seq_len - 1)
-    slot: torch.Tensor  # [num_reqs] long
-    prompt_len: torch.Tensor  # [num_reqs] long
-    _arange: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0, dtype=torch.long))
-    _index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def index(self, rows: list[int]) -> torch.Tensor:
-        """A device index tensor of batch ``rows``, made of slices of a device ``arange`` (no host data),
-        cached for the step."""
-        key = tuple(rows)
-        out = self._index.get(key)
-        if out is None:
-            out = self._index[key] = _runs(rows, self._arange)
-        return out
-
-
 def device_rows(cm: Any, view: StepView) -> DeviceRows:
     """:class:`DeviceRows` of the step, its request tables sent in a copy of their own."""
     upload = Upload()
@@ -223,17 +202,6 @@ def seq_lens_cpu(cm: Any) -> list[int]:
     return cm.seq_lens[: cm.num_reqs].cpu().tolist()
 
 
-def _runs(ids: list[int], arange: torch.Tensor) -> torch.Tensor:
-    """The index tensor of ascending ``ids``, made of slices of ``arange`` (on its device): no host data
-    is copied to the device."""
-    parts, lo = [], 0
-    for i in range(1, len(ids) + 1):  # contiguous runs as slices
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            parts.append(arange[ids[lo] : ids[i - 1] + 1])
-            lo = i
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def _tokens(rows: list[int], qsl: list[int], device: torch.device) -> tuple[Tokens, int]:
     spans = [(qsl[r], qsl[r + 1]) for r in rows]
     n = sum(hi - lo for lo, hi in spans)
@@ -257,8 +225,8 @@ def sub_common(
     qsl_cpu = cm.query_start_loc_cpu
     if qsl is None:
         qsl = qsl_cpu[: cm.num_reqs + 1].tolist()
-    index_cpu = _runs(rows, torch.arange(cm.num_reqs))
-    index = _runs(rows, torch.arange(cm.num_reqs, device=device))
+    index_cpu = index_runs(rows, torch.arange(cm.num_reqs))
+    index = index_runs(rows, torch.arange(cm.num_reqs, device=device))
     sub_qsl_cpu = torch.nn.functional.pad((qsl_cpu[1:] - qsl_cpu[:-1])[index_cpu].cumsum(0), (1, 0))
     qsl_dev = cm.query_start_loc
     sub_qsl = torch.nn.functional.pad((qsl_dev[1:] - qsl_dev[:-1])[index].cumsum(0), (1, 0))
@@ -534,7 +502,7 @@ def _kernel_batch(
     """The reworked rows as the Triton kernel's varlen batch (built once per step and rework set, on the
     device from vLLM's device metadata: no host data is copied)."""
     tokens, n = _tokens(rows, qsl, device)
-    index = _runs(rows, torch.arange(cm.num_reqs, device=device))
+    index = index_runs(rows, torch.arange(cm.num_reqs, device=device))
     qsl_dev = cm.query_start_loc
     lens = (qsl_dev[1:] - qsl_dev[:-1])[index]
     return SubBatch(

@@ -56,7 +56,7 @@ from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, Ro
 from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.state import RequestState, Row, worker_log
+from vllm_halluguard.engine.state import DeviceRows, RequestState, Row, worker_log
 from vllm_halluguard.engine.tp import head_mean
 from vllm_halluguard.kernels import paged
 from vllm_halluguard.kernels.reference import (
@@ -500,7 +500,13 @@ def tables(plan: Any, rows: list[Row], lp: Any = None) -> Tables:
 
 
 def _lane_of(plan: Any, rows: list[Row]) -> Any:
-    """The layer plan whose kernel lane hands PruneHal ``rows`` (the builder's list), if any."""
+    """The layer plan whose kernel lane hands PruneHal ``rows`` (the builder's list, or a composition's
+    member list, which the composition registers), if any."""
+    from vllm_halluguard.engine.compose import LANE_OF
+
+    member = plan.prepared.get((LANE_OF, id(rows)))
+    if member is not None and member[0] is rows:
+        return member[1]
     for lp in (plan.default, *plan.layers.values()):
         if any(r is rows for _, r in lp.lane):
             return lp
@@ -612,8 +618,6 @@ def _tables(call: LayerCall, rows: list[Row]) -> Tables:
     if hit is not None:
         return cast(Tables, hit)
     from types import SimpleNamespace
-
-    from vllm_halluguard.engine.plan import DeviceRows
 
     n, device = len(call.seq_lens), call.query.device
     prompt_lens = [-1] * n

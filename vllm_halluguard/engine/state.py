@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vllm_halluguard.methods import Config
 
 
@@ -66,3 +68,35 @@ def worker_log(worker: Any, name: str, clear: bool = False) -> dict[str, dict[st
     if clear:
         log.clear()
     return out
+
+
+@dataclass
+class DeviceRows:
+    """Per-row tables of one step on the device, and index tensors of row subsets (no host copy)."""
+
+    last_token: torch.Tensor  # [num_reqs] long
+    position: torch.Tensor  # [num_reqs] long: the last token's position (seq_len - 1)
+    slot: torch.Tensor  # [num_reqs] long
+    prompt_len: torch.Tensor  # [num_reqs] long
+    _arange: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0, dtype=torch.long))
+    _index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """A device index tensor of batch ``rows``, made of slices of a device ``arange`` (no host data),
+        cached for the step."""
+        key = tuple(rows)
+        out = self._index.get(key)
+        if out is None:
+            out = self._index[key] = index_runs(rows, self._arange)
+        return out
+
+
+def index_runs(ids: list[int], arange: torch.Tensor) -> torch.Tensor:
+    """The index tensor of ascending ``ids``, made of slices of ``arange`` (on its device): no host data
+    is copied to the device."""
+    parts, lo = [], 0
+    for i in range(1, len(ids) + 1):  # contiguous runs as slices
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            parts.append(arange[ids[lo] : ids[i - 1] + 1])
+            lo = i
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
