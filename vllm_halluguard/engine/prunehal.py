@@ -56,7 +56,7 @@ from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, Ro
 from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.state import DeviceRows, RequestState, Row, worker_log
+from vllm_halluguard.engine.state import DeviceRows, RequestState, Row, queue_to_host, worker_log
 from vllm_halluguard.engine.tp import head_mean
 from vllm_halluguard.kernels import paged
 from vllm_halluguard.kernels.reference import (
@@ -687,7 +687,7 @@ def decide_group(runtime: Any, g: Group) -> None:
             num_groups=max(st.num_groups for st in sts), skip_idle=False,
         )  # fmt: skip
         done = Decided(keep, count, hist_sum, hist_n, a, sc, g if len(g.runs) == 1 else None)
-        host_fired, host_keep, event = _start_read(fired, keep)
+        (host_fired, host_keep), event = queue_to_host(fired, keep)
         for j, st in enumerate(sts):  # host bookkeeping only: no tensor op per row
             st.decided = (done, j)
             st.pending.append(Decision(g.steps[lo + j], host_fired, host_keep, event, j))
@@ -729,7 +729,7 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             num_groups=max(st.num_groups for st in sts),
             skip_idle=False,
         )
-        host_fired, host_keep, event = _start_read(fired, keep)
+        (host_fired, host_keep), event = queue_to_host(fired, keep)
         unread = runtime.ext.setdefault(UNREAD, {})
         for j, (st, step) in enumerate(members):
             st.keep, st.count, st.hist_sum, st.hist_n = (
@@ -740,22 +740,6 @@ def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) ->
             )
             st.pending.append(Decision(step, host_fired, host_keep, event, j))
             unread[id(st)] = st
-
-
-def _start_read(fired: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Host buffers that a copy queued behind the decision fills, and the event after it: on CUDA pinned
-    buffers, a non-blocking copy and an event (the host reads them later, :func:`collect`); elsewhere a
-    plain copy (the host reads nothing of the device's in the layer)."""
-    cuda = fired.is_cuda and torch.cuda.is_available()
-    host_fired = torch.empty(fired.shape, dtype=fired.dtype, pin_memory=cuda)
-    host_keep = torch.empty(keep.shape, dtype=keep.dtype, pin_memory=cuda)
-    host_fired.copy_(fired, non_blocking=True)
-    host_keep.copy_(keep, non_blocking=True)
-    event = None
-    if cuda:
-        event = torch.cuda.Event()
-        event.record()
-    return host_fired, host_keep, event
 
 
 def collect(runtime: Any, st: PruneState, wait: bool) -> None:

@@ -38,7 +38,7 @@ from vllm_halluguard.engine.base import EngineMethod
 from vllm_halluguard.engine.images import patch_grid, visual_positions
 from vllm_halluguard.engine.keys import SCR_PARENT_KEY
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.state import RequestState, Row, current, worker_log
+from vllm_halluguard.engine.state import RequestState, Row, current, queue_to_host, worker_log
 from vllm_halluguard.engine.tp import rank_mean
 from vllm_halluguard.kernels.reference import attention_logits
 from vllm_halluguard.methods.scr import Grid, SCRConfig, Selection, apply_edit, select_sources
@@ -161,13 +161,7 @@ def _finish(runtime: Any, state: RequestState, st: DiagState) -> None:
         logger.warning("halluguard: scr diagnostic %s saw no text after the image", state.req_id)
         return
     attn_map = rank_mean(st.map_sum / (st.rows * len(st.layers))).float()  # equal head counts per rank
-    cuda = attn_map.is_cuda and torch.cuda.is_available()
-    host = torch.empty(attn_map.shape, dtype=attn_map.dtype, pin_memory=cuda)
-    host.copy_(attn_map, non_blocking=True)
-    event = None
-    if cuda:
-        event = torch.cuda.Event()
-        event.record()
+    (host,), event = queue_to_host(attn_map)
     _remember(
         worker(runtime).selections, st.parent, PendingMap(host, event, st.grid, cast(SCRConfig, state.config))
     )

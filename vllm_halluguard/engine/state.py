@@ -100,3 +100,20 @@ def index_runs(ids: list[int], arange: torch.Tensor) -> torch.Tensor:
             parts.append(arange[ids[lo] : ids[i - 1] + 1])
             lo = i
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def queue_to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    """Host buffers that a copy queued behind the stream's work so far fills, and the event after it: on
+    CUDA pinned buffers, non-blocking copies and an event (the host reads them once the event has
+    completed); elsewhere plain copies and no event. Nothing waits for the stream here."""
+    cuda = tensors[0].is_cuda and torch.cuda.is_available()
+    hosts = []
+    for x in tensors:
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=cuda)
+        host.copy_(x, non_blocking=True)
+        hosts.append(host)
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return hosts, event
