@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from vllm_halluguard.engine.kvsmooth import Buffers, KVSmoothEngine, push_rank
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.plan import device_rows
 from vllm_halluguard.engine.state import RequestState, Row, StepView
-from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, update_lambda
+from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, row_entropy, update_lambda
 
 
 @pytest.mark.parametrize("inclusive", [False, True])
@@ -171,3 +172,90 @@ def test_a_smoothed_layer_call_is_a_fixed_op_sequence_over_its_rows():
     torch.testing.assert_close(k_few, want_few)
     torch.testing.assert_close(k_many, want_many)
     assert ops_few == ops_many <= OPS_BUDGET, (ops_few, ops_many)
+
+
+def _torch_path_step(n: int, layers: tuple[int, ...]) -> tuple[list[int], list, list]:
+    """One step of KVSmooth's torch path (the CPU engine's) over ``n`` decode rows of two configs in a
+    model of 4 layers, each layer's cache vLLM's packed CPU pages: ``run`` called in every layer, as the
+    layer plans do. Returns the ops dispatched per layer call, each layer's K cache after the step and
+    the expected K cache (the method's own math, row by row and layer by layer)."""
+    g = torch.Generator().manual_seed(5)
+    bs, hkv, hq, d, num_layers = 16, 2, 4, 32, 4
+    table = torch.arange(4 * n).view(n, 4).flip(1).contiguous()
+    seq_lens = [20 + (7 * i) % 40 for i in range(n)]
+    prompt_lens = [s - 1 if i % 3 == 0 else s - 5 for i, s in enumerate(seq_lens)]
+    slots = torch.tensor([int(table[i, (s - 1) // bs]) * bs + (s - 1) % bs for i, s in enumerate(seq_lens)])
+    cfgs = (
+        KVSmoothConfig(lam_ref=0.5, window=4, layers=layers, smooth_first_token=False),
+        KVSmoothConfig(lam_ref=0.7, window=15, layers=layers[-1:]),
+    )
+    rows = [Row(i, RequestState(f"r{i}", i, cfgs[i % 2], p)) for i, p in enumerate(prompt_lens)]
+    runtime = SimpleNamespace(capacity=n, num_layers=num_layers, ext={})
+    KVSmoothEngine().setup(runtime)
+    buf: Buffers = runtime.ext["kvsmooth"]
+    buf.queue[:, :, :3] = torch.rand(n, num_layers, 3, generator=g)
+    buf.count[:] = 3
+    queue0, count0 = buf.queue.clone(), buf.count.clone()
+    ios, keys, values = [], [], []
+    for _ in range(num_layers):
+        cache = torch.zeros(4 * n, hkv, bs, 2 * d)
+        k, v = torch.randn(2, n, 4 * bs, hkv, d, generator=g).unbind(0)
+        pos = torch.arange(4 * bs)
+        for r in range(n):
+            write_kv(cache, k[r], v[r], table[r, pos // bs] * bs + pos % bs, "vec")
+        ios.append(CPUPages(cache, table, "vec", "auto"))
+        keys.append(k)
+        values.append(v)
+    queries = torch.randn(num_layers, n, hq, d, generator=g)
+    qsl = list(range(n + 1))
+    plan = SimpleNamespace(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=table.to(torch.int32), block_size=bs,
+        slot_mapping=slots, prepared={},
+    )  # fmt: skip
+    KVSmoothEngine().prepare_step(plan, rows, kernel=False)
+    want = [k.clone() for k in keys]
+    for layer in range(num_layers):
+        for i, row in enumerate(rows):
+            cfg = cast(KVSmoothConfig, row.request.config)
+            if layer not in cfg.layers:
+                continue
+            p = seq_lens[i] - 1
+            q = queries[layer, i].view(hkv, hq // hkv, d)
+            logits = torch.einsum("kgd,skd->kgs", q, keys[layer][i, : p + 1]).reshape(hq, -1) * d**-0.5
+            z = row_entropy(torch.softmax(logits, -1)).mean()[None]
+            lam, _, _ = update_lambda(queue0[i, layer, : cfg.window][None], count0[i, layer][None], z, cfg)
+            if p == prompt_lens[i] and not cfg.smooth_first_token:
+                lam = torch.zeros_like(lam)
+            k = keys[layer][i]
+            want[layer][i, p] = ema(k[p - 1][None], k[p][None], lam)[0]
+    ops = []
+    for layer, io in enumerate(ios):
+        call = LayerCall(
+            layer=layer, scale=d**-0.5, query=queries[layer], output=torch.zeros(n, hq, d),
+            query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, gather=io.gather,
+            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        )  # fmt: skip
+        counter = _Ops()
+        with counter:
+            KVSmoothEngine().run(call, rows)
+        ops.append(counter.ops)
+    got = []
+    for io in ios:
+        ids, _ = page_ids(table, torch.tensor([4 * bs] * n), 4 * bs, bs)
+        got.append(io.read_keys(ids, 4 * bs))
+    return ops, got, want
+
+
+def test_the_torch_path_smooths_a_steps_layers_together_at_the_last():
+    """The CPU engine's torch path equals the method's math layer by layer, and its smoothed layers
+    cost one pass per step: a layer before the group's last only keeps its query rows (one op), so a
+    step smoothing three layers costs little more than one smoothed layer. Before, each smoothed layer
+    call dispatched the whole computation (~70 ops per config group)."""
+    ops_one, got_one, want_one = _torch_path_step(6, (2,))
+    ops_three, got_three, want_three = _torch_path_step(6, (0, 1, 2))
+    for got, want in ((got_one, want_one), (got_three, want_three)):
+        for layer in range(4):
+            torch.testing.assert_close(got[layer], want[layer])
+    assert ops_three[0] <= 1 and ops_three[1] <= 1 and ops_three[3] == 0, ops_three
+    # each extra layer of a group: its query rows, K gather, two-slot read and write (measured 14)
+    assert sum(ops_three) <= ops_one[2] + 2 * 16, (ops_one, ops_three)

@@ -108,22 +108,34 @@ def test_torch_path_partitions_reworked_and_sink_rows_out_of_the_native_kernel()
     (lane,) = plan.sink_lanes
     assert lane.batch.rows == [2] and lane.layers == frozenset({1, 2}) and lane.sinks.shape == (HEADS,)
     assert stats["farsight_native_rows"] == 1
-    # FarSight C's prompt rows are reworked in every layer; PruneHal only where it pruned (layer 2);
-    # KVSmooth keeps the native output on the torch path
-    for layer in (0, 1, 3):
+    # FarSight C's prompt rows are reworked in every layer; PruneHal's row stays native where it pruned
+    # (layer 2: its layer call takes the pruned keys' share out of the native output); KVSmooth keeps
+    # the native output on the torch path
+    for layer in range(LAYERS):
         lp = plan.layer(layer)
         assert [r.index for r in lp.rework] == [1] and lp.native.rows == [0, 3, 4, 5] and lp.kernel is None
-    lp2 = plan.layer(2)
-    assert [r.index for r in lp2.rework] == [1, 4] and lp2.native.rows == [0, 3, 5]
     assert plan.full is None, "no layer runs the whole batch natively"
     # one native build per distinct row set, none for the whole batch; sub-batches start with no prefix
     built = sorted(rows for _, rows in build.calls)
-    assert built == sorted([[33], _seq_rows(plan.layer(0).native), _seq_rows(lp2.native)])
+    assert built == sorted([[33], _seq_rows(plan.layer(0).native)])
     assert all(prefix == 0 for prefix, _ in build.calls)
-    assert plan.layer(0) is plan.layer(3), "layers with the same rework set share one plan"
+    assert plan.layer(0) is plan.layer(2), "layers with the same rework set share one plan"
     # the native rows' tokens: rows 0, 3, 4, 5 are not contiguous -> an index tensor
     assert plan.layer(0).native.tokens.tolist() == [0, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     assert [r.index for r in plan.by_method["prunehal"]] == [4] and plan.in_sink_lanes == {2}
+
+
+def test_torch_path_reworks_the_reclaims_pruned_rows():
+    """A reclaiming PruneHal request's freed blocks are nulled in the block table, which the native
+    kernel would read: its rows leave the native kernel where keys are pruned (layer 2)."""
+    view = _rows()
+    view.rows[2].request.scratch["prunehal"].reclaim = True
+    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
+    plan = build_plan(Recorder(), 7, _common(), view, backend, {"farsight_native_rows": 0})
+    for layer in (0, 1, 3):
+        assert [r.index for r in plan.layer(layer).rework] == [1]
+    lp2 = plan.layer(2)
+    assert [r.index for r in lp2.rework] == [1, 4] and lp2.native.rows == [0, 3, 5]
 
 
 def test_kernel_path_sends_every_row_with_kernel_work_to_one_launch():
@@ -152,6 +164,36 @@ def test_a_step_without_reworked_rows_runs_the_whole_batch_natively():
     plan = build_plan(build, 7, _common(), view, backend)
     assert plan.default.native is None and plan.layers == {} and plan.full is not None
     assert build.calls == [(7, [s for _, s in ROWS])], "vLLM's own metadata, built once, prefix kept"
+    assert plan.quiet == {0, 3}, "KVSmooth's rows are observed in its smoothed layers only"
+
+
+def test_a_layer_no_method_observes_runs_the_native_kernel_alone(monkeypatch):
+    """In a quiet layer (no reworked row, no observed row) the layer call is the native kernel's and
+    nothing else: no method hook, no cache access."""
+    from vllm_halluguard.engine import execute
+    from vllm_halluguard.engine.registry import named
+
+    kvsmooth = KVSmoothConfig(lam_ref=0.5, layers=(1, 2))
+    view = StepView(len(ROWS), (Row(5, RequestState("k", 2, kvsmooth, 10)),))
+    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
+    plan = build_plan(Recorder(), 7, _common(), view, backend)
+    hooked: list[int] = []
+    monkeypatch.setattr(named("kvsmooth"), "run", lambda call, rows: hooked.append(call.layer))
+    monkeypatch.setattr(execute, "cache_io", lambda *a: pytest.fail("a quiet layer reads no cache"))
+    natives: list[object] = []
+
+    def native(layer, q, k, v, cache, meta, out, *args, **kwargs):
+        natives.append(meta)
+        return out
+
+    out = torch.zeros(plan.num_actual_tokens, HEADS * 8)
+    for index in (0, 3):
+        layer = SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn")
+        got = execute.run_layer(
+            SimpleNamespace(), native, layer, torch.zeros(0), None, None, torch.zeros(0), plan, out, (), {}
+        )
+        assert got is out
+    assert natives == [plan.full, plan.full] and hooked == []
 
 
 @pytest.fixture

@@ -168,6 +168,12 @@ class EngineMethod:
         runs entirely on vLLM's metadata (default: observed)."""
         return True
 
+    def observed_layers(self, rows: list[Row]) -> frozenset[int] | None:
+        """The decoder layers where :meth:`run` has work for ``rows`` (the step's rows it reworks on the
+        torch path or observes), or ``None`` for every layer (the default). A layer no method's rows
+        need, and where no row is reworked, runs the native kernel alone, without a layer call."""
+        return None
+
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """One layer call: compute the rows this layer reworks, observe the others (torch path).
 

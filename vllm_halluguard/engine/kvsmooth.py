@@ -3,12 +3,15 @@
 Per mitigated decode row and smoothed layer: the current token's attention-row entropy, a push into
 the request's FIFO for that layer, the rank lambda, and an in-place overwrite of the token's cache
 slot with the EMA of the previous slot. The math is :mod:`vllm_halluguard.methods.kvsmooth`. The CPU
-backend computes the entropy here from the row's logits over the paged cache (all decode rows of a
-layer call at once in :func:`apply_batch`: their K for the logits, K and V of two slots for the EMA;
-the native kernel's output is kept). With the Triton kernel the smoothed decode rows are computed by
-the kernel, which returns each row's exact entropy with its output (:meth:`KVSmoothEngine.after_kernel`);
-the rest of the layer's work (head mean, FIFO push, lambda, EMA written in the cache) is then one launch
-of :mod:`vllm_halluguard.kernels.kvsmooth_update` per config group (:func:`smooth_group_kernel`).
+engine's torch path keeps the native kernel's output and computes the entropy from the row's logits over
+the paged cache; it defers a step's smoothed layers to the last of them and handles them together (one
+K gather per layer, one batched softmax, FIFO push, lambda and EMA of all layers at once:
+:func:`defer`, :func:`smooth_layers`), which is exact because a layer's EMA writes only the current
+token's slot, read by no later layer of the step. With the Triton kernel the smoothed decode rows are
+computed by the kernel, which returns each row's exact entropy with its output
+(:meth:`KVSmoothEngine.after_kernel`); the rest of the layer's work (head mean, FIFO push, lambda, EMA
+written in the cache) is then one launch of :mod:`vllm_halluguard.kernels.kvsmooth_update` per config
+group (:func:`smooth_group_kernel`).
 
 Everything about the rows that is the same in every layer of a step (which rows decode, their tokens,
 FIFO slots, the cache addresses of the two slots the EMA reads and of the slot it writes, on the torch
@@ -23,6 +26,7 @@ push the same value and smooth with the same lambda.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,7 +37,11 @@ from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.engine.tp import head_mean, tp_group
-from vllm_halluguard.kernels.reference import attention_logits, attention_logits_padded
+from vllm_halluguard.kernels.reference import (
+    attention_logits,
+    attention_logits_padded,
+    attention_logits_stacked,
+)
 from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, row_entropy, update_lambda
 from vllm_halluguard.methods.resolve import MAX_KVSMOOTH_WINDOW
 
@@ -183,6 +191,10 @@ class KVSmoothEngine(EngineMethod):
         decode = span.num_tokens == 1 and span.seq_len - 1 >= row.request.prompt_len
         return decode and (not backend.kernel or self.route(row, span, backend).rework == frozenset())
 
+    def observed_layers(self, rows: list[Row]) -> frozenset[int] | None:
+        """The smoothed layers of the rows' configs (nothing happens in the others)."""
+        return frozenset().union(*(cast(KVSmoothConfig, row.request.config).layers or () for row in rows))
+
     apply = staticmethod(apply)
     apply_batch = staticmethod(apply_batch)
 
@@ -192,13 +204,19 @@ class KVSmoothEngine(EngineMethod):
 
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """Torch path (and rows the kernel lane does not serve): per smoothed layer, one padded K gather
-        at the step's page ids, the rows' entropies, then :func:`smooth_group`."""
+        at the step's page ids, the rows' entropies, then :func:`smooth_group`. On the CPU engine's torch
+        path a config group's layers are smoothed together at the last of them (:func:`defer`)."""
         if call.plan is None or call.io is None or call.gather_batch is None:
             super().run(call, rows)
             return
         t = tables(call.plan, rows, keys=True)
+        deferred = getattr(call.plan, "rows", None) is None  # the torch path: no step device tables
         for g in t.by_layer.get(call.layer, ()):
+            if deferred:
+                defer(call, g)
+                continue
             ids, valid, s_max = g.keys(call.io.block_size)
+            assert valid is not None  # the kernel path's tables have it
             k = call.io.read_keys(ids, s_max)
             probs = torch.softmax(attention_logits_padded(call.query[g.token], k, call.scale, valid), dim=-1)
             smooth_group(call, g, entropy(probs, g.cfg.head_reduce))
@@ -240,10 +258,15 @@ class Group:
     table: torch.Tensor  # [B, max_blocks] the rows' block tables (long)
     window: torch.Tensor  # [M] ``arange(cfg.window)`` (the FIFO's positions)
     s_max: int  # the longest row
+    #: Whether some row is shorter than ``s_max`` (its padded keys must be masked).
+    padded: bool = True
+    #: Torch path: this step's smoothed layers so far, ``(layer, query rows [B, Hq, D], cache io, scale)``
+    #: each, handled together at the last of ``layers`` (:func:`defer`).
+    pending: list[tuple[int, torch.Tensor, Any, float]] = field(default_factory=list, repr=False)
     #: By the cache's block size (the builder's, or the layer cache's if it differs): the cache blocks
     #: and offsets of ``positions``, and the padded K gather's page ids and key mask (torch path).
     _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _keys: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
+    _keys: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = field(default_factory=dict, repr=False)
     _launch: dict[str, Any] | None = field(default=None, repr=False)
 
     def launch_args(self) -> dict[str, Any]:
@@ -269,8 +292,9 @@ class Group:
             out = self._addresses[block_size] = (blocks, self.positions % block_size)
         return out
 
-    def keys(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Page ids ``[B, n_blocks]``, key mask ``[B, s_max]`` and ``s_max`` of the rows' K."""
+    def keys(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Page ids ``[B, n_blocks]``, key mask ``[B, s_max]`` and ``s_max`` of the rows' K (the torch
+        path's host tables leave the mask out, ``None``, where no row is shorter than ``s_max``)."""
         out = self._keys.get(block_size)
         if out is None:
             ids, valid = page_ids(self.table, self.positions[:, 1] + 1, self.s_max, block_size)
@@ -319,9 +343,14 @@ def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
         else:
             out.rest.append(row)
     bs = getattr(plan, "block_size", 0)
+    device_rows = getattr(plan, "rows", None)
     for cfg, members in groups.items():
         indices = [row.index for row in members]
-        device_rows = getattr(plan, "rows", None)
+        if device_rows is None and keys and bs > 0:
+            g = _host_group(plan, cfg, members, bs)
+            for layer in g.layers:
+                out.by_layer.setdefault(layer, []).append(g)
+            continue
         if device_rows is not None:
             idx = device_rows.index(indices)
             token, slot, pos = device_rows.last_token[idx], device_rows.slot[idx], device_rows.position[idx]
@@ -338,6 +367,7 @@ def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
             None if cfg.smooth_first_token else pos == prompt_len,
             plan.slot_mapping[token].long(), torch.stack([pos - 1, pos], dim=1), plan.block_table[idx].long(),
             torch.arange(cfg.window, device=token.device), max(seq_lens[i] for i in indices),
+            len({seq_lens[i] for i in indices}) > 1,
         )  # fmt: skip
         if bs > 0:  # the builder's block size: the layers' addresses made now, once
             g.addresses(bs)
@@ -350,21 +380,101 @@ def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
     return out
 
 
+def _host_group(plan: Any, cfg: KVSmoothConfig, members: list[Row], bs: int) -> Group:
+    """The torch path's :class:`Group` (the host is the layers' device): every table made from the host
+    lists in Python and sent through one tensor, the addresses and page ids included."""
+    qsl, seq_lens = plan.query_start_loc, plan.seq_lens
+    b = len(members)
+    pos = [seq_lens[row.index] - 1 for row in members]
+    s_max = max(pos) + 1
+    n_blocks = -(-s_max // bs)
+    table = plan.block_table[[row.index for row in members]]
+    blocks = table[:, :n_blocks].tolist()
+    ids = [[t[j] if j * bs <= p else t[0] for j in range(n_blocks)] for t, p in zip(blocks, pos, strict=True)]
+    flat = [qsl[row.index] for row in members] + [row.request.slot for row in members]
+    flat += [int(p == row.request.prompt_len) for p, row in zip(pos, members, strict=True)]
+    for t, p in zip(blocks, pos, strict=True):
+        flat += [p - 1, p, t[(p - 1) // bs], t[p // bs], (p - 1) % bs, p % bs]
+    flat += [i for row in ids for i in row]
+    host = torch.tensor(flat)
+    token, slot, first = host[:b], host[b : 2 * b], host[2 * b : 3 * b]
+    per_row = host[3 * b : 9 * b].view(b, 3, 2)  # positions, their blocks, their offsets
+    page_ids = host[9 * b :].view(b, n_blocks)
+    padded = min(pos) < s_max - 1
+    valid = torch.arange(s_max)[None, :] <= host[b : 2 * b].new_tensor(pos)[:, None] if padded else None
+    g = Group(
+        cfg, frozenset(cfg.layers or ()), token, slot, None if cfg.smooth_first_token else first.bool(),
+        plan.slot_mapping[token].long(), per_row[:, 0], table.long(), _window(cfg.window), s_max, padded,
+    )  # fmt: skip
+    g._addresses[bs] = (per_row[:, 1], per_row[:, 2])
+    g._keys[bs] = (page_ids, valid, s_max)
+    return g
+
+
+@functools.cache
+def _window(m: int) -> torch.Tensor:
+    """``arange(m)`` on the host (the torch path's FIFO positions)."""
+    return torch.arange(m)
+
+
 def smooth_group(call: LayerCall, g: Group, z: torch.Tensor) -> None:
     """FIFO push of the rows' entropies ``z [B]``, rank lambdas and the EMA of each row's token with its
     previous slot, for all rows of ``g`` at once (a fixed sequence of tensor ops)."""
-    buf = device_buffers(call.runtime, z.device)
-    layer, cfg = call.layer, g.cfg
+    _smooth(call.runtime, g, call.layer, [call.io], z)
+
+
+def defer(call: LayerCall, g: Group) -> None:
+    """Torch path: keep this layer's query rows of ``g``; at the last of ``g``'s layers, smooth every
+    layer of the step at once (:func:`smooth_layers`). Exact: a smoothed layer's EMA writes only the
+    current token's slot in that layer's cache, which nothing in the rest of the step reads (single-token
+    rows; the next step's attention reads it). The layers of a step run in ascending order, and every
+    layer of ``g`` runs on this rank (pipeline parallelism is refused for KVSmooth)."""
+    g.pending.append((call.layer, call.query[g.token], call.io, call.scale))
+    if call.layer == max(g.layers):
+        pending, g.pending = g.pending, []
+        smooth_layers(call.runtime, g, pending)
+
+
+def smooth_layers(runtime: Any, g: Group, pending: list[tuple[int, torch.Tensor, Any, float]]) -> None:
+    """The entropies of ``g``'s rows in the ``pending`` layers (one padded K gather per layer, one
+    batched softmax), then :func:`_smooth` of all those layers together."""
+    layers = [layer for layer, _, _, _ in pending]
+    ids, valid, s_max = g.keys(pending[0][2].block_size)
+    q = torch.stack([rows for _, rows, _, _ in pending])  # [L, B, Hq, D]
+    k = torch.stack([io.read_keys(ids, s_max) for _, _, io, _ in pending])  # [L, B, S, Hkv, D]
+    scales = [scale for _, _, _, scale in pending]
+    logits = attention_logits_stacked(q, k, scales, valid if g.padded else None)  # [L, B, Hq, S]
+    z = entropy(torch.softmax(logits, dim=-1), g.cfg.head_reduce)  # [L, B]
+    _smooth(runtime, g, _layer_index(tuple(layers)), [io for _, _, io, _ in pending], z)
+
+
+@functools.cache
+def _layer_index(layers: tuple[int, ...]) -> torch.Tensor:
+    """``layers`` as a host index ``[L, 1]`` (the torch path runs on the host)."""
+    return torch.tensor(layers)[:, None]
+
+
+def _smooth(runtime: Any, g: Group, layer: int | torch.Tensor, ios: list[Any], z: torch.Tensor) -> None:
+    """FIFO push, rank lambdas and EMA of ``g``'s rows in one layer (``layer`` an int, ``z [B]``, ``ios``
+    that layer's cache io) or in several (``layer [L, 1]``, ``z [L, B]``, one cache io per layer)."""
+    buf = device_buffers(runtime, z.device)
+    cfg = g.cfg
     m = cfg.window
     lam, queue, count = push_rank(buf.queue[g.slot, layer, :m], buf.count[g.slot, layer], z, cfg, g.window)
     buf.queue[g.slot, layer, :m], buf.count[g.slot, layer] = queue, count
     if g.first is not None:
         lam = lam.masked_fill(g.first, 0.0)
-    kv = torch.stack(
-        call.io.read_at(*g.addresses(call.io.block_size))
-    )  # [2 (K, V), B, 2 (pos - 1, pos), Hkv, D]
-    new = ema(kv[:, :, 0], kv[:, :, 1], lam[None])
-    call.write(g.cur, new[0], new[1])
+    reads = [io.read_at(*g.addresses(io.block_size)) for io in ios]  # K, V [B, 2 (pos - 1, pos), Hkv, D]
+    if len(ios) == 1 and isinstance(layer, int):
+        kv = torch.stack(reads[0])  # [2 (K, V), B, 2, Hkv, D]
+    else:
+        kv = torch.stack([torch.stack(kv) for kv in reads], dim=1)  # [2 (K, V), L, B, 2, Hkv, D]
+    new = ema(kv[..., 0, :, :], kv[..., 1, :, :], lam[None])
+    if isinstance(layer, int):
+        ios[0].write(g.cur, new[0], new[1])
+    else:
+        for i, io in enumerate(ios):
+            io.write(g.cur, new[0, i], new[1, i])
 
 
 _update_module: Any = None
@@ -411,18 +521,18 @@ def smooth_group_kernel(call: LayerCall, g: Group, entropy: torch.Tensor) -> boo
 def push_rank(
     queue: torch.Tensor, count: torch.Tensor, z: torch.Tensor, cfg: KVSmoothConfig, window: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~vllm_halluguard.methods.kvsmooth.update_lambda` of rows ``queue [B, M]``, ``count [B]``,
-    ``z [B]`` in fewer ops (``window``: ``arange(M)`` on the rows' device, made once per step): the
+    """:func:`~vllm_halluguard.methods.kvsmooth.update_lambda` of rows ``queue [..., M]``, ``count [...]``,
+    ``z [...]`` in fewer ops (``window``: ``arange(M)`` on the rows' device, made once per step): the
     same push, rank, clip and results. Returns ``(lam, queue, count)``."""
     if cfg.lam_ref is None:
         raise ValueError("KVSmoothConfig.lam_ref is unresolved; call cfg.for_model(...) first")
     m = queue.shape[-1]
-    zq = z.to(queue.dtype)[:, None]
-    queue = torch.where(window == (count % m)[:, None], zq, queue)
+    zq = z.to(queue.dtype)[..., None]
+    queue = torch.where(window == (count % m)[..., None], zq, queue)
     count = count + 1
     filled = count.clamp(max=m)
     below = (queue <= zq) if cfg.rank_inclusive else (queue < zq)
-    k = (below & (window < filled[:, None])).sum(-1)
+    k = (below & (window < filled[..., None])).sum(-1)
     lam_hat = k / (m if cfg.rank_divisor == "window" else filled)  # ``filled >= 1`` after the push
     lo, hi = max(cfg.lam_ref - cfg.clip, 0.0), min(cfg.lam_ref + cfg.clip, 1.0)  # both clips at once
     return lam_hat.float().clamp(lo, hi), queue, count

@@ -125,6 +125,9 @@ class StepPlan:
     #: Per-step tables the methods build once (:meth:`~vllm_halluguard.engine.base.EngineMethod.
     #: prepare_step`) and read in every layer call, by a key of their choosing.
     prepared: dict[Hashable, Any] = field(default_factory=dict)
+    #: Layers where no method's rows are observed (:meth:`~vllm_halluguard.engine.base.EngineMethod.
+    #: observed_layers`): those without reworked rows run the native kernel alone.
+    quiet: frozenset[int] = frozenset()
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers.get(index, self.default)
@@ -333,6 +336,7 @@ def build_plan(
     plan = StepPlan(view, qsl, seq_lens, int(qsl[-1]), LayerPlan(None, observed=tuple(by_method.items())),
                     sink_lanes=lanes, by_method=by_method)  # fmt: skip
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
+    plan.quiet = _quiet_layers(by_method, backend.num_layers)
     plan.block_size = block_size
     make_rows = queue_device_rows(cm, view, upload) if backend.kernel else None
     plan.in_sink_lanes = in_lanes
@@ -382,6 +386,17 @@ def build_plan(
         plan.kernel_args, plan.masks_per_layer = make_args(sent)
     _prepare(plan)
     return plan
+
+
+def _quiet_layers(by_method: dict[str, list[Row]], num_layers: int) -> frozenset[int]:
+    """The layers none of the step's methods observes its rows in."""
+    observed: set[int] = set()
+    for name, rows in by_method.items():
+        layers = named(name).observed_layers(rows)
+        if layers is None:
+            return frozenset()
+        observed |= layers
+    return frozenset(range(num_layers)) - observed
 
 
 def _prepare(plan: StepPlan) -> None:

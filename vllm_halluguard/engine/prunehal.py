@@ -3,9 +3,11 @@
 For every mitigated decode row, the row ending with the prompt's last token (step 1: the prefill or its
 last chunk, measured on that token's query only) and every configured layer, :func:`apply`
 
-* recomputes the row's attention over the paged cache with the pruned visual keys masked (``key_mask``:
-  an additive ``-inf``, identical to slicing them out) and writes it over the native kernel's output
-  (only once something is pruned; before that the native output is already exact);
+* once something is pruned, takes the pruned visual keys' share out of the native kernel's output
+  (:func:`_correct_native`: the softmax over the kept keys, from the row's probabilities over all keys
+  and the pruned keys' V), or, for the reclaiming variant (whose freed blocks the native kernel must not
+  read), recomputes the row's attention with the pruned keys masked (``key_mask``: an additive ``-inf``,
+  identical to slicing them out) and writes it over the native output;
 * measures the last query's head-averaged probabilities on the visual keys, exactly: explicit logits
   ``s_j = scale * q . k_j`` on the visual keys normalised by the row's LSE over the *kept* keys (the
   reference's softmax with pruned keys at ``-inf``), giving ``A_l`` and the per-token scores.
@@ -333,8 +335,11 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     assert call.gather_batch is not None
     batch_rows = [row.index for row, _, _ in todo]
     seq_lens = [call.seq_lens[r] for r in batch_rows]
-    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]  # reworked: the output is ours
-    pruned = bool(masked)
+    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]
+    if masked and not any(todo[b][1].reclaim for b in masked):  # every such row stayed native
+        _correct_native(call, todo, batch_rows, seq_lens)
+        return
+    pruned = bool(masked)  # some row is reworked here (the reclaim): the masked rows' output is ours
     # V only once something is pruned: before that the native kernel's output is already exact
     on_dev = None if pruned else _keys_on_device(call, batch_rows, max(seq_lens))
     if on_dev is not None:
@@ -362,6 +367,37 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         lse = torch.logsumexp(logits, dim=-1)
         on_visual = torch.exp(logits.gather(-1, index) - lse[..., None])
     _store(call, todo, head_mean((on_visual * keep[:, None, :]).float(), -2), keep)  # over every rank's heads
+
+
+def _correct_native(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]], batch_rows: list[int], seq_lens: list[int]
+) -> None:
+    """Torch path, rows the native kernel computed over every key: their pruned keys' share taken out of
+    its output, and the statistics. With ``p_j`` the row's probabilities over all keys and ``P`` its
+    pruned keys, attention without them is ``(o - sum_P p_j v_j) / (1 - sum_P p_j)`` (the softmax over
+    the kept keys), and a kept key's probability there is ``p_j / (1 - sum_P p_j)``. One padded K gather
+    for the logits and LSE (which the statistics need anyway) and the V of the visual keys; a row that
+    prunes nothing in this layer keeps the native output bit for bit (``(o - 0) / 1``). PruneHal prunes
+    the least attended visual keys, so ``1 - sum_P p_j`` stays away from 0."""
+    assert call.gather_batch is not None and call.gather_slots is not None
+    k, _, key_mask = call.gather_batch(batch_rows, seq_lens, values=False)
+    visual, real = _padded_visual(call, todo)
+    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+    last = _last_tokens(call, batch_rows)
+    q = call.query.index_select(0, last)
+    b, hq, d = q.shape
+    logits = attention_logits_padded(q, k, call.scale, key_mask)
+    lse = torch.logsumexp(logits, dim=-1)
+    on_visual = torch.exp(logits.gather(-1, visual[:, None, :].expand(-1, hq, -1)) - lse[..., None])
+    dropped = on_visual * (real & ~keep)[:, None, :]  # [B, Hq, Nv]: the pruned keys' probabilities
+    kept = 1.0 - dropped.sum(-1)  # [B, Hq]
+    v = call.gather_slots(batch_rows, visual)[1]  # [B, Nv, Hkv, D]
+    hkv = v.shape[2]
+    share = torch.matmul(dropped.view(b, hkv, hq // hkv, -1), v.float().transpose(1, 2)).view(b, hq, d)
+    out = (call.output.index_select(0, last).float() - share) / kept[..., None]
+    call.output.index_copy_(0, last, out.to(call.output.dtype))
+    probs = on_visual * keep[:, None, :] / kept[..., None]  # over the kept keys
+    _store(call, todo, head_mean(probs.float(), -2), keep)  # over every rank's heads
 
 
 def _padded_visual(
@@ -890,14 +926,18 @@ class PruneHalEngine(EngineMethod):
             apply_batch(call, rows)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
-        """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
-        key mask); with the kernel, every configured layer (output, mask and LSE in one launch)."""
+        """Decode rows in the configured layers: with the kernel, every configured layer (output, mask and
+        LSE in one launch); on the torch path the native kernel, whose output the layer call corrects where
+        keys are pruned (the reclaim's rows: the torch path where keys are pruned)."""
         st = _state(row)
         if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
             return NATIVE
         if backend.kernel:
             return Route(rework=frozenset(st.layers))
-        # a decision the host has not read yet counts as pruned: the masked torch path is exact either way
+        if not st.reclaim:  # the native output, less the pruned keys' share (:func:`_correct_native`)
+            return NATIVE
+        # the reclaim nulls pruned blocks in the block table, which the native kernel would read: the
+        # masked torch path; a decision the host has not read yet counts as pruned (exact either way)
         return Route(rework=st.all_layers if st.pending else st.pruned_layers)
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:

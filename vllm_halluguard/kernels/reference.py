@@ -69,6 +69,25 @@ def attention_logits_padded(
     return logits.masked_fill(~key_mask[:, None, :], float("-inf"))
 
 
+def attention_logits_stacked(
+    q: torch.Tensor, k: torch.Tensor, scales: list[float], key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`attention_logits_padded` of the same rows in ``L`` layers at once: ``q [L, B, Hq, D]`` on
+    ``k [L, B, S, Hkv, D]`` with layer ``l``'s ``scales[l]``, keys hidden by ``key_mask [B, S]`` (the
+    same in every layer; ``None``: none). Returns fp32 ``[L, B, Hq, S]``."""
+    n, b, hq, d = q.shape
+    s, hkv = k.shape[2], k.shape[3]
+    logits = torch.matmul(q.float().view(n, b, hkv, hq // hkv, d), k.float().permute(0, 1, 3, 4, 2))
+    if len(set(scales)) == 1:
+        logits = logits * scales[0]
+    else:
+        logits = logits * torch.tensor(scales, device=q.device).view(n, 1, 1, 1, 1)
+    logits = logits.view(n, b, hq, s)
+    if key_mask is None:
+        return logits
+    return logits.masked_fill(~key_mask[None, :, None, :], float("-inf"))
+
+
 def attention_probs_padded(
     q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
