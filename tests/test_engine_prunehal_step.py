@@ -209,3 +209,63 @@ def test_a_decision_read_as_one_stack_equals_the_per_row_state(monkeypatch):
     assert [x[0] for x in stacked] == [5] * 6
     for a, b in zip(stacked, per_row, strict=True):
         assert a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:], strict=True))
+
+
+def _torch_layer(n: int):
+    """Layer 0 (not the deciding one) of a decode step of ``n`` rows on the CPU engine's torch path: every
+    row native, the native output being each row's attention over all its keys. Returns the ops of the
+    layer call, the output it leaves, the rows' masked attention (the reference's), the native output,
+    the rows and the expected (A, scores) per row."""
+    from vllm_halluguard.engine.prunehal import PruneHalEngine, on_device
+    from vllm_halluguard.kernels.reference import attention_rows
+
+    rows, seq_lens, io, q, masks = _world(n)
+    scale, qsl = D**-0.5, list(range(n + 1))
+    native, want, stats = torch.zeros(n, HQ, D), torch.zeros(n, HQ, D), []
+    for r, row in enumerate(rows):
+        k, v = io.gather(r, seq_lens[r])
+        pos = torch.tensor([seq_lens[r] - 1])
+        native[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos)[0][0]
+        want[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos, key_mask=masks[r][0])[0][0]
+        probs = torch.softmax(attention_logits(q[0, r : r + 1], k, scale, pos, masks[r][0]), -1)[0]
+        probs = probs[:, VISUAL].mean(0)  # head mean on the visual keys
+        keep = masks[r][0][VISUAL]
+        total = probs[keep].sum()
+        stats.append((total / keep.sum() if row.request.config.statistic == "mean" else total, probs))
+    plan = SimpleNamespace(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=io.block_table, block_size=BS,
+        slot_mapping=torch.tensor(seq_lens) - 1, prepared={},
+    )  # fmt: skip
+    runtime = SimpleNamespace(block_size=BS, num_layers=len(LAYERS), stats={}, ext={})
+    for row in rows:  # the requests' state moved to the layers' device at their first step
+        on_device(row.request.scratch["prunehal"], row.request.config, q.device)
+    output = native.clone()
+    call = LayerCall(
+        layer=LAYERS[0], scale=scale, query=q[0].clone(), output=output, query_start_loc=qsl,
+        seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather, write=io.write,
+        gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+    )  # fmt: skip
+    counter = _Ops()
+    with counter:
+        PruneHalEngine().run(call, rows)
+    return counter.ops, output, want, native, rows, stats
+
+
+def test_the_torch_path_takes_the_pruned_keys_share_out_of_the_native_output():
+    """On the CPU engine's torch path a row with pruned keys stays in the native kernel: the layer call
+    turns the native output over all keys into the attention over the kept keys (the reference's masked
+    softmax), leaves a row that prunes nothing bit for bit, measures the statistics over the kept keys,
+    and does so in a fixed op sequence whatever the row count."""
+    results = {n: _torch_layer(n) for n in (4, 24)}
+    for n, (_, output, want, native, rows, stats) in results.items():
+        for r, row in enumerate(rows):
+            st = row.request.scratch["prunehal"]
+            if r % 2:  # pruned before
+                torch.testing.assert_close(output[r], want[r], atol=1e-5, rtol=1e-4)
+                assert not torch.equal(output[r], native[r])
+            else:
+                assert torch.equal(output[r], native[r]), (n, r)
+            a, scores, b = st.parts[0]
+            torch.testing.assert_close(a[b], stats[r][0])
+            torch.testing.assert_close(scores[b, : VISUAL.numel()], stats[r][1])
+    assert results[4][0] == results[24][0], (results[4][0], results[24][0])

@@ -56,6 +56,7 @@ import torch
 from vllm_halluguard.engine import reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.cache_io import CacheIO
+from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import DeviceRows, RequestState, Row, queue_to_host, worker_log
@@ -336,8 +337,10 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     batch_rows = [row.index for row, _, _ in todo]
     seq_lens = [call.seq_lens[r] for r in batch_rows]
     masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]
-    if masked and not any(todo[b][1].reclaim for b in masked):  # every such row stayed native
-        _correct_native(call, todo, batch_rows, seq_lens)
+    torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
+    if torch_path and not any(todo[b][1].reclaim for b in masked):
+        # every row native (nothing pruned, or its pruned keys' share taken out of the native output)
+        _correct_native(call, todo, batch_rows, seq_lens, bool(masked))
         return
     pruned = bool(masked)  # some row is reworked here (the reclaim): the masked rows' output is ours
     # V only once something is pruned: before that the native kernel's output is already exact
@@ -370,34 +373,87 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
 
 
 def _correct_native(
-    call: LayerCall, todo: list[tuple[Row, PruneState, int]], batch_rows: list[int], seq_lens: list[int]
+    call: LayerCall,
+    todo: list[tuple[Row, PruneState, int]],
+    batch_rows: list[int],
+    seq_lens: list[int],
+    pruned: bool,
 ) -> None:
     """Torch path, rows the native kernel computed over every key: their pruned keys' share taken out of
     its output, and the statistics. With ``p_j`` the row's probabilities over all keys and ``P`` its
     pruned keys, attention without them is ``(o - sum_P p_j v_j) / (1 - sum_P p_j)`` (the softmax over
     the kept keys), and a kept key's probability there is ``p_j / (1 - sum_P p_j)``. One padded K gather
-    for the logits and LSE (which the statistics need anyway) and the V of the visual keys; a row that
-    prunes nothing in this layer keeps the native output bit for bit (``(o - 0) / 1``). PruneHal prunes
-    the least attended visual keys, so ``1 - sum_P p_j`` stays away from 0."""
-    assert call.gather_batch is not None and call.gather_slots is not None
-    k, _, key_mask = call.gather_batch(batch_rows, seq_lens, values=False)
-    visual, real = _padded_visual(call, todo)
-    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
-    last = _last_tokens(call, batch_rows)
-    q = call.query.index_select(0, last)
+    for the logits and LSE (which the statistics need anyway) and, where some row prunes (``pruned``),
+    the V of the visual keys; a row that prunes nothing in this layer keeps the native output bit for bit
+    (``(o - 0) / 1``). PruneHal prunes the least attended visual keys, so ``1 - sum_P p_j`` stays away
+    from 0. The step's tables are made once (:func:`_torch_tables`)."""
+    t = _torch_tables(call, todo, batch_rows, seq_lens)
+    k = call.io.read_keys(t.ids, t.s_max)
+    indices = {i for _, _, i in todo}
+    if t.keep is not None and len(indices) == 1:  # the rows' keep masks of this layer, one op
+        keep = t.keep[:, indices.pop()]
+    else:
+        keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+    q = call.query.index_select(0, t.last)
     b, hq, d = q.shape
-    logits = attention_logits_padded(q, k, call.scale, key_mask)
+    logits = attention_logits_padded(q, k, call.scale, t.valid)
     lse = torch.logsumexp(logits, dim=-1)
-    on_visual = torch.exp(logits.gather(-1, visual[:, None, :].expand(-1, hq, -1)) - lse[..., None])
-    dropped = on_visual * (real & ~keep)[:, None, :]  # [B, Hq, Nv]: the pruned keys' probabilities
+    on_visual = torch.exp(logits.gather(-1, t.visual[:, None, :].expand(-1, hq, -1)) - lse[..., None])
+    if not pruned:  # the native output is the rows' attention
+        _store(call, todo, head_mean(on_visual * keep[:, None, :], -2), keep)
+        return
+    dropped = on_visual * (t.real & ~keep)[:, None, :]  # [B, Hq, Nv]: the pruned keys' probabilities
     kept = 1.0 - dropped.sum(-1)  # [B, Hq]
-    v = call.gather_slots(batch_rows, visual)[1]  # [B, Nv, Hkv, D]
+    v = call.io.read_at(t.blocks, t.offsets)[1]  # [B, Nv, Hkv, D]: V of the visual keys
     hkv = v.shape[2]
     share = torch.matmul(dropped.view(b, hkv, hq // hkv, -1), v.float().transpose(1, 2)).view(b, hq, d)
-    out = (call.output.index_select(0, last).float() - share) / kept[..., None]
-    call.output.index_copy_(0, last, out.to(call.output.dtype))
+    out = (call.output.index_select(0, t.last).float() - share) / kept[..., None]
+    call.output.index_copy_(0, t.last, out.to(call.output.dtype))
     probs = on_visual * keep[:, None, :] / kept[..., None]  # over the kept keys
     _store(call, todo, head_mean(probs.float(), -2), keep)  # over every rank's heads
+
+
+@dataclass
+class TorchTables:
+    """The torch path's tables of a step's measured rows, the same in every layer (:func:`_torch_tables`)."""
+
+    ids: torch.Tensor  # [B, n_blocks] the rows' pages (:func:`~vllm_halluguard.engine.cpu_cache.page_ids`)
+    valid: torch.Tensor  # [B, s_max] each row's keys
+    s_max: int
+    last: torch.Tensor  # [B] the flat index of each row's last token
+    visual: torch.Tensor  # [B, Nv_max] visual positions (padded with 0)
+    real: torch.Tensor  # [B, Nv_max] which are real
+    blocks: torch.Tensor  # [B, Nv_max] the cache blocks and in-block offsets of ``visual``
+    offsets: torch.Tensor
+    #: ``[B, L, Nv]`` the rows' keep masks as of the step's start (a decision replaces them after the last
+    #: layer that reads them), where the rows have as many layers and visual tokens (else ``None``).
+    keep: torch.Tensor | None
+
+
+def _torch_tables(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]], batch_rows: list[int], seq_lens: list[int]
+) -> TorchTables:
+    """:class:`TorchTables` of the rows, made at the step's first layer call that measures them and kept
+    in its plan (the layer calls of a step see the same rows), with no tensor op per row."""
+    bs = call.io.block_size
+    key = ("prunehal_torch", bs, tuple(batch_rows))
+    hit = call.plan.prepared.get(key)
+    if hit is None:
+        s_max = max(seq_lens)
+        table = call.plan.block_table[batch_rows].long()
+        ids, valid = page_ids(table, torch.tensor(seq_lens), s_max, bs)
+        sts = [st for _, st, _ in todo]
+        counts = [len(st.visual_list) for st in sts]
+        positions = [cast(torch.Tensor, st.visual_dev) for st in sts]
+        same = len(set(counts)) == 1 and len({len(st.layers) for st in sts}) == 1
+        visual = torch.stack(positions) if same else torch.nn.utils.rnn.pad_sequence(positions, True)
+        real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
+        blocks = table.gather(1, visual // bs)
+        last = _last_tokens(call, batch_rows)
+        keep = torch.stack([st.keep for st in sts]) if same else None
+        hit = TorchTables(ids, valid, s_max, last, visual, real, blocks, visual % bs, keep)
+        call.plan.prepared[key] = hit
+    return hit
 
 
 def _padded_visual(

@@ -65,7 +65,8 @@ def attention_logits_padded(
     b, hq, d = q.shape
     hkv = k.shape[2]
     qf = q.float().reshape(b, hkv, hq // hkv, d)
-    logits = torch.einsum("bkgd,bskd->bkgs", qf, k.float()).reshape(b, hq, -1) * scale
+    # ``matmul``, not ``einsum``: the same products, without einsum's per-call planning on the host
+    logits = torch.matmul(qf, k.float().permute(0, 2, 3, 1)).reshape(b, hq, -1) * scale
     return logits.masked_fill(~key_mask[:, None, :], float("-inf"))
 
 
