@@ -171,7 +171,7 @@ COST_S: dict[str, float] = {
     "test_engine_contract.py": 2847,
     "test_engine_compose.py": 2006,
     "test_engine_scr.py": 1230,
-    "test_engine_modes.py": 590,  # 610 less ~3 %: interpreted V2 kernels -17 % CPU (helpers.triton_interp)
+    "test_engine_modes.py": 510,  # 590 x 718/832 CPU s: SCR preemption and repeated plain runs out of V2
     "test_engine_tp.py": 558,
     "test_engine_prunehal.py": 337,
     "plain_server": 346,  # with test_docs.py (~80)
@@ -187,7 +187,7 @@ COST_S: dict[str, float] = {
     "test_engine_prunehal_reclaim.py": 53,
     "test_engine_compiled.py": 42,
     # Added after the baseline, estimated from their single-file runs on the same loaded machine:
-    "test_engine_gpu_backends.py": 620,  # 900 x 189/289 s helper CPU (helpers.triton_interp; shared machine)
+    "test_engine_gpu_backends.py": 575,  # 620 x 401/433 CPU s: no second run of the preempted batch
     "test_server_hardening.py": 300,
     "test_check.py": 220,
     "test_gpu_check.py": 160,

@@ -29,6 +29,7 @@ from helpers.parity import (
     hf_generate,
     logprob_shift,
     method_case,
+    plain_answer,
     run_vllm,
 )
 from vllm_halluguard import reference
@@ -261,7 +262,7 @@ def test_engine_matches_reference(paper_engine, hf_model, name, label):
     spec = CASES[name].specs[label]
     case = method_case(fixture, 5, spec)
     (gen,) = run_vllm(llm, [case])
-    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
+    plain = plain_answer(llm, fixture, 5)
     # the reference runs the config the engine resolved (e.g. "farsight" is served as mode C, while the
     # reference's own default is the paper's mode A)
     resolved = json.loads(resolve(spec, model.config).canonical())

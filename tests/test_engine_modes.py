@@ -54,8 +54,9 @@ RUNS = {
                 " or farsight-preset or farsight-b])) or test_mixed_batch))",
                 "(test_engine_methods and (test_preempted or test_prefix_cache"
                 " or test_plain_requests_equal))",
-                "(test_engine_scr and ((test_decisions and preset) or test_preempted"
-                " or (test_prefix_cache and llava)))",
+                # SCR's preemption test: the methods' one runs SCR (alone and in 4 compositions) on the
+                # same starved engine with more preemptions, and checks SCR rows were preempted
+                "(test_engine_scr and ((test_decisions and preset) or (test_prefix_cache and llava)))",
                 "(test_engine_prunehal and test_decisions and preset)",
             ]
         ),
@@ -68,7 +69,6 @@ RUNS = {
             "test_prefix_cache_is_isolated_per_method_config",
             "test_plain_requests_equal_a_run_without_the_plugin",
             "test_decisions_match_reference",
-            "test_preempted_scr_requests_recompute_with_their_selection",
             "test_prefix_cache_is_never_read_by_or_from_scr",
         },
     ),

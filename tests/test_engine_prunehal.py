@@ -15,6 +15,7 @@ from helpers.parity import (
     hf_generate,
     logprob_shift,
     method_case,
+    plain_answer,
     recording_reference,
     run_vllm,
 )
@@ -53,7 +54,7 @@ def test_decisions_match_reference(paper_engine, hf_model, name):
     spec = SPECS[name]
     case = method_case(fixture, 5, spec)
     gen, rec = _run_traced(llm, case)
-    (plain,) = run_vllm(llm, [method_case(fixture, 5, None)])
+    plain = plain_answer(llm, fixture, 5)
 
     refs = []
     ctx = recording_reference(model, spec, refs)

@@ -16,6 +16,7 @@ from helpers.parity import (
     hf_generate,
     logprob_shift,
     method_case,
+    plain_answer,
     recording_reference,
     run_vllm,
     sampling_params,
@@ -56,7 +57,7 @@ pytestmark = pytest.mark.engine
 def plain_5(paper_engine):
     """The plain request of the decision tests' case (image seed 5)."""
     fixture, llm = paper_engine
-    return run_vllm(llm, [method_case(fixture, 5, None)])[0]
+    return plain_answer(llm, fixture, 5)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
