@@ -108,34 +108,22 @@ def test_torch_path_partitions_reworked_and_sink_rows_out_of_the_native_kernel()
     (lane,) = plan.sink_lanes
     assert lane.batch.rows == [2] and lane.layers == frozenset({1, 2}) and lane.sinks.shape == (HEADS,)
     assert stats["farsight_native_rows"] == 1
-    # FarSight C's prompt rows are reworked in every layer; PruneHal's row stays native where it pruned
-    # (layer 2: its layer call takes the pruned keys' share out of the native output); KVSmooth keeps
-    # the native output on the torch path
-    for layer in range(LAYERS):
+    # FarSight C's prompt rows are reworked in every layer; PruneHal only where it pruned (layer 2);
+    # KVSmooth keeps the native output on the torch path
+    for layer in (0, 1, 3):
         lp = plan.layer(layer)
         assert [r.index for r in lp.rework] == [1] and lp.native.rows == [0, 3, 4, 5] and lp.kernel is None
+    lp2 = plan.layer(2)
+    assert [r.index for r in lp2.rework] == [1, 4] and lp2.native.rows == [0, 3, 5]
     assert plan.full is None, "no layer runs the whole batch natively"
     # one native build per distinct row set, none for the whole batch; sub-batches start with no prefix
     built = sorted(rows for _, rows in build.calls)
-    assert built == sorted([[33], _seq_rows(plan.layer(0).native)])
+    assert built == sorted([[33], _seq_rows(plan.layer(0).native), _seq_rows(lp2.native)])
     assert all(prefix == 0 for prefix, _ in build.calls)
-    assert plan.layer(0) is plan.layer(2), "layers with the same rework set share one plan"
+    assert plan.layer(0) is plan.layer(3), "layers with the same rework set share one plan"
     # the native rows' tokens: rows 0, 3, 4, 5 are not contiguous -> an index tensor
     assert plan.layer(0).native.tokens.tolist() == [0, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     assert [r.index for r in plan.by_method["prunehal"]] == [4] and plan.in_sink_lanes == {2}
-
-
-def test_torch_path_reworks_the_reclaims_pruned_rows():
-    """A reclaiming PruneHal request's freed blocks are nulled in the block table, which the native
-    kernel would read: its rows leave the native kernel where keys are pruned (layer 2)."""
-    view = _rows()
-    view.rows[2].request.scratch["prunehal"].reclaim = True
-    backend = Backend(kernel=False, native_sinks=True, num_layers=LAYERS, num_heads=HEADS)
-    plan = build_plan(Recorder(), 7, _common(), view, backend, {"farsight_native_rows": 0})
-    for layer in (0, 1, 3):
-        assert [r.index for r in plan.layer(layer).rework] == [1]
-    lp2 = plan.layer(2)
-    assert [r.index for r in lp2.rework] == [1, 4] and lp2.native.rows == [0, 3, 5]
 
 
 def test_kernel_path_sends_every_row_with_kernel_work_to_one_launch():

@@ -212,10 +212,11 @@ def test_a_decision_read_as_one_stack_equals_the_per_row_state(monkeypatch):
 
 
 def _torch_layer(n: int):
-    """Layer 0 (not the deciding one) of a decode step of ``n`` rows on the CPU engine's torch path: every
-    row native, the native output being each row's attention over all its keys. Returns the ops of the
-    layer call, the output it leaves, the rows' masked attention (the reference's), the native output,
-    the rows and the expected (A, scores) per row."""
+    """Layer 0 (not the deciding one) of a decode step of ``n`` rows on the CPU engine's torch path, the
+    rows with pruned keys reworked (their native output is not computed: here it holds each row's
+    attention over all its keys, which the layer call must replace). Returns the ops of the layer call,
+    the output it leaves, the rows' masked attention (the reference's), that output before the call, the
+    rows and the expected (A, scores) per row."""
     from vllm_halluguard.engine.prunehal import PruneHalEngine, on_device
     from vllm_halluguard.kernels.reference import attention_rows
 
@@ -251,11 +252,11 @@ def _torch_layer(n: int):
     return counter.ops, output, want, native, rows, stats
 
 
-def test_the_torch_path_takes_the_pruned_keys_share_out_of_the_native_output():
-    """On the CPU engine's torch path a row with pruned keys stays in the native kernel: the layer call
-    turns the native output over all keys into the attention over the kept keys (the reference's masked
-    softmax), leaves a row that prunes nothing bit for bit, measures the statistics over the kept keys,
-    and does so in a fixed op sequence whatever the row count."""
+def test_a_torch_path_layer_call_is_a_fixed_op_sequence_over_its_rows():
+    """On the CPU engine's torch path a layer call computes the rows with pruned keys as the reference's
+    masked softmax, leaves the others' native output bit for bit, measures the statistics over the kept
+    keys, and does so in a fixed op sequence whatever the row count (the step's tables are made once:
+    pages, last tokens, visual positions, keep masks stacked)."""
     results = {n: _torch_layer(n) for n in (4, 24)}
     for n, (_, output, want, native, rows, stats) in results.items():
         for r, row in enumerate(rows):

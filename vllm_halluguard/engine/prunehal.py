@@ -3,11 +3,9 @@
 For every mitigated decode row, the row ending with the prompt's last token (step 1: the prefill or its
 last chunk, measured on that token's query only) and every configured layer, :func:`apply`
 
-* once something is pruned, takes the pruned visual keys' share out of the native kernel's output
-  (:func:`_correct_native`: the softmax over the kept keys, from the row's probabilities over all keys
-  and the pruned keys' V), or, for the reclaiming variant (whose freed blocks the native kernel must not
-  read), recomputes the row's attention with the pruned keys masked (``key_mask``: an additive ``-inf``,
-  identical to slicing them out) and writes it over the native output;
+* recomputes the row's attention over the paged cache with the pruned visual keys masked (``key_mask``:
+  an additive ``-inf``, identical to slicing them out) and writes it over the native kernel's output
+  (only once something is pruned; before that the native output is already exact);
 * measures the last query's head-averaged probabilities on the visual keys, exactly: explicit logits
   ``s_j = scale * q . k_j`` on the visual keys normalised by the row's LSE over the *kept* keys (the
   reference's softmax with pruned keys at ``-inf``), giving ``A_l`` and the per-token scores.
@@ -336,22 +334,26 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     assert call.gather_batch is not None
     batch_rows = [row.index for row, _, _ in todo]
     seq_lens = [call.seq_lens[r] for r in batch_rows]
-    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]
+    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]  # reworked: the output is ours
+    pruned = bool(masked)
     torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
-    if torch_path and not any(todo[b][1].reclaim for b in masked):
-        # every row native (nothing pruned, or its pruned keys' share taken out of the native output)
-        _correct_native(call, todo, batch_rows, seq_lens, bool(masked))
-        return
-    pruned = bool(masked)  # some row is reworked here (the reclaim): the masked rows' output is ours
-    # V only once something is pruned: before that the native kernel's output is already exact
-    on_dev = None if pruned else _keys_on_device(call, batch_rows, max(seq_lens))
-    if on_dev is not None:
-        (k, key_mask), v = on_dev, None
+    if torch_path:  # the step's tables, made once (:func:`_torch_tables`)
+        t = _torch_tables(call, todo, batch_rows, seq_lens)
+        visual, real, last, keep = t.visual, t.real, t.last, _layer_keep(t, todo)
+        if pruned:
+            k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=True)
+        else:  # K only: before something is pruned the native kernel's output is already exact
+            k, v, key_mask = call.io.read_keys(t.ids, t.s_max), None, t.valid
     else:
-        k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=pruned)
-    visual, real = _padded_visual(call, todo)
-    keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
-    last = _last_tokens(call, batch_rows)
+        # V only once something is pruned: before that the native kernel's output is already exact
+        on_dev = None if pruned else _keys_on_device(call, batch_rows, max(seq_lens))
+        if on_dev is not None:
+            (k, key_mask), v = on_dev, None
+        else:
+            k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=pruned)
+        visual, real = _padded_visual(call, todo)
+        keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+        last = _last_tokens(call, batch_rows)
     q = call.query.index_select(0, last)
     hq = q.shape[1]
     index = visual[:, None, :].expand(-1, hq, -1)
@@ -372,45 +374,13 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     _store(call, todo, head_mean((on_visual * keep[:, None, :]).float(), -2), keep)  # over every rank's heads
 
 
-def _correct_native(
-    call: LayerCall,
-    todo: list[tuple[Row, PruneState, int]],
-    batch_rows: list[int],
-    seq_lens: list[int],
-    pruned: bool,
-) -> None:
-    """Torch path, rows the native kernel computed over every key: their pruned keys' share taken out of
-    its output, and the statistics. With ``p_j`` the row's probabilities over all keys and ``P`` its
-    pruned keys, attention without them is ``(o - sum_P p_j v_j) / (1 - sum_P p_j)`` (the softmax over
-    the kept keys), and a kept key's probability there is ``p_j / (1 - sum_P p_j)``. One padded K gather
-    for the logits and LSE (which the statistics need anyway) and, where some row prunes (``pruned``),
-    the V of the visual keys; a row that prunes nothing in this layer keeps the native output bit for bit
-    (``(o - 0) / 1``). PruneHal prunes the least attended visual keys, so ``1 - sum_P p_j`` stays away
-    from 0. The step's tables are made once (:func:`_torch_tables`)."""
-    t = _torch_tables(call, todo, batch_rows, seq_lens)
-    k = call.io.read_keys(t.ids, t.s_max)
+def _layer_keep(t: TorchTables, todo: list[tuple[Row, PruneState, int]]) -> torch.Tensor:
+    """The rows' keep masks ``[B, Nv_max]`` of this layer: one op from the step's stacked masks where the
+    rows share the layer's index, else padded row by row."""
     indices = {i for _, _, i in todo}
-    if t.keep is not None and len(indices) == 1:  # the rows' keep masks of this layer, one op
-        keep = t.keep[:, indices.pop()]
-    else:
-        keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
-    q = call.query.index_select(0, t.last)
-    b, hq, d = q.shape
-    logits = attention_logits_padded(q, k, call.scale, t.valid)
-    lse = torch.logsumexp(logits, dim=-1)
-    on_visual = torch.exp(logits.gather(-1, t.visual[:, None, :].expand(-1, hq, -1)) - lse[..., None])
-    if not pruned:  # the native output is the rows' attention
-        _store(call, todo, head_mean(on_visual * keep[:, None, :], -2), keep)
-        return
-    dropped = on_visual * (t.real & ~keep)[:, None, :]  # [B, Hq, Nv]: the pruned keys' probabilities
-    kept = 1.0 - dropped.sum(-1)  # [B, Hq]
-    v = call.io.read_at(t.blocks, t.offsets)[1]  # [B, Nv, Hkv, D]: V of the visual keys
-    hkv = v.shape[2]
-    share = torch.matmul(dropped.view(b, hkv, hq // hkv, -1), v.float().transpose(1, 2)).view(b, hq, d)
-    out = (call.output.index_select(0, t.last).float() - share) / kept[..., None]
-    call.output.index_copy_(0, t.last, out.to(call.output.dtype))
-    probs = on_visual * keep[:, None, :] / kept[..., None]  # over the kept keys
-    _store(call, todo, head_mean(probs.float(), -2), keep)  # over every rank's heads
+    if t.keep is not None and len(indices) == 1:
+        return t.keep[:, indices.pop()]
+    return torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
 
 
 @dataclass
@@ -423,8 +393,6 @@ class TorchTables:
     last: torch.Tensor  # [B] the flat index of each row's last token
     visual: torch.Tensor  # [B, Nv_max] visual positions (padded with 0)
     real: torch.Tensor  # [B, Nv_max] which are real
-    blocks: torch.Tensor  # [B, Nv_max] the cache blocks and in-block offsets of ``visual``
-    offsets: torch.Tensor
     #: ``[B, L, Nv]`` the rows' keep masks as of the step's start (a decision replaces them after the last
     #: layer that reads them), where the rows have as many layers and visual tokens (else ``None``).
     keep: torch.Tensor | None
@@ -448,10 +416,9 @@ def _torch_tables(
         same = len(set(counts)) == 1 and len({len(st.layers) for st in sts}) == 1
         visual = torch.stack(positions) if same else torch.nn.utils.rnn.pad_sequence(positions, True)
         real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
-        blocks = table.gather(1, visual // bs)
         last = _last_tokens(call, batch_rows)
         keep = torch.stack([st.keep for st in sts]) if same else None
-        hit = TorchTables(ids, valid, s_max, last, visual, real, blocks, visual % bs, keep)
+        hit = TorchTables(ids, valid, s_max, last, visual, real, keep)
         call.plan.prepared[key] = hit
     return hit
 
@@ -982,18 +949,14 @@ class PruneHalEngine(EngineMethod):
             apply_batch(call, rows)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
-        """Decode rows in the configured layers: with the kernel, every configured layer (output, mask and
-        LSE in one launch); on the torch path the native kernel, whose output the layer call corrects where
-        keys are pruned (the reclaim's rows: the torch path where keys are pruned)."""
+        """Decode rows in the configured layers: torch path where keys are pruned (the native kernel has no
+        key mask); with the kernel, every configured layer (output, mask and LSE in one launch)."""
         st = _state(row)
         if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
             return NATIVE
         if backend.kernel:
             return Route(rework=frozenset(st.layers))
-        if not st.reclaim:  # the native output, less the pruned keys' share (:func:`_correct_native`)
-            return NATIVE
-        # the reclaim nulls pruned blocks in the block table, which the native kernel would read: the
-        # masked torch path; a decision the host has not read yet counts as pruned (exact either way)
+        # a decision the host has not read yet counts as pruned: the masked torch path is exact either way
         return Route(rework=st.all_layers if st.pending else st.pruned_layers)
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
