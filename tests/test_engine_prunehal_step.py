@@ -82,6 +82,15 @@ def _step(n: int, monkeypatch):
     return _run_step(rows, seq_lens, io, q, masks, monkeypatch)
 
 
+def _statistics(row, logits, mask):
+    """The expected ``(A, scores)`` of a row from its masked logits ``[1, Hq, S]`` and key mask ``[S]``,
+    row by row: the head-mean probabilities on the visual keys, their mean (or mass) over the kept ones."""
+    probs = torch.softmax(logits, -1)[0][:, VISUAL].mean(0)  # head mean on the visual keys
+    keep = mask[VISUAL]
+    total = probs[keep].sum()
+    return (total / keep.sum() if row.request.config.statistic == "mean" else total), probs
+
+
 def _run_step(rows, seq_lens, io, q, masks, monkeypatch):
     """One decode step through both layers' kernel lanes. Returns the ops of each layer call, the key
     masks the kernel got, the rows, the expected (A, scores) per row and the masks."""
@@ -115,11 +124,7 @@ def _run_step(rows, seq_lens, io, q, masks, monkeypatch):
             pos = torch.tensor([seq_lens[r] - 1])
             logits = attention_logits(q[j, r : r + 1], k, scale, pos, masks[r][j])
             lse.append(torch.logsumexp(logits, -1))
-            probs = torch.softmax(logits, -1)[0][:, VISUAL].mean(0)  # head mean on the visual keys
-            keep = masks[r][j][VISUAL]
-            total = probs[keep].sum()
-            mean = row.request.config.statistic == "mean"
-            stats.append((total / keep.sum() if mean else total, probs))
+            stats.append(_statistics(row, logits, masks[r][j]))
         lses.append(torch.cat(lse))
         want.append(stats)
     seen: list[torch.Tensor | None] = []
@@ -228,11 +233,9 @@ def _torch_layer(n: int):
         pos = torch.tensor([seq_lens[r] - 1])
         native[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos)[0][0]
         want[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos, key_mask=masks[r][0])[0][0]
-        probs = torch.softmax(attention_logits(q[0, r : r + 1], k, scale, pos, masks[r][0]), -1)[0]
-        probs = probs[:, VISUAL].mean(0)  # head mean on the visual keys
-        keep = masks[r][0][VISUAL]
-        total = probs[keep].sum()
-        stats.append((total / keep.sum() if row.request.config.statistic == "mean" else total, probs))
+        stats.append(
+            _statistics(row, attention_logits(q[0, r : r + 1], k, scale, pos, masks[r][0]), masks[r][0])
+        )
     plan = SimpleNamespace(
         query_start_loc=qsl, seq_lens=seq_lens, block_table=io.block_table, block_size=BS,
         slot_mapping=torch.tensor(seq_lens) - 1, prepared={},

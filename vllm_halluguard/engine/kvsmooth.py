@@ -401,7 +401,7 @@ def _host_group(plan: Any, cfg: KVSmoothConfig, members: list[Row], bs: int) -> 
     per_row = host[3 * b : 9 * b].view(b, 3, 2)  # positions, their blocks, their offsets
     page_ids = host[9 * b :].view(b, n_blocks)
     padded = min(pos) < s_max - 1
-    valid = torch.arange(s_max)[None, :] <= host[b : 2 * b].new_tensor(pos)[:, None] if padded else None
+    valid = torch.arange(s_max)[None, :] <= torch.tensor(pos)[:, None] if padded else None
     g = Group(
         cfg, frozenset(cfg.layers or ()), token, slot, None if cfg.smooth_first_token else first.bool(),
         plan.slot_mapping[token].long(), per_row[:, 0], table.long(), _window(cfg.window), s_max, padded,
@@ -465,7 +465,7 @@ def _smooth(runtime: Any, g: Group, layer: int | torch.Tensor, ios: list[Any], z
     if g.first is not None:
         lam = lam.masked_fill(g.first, 0.0)
     reads = [io.read_at(*g.addresses(io.block_size)) for io in ios]  # K, V [B, 2 (pos - 1, pos), Hkv, D]
-    if len(ios) == 1 and isinstance(layer, int):
+    if isinstance(layer, int):
         kv = torch.stack(reads[0])  # [2 (K, V), B, 2, Hkv, D]
     else:
         kv = torch.stack([torch.stack(kv) for kv in reads], dim=1)  # [2 (K, V), L, B, 2, Hkv, D]

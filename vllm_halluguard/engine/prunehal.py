@@ -339,7 +339,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
     if torch_path:  # the step's tables, made once (:func:`_torch_tables`)
         t = _torch_tables(call, todo, batch_rows, seq_lens)
-        visual, real, last, keep = t.visual, t.real, t.last, _layer_keep(t, todo)
+        visual, real, last, keep = t.visual, t.real, t.last, _layer_keep(t.keep, todo)
         if pruned:
             k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=True)
         else:  # K only: before something is pruned the native kernel's output is already exact
@@ -352,7 +352,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         else:
             k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=pruned)
         visual, real = _padded_visual(call, todo)
-        keep = torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+        keep = _layer_keep(None, todo)
         last = _last_tokens(call, batch_rows)
     q = call.query.index_select(0, last)
     hq = q.shape[1]
@@ -374,12 +374,12 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     _store(call, todo, head_mean((on_visual * keep[:, None, :]).float(), -2), keep)  # over every rank's heads
 
 
-def _layer_keep(t: TorchTables, todo: list[tuple[Row, PruneState, int]]) -> torch.Tensor:
-    """The rows' keep masks ``[B, Nv_max]`` of this layer: one op from the step's stacked masks where the
-    rows share the layer's index, else padded row by row."""
+def _layer_keep(stacked: torch.Tensor | None, todo: list[tuple[Row, PruneState, int]]) -> torch.Tensor:
+    """The rows' keep masks ``[B, Nv_max]`` of this layer: one op from the step's stacked masks
+    (:attr:`TorchTables.keep`) where the rows share the layer's index, else padded row by row."""
     indices = {i for _, _, i in todo}
-    if t.keep is not None and len(indices) == 1:
-        return t.keep[:, indices.pop()]
+    if stacked is not None and len(indices) == 1:
+        return stacked[:, indices.pop()]
     return torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
 
 
