@@ -246,16 +246,29 @@ def _torch_path_step(n: int, layers: tuple[int, ...]) -> tuple[list[int], list, 
     return ops, got, want
 
 
-def test_the_torch_path_smooths_a_steps_layers_together_at_the_last():
-    """The CPU engine's torch path equals the method's math layer by layer, and its smoothed layers
-    cost one pass per step: a layer before the group's last only keeps its query rows (one op), so a
-    step smoothing three layers costs little more than one smoothed layer. Before, each smoothed layer
-    call dispatched the whole computation (~70 ops per config group)."""
+@pytest.mark.parametrize("native", [False, True], ids=["torch-ops", "native-kernel"])
+def test_the_torch_path_smooths_a_steps_layers_together_at_the_last(native, monkeypatch):
+    """The CPU engine's torch path equals the method's math layer by layer. With torch ops its smoothed
+    layers cost one pass per step: a layer before the group's last only keeps its query rows (one op), so
+    a step smoothing three layers costs little more than one smoothed layer (before, each smoothed layer
+    call dispatched the whole computation, ~70 ops per config group). With the native CPU kernel each
+    smoothed layer is one call per config group, with a few ops around it."""
+    from vllm_halluguard.kernels import cpu_native
+
+    monkeypatch.setenv(cpu_native.NATIVE_ENV, "1" if native else "0")
+    calls = []
+    real = cpu_native.kvsmooth_layer
+    monkeypatch.setattr(cpu_native, "kvsmooth_layer", lambda *a, **k: calls.append(a[9]) or real(*a, **k))
     ops_one, got_one, want_one = _torch_path_step(6, (2,))
     ops_three, got_three, want_three = _torch_path_step(6, (0, 1, 2))
     for got, want in ((got_one, want_one), (got_three, want_three)):
         for layer in range(4):
             torch.testing.assert_close(got[layer], want[layer])
+    if native:  # per smoothed layer and config group one call (the second config smooths layer 2 only)
+        assert calls == [2, 2, 0, 1, 2, 2], calls
+        assert ops_three[3] == 0 and max(ops_three) <= 16, ops_three
+        return
+    assert not calls
     assert ops_three[0] <= 1 and ops_three[1] <= 1 and ops_three[3] == 0, ops_three
     # each extra layer of a group: its query rows, K gather, two-slot read and write (measured 14)
     assert sum(ops_three) <= ops_one[2] + 2 * 16, (ops_one, ops_three)

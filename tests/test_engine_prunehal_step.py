@@ -44,9 +44,9 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _world(n: int):
-    """``n`` decode rows at their step 4 (two configs; every other row with keys pruned earlier), their
-    paged cache, queries and per-row key masks."""
+def _world(n: int, configs=CONFIGS):
+    """``n`` decode rows at their step 4 (``configs`` in turn; every other row with keys pruned earlier),
+    their paged cache, queries and per-row key masks."""
     g = torch.Generator().manual_seed(n)
     prompts = [24 + (5 * i) % 17 for i in range(n)]
     seq_lens = [p + 3 for p in prompts]
@@ -55,7 +55,8 @@ def _world(n: int):
     v_cache = torch.randn_like(k_cache)
     table = (torch.arange(n * blocks) + 1).view(blocks, n).T.contiguous().int()  # interleaved blocks
     rows, masks = [], []
-    for i, (cfg, prompt) in enumerate(zip([CONFIGS[i % 2] for i in range(n)], prompts, strict=True)):
+    cycle = [configs[i % len(configs)] for i in range(n)]
+    for i, (cfg, prompt) in enumerate(zip(cycle, prompts, strict=True)):
         state = RequestState(f"r{i}", i, cfg, prompt)
         record = {"prompt_len": prompt, "steps": 3, "prunes": [], "reclaimable_blocks": 0}
         st = PruneState.fresh(VISUAL.clone(), LAYERS, record)
@@ -273,3 +274,97 @@ def test_a_torch_path_layer_call_is_a_fixed_op_sequence_over_its_rows():
             torch.testing.assert_close(a[b], stats[r][0])
             torch.testing.assert_close(scores[b, : VISUAL.numel()], stats[r][1])
     assert results[4][0] == results[24][0], (results[4][0], results[24][0])
+
+
+def _torch_step(n: int, cfg: PruneHalConfig):
+    """Both layers of a decode step of ``n`` rows of one config on the CPU engine's torch path (the rows
+    share their config, layers and visual tokens: one group), each layer's output holding the rows'
+    unmasked attention before the call. Returns per layer the ops of its call, the output it leaves, the
+    rows' masked attention (the reference's) and that output before the call; the rows; their expected
+    statistics per layer; and their state before the step."""
+    from vllm_halluguard.engine.prunehal import PruneHalEngine, on_device
+    from vllm_halluguard.kernels.reference import attention_rows
+
+    rows, seq_lens, io, q, masks = _world(n, (cfg,))
+    scale, qsl = D**-0.5, list(range(n + 1))
+    plan = SimpleNamespace(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=io.block_table, block_size=BS,
+        slot_mapping=torch.tensor(seq_lens) - 1, prepared={},
+    )  # fmt: skip
+    runtime = SimpleNamespace(block_size=BS, num_layers=len(LAYERS), stats={}, ext={})
+    before = []
+    for row in rows:
+        st = row.request.scratch["prunehal"]
+        on_device(st, cfg, q.device)
+        before.append((st.keep.clone(), st.count.clone(), st.hist_sum.clone(), st.hist_n.clone()))
+    ops, outputs, wants, natives, stats = [], [], [], [], []
+    for j, layer in enumerate(LAYERS):
+        native, want, layer_stats = torch.zeros(n, HQ, D), torch.zeros(n, HQ, D), []
+        for r, row in enumerate(rows):
+            k, v = io.gather(r, seq_lens[r])
+            pos = torch.tensor([seq_lens[r] - 1])
+            native[r] = attention_rows(q[j, r : r + 1], k, v, scale, pos)[0][0]
+            want[r] = attention_rows(q[j, r : r + 1], k, v, scale, pos, key_mask=masks[r][j])[0][0]
+            logits = attention_logits(q[j, r : r + 1], k, scale, pos, masks[r][j])
+            layer_stats.append(_statistics(row, logits, masks[r][j]))
+        output = native.clone()
+        call = LayerCall(
+            layer=layer, scale=scale, query=q[j].clone(), output=output, query_start_loc=qsl,
+            seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather,
+            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        )  # fmt: skip
+        counter = _Ops()
+        with counter:
+            PruneHalEngine().run(call, rows)
+        ops.append(counter.ops)
+        outputs.append(output)
+        wants.append(want)
+        natives.append(native)
+        stats.append(layer_stats)
+    return ops, outputs, wants, natives, rows, stats, before
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "torch-ops"])
+@pytest.mark.parametrize("cfg", (*CONFIGS, PruneHalConfig(r=0.5, t=3, layers=LAYERS, granularity="block")))
+def test_a_torch_path_step_of_one_config_is_one_group(cfg, native, monkeypatch):
+    """Rows sharing a config, layers and visual tokens run the torch path as one group, by the native CPU
+    kernel (one call per layer) or by torch ops: every layer call a fixed op sequence whatever the row
+    count, pruned rows as the reference's masked softmax, the others' native output bit for bit, and one
+    decision after the last layer equal to the methods' math on each row's own statistics and state."""
+    from vllm_halluguard.kernels import cpu_native
+    from vllm_halluguard.methods.prunehal import prune_step, visual_groups
+
+    monkeypatch.setenv(cpu_native.NATIVE_ENV, "1" if native else "0")
+    calls = []
+    real = cpu_native.prunehal_layer
+    monkeypatch.setattr(cpu_native, "prunehal_layer", lambda *a: calls.append(1) or real(*a))
+    results = {n: _torch_step(n, cfg) for n in (4, 24)}
+    assert len(calls) == (2 * len(LAYERS) if native else 0)
+    assert results[4][0] == results[24][0], (results[4][0], results[24][0])
+    for n, (_, outputs, wants, natives, rows, stats, before) in results.items():
+        for j in range(len(LAYERS)):
+            for r in range(len(rows)):
+                if r % 2:  # pruned before
+                    torch.testing.assert_close(outputs[j][r], wants[j][r], atol=1e-5, rtol=1e-4)
+                    assert not torch.equal(outputs[j][r], natives[j][r])
+                else:
+                    assert torch.equal(outputs[j][r], natives[j][r]), (n, j, r)
+        fired_rows = 0
+        for r, row in enumerate(rows):
+            st = row.request.scratch["prunehal"]
+            keep0, count0, hist_sum0, hist_n0 = before[r]
+            A = torch.stack([stats[j][r][0] for j in range(len(LAYERS))])[None]
+            scores = torch.stack([stats[j][r][1] for j in range(len(LAYERS))])[None]
+            groups = visual_groups(VISUAL, cfg.block)[None] if cfg.granularity == "block" else None
+            fired, keep, count, hist_sum, hist_n = prune_step(
+                torch.tensor([4]), cfg, keep0[None], count0, A, scores, hist_sum0, hist_n0, groups
+            )
+            d = st.pending[-1]
+            assert d.step == 4 and bool(d.fired[d.row]) == bool(fired[0])
+            fired_rows += bool(fired[0])
+            torch.testing.assert_close(st.A, A[0])
+            torch.testing.assert_close(st.scores, scores[0])
+            assert torch.equal(st.keep, keep[0]) and torch.equal(d.keep[d.row], keep[0]), (n, r)
+            assert torch.equal(st.count, count) and torch.equal(st.hist_n, hist_n)
+            torch.testing.assert_close(st.hist_sum, hist_sum)
+        assert 0 < fired_rows < len(rows)  # the world has rows whose vote fires and rows whose does not

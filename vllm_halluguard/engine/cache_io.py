@@ -28,6 +28,10 @@ SUPPORTED = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 LAYOUTS: dict[str, Layout] = {"FLASH_ATTN": "hnd2d", "TRITON_ATTN": "hnd2d"}
 
 
+#: ``StepPlan.prepared`` key: whether the native CPU kernels serve this step (:func:`native_views`).
+NATIVE_KEY = "cpu_native"
+
+
 class CacheIO:
     """One layer's cache with the callbacks :class:`~vllm_halluguard.engine.layer.LayerCall` takes."""
 
@@ -60,6 +64,10 @@ class CacheIO:
         """K ``[B, s_max, Hkv, D]`` of the blocks ``ids [B, n_blocks]``
         (:func:`~vllm_halluguard.engine.cpu_cache.page_ids`, built once per step); positions past a
         row's length are not zeroed (mask them)."""
+        raise NotImplementedError
+
+    def read_values(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        """V ``[B, s_max, Hkv, D]`` of the blocks ``ids``, as :meth:`read_keys`."""
         raise NotImplementedError
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -109,6 +117,12 @@ class CPUPages(CacheIO):
         if views is not None:
             return views[0][ids].flatten(1, 2)[:, :s_max]
         return cpu_cache.read_pages(self.kv_cache, ids, s_max, self.layout, 1)[0]
+
+    def read_values(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        views = self.kernel_views()
+        if views is not None:
+            return views[1][ids].flatten(1, 2)[:, :s_max]
+        return cpu_cache.read_pages(self.kv_cache, ids, s_max, self.layout, 2)[1]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         cpu_cache.write_kv(self.kv_cache, k, v, slots, self.isa, self.kv_cache_dtype)
@@ -185,6 +199,9 @@ class SplitViews(CacheIO):
     def read_keys(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
         return self.k_cache[ids].flatten(1, 2)[:, :s_max]
 
+    def read_values(self, ids: torch.Tensor, s_max: int) -> torch.Tensor:
+        return self.v_cache[ids].flatten(1, 2)[:, :s_max]
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store at real token slots (``>= 0``: the methods write their rows' tokens, never vLLM's padding),
         without a boolean mask, so nothing waits for the device."""
@@ -209,3 +226,28 @@ def cache_io(
     raise NotImplementedError(
         f"halluguard reads the KV cache of {', '.join(SUPPORTED)} only, not {backend_name}"
     )
+
+
+def native_views(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The K and V views of a layer call's cache where the native CPU kernels
+    (:mod:`~vllm_halluguard.kernels.cpu_native`) serve it: a CPU cache with plain views in the query's
+    dtype, one tensor-parallel rank, and the kernels enabled and built; else ``None`` (torch ops serve)."""
+    from vllm_halluguard.engine import tp
+    from vllm_halluguard.kernels import cpu_native
+
+    io = call.io
+    if io is None or call.query.device.type != "cpu":
+        return None
+    prepared = getattr(call.plan, "prepared", None)
+    usable = None if prepared is None else prepared.get(NATIVE_KEY)
+    if usable is None:  # once per step
+        # one rank only: the statistics over every rank's heads are all-reduced by the torch ops
+        usable = cpu_native.enabled() and tp.tp_group().world_size == 1 and cpu_native.module() is not None
+        if prepared is not None:
+            prepared[NATIVE_KEY] = usable
+    if not usable:
+        return None
+    views = io.kernel_views()
+    if views is None or views[0].dtype != call.query.dtype or getattr(io, "kv_cache_dtype", "auto") != "auto":
+        return None
+    return views

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from vllm_halluguard.engine.cache_io import cache_io
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.plan import VERIFY_ENV, LayerPlan, StepPlan, SubBatch, lane_args, lane_masks
+from vllm_halluguard.engine.plan import LayerPlan, StepPlan, SubBatch, lane_args, lane_masks
 from vllm_halluguard.engine.registry import named
 from vllm_halluguard.engine.state import current
 
@@ -66,20 +65,20 @@ def run_layer(
     for lane in plan.sink_lanes:
         sinks = lane.sinks if lane.layers is None or index in lane.layers else None
         _native_sub(impl, native, layer, query, key, value, kv_cache, lane.batch, output, sinks, args, kwargs)
-    if not lp.rework and (not plan.by_method or index in plan.quiet) and os.environ.get(VERIFY_ENV) != "1":
+    if not lp.rework and (not plan.by_method or index in plan.quiet) and not plan.verify:
         return output  # e.g. a layer where only sink lanes differ from the native kernel, or none observed
     n = plan.num_actual_tokens
     assert plan.slot_mapping is not None  # the builder sets it on every plan
-    out3 = output[:n].view(n, impl.num_heads, impl.head_size)
-    io = cache_io(impl._hg_backend_name, kv_cache, plan.block_table, layer, impl)
+    out3 = (output if output.shape[0] == n else output[:n]).view(n, impl.num_heads, impl.head_size)
+    io = _layer_io(impl, kv_cache, plan.block_table, layer)
     call = LayerCall(
         layer=index,
         scale=impl.scale,
-        query=query[:n],
+        query=query if query.shape[0] == n else query[:n],
         output=out3,
         query_start_loc=plan.query_start_loc,
         seq_lens=plan.seq_lens,
-        slot_mapping=plan.slot_mapping[:n],
+        slot_mapping=plan.slot_mapping if plan.slot_mapping.shape[0] == n else plan.slot_mapping[:n],
         runtime=current(),
         gather=io.gather,
         write=io.write,
@@ -88,19 +87,40 @@ def run_layer(
         plan=plan,
         io=io,
     )
-    if os.environ.get(VERIFY_ENV) == "1":
+    if plan.verify:
         _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)
     if lp.rework:
         _check_plain(impl)
         if lp.kernel is not None:
             _kernel_lane(impl, call, lp, lp.kernel, io)
         else:  # torch path: poison, so that a row its method fails to compute cannot pass for computed
-            for row in lp.rework:
-                start, end, _ = call.span(row)
-                out3[start:end] = float("nan")
+            out3.index_fill_(0, _rework_tokens(plan, lp, out3.device), float("nan"))
     for name, rows in lp.observed:  # the kernel lane's rows left out by the builder
         named(name).run(call, rows)
     return output
+
+
+def _rework_tokens(plan: StepPlan, lp: LayerPlan, device: torch.device) -> torch.Tensor:
+    """The flat token indices of ``lp``'s reworked rows, made once per step and layer plan."""
+    key = ("rework_tokens", id(lp))
+    hit = plan.prepared.get(key)
+    if hit is None:
+        qsl = plan.query_start_loc
+        tokens = [t for row in lp.rework for t in range(qsl[row.index], qsl[row.index + 1])]
+        hit = plan.prepared[key] = torch.tensor(tokens, dtype=torch.long, device=device)
+    return cast(torch.Tensor, hit)
+
+
+def _layer_io(impl: Any, kv_cache: torch.Tensor, block_table: torch.Tensor, layer: Any) -> Any:
+    """The layer's :class:`~vllm_halluguard.engine.cache_io.CacheIO`, kept on its impl from step to step
+    while its cache and the block table's memory and shape stay (its views are made once)."""
+    key = (block_table.data_ptr(), tuple(block_table.shape), block_table.dtype)
+    kept = getattr(impl, "_hg_io", None)
+    if kept is not None and kept[0] is kv_cache and kept[1] == key:
+        return kept[2]
+    io = cache_io(impl._hg_backend_name, kv_cache, block_table, layer, impl)
+    impl._hg_io = (kv_cache, key, io)
+    return io
 
 
 def _native_sub(

@@ -32,11 +32,13 @@ from typing import Any, cast
 
 import torch
 
+from vllm_halluguard.engine import cache_io
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
 from vllm_halluguard.engine.tp import head_mean, tp_group
+from vllm_halluguard.kernels import cpu_native
 from vllm_halluguard.kernels.reference import (
     attention_logits,
     attention_logits_padded,
@@ -212,6 +214,8 @@ class KVSmoothEngine(EngineMethod):
         t = tables(call.plan, rows, keys=True)
         deferred = getattr(call.plan, "rows", None) is None  # the torch path: no step device tables
         for g in t.by_layer.get(call.layer, ()):
+            if deferred and not g.pending and _smooth_native(call, g):
+                continue
             if deferred:
                 defer(call, g)
                 continue
@@ -268,6 +272,7 @@ class Group:
     _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _keys: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = field(default_factory=dict, repr=False)
     _launch: dict[str, Any] | None = field(default=None, repr=False)
+    lens: torch.Tensor | None = field(default=None, repr=False)  # [B] keys per row (the native kernel's)
 
     def launch_args(self) -> dict[str, Any]:
         """The config's and rows' arguments of :func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`
@@ -382,32 +387,28 @@ def _build(plan: Any, rows: list[Row], keys: bool) -> Tables:
 
 def _host_group(plan: Any, cfg: KVSmoothConfig, members: list[Row], bs: int) -> Group:
     """The torch path's :class:`Group` (the host is the layers' device): every table made from the host
-    lists in Python and sent through one tensor, the addresses and page ids included."""
+    lists in Python and sent through one tensor, the addresses included (the padded K gather's page ids
+    are made on first use: the native kernel reads the block table rows instead)."""
     qsl, seq_lens = plan.query_start_loc, plan.seq_lens
     b = len(members)
     pos = [seq_lens[row.index] - 1 for row in members]
     s_max = max(pos) + 1
-    n_blocks = -(-s_max // bs)
     table = plan.block_table[[row.index for row in members]]
-    blocks = table[:, :n_blocks].tolist()
-    ids = [[t[j] if j * bs <= p else t[0] for j in range(n_blocks)] for t, p in zip(blocks, pos, strict=True)]
+    blocks = table.tolist()
     flat = [qsl[row.index] for row in members] + [row.request.slot for row in members]
     flat += [int(p == row.request.prompt_len) for p, row in zip(pos, members, strict=True)]
     for t, p in zip(blocks, pos, strict=True):
         flat += [p - 1, p, t[(p - 1) // bs], t[p // bs], (p - 1) % bs, p % bs]
-    flat += [i for row in ids for i in row]
+    flat += [p + 1 for p in pos]
     host = torch.tensor(flat)
     token, slot, first = host[:b], host[b : 2 * b], host[2 * b : 3 * b]
     per_row = host[3 * b : 9 * b].view(b, 3, 2)  # positions, their blocks, their offsets
-    page_ids = host[9 * b :].view(b, n_blocks)
-    padded = min(pos) < s_max - 1
-    valid = torch.arange(s_max)[None, :] <= torch.tensor(pos)[:, None] if padded else None
     g = Group(
         cfg, frozenset(cfg.layers or ()), token, slot, None if cfg.smooth_first_token else first.bool(),
-        plan.slot_mapping[token].long(), per_row[:, 0], table.long(), _window(cfg.window), s_max, padded,
+        plan.slot_mapping[token].long(), per_row[:, 0], table.long(), _window(cfg.window), s_max,
+        min(pos) < s_max - 1, lens=host[9 * b :],
     )  # fmt: skip
     g._addresses[bs] = (per_row[:, 1], per_row[:, 2])
-    g._keys[bs] = (page_ids, valid, s_max)
     return g
 
 
@@ -433,6 +434,27 @@ def defer(call: LayerCall, g: Group) -> None:
     if call.layer == max(g.layers):
         pending, g.pending = g.pending, []
         smooth_layers(call.runtime, g, pending)
+
+
+def _smooth_native(call: LayerCall, g: Group) -> bool:
+    """Torch path: the whole smoothed layer of ``g``'s rows in one call of the native CPU kernel
+    (:func:`~vllm_halluguard.kernels.cpu_native.kvsmooth_layer`: entropy, FIFO, lambda and EMA written in
+    the cache) where it serves the call; returns False, having done nothing, where it does not."""
+    views = cache_io.native_views(call)
+    if views is None:
+        return False
+    bs = call.io.block_size
+    blocks, offsets = g.addresses(bs)
+    if g.lens is None:
+        g.lens = g.positions[:, 1] + 1
+    buf = device_buffers(call.runtime, call.query.device)
+    args = g.launch_args()
+    cpu_native.kvsmooth_layer(
+        call.query, g.token, *views, g.table, g.lens, buf.queue, buf.count, g.slot, call.layer, g.first,
+        blocks, offsets, window=g.cfg.window, lo=args["lo"], hi=args["hi"], inclusive=args["inclusive"],
+        by_window=args["by_window"], entropy_of_mean=g.cfg.head_reduce == "entropy_of_mean", scale=call.scale,
+    )  # fmt: skip
+    return True
 
 
 def smooth_layers(runtime: Any, g: Group, pending: list[tuple[int, torch.Tensor, Any, float]]) -> None:
@@ -464,17 +486,41 @@ def _smooth(runtime: Any, g: Group, layer: int | torch.Tensor, ios: list[Any], z
     buf.queue[g.slot, layer, :m], buf.count[g.slot, layer] = queue, count
     if g.first is not None:
         lam = lam.masked_fill(g.first, 0.0)
-    reads = [io.read_at(*g.addresses(io.block_size)) for io in ios]  # K, V [B, 2 (pos - 1, pos), Hkv, D]
-    if isinstance(layer, int):
-        kv = torch.stack(reads[0])  # [2 (K, V), B, 2, Hkv, D]
+    views = _plain_views(ios) if not isinstance(layer, int) else None
+    if views is not None:  # every layer's K and V at (pos - 1, pos) in one stack: [2 (K, V), L, B, 2, Hkv, D]
+        blocks, offsets = g.addresses(ios[0].block_size)
+        kv = torch.stack([half[blocks, offsets] for pair in views for half in pair])
+        kv = kv.view(len(ios), 2, *kv.shape[1:]).transpose(0, 1)
     else:
-        kv = torch.stack([torch.stack(kv) for kv in reads], dim=1)  # [2 (K, V), L, B, 2, Hkv, D]
+        reads = [io.read_at(*g.addresses(io.block_size)) for io in ios]  # K, V [B, 2 (pos - 1, pos), Hkv, D]
+        if isinstance(layer, int):
+            kv = torch.stack(reads[0])  # [2 (K, V), B, 2, Hkv, D]
+        else:
+            kv = torch.stack([torch.stack(kv) for kv in reads], dim=1)  # [2 (K, V), L, B, 2, Hkv, D]
     new = ema(kv[..., 0, :, :], kv[..., 1, :, :], lam[None])
     if isinstance(layer, int):
         ios[0].write(g.cur, new[0], new[1])
+    elif views is not None:  # the token's slot (pos) through the views: a copy in the cache's dtype
+        at = blocks[:, 1], offsets[:, 1]
+        for i, (k_view, v_view) in enumerate(views):
+            k_view[at], v_view[at] = new[0, i], new[1, i]
     else:
         for i, io in enumerate(ios):
             io.write(g.cur, new[0, i], new[1, i])
+
+
+def _plain_views(ios: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The layers' K and V views ``[NB, BS, Hkv, D]`` where every cache has them in the model's dtype
+    (one block size): the EMA reads and writes them directly, one index op per tensor, instead of
+    through the cache's read and write callbacks."""
+    views = []
+    for io in ios:
+        pair = io.kernel_views()
+        quantized = getattr(io, "kv_cache_dtype", "auto") != "auto"
+        if pair is None or quantized or io.block_size != ios[0].block_size:
+            return None
+        views.append(pair)
+    return views
 
 
 _update_module: Any = None

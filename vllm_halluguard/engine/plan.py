@@ -128,6 +128,8 @@ class StepPlan:
     #: Layers where no method's rows are observed (:meth:`~vllm_halluguard.engine.base.EngineMethod.
     #: observed_layers`): those without reworked rows run the native kernel alone.
     quiet: frozenset[int] = frozenset()
+    #: ``HALLUGUARD_VERIFY_NATIVE=1`` at the build: every layer also checks the native kernel's rows.
+    verify: bool = False
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers.get(index, self.default)
@@ -337,6 +339,7 @@ def build_plan(
                     sink_lanes=lanes, by_method=by_method)  # fmt: skip
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
     plan.quiet = _quiet_layers(by_method, backend.num_layers)
+    plan.verify = verify
     plan.block_size = block_size
     make_rows = queue_device_rows(cm, view, upload) if backend.kernel else None
     plan.in_sink_lanes = in_lanes
@@ -546,6 +549,10 @@ class BuilderMixin:
             kv_cache_spec, MLAAttentionSpec
         )
         self._hg_kernel = rework_engine() == "kernel"
+        if not self._hg_kernel and torch.device(device).type == "cpu":
+            from vllm_halluguard.kernels import cpu_native
+
+            cpu_native.warm_up()  # built or loaded at start-up: serving never compiles
         self._hg_block_size = int(getattr(kv_cache_spec, "block_size", 0))
         self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from vllm_halluguard.engine import reclaim
+from vllm_halluguard.engine import cache_io, reclaim
 from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
 from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.cpu_cache import page_ids
@@ -59,7 +59,7 @@ from vllm_halluguard.engine.images import visual_positions
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import DeviceRows, RequestState, Row, queue_to_host, worker_log
 from vllm_halluguard.engine.tp import head_mean
-from vllm_halluguard.kernels import paged
+from vllm_halluguard.kernels import cpu_native, paged
 from vllm_halluguard.kernels.reference import (
     attention_logits,
     attention_logits_padded,
@@ -71,6 +71,7 @@ from vllm_halluguard.methods.prunehal import (
     PruneHalConfig,
     prune_step,
     scores_statistic,
+    select_keep,
     visual_groups,
 )
 
@@ -84,6 +85,8 @@ MAX_LOGGED_REQUESTS = 256
 LOG = "prunehal_log"
 #: ``Runtime.ext`` key: ``{id(state): state}`` of the requests with decisions the host has not read.
 UNREAD = "prunehal_unread"
+#: ``StepPlan.prepared`` key: the torch path's :class:`TorchGroup` tables of a row list, by its id.
+GROUP_OF = "prunehal_group_of"
 #: ``Runtime.ext`` key: the step tables of a layer call made without a plan (unit harnesses).
 STEP_TABLES = "prunehal_step_tables"
 
@@ -315,6 +318,12 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     """:func:`apply` for several rows (decode rows and rows ending with the prompt's last token), each
     measured on its last token: one padded gather and one batched masked attention, with no per-row tensor
     op. Nothing is read back from the device (the keep masks and visual positions stay there)."""
+    hit = None if call.plan is None else call.plan.prepared.get((GROUP_OF, id(rows)))
+    if hit is not None and hit[0] is rows:  # the step's group of these rows (made at its first layer call)
+        t = hit[1]
+        if call.layer in t.group.index:
+            _torch_layer(call, t, t.group)
+        return
     todo: list[tuple[Row, PruneState, int]] = []
     device = call.query.device
     for row in rows:
@@ -339,6 +348,12 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
     if torch_path:  # the step's tables, made once (:func:`_torch_tables`)
         t = _torch_tables(call, todo, batch_rows, seq_lens)
+        if t.group is not None:
+            # every row in the group: the step's other layer calls go straight to it
+            if len(todo) == len(rows):
+                call.plan.prepared[(GROUP_OF, id(rows))] = (rows, t)  # holds ``rows``: its id stays unique
+            _torch_layer(call, t, t.group)
+            return
         visual, real, last, keep = t.visual, t.real, t.last, _layer_keep(t.keep, todo)
         if pruned:
             k, v, key_mask = call.gather_batch(batch_rows, seq_lens, values=True)
@@ -387,15 +402,139 @@ def _layer_keep(stacked: torch.Tensor | None, todo: list[tuple[Row, PruneState, 
 class TorchTables:
     """The torch path's tables of a step's measured rows, the same in every layer (:func:`_torch_tables`)."""
 
-    ids: torch.Tensor  # [B, n_blocks] the rows' pages (:func:`~vllm_halluguard.engine.cpu_cache.page_ids`)
-    valid: torch.Tensor  # [B, s_max] each row's keys
+    #: [B, n_blocks] the rows' pages (:func:`~vllm_halluguard.engine.cpu_cache.page_ids`; for the native
+    #: kernel their block table rows as they are, with ``valid`` and ``real`` left out)
+    ids: torch.Tensor
+    rows: list[int]  # the rows' indices in the batch
+    valid: torch.Tensor | None  # [B, s_max] each row's keys
     s_max: int
     last: torch.Tensor  # [B] the flat index of each row's last token
     visual: torch.Tensor  # [B, Nv_max] visual positions (padded with 0)
-    real: torch.Tensor  # [B, Nv_max] which are real
+    real: torch.Tensor | None  # [B, Nv_max] which are real
     #: ``[B, L, Nv]`` the rows' keep masks as of the step's start (a decision replaces them after the last
     #: layer that reads them), where the rows have as many layers and visual tokens (else ``None``).
     keep: torch.Tensor | None
+    #: The rows' whole step as one group, where they share a config, layers and visual token count.
+    group: TorchGroup | None = None
+
+
+@dataclass
+class TorchGroup:
+    """The torch path's rows of one config, layer list and visual token count in one step: their state
+    stacked once (from their last joint decision as it is), a fixed op sequence per layer call
+    (:func:`_torch_layer`) and one decision after the last layer (:func:`_decide_torch`)."""
+
+    cfg: PruneHalConfig
+    states: list[PruneState]
+    steps: list[int]  # each row's decision step (seq_len - prompt_len + 1)
+    index: dict[int, int]  # layer -> its index in the rows' ``layers``
+    last_layer: int
+    count: torch.Tensor  # [B]
+    hist_sum: torch.Tensor  # [B, L]
+    hist_n: torch.Tensor  # [B]
+    blocks: torch.Tensor | None  # [B, Nv] visual_groups (block granularity)
+    num_groups: int
+    #: Per layer index: the rows whose keys the host does not know to be all kept (reworked there), and
+    #: their index into the rows where that is not every row.
+    masked: list[list[int]]
+    select: list[torch.Tensor | None]
+    padded: bool  # some row is shorter than the longest (its padding's V is zeroed)
+    parts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> head-averaged [B, Nv]
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> statistic [B] (native)
+    masks: torch.Tensor | None = None  # [B, L, s_max] every layer's key masks, made at the first masked layer
+    heads: torch.Tensor | None = None  # [B, Hq, Nv] the visual positions per query head
+    #: The native kernel's (:func:`~vllm_halluguard.engine.cache_io.native_views`): the rows' key counts
+    #: [B] and, per layer index, which rows it writes [L, B]; made at its first call.
+    lens: torch.Tensor | None = None
+    write: torch.Tensor | None = None
+
+
+def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
+    """One layer call of the torch path for a :class:`TorchGroup`: K (and V where something is pruned)
+    read from the step's pages, the masked attention written over the native output of the rows that
+    prune here, the head-averaged visual probabilities kept for the decision. One call of the native CPU
+    kernel where it serves (:func:`~vllm_halluguard.kernels.cpu_native.prunehal_layer`), else the same
+    torch ops whatever the row count."""
+    assert t.keep is not None
+    i = g.index[call.layer]
+    views = cache_io.native_views(call)
+    if views is not None:  # one native call: attention, statistics and the pruned rows' output
+        if g.write is None:
+            g.lens = torch.tensor([call.seq_lens[r] for r in t.rows])
+            masked = [set(rows) for rows in g.masked]
+            g.write = torch.tensor([[b in rows for b in range(len(g.states))] for rows in masked])
+        g.parts[i], g.stats[i] = cpu_native.prunehal_layer(
+            call.query, t.last, *views, t.ids, g.lens, t.visual, t.keep, g.write, call.output, call.scale, i,
+            g.cfg.statistic,
+        )  # fmt: skip
+        if call.layer == g.last_layer:
+            _decide_torch(call.runtime, t.keep, g)
+        return
+    if t.valid is None:  # tables made for the native kernel (a layer it cannot serve: never seen)
+        t.ids, t.valid = page_ids(t.ids, torch.tensor(call.seq_lens)[t.rows], t.s_max, call.io.block_size)
+    keep, valid = t.keep[:, i], t.valid
+    q = call.query.index_select(0, t.last)
+    if g.heads is None:
+        g.heads = t.visual[:, None, :].expand(-1, q.shape[1], -1)
+    k = call.io.read_keys(t.ids, t.s_max)
+    if g.masked[i]:
+        if g.masks is None:  # valid keys, the visual ones as kept in each layer
+            b, n, nv = t.keep.shape
+            g.masks = valid[:, None, :].expand(b, n, -1).clone()
+            g.masks.scatter_(2, t.visual[:, None, :].expand(b, n, nv), t.keep)
+        v = call.io.read_values(t.ids, t.s_max)
+        if g.padded:
+            v = v.masked_fill(~valid[:, :, None, None], 0)
+        out, _, probs = attention_rows_padded(q, k, v, call.scale, g.masks[:, i])
+        last, select = t.last, g.select[i]
+        if select is not None:  # the others keep the native kernel's output
+            out, last = out.index_select(0, select), last.index_select(0, select)
+        call.output.index_copy_(0, last, out.to(call.output.dtype))
+        on_visual = probs.gather(-1, g.heads)
+    else:  # the probabilities on the visual keys only
+        logits = attention_logits_padded(q, k, call.scale, valid)
+        lse = torch.logsumexp(logits, dim=-1)
+        on_visual = torch.exp(logits.gather(-1, g.heads) - lse[..., None])
+    g.parts[i] = head_mean((on_visual * keep[:, None, :]).float(), -2)  # over every rank's heads
+    if call.layer == g.last_layer:
+        _decide_torch(call.runtime, t.keep, g)
+
+
+def _decide_torch(runtime: Any, keep: torch.Tensor, g: TorchGroup) -> None:
+    """The decisions of a :class:`TorchGroup`'s requests after this step, in one :func:`prune_step` (or,
+    after the native kernels, one :func:`~vllm_halluguard.kernels.cpu_native.prunehal_vote`); each
+    request takes its row on first use (:class:`Decided`). On a CPU device the host reads the vote at
+    once (free there), so a step where no request prunes selects no masks."""
+    if len(g.parts) != len(g.index):
+        raise RuntimeError(f"prunehal: layer indices {set(range(len(g.index))) - set(g.parts)} not measured")
+    head_avg = torch.stack([g.parts[i] for i in range(len(g.index))], 1)  # [B, L, Nv]
+    steps = torch.tensor(g.steps, device=keep.device)
+    cpu = keep.device.type == "cpu"
+    if len(g.stats) == len(g.index):  # the native kernels measured every layer: the vote in one call too
+        A, scores = torch.stack([g.stats[i] for i in range(len(g.index))], 1), head_avg
+        vote = cpu_native.prunehal_vote(A, g.hist_sum, g.hist_n, g.count, steps, g.cfg)
+        fired, count, hist_sum, hist_n = vote
+        new_keep = keep
+        if bool(fired.any()):  # the host reads the vote at once on CPU: masks only for a step that prunes
+            selected = select_keep(scores, keep, g.cfg, g.blocks, g.num_groups)
+            new_keep = torch.where(fired[:, None, None], selected, keep)
+    else:
+        A, scores = scores_statistic(head_avg, keep, g.cfg.statistic)
+        fired, new_keep, count, hist_sum, hist_n = prune_step(
+            steps, g.cfg, keep, g.count, A, scores, g.hist_sum, g.hist_n, g.blocks, num_groups=g.num_groups,
+            skip_idle=cpu,
+        )  # fmt: skip
+    g.parts, g.stats = {}, {}
+    done = Decided(new_keep, count, hist_sum, hist_n, A, scores)
+    if cpu:  # nothing writes these tensors again: the host reads them as they are
+        host_fired, host_keep, event = fired, new_keep, None
+    else:
+        (host_fired, host_keep), event = queue_to_host(fired, new_keep)
+    unread = runtime.ext.setdefault(UNREAD, {})
+    for j, st in enumerate(g.states):  # host bookkeeping only: no tensor op per row
+        st.decided = (done, j)
+        st.pending.append(Decision(g.steps[j], host_fired, host_keep, event, j))
+        unread[id(st)] = st
 
 
 def _torch_tables(
@@ -409,18 +548,56 @@ def _torch_tables(
     if hit is None:
         s_max = max(seq_lens)
         table = call.plan.block_table[batch_rows].long()
-        ids, valid = page_ids(table, torch.tensor(seq_lens), s_max, bs)
         sts = [st for _, st, _ in todo]
         counts = [len(st.visual_list) for st in sts]
         positions = [cast(torch.Tensor, st.visual_dev) for st in sts]
         same = len(set(counts)) == 1 and len({len(st.layers) for st in sts}) == 1
         visual = torch.stack(positions) if same else torch.nn.utils.rnn.pad_sequence(positions, True)
-        real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
         last = _last_tokens(call, batch_rows)
-        keep = torch.stack([st.keep for st in sts]) if same else None
-        hit = TorchTables(ids, valid, s_max, last, visual, real, keep)
+        kinds = {(cast(PruneHalConfig, row.request.config), st.layers) for row, st, _ in todo}
+        one = same and len(kinds) == 1
+        if one and cache_io.native_views(call) is not None:  # the native kernel reads the table rows as is
+            hit = _torch_group(call, todo, table, batch_rows, None, s_max, last, visual, None, seq_lens)
+            call.plan.prepared[key] = hit
+            return hit
+        ids, valid = page_ids(table, torch.tensor(seq_lens), s_max, bs)
+        real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
+        if one:
+            hit = _torch_group(call, todo, ids, batch_rows, valid, s_max, last, visual, real, seq_lens)
+        else:
+            keep = torch.stack([st.keep for st in sts]) if same else None
+            hit = TorchTables(ids, batch_rows, valid, s_max, last, visual, real, keep)
         call.plan.prepared[key] = hit
     return hit
+
+
+def _torch_group(
+    call: LayerCall, todo: list[tuple[Row, PruneState, int]], ids: torch.Tensor, batch_rows: list[int],
+    valid: torch.Tensor | None, s_max: int, last: torch.Tensor, visual: torch.Tensor,
+    real: torch.Tensor | None, seq_lens: list[int],
+) -> TorchTables:  # fmt: skip
+    """:class:`TorchTables` with a :class:`TorchGroup`: the rows' state stacked (their last decision's
+    tensors where they decided together last step, in this order: no op)."""
+    sts = [st for _, st, _ in todo]
+    cfg = cast(PruneHalConfig, todo[0][0].request.config)
+    d = _last_decided(sts, from_kernel=False)
+    if d is not None:
+        keep, count, hist_sum, hist_n = d.keep, d.count, d.hist_sum, d.hist_n
+    else:
+        keep, count = torch.stack([st.keep for st in sts]), torch.cat([st.count for st in sts])
+        hist_sum, hist_n = torch.cat([st.hist_sum for st in sts]), torch.cat([st.hist_n for st in sts])
+    blocks = None
+    if cfg.granularity == "block":
+        blocks = torch.stack([cast(torch.Tensor, st.groups) for st in sts])
+    n, rows = len(sts[0].layers), len(sts)
+    masked = [[b for b, st in enumerate(sts) if not st.all_kept(i)] for i in range(n)]
+    select = [torch.tensor(m, device=last.device) if 0 < len(m) < rows else None for m in masked]
+    group = TorchGroup(
+        cfg, sts, [s - row.request.prompt_len + 1 for s, (row, _, _) in zip(seq_lens, todo, strict=True)],
+        dict(sts[0].index), sts[0].last_layer, count, hist_sum, hist_n, blocks,
+        max(st.num_groups for st in sts), masked, select, min(seq_lens) < s_max,
+    )  # fmt: skip
+    return TorchTables(ids, batch_rows, valid, s_max, last, visual, real, keep, group)
 
 
 def _padded_visual(
@@ -643,11 +820,12 @@ def _group(plan: Any, cfg: PruneHalConfig, members: list[tuple[Row, PruneState]]
     return g
 
 
-def _last_decided(sts: list[PruneState]) -> Decided | None:
-    """The one decision all of ``sts`` took last, as its rows ``0..B-1`` in this order, and not yet taken
-    into their tensors (then the group's state tensors are that decision's, with no op per row)."""
+def _last_decided(sts: list[PruneState], from_kernel: bool = True) -> Decided | None:
+    """The one decision all of ``sts`` took last (on the kernel path, with ``from_kernel``), as its rows
+    ``0..B-1`` in this order, and not yet taken into their tensors (then the group's state tensors are
+    that decision's, with no op per row)."""
     first = sts[0].decided
-    if first is None or first[0].group is None or first[0].keep.shape[0] != len(sts):
+    if first is None or (from_kernel and first[0].group is None) or first[0].keep.shape[0] != len(sts):
         return None
     d = first[0]
     if all(st.decided is not None and st.decided[0] is d and st.decided[1] == j for j, st in enumerate(sts)):
