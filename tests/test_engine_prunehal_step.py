@@ -218,42 +218,11 @@ def test_a_decision_read_as_one_stack_equals_the_per_row_state(monkeypatch):
 
 
 def _torch_layer(n: int):
-    """Layer 0 (not the deciding one) of a decode step of ``n`` rows on the CPU engine's torch path, the
-    rows with pruned keys reworked (their native output is not computed: here it holds each row's
-    attention over all its keys, which the layer call must replace). Returns the ops of the layer call,
-    the output it leaves, the rows' masked attention (the reference's), that output before the call, the
-    rows and the expected (A, scores) per row."""
-    from vllm_halluguard.engine.prunehal import PruneHalEngine, on_device
-    from vllm_halluguard.kernels.reference import attention_rows
-
-    rows, seq_lens, io, q, masks = _world(n)
-    scale, qsl = D**-0.5, list(range(n + 1))
-    native, want, stats = torch.zeros(n, HQ, D), torch.zeros(n, HQ, D), []
-    for r, row in enumerate(rows):
-        k, v = io.gather(r, seq_lens[r])
-        pos = torch.tensor([seq_lens[r] - 1])
-        native[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos)[0][0]
-        want[r] = attention_rows(q[0, r : r + 1], k, v, scale, pos, key_mask=masks[r][0])[0][0]
-        stats.append(
-            _statistics(row, attention_logits(q[0, r : r + 1], k, scale, pos, masks[r][0]), masks[r][0])
-        )
-    plan = SimpleNamespace(
-        query_start_loc=qsl, seq_lens=seq_lens, block_table=io.block_table, block_size=BS,
-        slot_mapping=torch.tensor(seq_lens) - 1, prepared={},
-    )  # fmt: skip
-    runtime = SimpleNamespace(block_size=BS, num_layers=len(LAYERS), stats={}, ext={})
-    for row in rows:  # the requests' state moved to the layers' device at their first step
-        on_device(row.request.scratch["prunehal"], row.request.config, q.device)
-    output = native.clone()
-    call = LayerCall(
-        layer=LAYERS[0], scale=scale, query=q[0].clone(), output=output, query_start_loc=qsl,
-        seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather, write=io.write,
-        gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
-    )  # fmt: skip
-    counter = _Ops()
-    with counter:
-        PruneHalEngine().run(call, rows)
-    return counter.ops, output, want, native, rows, stats
+    """Layer 0 (not the deciding one) of a decode step of ``n`` rows of two configs on the CPU engine's
+    torch path (:func:`_torch_step`): the ops of the layer call, the output it leaves, the rows' masked
+    attention (the reference's), that output before the call, the rows and the expected (A, scores)."""
+    ops, outputs, wants, natives, rows, stats, _ = _torch_step(n, CONFIGS, layers=1)
+    return ops[0], outputs[0], wants[0], natives[0], rows, stats[0]
 
 
 def test_a_torch_path_layer_call_is_a_fixed_op_sequence_over_its_rows():
@@ -276,16 +245,16 @@ def test_a_torch_path_layer_call_is_a_fixed_op_sequence_over_its_rows():
     assert results[4][0] == results[24][0], (results[4][0], results[24][0])
 
 
-def _torch_step(n: int, cfg: PruneHalConfig):
-    """Both layers of a decode step of ``n`` rows of one config on the CPU engine's torch path (the rows
-    share their config, layers and visual tokens: one group), each layer's output holding the rows'
-    unmasked attention before the call. Returns per layer the ops of its call, the output it leaves, the
-    rows' masked attention (the reference's) and that output before the call; the rows; their expected
-    statistics per layer; and their state before the step."""
+def _torch_step(n: int, configs: tuple[PruneHalConfig, ...], layers: int = len(LAYERS)):
+    """The first ``layers`` layers of a decode step of ``n`` rows (``configs`` in turn) on the CPU
+    engine's torch path, each layer's output holding the rows' unmasked attention before the call (where
+    a row prunes, the layer call must replace it). Returns per layer the ops of its call, the output it
+    leaves, the rows' masked attention (the reference's) and that output before the call; the rows; their
+    expected statistics per layer; and their state before the step."""
     from vllm_halluguard.engine.prunehal import PruneHalEngine, on_device
     from vllm_halluguard.kernels.reference import attention_rows
 
-    rows, seq_lens, io, q, masks = _world(n, (cfg,))
+    rows, seq_lens, io, q, masks = _world(n, configs)
     scale, qsl = D**-0.5, list(range(n + 1))
     plan = SimpleNamespace(
         query_start_loc=qsl, seq_lens=seq_lens, block_table=io.block_table, block_size=BS,
@@ -295,10 +264,10 @@ def _torch_step(n: int, cfg: PruneHalConfig):
     before = []
     for row in rows:
         st = row.request.scratch["prunehal"]
-        on_device(st, cfg, q.device)
+        on_device(st, row.request.config, q.device)
         before.append((st.keep.clone(), st.count.clone(), st.hist_sum.clone(), st.hist_n.clone()))
     ops, outputs, wants, natives, stats = [], [], [], [], []
-    for j, layer in enumerate(LAYERS):
+    for j, layer in enumerate(LAYERS[:layers]):
         native, want, layer_stats = torch.zeros(n, HQ, D), torch.zeros(n, HQ, D), []
         for r, row in enumerate(rows):
             k, v = io.gather(r, seq_lens[r])
@@ -338,7 +307,7 @@ def test_a_torch_path_step_of_one_config_is_one_group(cfg, native, monkeypatch):
     calls = []
     real = cpu_native.prunehal_layer
     monkeypatch.setattr(cpu_native, "prunehal_layer", lambda *a: calls.append(1) or real(*a))
-    results = {n: _torch_step(n, cfg) for n in (4, 24)}
+    results = {n: _torch_step(n, (cfg,)) for n in (4, 24)}
     assert len(calls) == (2 * len(LAYERS) if native else 0)
     assert results[4][0] == results[24][0], (results[4][0], results[24][0])
     for n, (_, outputs, wants, natives, rows, stats, before) in results.items():
