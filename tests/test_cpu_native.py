@@ -166,3 +166,37 @@ def test_without_a_compiler_the_torch_ops_serve(monkeypatch):
     monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
     assert cpu_native.module() is None and cache_io.native_views(call) is None
     assert not cpu_native._failed  # off: nothing was tried
+
+
+def test_the_kernels_refuse_indices_outside_their_tensors():
+    """A page id, token, slot or EMA address outside its tensor is an error, not a stray read or write."""
+    g = torch.Generator().manual_seed(3)
+    k_view, v_view = _cache(4, torch.float32, g)
+    query, output = torch.randn(2, HQ, D, generator=g), torch.zeros(2, HQ, D)
+    lens, visual = torch.tensor([10, 12]), torch.tensor([[1, 2], [1, 2]])
+    keep, write = torch.ones(2, 1, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+
+    def prunehal(ids, last):
+        return cpu_native.prunehal_layer(
+            query, last, k_view, v_view, ids, lens, visual, keep, write, output, 0.3, 0, "mean"
+        )
+
+    good_ids, good_last = torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
+    prunehal(good_ids, good_last)  # in range: runs
+    for ids, last in ((torch.tensor([[0, 9], [2, 3]]), good_last), (good_ids, torch.tensor([0, 2]))):
+        with pytest.raises(RuntimeError, match="out of range"):
+            prunehal(ids, last)
+    queue, count = torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.long)
+    blocks, offsets = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[7, 1], [7, 3]])
+
+    def kvsmooth(slot, offsets):
+        cpu_native.kvsmooth_layer(
+            query, good_last, k_view, v_view, good_ids, lens, queue, count, slot, 0, None, blocks, offsets,
+            window=4, lo=0.0, hi=1.0, inclusive=True, by_window=False, entropy_of_mean=False, scale=0.3,
+        )  # fmt: skip
+
+    kvsmooth(torch.tensor([0, 1]), offsets)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kvsmooth(torch.tensor([0, 5]), offsets)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kvsmooth(torch.tensor([0, 1]), torch.tensor([[7, 1], [7, BS]]))

@@ -72,6 +72,16 @@ void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
+// Every index the kernels follow stays inside its tensor: a row's pages (the blocks holding its `len`
+// keys) inside the cache view, its token inside the query (and output) rows.
+void check_row(const int64_t* ids, int64_t nb, int64_t len, int64_t bs, int64_t blocks, int64_t token,
+               int64_t tokens) {
+  TORCH_CHECK(len > 0 && len <= nb * bs, "halluguard native kernel: a row's length exceeds its pages");
+  TORCH_CHECK(token >= 0 && token < tokens, "halluguard native kernel: a row's token is out of range");
+  for (int64_t blk = 0; blk * bs < len; ++blk)
+    TORCH_CHECK(ids[blk] >= 0 && ids[blk] < blocks, "halluguard native kernel: a page id is out of range");
+}
+
 // exp(x) for x <= 0 in place (Cephes' single-precision range reduction and polynomial, within 2 ulp):
 // a plain loop the compiler vectorises. Below -87 it returns 0.
 void exp_inplace(float* __restrict__ x, int64_t n) {
@@ -195,7 +205,10 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
   last = last.contiguous(); lens = lens.contiguous(); write = write.contiguous();
   const int64_t rows = last.size(0), hq = query.size(1), d = query.size(2), hkv = k_view.size(2);
   const int64_t bs = k_view.size(1), nv = visual.size(1), nb = ids.size(1);
-  TORCH_CHECK(hq % hkv == 0 && k_view.size(3) == d, "prunehal_layer: head shapes");
+  TORCH_CHECK(hq % hkv == 0 && k_view.size(3) == d && output.size(1) == hq && output.size(2) == d,
+              "prunehal_layer: head shapes");
+  TORCH_CHECK(ids.size(0) == rows && lens.size(0) == rows && visual.size(0) == rows && keep.size(0) == rows &&
+              keep.size(1) == nv && write.size(0) == rows, "prunehal_layer: one entry per row");
   const int64_t* last_p = last.data_ptr<int64_t>();
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   const int64_t* lens_p = lens.data_ptr<int64_t>();
@@ -203,8 +216,9 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
   const bool* keep_p = keep.data_ptr<bool>();
   const bool* write_p = write.data_ptr<bool>();
   int64_t s_max = 1;
+  const int64_t tokens = std::min(query.size(0), output.size(0));
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(lens_p[b] > 0 && lens_p[b] <= nb * bs, "prunehal_layer: a row's length exceeds its pages");
+    check_row(ids_p + b * nb, nb, lens_p[b], bs, k_view.size(0), last_p[b], tokens);
     s_max = std::max(s_max, lens_p[b]);
   }
   // allowed keys per row: its length, the pruned visual keys off
@@ -330,6 +344,14 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
   blocks = blocks.contiguous(); offsets = offsets.contiguous(); first = first.contiguous();
   const int64_t rows = token.size(0), hq = query.size(1), d = query.size(2), hkv = k_view.size(2);
   const int64_t bs = k_view.size(1), nb = ids.size(1), width = queue.size(2), layers = queue.size(1);
+  TORCH_CHECK(hq % hkv == 0 && k_view.size(3) == d, "kvsmooth_layer: head shapes");
+  TORCH_CHECK(ids.size(0) == rows && lens.size(0) == rows && slot.size(0) == rows && blocks.size(0) == rows &&
+              offsets.size(0) == rows && blocks.size(1) == 2 && offsets.size(1) == 2 &&
+              (first.numel() == 0 || first.numel() == rows), "kvsmooth_layer: one entry per row");
+  TORCH_CHECK(token.scalar_type() == torch::kLong && ids.scalar_type() == torch::kLong &&
+              lens.scalar_type() == torch::kLong && slot.scalar_type() == torch::kLong &&
+              blocks.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong &&
+              (first.numel() == 0 || first.scalar_type() == torch::kBool), "kvsmooth_layer: index dtypes");
   const bool has_first = first.numel() > 0;
   const int64_t* tok_p = token.data_ptr<int64_t>();
   const int64_t* ids_p = ids.data_ptr<int64_t>();
@@ -342,8 +364,11 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
   int64_t* count_p = count.data_ptr<int64_t>();
   int64_t s_max = 1;
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(lens_p[b] > 0 && lens_p[b] <= nb * bs && slot_p[b] >= 0 && slot_p[b] < queue.size(0),
-                "kvsmooth_layer: a row's length or slot is out of range");
+    check_row(ids_p + b * nb, nb, lens_p[b], bs, k_view.size(0), tok_p[b], query.size(0));
+    TORCH_CHECK(slot_p[b] >= 0 && slot_p[b] < queue.size(0), "kvsmooth_layer: a row's slot is out of range");
+    for (int64_t i = 2 * b; i < 2 * b + 2; ++i)
+      TORCH_CHECK(blk_p[i] >= 0 && blk_p[i] < k_view.size(0) && off_p[i] >= 0 && off_p[i] < bs,
+                  "kvsmooth_layer: an EMA address is out of range");
     s_max = std::max(s_max, lens_p[b]);
   }
   // per (row, head): the probabilities (entropy of the mean) or the head's entropy (mean of entropies)
