@@ -7,15 +7,17 @@ of a layer's rows in one call, reading and writing vLLM's CPU cache through its 
 (:func:`~vllm_halluguard.engine.cache_io.cpu_kernel_views`):
 
 * :func:`prunehal_layer`: per row, the attention over its keys with the pruned visual keys masked, the
-  head-averaged probabilities on the visual keys (the statistic's input), and, for the rows that prune in
+  head-averaged probabilities on the visual keys and their statistic, and, for the rows that prune in
   this layer, the masked attention output written over the native kernel's;
+* :func:`prunehal_vote`: per request, the step's vote and history (the new masks of a request that
+  prunes are selected in torch);
 * :func:`kvsmooth_layer`: per row, the attention row's entropy (mean over heads of each head's entropy, or
   the entropy of the head-mean row), the FIFO push and rank lambda, and the EMA of the token's K and V
   with the previous slot's, written in the cache.
 
 The C++ is compiled on first use with torch's extension JIT (``torch.utils.cpp_extension``: a C++
 compiler and ninja, cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``,
-keyed by the source's hash) and loaded at engine start-up on the CPU platform
+keyed by the source, the flags and the CPU) and loaded at engine start-up on the CPU platform
 (:func:`warm_up`), so no compile happens while serving. Where it cannot be built (no compiler) or with
 ``HALLUGUARD_CPU_NATIVE=0`` the torch ops serve, with the same results up to float rounding (the kernels
 sum in another order). Accumulation is fp32, as the torch path's; the cache's dtype is kept on write.
