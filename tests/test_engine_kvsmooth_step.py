@@ -114,10 +114,9 @@ def _layer_call(n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         p = seq_lens[i] - 1
         prev, cur = k_cache[table[i, (p - 1) // bs], (p - 1) % bs], k_cache[table[i, p // bs], p % bs]
         want[table[i, p // bs], p % bs] = ema(prev[None], cur[None], lam)[0]
-    call = LayerCall(
-        layer=0, scale=d**-0.5, query=torch.zeros(n, hq, d), output=torch.zeros(n, hq, d),
-        query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, gather=io.gather,
-        write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+    call = LayerCall.reading(
+        io, layer=0, scale=d**-0.5, query=torch.zeros(n, hq, d), output=torch.zeros(n, hq, d),
+        query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, plan=plan,
     )  # fmt: skip
     counter, lse = _Ops(), torch.zeros(n, hq)
     with counter, counter.outside_launches():
@@ -230,10 +229,9 @@ def _torch_path_step(n: int, layers: tuple[int, ...]) -> tuple[list[int], list, 
             want[layer][i, p] = ema(k[p - 1][None], k[p][None], lam)[0]
     ops = []
     for layer, io in enumerate(ios):
-        call = LayerCall(
-            layer=layer, scale=d**-0.5, query=queries[layer], output=torch.zeros(n, hq, d),
-            query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, gather=io.gather,
-            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        call = LayerCall.reading(
+            io, layer=layer, scale=d**-0.5, query=queries[layer], output=torch.zeros(n, hq, d),
+            query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=slots, runtime=runtime, plan=plan,
         )  # fmt: skip
         counter = _Ops()
         with counter:

@@ -140,10 +140,9 @@ def _run_step(rows, seq_lens, io, q, masks, monkeypatch):
     ops = []
     for j, layer in enumerate(LAYERS):
         current["layer"] = j
-        call = LayerCall(
-            layer=layer, scale=scale, query=q[j].clone(), output=torch.zeros(n, HQ, D), query_start_loc=qsl,
-            seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather,
-            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        call = LayerCall.reading(
+            io, layer=layer, scale=scale, query=q[j].clone(), output=torch.zeros(n, HQ, D), runtime=runtime,
+            query_start_loc=qsl, seq_lens=seq_lens, slot_mapping=plan.slot_mapping, plan=plan,
         )  # fmt: skip
         counter = _Ops()
         with counter:
@@ -277,10 +276,9 @@ def _torch_step(n: int, configs: tuple[PruneHalConfig, ...], layers: int = len(L
             logits = attention_logits(q[j, r : r + 1], k, scale, pos, masks[r][j])
             layer_stats.append(_statistics(row, logits, masks[r][j]))
         output = native.clone()
-        call = LayerCall(
-            layer=layer, scale=scale, query=q[j].clone(), output=output, query_start_loc=qsl,
-            seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, gather=io.gather,
-            write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots, plan=plan, io=io,
+        call = LayerCall.reading(
+            io, layer=layer, scale=scale, query=q[j].clone(), output=output, query_start_loc=qsl,
+            seq_lens=seq_lens, slot_mapping=plan.slot_mapping, runtime=runtime, plan=plan,
         )  # fmt: skip
         counter = _Ops()
         with counter:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from vllm_halluguard.engine import cpu_cache
-from vllm_halluguard.kernels import paged
+from vllm_halluguard.engine import cpu_cache, tp
+from vllm_halluguard.kernels import cpu_native, paged
 from vllm_halluguard.kernels.layouts import Layout, split_kv
 
 #: Native backends whose cache the plugin reads, by vLLM backend name.
@@ -232,9 +232,6 @@ def native_views(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The K and V views of a layer call's cache where the native CPU kernels
     (:mod:`~vllm_halluguard.kernels.cpu_native`) serve it: a CPU cache with plain views in the query's
     dtype, one tensor-parallel rank, and the kernels enabled and built; else ``None`` (torch ops serve)."""
-    from vllm_halluguard.engine import tp
-    from vllm_halluguard.kernels import cpu_native
-
     io = call.io
     if io is None or call.query.device.type != "cpu":
         return None

@@ -71,7 +71,8 @@ def run_layer(
     assert plan.slot_mapping is not None  # the builder sets it on every plan
     out3 = (output if output.shape[0] == n else output[:n]).view(n, impl.num_heads, impl.head_size)
     io = _layer_io(impl, kv_cache, plan.block_table, layer)
-    call = LayerCall(
+    call = LayerCall.reading(
+        io,
         layer=index,
         scale=impl.scale,
         query=query if query.shape[0] == n else query[:n],
@@ -80,12 +81,7 @@ def run_layer(
         seq_lens=plan.seq_lens,
         slot_mapping=plan.slot_mapping if plan.slot_mapping.shape[0] == n else plan.slot_mapping[:n],
         runtime=current(),
-        gather=io.gather,
-        write=io.write,
-        gather_batch=io.gather_batch,
-        gather_slots=io.gather_slots,
         plan=plan,
-        io=io,
     )
     if plan.verify:
         _verify_native(impl, native, layer, query, key, value, kv_cache, plan, lp, output, args, kwargs)

@@ -220,7 +220,6 @@ class KVSmoothEngine(EngineMethod):
                 defer(call, g)
                 continue
             ids, valid, s_max = g.keys(call.io.block_size)
-            assert valid is not None  # the kernel path's tables have it
             k = call.io.read_keys(ids, s_max)
             probs = torch.softmax(attention_logits_padded(call.query[g.token], k, call.scale, valid), dim=-1)
             smooth_group(call, g, entropy(probs, g.cfg.head_reduce))
@@ -270,7 +269,7 @@ class Group:
     #: By the cache's block size (the builder's, or the layer cache's if it differs): the cache blocks
     #: and offsets of ``positions``, and the padded K gather's page ids and key mask (torch path).
     _addresses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _keys: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = field(default_factory=dict, repr=False)
+    _keys: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
     _launch: dict[str, Any] | None = field(default=None, repr=False)
     lens: torch.Tensor | None = field(default=None, repr=False)  # [B] keys per row (the native kernel's)
 
@@ -297,9 +296,8 @@ class Group:
             out = self._addresses[block_size] = (blocks, self.positions % block_size)
         return out
 
-    def keys(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Page ids ``[B, n_blocks]``, key mask ``[B, s_max]`` and ``s_max`` of the rows' K (the torch
-        path's host tables leave the mask out, ``None``, where no row is shorter than ``s_max``)."""
+    def keys(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Page ids ``[B, n_blocks]``, key mask ``[B, s_max]`` and ``s_max`` of the rows' K."""
         out = self._keys.get(block_size)
         if out is None:
             ids, valid = page_ids(self.table, self.positions[:, 1] + 1, self.s_max, block_size)

@@ -43,6 +43,15 @@ class LayerCall:
     #: addresses: ``read_at``, ``read_keys``), when the call comes from a plan.
     io: Any = None
 
+    @classmethod
+    def reading(cls, io: Any, **fields: Any) -> LayerCall:
+        """A call whose cache callbacks are those of ``io`` (a
+        :class:`~vllm_halluguard.engine.cache_io.CacheIO`), which it also carries (``fields``: the rest)."""
+        return cls(
+            gather=io.gather, write=io.write, gather_batch=io.gather_batch, gather_slots=io.gather_slots,
+            io=io, **fields,
+        )  # fmt: skip
+
     def span(self, row: Row) -> tuple[int, int, int]:
         """``(first token, end token, seq_len)`` of a row in the flat batch."""
         i = row.index

@@ -429,6 +429,7 @@ class TorchGroup:
     steps: list[int]  # each row's decision step (seq_len - prompt_len + 1)
     index: dict[int, int]  # layer -> its index in the rows' ``layers``
     last_layer: int
+    keep: torch.Tensor  # [B, L, Nv] the keep masks as of the step's start (:attr:`TorchTables.keep`)
     count: torch.Tensor  # [B]
     hist_sum: torch.Tensor  # [B, L]
     hist_n: torch.Tensor  # [B]
@@ -443,8 +444,8 @@ class TorchGroup:
     stats: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> statistic [B] (native)
     masks: torch.Tensor | None = None  # [B, L, s_max] every layer's key masks, made at the first masked layer
     heads: torch.Tensor | None = None  # [B, Hq, Nv] the visual positions per query head
-    #: The native kernel's (:func:`~vllm_halluguard.engine.cache_io.native_views`): the rows' key counts
-    #: [B] and, per layer index, which rows it writes [L, B]; made at its first call.
+    #: The native kernel's (:func:`~vllm_halluguard.engine.cache_io.native_views`) inputs, where it serves
+    #: the step: the rows' key counts [B] and, per layer index, which rows it writes [L, B].
     lens: torch.Tensor | None = None
     write: torch.Tensor | None = None
 
@@ -455,33 +456,29 @@ def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
     prune here, the head-averaged visual probabilities kept for the decision. One call of the native CPU
     kernel where it serves (:func:`~vllm_halluguard.kernels.cpu_native.prunehal_layer`), else the same
     torch ops whatever the row count."""
-    assert t.keep is not None
     i = g.index[call.layer]
-    views = cache_io.native_views(call)
+    views = cache_io.native_views(call) if g.write is not None else None
     if views is not None:  # one native call: attention, statistics and the pruned rows' output
-        if g.write is None:
-            g.lens = torch.tensor([call.seq_lens[r] for r in t.rows])
-            masked = [set(rows) for rows in g.masked]
-            g.write = torch.tensor([[b in rows for b in range(len(g.states))] for rows in masked])
+        assert g.lens is not None and g.write is not None
         g.parts[i], g.stats[i] = cpu_native.prunehal_layer(
-            call.query, t.last, *views, t.ids, g.lens, t.visual, t.keep, g.write, call.output, call.scale, i,
+            call.query, t.last, *views, t.ids, g.lens, t.visual, g.keep, g.write, call.output, call.scale, i,
             g.cfg.statistic,
         )  # fmt: skip
         if call.layer == g.last_layer:
-            _decide_torch(call.runtime, t.keep, g)
+            _decide_torch(call.runtime, g)
         return
     if t.valid is None:  # tables made for the native kernel (a layer it cannot serve: never seen)
         t.ids, t.valid = page_ids(t.ids, torch.tensor(call.seq_lens)[t.rows], t.s_max, call.io.block_size)
-    keep, valid = t.keep[:, i], t.valid
+    keep, valid = g.keep[:, i], t.valid
     q = call.query.index_select(0, t.last)
     if g.heads is None:
         g.heads = t.visual[:, None, :].expand(-1, q.shape[1], -1)
     k = call.io.read_keys(t.ids, t.s_max)
     if g.masked[i]:
         if g.masks is None:  # valid keys, the visual ones as kept in each layer
-            b, n, nv = t.keep.shape
+            b, n, nv = g.keep.shape
             g.masks = valid[:, None, :].expand(b, n, -1).clone()
-            g.masks.scatter_(2, t.visual[:, None, :].expand(b, n, nv), t.keep)
+            g.masks.scatter_(2, t.visual[:, None, :].expand(b, n, nv), g.keep)
         v = call.io.read_values(t.ids, t.s_max)
         if g.padded:
             v = v.masked_fill(~valid[:, :, None, None], 0)
@@ -497,16 +494,17 @@ def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
         on_visual = torch.exp(logits.gather(-1, g.heads) - lse[..., None])
     g.parts[i] = head_mean((on_visual * keep[:, None, :]).float(), -2)  # over every rank's heads
     if call.layer == g.last_layer:
-        _decide_torch(call.runtime, t.keep, g)
+        _decide_torch(call.runtime, g)
 
 
-def _decide_torch(runtime: Any, keep: torch.Tensor, g: TorchGroup) -> None:
+def _decide_torch(runtime: Any, g: TorchGroup) -> None:
     """The decisions of a :class:`TorchGroup`'s requests after this step, in one :func:`prune_step` (or,
     after the native kernels, one :func:`~vllm_halluguard.kernels.cpu_native.prunehal_vote`); each
     request takes its row on first use (:class:`Decided`). On a CPU device the host reads the vote at
     once (free there), so a step where no request prunes selects no masks."""
     if len(g.parts) != len(g.index):
         raise RuntimeError(f"prunehal: layer indices {set(range(len(g.index))) - set(g.parts)} not measured")
+    keep = g.keep
     head_avg = torch.stack([g.parts[i] for i in range(len(g.index))], 1)  # [B, L, Nv]
     steps = torch.tensor(g.steps, device=keep.device)
     cpu = keep.device.type == "cpu"
@@ -526,15 +524,7 @@ def _decide_torch(runtime: Any, keep: torch.Tensor, g: TorchGroup) -> None:
         )  # fmt: skip
     g.parts, g.stats = {}, {}
     done = Decided(new_keep, count, hist_sum, hist_n, A, scores)
-    if cpu:  # nothing writes these tensors again: the host reads them as they are
-        host_fired, host_keep, event = fired, new_keep, None
-    else:
-        (host_fired, host_keep), event = queue_to_host(fired, new_keep)
-    unread = runtime.ext.setdefault(UNREAD, {})
-    for j, st in enumerate(g.states):  # host bookkeeping only: no tensor op per row
-        st.decided = (done, j)
-        st.pending.append(Decision(g.steps[j], host_fired, host_keep, event, j))
-        unread[id(st)] = st
+    _hand_out(runtime.ext.setdefault(UNREAD, {}), done, fired, g.states, g.steps, copy=not cpu)
 
 
 def _torch_tables(
@@ -556,14 +546,15 @@ def _torch_tables(
         last = _last_tokens(call, batch_rows)
         kinds = {(cast(PruneHalConfig, row.request.config), st.layers) for row, st, _ in todo}
         one = same and len(kinds) == 1
-        if one and cache_io.native_views(call) is not None:  # the native kernel reads the table rows as is
-            hit = _torch_group(call, todo, table, batch_rows, None, s_max, last, visual, None, seq_lens)
-            call.plan.prepared[key] = hit
-            return hit
-        ids, valid = page_ids(table, torch.tensor(seq_lens), s_max, bs)
-        real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
+        native = one and cache_io.native_views(call) is not None
+        if native:  # the native kernel reads the table rows as they are and masks by their lengths
+            ids, valid, real = table, None, None
+        else:
+            ids, valid = page_ids(table, torch.tensor(seq_lens), s_max, bs)
+            real = torch.arange(visual.shape[1])[None, :] < torch.tensor(counts)[:, None]
         if one:
-            hit = _torch_group(call, todo, ids, batch_rows, valid, s_max, last, visual, real, seq_lens)
+            group = _torch_group(todo, last, seq_lens, s_max, native)
+            hit = TorchTables(ids, batch_rows, valid, s_max, last, visual, real, group.keep, group)
         else:
             keep = torch.stack([st.keep for st in sts]) if same else None
             hit = TorchTables(ids, batch_rows, valid, s_max, last, visual, real, keep)
@@ -572,12 +563,10 @@ def _torch_tables(
 
 
 def _torch_group(
-    call: LayerCall, todo: list[tuple[Row, PruneState, int]], ids: torch.Tensor, batch_rows: list[int],
-    valid: torch.Tensor | None, s_max: int, last: torch.Tensor, visual: torch.Tensor,
-    real: torch.Tensor | None, seq_lens: list[int],
-) -> TorchTables:  # fmt: skip
-    """:class:`TorchTables` with a :class:`TorchGroup`: the rows' state stacked (their last decision's
-    tensors where they decided together last step, in this order: no op)."""
+    todo: list[tuple[Row, PruneState, int]], last: torch.Tensor, seq_lens: list[int], s_max: int, native: bool
+) -> TorchGroup:
+    """The rows' :class:`TorchGroup`: their state stacked (their last decision's tensors where they decided
+    together last step, in this order: no op), and for the native kernel its per-row inputs."""
     sts = [st for _, st, _ in todo]
     cfg = cast(PruneHalConfig, todo[0][0].request.config)
     d = _last_decided(sts, from_kernel=False)
@@ -592,12 +581,15 @@ def _torch_group(
     n, rows = len(sts[0].layers), len(sts)
     masked = [[b for b, st in enumerate(sts) if not st.all_kept(i)] for i in range(n)]
     select = [torch.tensor(m, device=last.device) if 0 < len(m) < rows else None for m in masked]
-    group = TorchGroup(
+    lens = write = None
+    if native:
+        lens = torch.tensor(seq_lens)
+        write = torch.tensor([[b in m for b in range(rows)] for m in map(set, masked)])
+    return TorchGroup(
         cfg, sts, [s - row.request.prompt_len + 1 for s, (row, _, _) in zip(seq_lens, todo, strict=True)],
-        dict(sts[0].index), sts[0].last_layer, count, hist_sum, hist_n, blocks,
-        max(st.num_groups for st in sts), masked, select, min(seq_lens) < s_max,
+        dict(sts[0].index), sts[0].last_layer, keep, count, hist_sum, hist_n, blocks,
+        max(st.num_groups for st in sts), masked, select, min(seq_lens) < s_max, lens=lens, write=write,
     )  # fmt: skip
-    return TorchTables(ids, batch_rows, valid, s_max, last, visual, real, keep, group)
 
 
 def _padded_visual(
@@ -924,11 +916,25 @@ def decide_group(runtime: Any, g: Group) -> None:
             num_groups=max(st.num_groups for st in sts), skip_idle=False,
         )  # fmt: skip
         done = Decided(keep, count, hist_sum, hist_n, a, sc, g if len(g.runs) == 1 else None)
-        (host_fired, host_keep), event = queue_to_host(fired, keep)
-        for j, st in enumerate(sts):  # host bookkeeping only: no tensor op per row
-            st.decided = (done, j)
-            st.pending.append(Decision(g.steps[lo + j], host_fired, host_keep, event, j))
-            unread[id(st)] = st
+        _hand_out(unread, done, fired, sts, g.steps[lo:hi], copy=True)
+
+
+def _hand_out(
+    unread: dict[int, PruneState], done: Decided, fired: torch.Tensor, sts: list[PruneState],
+    steps: list[int], copy: bool,
+) -> None:  # fmt: skip
+    """Request ``j`` of ``sts`` takes row ``j`` of the batched decision ``done`` on first use, and the host
+    learns it later (:class:`Decision`, read by :func:`collect`): from host buffers a copy queued behind
+    the stream fills (:func:`queue_to_host`), or, without ``copy``, from the tensors as they are (on the
+    host, where nothing writes them again). Host bookkeeping only: no tensor op per row."""
+    if copy:
+        (host_fired, host_keep), event = queue_to_host(fired, done.keep)
+    else:
+        host_fired, host_keep, event = fired, done.keep, None
+    for j, st in enumerate(sts):
+        st.decided = (done, j)
+        st.pending.append(Decision(steps[j], host_fired, host_keep, event, j))
+        unread[id(st)] = st
 
 
 def decide(runtime: Any, items: list[tuple[PruneState, PruneHalConfig, int]]) -> None:
