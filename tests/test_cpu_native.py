@@ -25,11 +25,15 @@ def _cache(n_blocks: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch
     return k, v
 
 
-@pytest.mark.parametrize(("dtype", "statistic"), [(torch.float32, "mean"), (torch.bfloat16, "mass")])
-def test_prunehal_layer_equals_the_masked_softmax_in_torch(dtype, statistic):
+@pytest.mark.parametrize(
+    ("dtype", "statistic", "with_sinks"),
+    [(torch.float32, "mean", False), (torch.bfloat16, "mass", False), (torch.float32, "mean", True)],
+)
+def test_prunehal_layer_equals_the_masked_softmax_in_torch(dtype, statistic, with_sinks):
     """Output of the rows it writes, untouched output elsewhere, the head-mean probabilities on the visual
     keys (zero on pruned ones) and their statistic, against :func:`attention_rows_padded` over the same
-    keys and :func:`scores_statistic`."""
+    keys and :func:`scores_statistic`; with sink logits (a composition's FarSight mode B, ``-inf`` in one
+    row) the output takes them, the statistics do not."""
     g = torch.Generator().manual_seed(0)
     rows, nb, nv = 5, 32, 10
     k_view, v_view = _cache(nb, dtype, g)
@@ -44,9 +48,13 @@ def test_prunehal_layer_equals_the_masked_softmax_in_torch(dtype, statistic):
     output = torch.randn(rows + 3, HQ, D, generator=g).to(dtype)
     before = output.clone()
     stacked = torch.stack([~keep, keep], 1)  # [B, L, Nv]: layer index 1 is this one
+    sinks = None
+    if with_sinks:  # layer index 0's sinks must not be read
+        sinks = torch.stack([torch.full((rows, HQ), 50.0), torch.randn(rows, HQ, generator=g) + 1.0], 1)
+        sinks[2, 1] = float("-inf")
     stat, A = cpu_native.prunehal_layer(
         query, last, k_view, v_view, ids, lens, visual, stacked, torch.stack([~write, write]), output, 0.3, 1,
-        statistic,
+        statistic, sinks=sinks,
     )  # fmt: skip
 
     k = k_view[ids].flatten(1, 2)[:, :s_max]
@@ -54,7 +62,11 @@ def test_prunehal_layer_equals_the_masked_softmax_in_torch(dtype, statistic):
     mask = torch.arange(s_max)[None, :] < lens[:, None]
     mask.scatter_(1, visual, keep)
     v = v.masked_fill(~mask[:, :, None, None], 0)
-    out, _, probs = attention_rows_padded(query[last], k, v, 0.3, mask)
+    layer_sinks = None if sinks is None else sinks[:, 1]
+    out, _, probs = attention_rows_padded(query[last], k, v, 0.3, mask, layer_sinks)
+    if sinks is not None:  # the sinks took mass from the rows they apply to
+        plain = attention_rows_padded(query[last], k, v, 0.3, mask)[0]
+        assert not torch.allclose(out[0], plain[0], atol=1e-3) and torch.equal(out[2], plain[2])
     want_stat = (probs.gather(-1, visual[:, None, :].expand(-1, HQ, -1)) * keep[:, None, :]).mean(1)
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     torch.testing.assert_close(stat, want_stat, **tol)
@@ -96,12 +108,20 @@ def test_prunehal_vote_equals_prune_step(cfg):
     torch.testing.assert_close(hist_sum2, want[3])
 
 
-def test_kvsmooth_layer_equals_the_torch_ops():
-    """Entropy (both head reductions), FIFO push, rank lambda and EMA against the method's math."""
+@pytest.mark.parametrize("with_kept", [False, True])
+def test_kvsmooth_layer_equals_the_torch_ops(with_kept):
+    """Entropy (both head reductions), FIFO push, rank lambda and EMA against the method's math; with
+    another method's key mask (a composition's PruneHal: some rows' visual keys off, one row padded with
+    -1 positions, one row keeping all) the entropy is the softmax's over the kept keys."""
     from vllm_halluguard.methods.kvsmooth import KVSmoothConfig, ema, head_entropy, update_lambda
 
     g = torch.Generator().manual_seed(1)
     rows, nb, layers, width = 4, 20, 3, 15
+    kept = None
+    if with_kept:
+        visual = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [0, 1, 2, 3], [2, 3, 4, 5]])
+        keep = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]], dtype=torch.bool)
+        kept = (visual, keep)
     for reduce in ("mean_entropy", "entropy_of_mean"):
         cfg = KVSmoothConfig(lam_ref=0.5, window=4, layers=(1,), head_reduce=reduce)
         k_view, v_view = _cache(nb, torch.float32, g)
@@ -118,13 +138,17 @@ def test_kvsmooth_layer_equals_the_torch_ops():
         k0, v0, q0, c0 = k_view.clone(), v_view.clone(), queue.clone(), count.clone()
         cpu_native.kvsmooth_layer(
             query, token, k_view, v_view, ids, lens, queue, count, slot, 1, first, blocks, offsets,
-            window=4, lo=0.2, hi=0.8, inclusive=cfg.rank_inclusive, by_window=cfg.rank_divisor == "window",
-            entropy_of_mean=reduce == "entropy_of_mean", scale=0.25,
+            kept=kept, window=4, lo=0.2, hi=0.8, inclusive=cfg.rank_inclusive,
+            by_window=cfg.rank_divisor == "window", entropy_of_mean=reduce == "entropy_of_mean", scale=0.25,
         )  # fmt: skip
         for b in range(rows):
             keys = k0[ids[b]].flatten(0, 1)[: lens[b]]
             q = query[token[b]].view(HKV, HQ // HKV, D)
             logits = torch.einsum("kgd,skd->kgs", q, keys).reshape(HQ, -1) * 0.25
+            if kept is not None:
+                pairs = zip(kept[0][b].tolist(), kept[1][b].tolist(), strict=True)
+                off = [p for p, k in pairs if p >= 0 and not k]
+                logits[:, off] = float("-inf")
             z = head_entropy(torch.softmax(logits, -1), reduce)[None]
             cfg_b = cfg.model_copy(update={"clip": 0.3})
             lam, fifo, pushed = update_lambda(q0[slot[b], 1, :4][None], c0[slot[b], 1][None], z, cfg_b)

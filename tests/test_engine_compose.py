@@ -16,6 +16,7 @@ from helpers.parity import (
 )
 from vllm_halluguard import reference
 from vllm_halluguard.engine.runtime import worker_stats
+from vllm_halluguard.kernels import cpu_native
 
 pytestmark = pytest.mark.engine
 
@@ -26,13 +27,20 @@ FS_B, FS_C, PRUNE = (MEMBERS[label] for label in ("farsight_b", "farsight_c", "p
 SPECS = COMPOSITIONS
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_engine_matches_composed_reference(paper_engine, hf_model, name):
+#: Compositions whose decode steps need nothing from attention (SCR's real request, FarSight mode C):
+#: those steps get vLLM's own metadata and no route.
+NO_DECODE_ROUTE = {"scr+farsight_c"}
+
+
+def _matches_reference(paper_engine, hf_model, spec) -> tuple:
+    """The composition's generation (= the composed reference, tokens and log-probs) and how many of its
+    steps kept the members' own routes (``compose_member_routes``)."""
     fixture, llm = paper_engine
     model, processor = hf_model
-    spec = SPECS[name]
     case = method_case(fixture, 5, spec)
+    (before,) = llm.collective_rpc(worker_stats)
     (gen,) = run_vllm(llm, [case])
+    (after,) = llm.collective_rpc(worker_stats)
 
     def ctx():
         return reference.apply(model, spec)
@@ -41,16 +49,39 @@ def test_engine_matches_composed_reference(paper_engine, hf_model, name):
     report = compare(gen, forced)
     assert report.same_tokens and report.max_abs_logprob_diff < METHOD_ATOL, report
     assert_free_greedy_agrees(forced, case)
+    return gen, after["compose_member_routes"] - before["compose_member_routes"]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_engine_matches_composed_reference(paper_engine, hf_model, name):
+    """On the native CPU kernels, where every decode step keeps the members' own routes (the reworking
+    member takes the sink lane's sinks, the measuring one its key mask: engine/compose.py)."""
+    fixture, llm = paper_engine
+    spec = SPECS[name]
+    gen, own_routes = _matches_reference(paper_engine, hf_model, spec)
+    assert own_routes >= (0 if name in NO_DECODE_ROUTE else len(gen.token_ids) - 1), own_routes
     # every member acts: the composition differs from each of its members alone
     for member in spec:
         (alone,) = run_vllm(llm, [method_case(fixture, 5, member)])
         assert gen.token_ids != alone.token_ids or logprob_shift(gen, alone) > 1e-4, member
 
 
+@pytest.mark.parametrize("name", ["kvsmooth+prunehal", "triple"])
+def test_kernel_protocol_in_torch_matches_composed_reference(paper_engine, hf_model, name, monkeypatch):
+    """Without the native CPU kernels (``HALLUGUARD_CPU_NATIVE=0``; so too on more than one rank) the
+    reworked rows take the kernel protocol in torch: one attention with every member's terms, then each
+    member's ``after_kernel``."""
+    monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
+    _, own_routes = _matches_reference(paper_engine, hf_model, SPECS[name])
+    assert own_routes == 0
+
+
 def test_mixed_batch_equals_solo_runs(paper_engine):
-    """Compositions, their members alone and plain rows in one batch (SCR's diagnostic included)."""
+    """Compositions, their members alone and plain rows in one batch (SCR's diagnostic included; two
+    PruneHal configs under FarSight mode B's sinks, which PruneHal's torch path takes without a group)."""
     fixture, llm = paper_engine
     specs = [
+        [FS_B, {**PRUNE, "r": 0.4}],
         None,
         SPECS["triple"],
         "kvsmooth",

@@ -304,7 +304,7 @@ def test_a_torch_path_step_of_one_config_is_one_group(cfg, native, monkeypatch):
     monkeypatch.setenv(cpu_native.NATIVE_ENV, "1" if native else "0")
     calls = []
     real = cpu_native.prunehal_layer
-    monkeypatch.setattr(cpu_native, "prunehal_layer", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_native, "prunehal_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     results = {n: _torch_step(n, (cfg,)) for n in (4, 24)}
     assert len(calls) == (2 * len(LAYERS) if native else 0)
     assert results[4][0] == results[24][0], (results[4][0], results[24][0])

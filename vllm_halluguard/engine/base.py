@@ -75,13 +75,46 @@ class Backend:
 
     ``kernel``: mitigated rows are reworked by the project's Triton kernel (GPU, or its interpreter
     in tests); otherwise by the methods' torch path (CPU). ``native_sinks``: the native kernel takes
-    per-head sink logits (a FarSight mode-B sub-batch runs natively).
+    per-head sink logits (a FarSight mode-B sub-batch runs natively). ``cpu_native``: the torch path's
+    layers are served by the native CPU kernels (:mod:`~vllm_halluguard.kernels.cpu_native`: a CPU cache
+    in the model's dtype, one tensor-parallel rank, the kernels built), which take a composition's
+    members' terms (:class:`KeptKeys`, :class:`RowSinks`).
     """
 
     kernel: bool
     native_sinks: bool
     num_layers: int
     num_heads: int
+    cpu_native: bool = False
+
+
+#: ``RequestState.scratch`` keys through which a composition (engine/compose.py) hands one member's terms
+#: to another on the native CPU path, set for the step by its ``route``: a :class:`KeptKeys` (read by a
+#: member that measures attention, KVSmooth) and a :class:`RowSinks` (taken by a member that computes the
+#: row's output, PruneHal).
+KEPT_KEYS = "compose_kept_keys"
+ROW_SINKS = "compose_row_sinks"
+
+
+@dataclass(frozen=True)
+class KeptKeys:
+    """A member's key mask of a row as of the step's start: the keys at ``positions [N]`` (host, int64)
+    are kept where ``keep[index[layer]]`` (``[L, N]`` bool) is True, in the layers of ``index``. With
+    ``row``, ``keep`` is the ``[B, L, N]`` masks of a batched decision and the row's are ``keep[row]``
+    (rows that decided together share it: a reader takes theirs in one op)."""
+
+    positions: torch.Tensor
+    keep: torch.Tensor
+    index: dict[int, int]
+    row: int | None = None
+
+
+@dataclass(frozen=True)
+class RowSinks:
+    """A member's per-head sink logits ``sinks [Hq]`` (fp32) of a row, in ``layers`` (``None``: every one)."""
+
+    sinks: torch.Tensor
+    layers: frozenset[int] | None
 
 
 class EngineMethod:
@@ -153,6 +186,16 @@ class EngineMethod:
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
         """Where the row's attention is computed this step (default: the native kernel everywhere)."""
         return NATIVE
+
+    def kept_keys(self, row: Row) -> KeptKeys | None:
+        """The key mask this method applies to ``row`` in this step (its torch route reworks those layers),
+        for a composition's other members; ``None``: none."""
+        return None
+
+    def sink_layers(self, row: Row, span: RowSpan) -> frozenset[int]:
+        """The layers in which this method's torch path computes ``row``'s output and can take a
+        composition's :class:`RowSinks` (native CPU path); empty: it takes none."""
+        return frozenset()
 
     def needs_attention(self, row: Row, span: RowSpan) -> bool:
         """Whether the row may need the plugin in attention this step, on any backend: ``False`` only

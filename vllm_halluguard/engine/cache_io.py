@@ -228,6 +228,18 @@ def cache_io(
     )
 
 
+def native_serves(cache_dtype: str = "auto") -> bool:
+    """Whether the native CPU kernels serve this worker's layers: enabled and built, one tensor-parallel
+    rank (the statistics over every rank's heads are all-reduced by the torch ops) and a cache in the
+    model's dtype (``cache_dtype`` ``auto``: not fp8)."""
+    return (
+        cache_dtype == "auto"
+        and cpu_native.enabled()
+        and tp.tp_group().world_size == 1
+        and cpu_native.module() is not None
+    )
+
+
 def native_views(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The K and V views of a layer call's cache where the native CPU kernels
     (:mod:`~vllm_halluguard.kernels.cpu_native`) serve it: a CPU cache with plain views in the query's
@@ -238,8 +250,7 @@ def native_views(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     prepared = getattr(call.plan, "prepared", None)
     usable = None if prepared is None else prepared.get(NATIVE_KEY)
     if usable is None:  # once per step
-        # one rank only: the statistics over every rank's heads are all-reduced by the torch ops
-        usable = cpu_native.enabled() and tp.tp_group().world_size == 1 and cpu_native.module() is not None
+        usable = native_serves()
         if prepared is not None:
             prepared[NATIVE_KEY] = usable
     if not usable:

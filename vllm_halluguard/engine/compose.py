@@ -18,6 +18,14 @@ Triton kernel, ``kernel_args``, ``after_kernel``), whatever the real backend:
 * a FarSight mode-B sink stays a native sink lane while no other member reworks the row in that
   step; otherwise the sink joins the reworked layers.
 
+On the CPU engine with its native kernels (``Backend.cpu_native``) the members keep their own torch
+routes where their terms can be handed over (:meth:`CompositeEngine._native_route`): a member that reworks
+the row only to mask keys (PruneHal) computes its output in its own native call, taking the sink lane's
+sinks (:class:`~vllm_halluguard.engine.base.RowSinks`), and a member that measures the attention row
+(KVSmooth) reads that mask (:class:`~vllm_halluguard.engine.base.KeptKeys`); with nothing reworked the
+sink lane stays native and the others observe, as each does alone. Any other case takes the kernel
+protocol in torch above.
+
 Members act in :data:`~vllm_halluguard.methods.ORDER` (docs/methods.md, "Composing methods").
 """
 
@@ -29,9 +37,18 @@ from typing import Any, cast
 
 import torch
 
-from vllm_halluguard.engine.base import Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.base import (
+    KEPT_KEYS,
+    NATIVE,
+    ROW_SINKS,
+    Backend,
+    EngineMethod,
+    Route,
+    RowSinks,
+    RowSpan,
+)
 from vllm_halluguard.engine.layer import LayerCall
-from vllm_halluguard.engine.state import RequestState, Row
+from vllm_halluguard.engine.state import RequestState, Row, current
 from vllm_halluguard.kernels.reference import attention_rows, attention_rows_padded
 from vllm_halluguard.methods import ORDER
 from vllm_halluguard.methods.compose import Composition
@@ -42,12 +59,15 @@ PLAN = "compose_plan"
 
 @dataclasses.dataclass(frozen=True)
 class MemberStep:
-    """One member of a composed row in this step: its method, row, route and whether it observes."""
+    """One member of a composed row in this step: its method, row, route and whether it observes.
+    ``native``: the member keeps its own torch route (:meth:`CompositeEngine._native_route`) and computes
+    its reworked layers in ``run``, as alone."""
 
     method: EngineMethod
     row: Row
     route: Route
     observes: bool
+    native: bool = False
 
 
 def _plan(row: Row) -> list[MemberStep]:
@@ -85,9 +105,19 @@ class CompositeEngine(EngineMethod):
             self.methods[s.config.name].release(runtime, s)
 
     def route(self, row: Row, span: RowSpan, backend: Backend) -> Route:
-        """The union of the members' kernel-protocol reworks, or a member's native sink lane alone."""
-        view = dataclasses.replace(backend, kernel=True)
+        """The members' own routes on the native CPU path where they compose (:meth:`_native_route`);
+        else the union of the members' kernel-protocol reworks, or a member's native sink lane alone."""
         members = self.member_rows(row)
+        row.request.scratch.pop(KEPT_KEYS, None)
+        row.request.scratch.pop(ROW_SINKS, None)
+        if backend.cpu_native and not backend.kernel:
+            native = self._native_route(row, span, backend, members)
+            if native is not None:
+                runtime = current()
+                if runtime is not None:
+                    runtime.stats["compose_member_routes"] += 1
+                return native
+        view = dataclasses.replace(backend, kernel=True)
         routes = [m.route(r, span, view) for m, r in members]
         reworks = any(rt.rework for rt in routes)
         if reworks and any(rt.sinks is not None for rt in routes):  # the sink joins the reworked layers
@@ -104,6 +134,50 @@ class CompositeEngine(EngineMethod):
         if lanes:
             return lanes[0]
         return Route(rework=frozenset().union(*(rt.rework for rt in routes)))
+
+    def _native_route(
+        self, row: Row, span: RowSpan, backend: Backend, members: list[tuple[EngineMethod, Row]]
+    ) -> Route | None:
+        """The members' own torch routes, where at most one member reworks the row and only to mask keys
+        (its :meth:`~EngineMethod.kept_keys` covers its reworked layers: handed to the others) and at most
+        one runs a sink lane: the lane stays native while nothing is reworked, else the reworking member
+        takes its sinks in their layers (:meth:`~EngineMethod.sink_layers` must cover them). ``None``
+        where this does not hold (the kernel protocol serves the row)."""
+        routes = [m.route(r, span, backend) for m, r in members]
+        kept = [m.kept_keys(r) for m, r in members]
+        lanes = [i for i, rt in enumerate(routes) if rt.sinks is not None]
+        reworking = [i for i, rt in enumerate(routes) if rt.rework]
+        if len(lanes) > 1 or len(reworking) > 1 or sum(k is not None for k in kept) > 1:
+            return None
+        scratch = row.request.scratch
+        steps = [
+            MemberStep(m, r, rt, m.observes(r, span, backend), native=True)
+            for (m, r), rt in zip(members, routes, strict=True)
+        ]
+        if not reworking:  # nothing masked: the lane (if any) stays native, the others observe
+            scratch[PLAN] = steps
+            return routes[lanes[0]] if lanes else NATIVE
+        (w,) = reworking
+        mask = kept[w]
+        if mask is None or not routes[w].rework <= set(mask.index):
+            return None  # a rework that is not a key mask
+        rework = routes[w].rework
+        if lanes:
+            (i,) = lanes
+            lane = routes[i]
+            assert lane.sinks is not None
+            layers = lane.sink_layers
+            if layers is None:
+                layers = frozenset(range(backend.num_layers))
+            method, member = members[w]
+            if not layers <= method.sink_layers(member, span):
+                return None
+            scratch[ROW_SINKS] = RowSinks(lane.sinks, lane.sink_layers)
+            steps[i] = dataclasses.replace(steps[i], route=NATIVE, observes=False)
+            rework = rework | layers
+        scratch[PLAN] = steps
+        scratch[KEPT_KEYS] = mask
+        return Route(rework=rework)
 
     def observes(self, row: Row, span: RowSpan, backend: Backend) -> bool:
         return any(step.observes for step in _plan(row))
@@ -154,7 +228,9 @@ class CompositeEngine(EngineMethod):
     def run(self, call: LayerCall, rows: list[Row]) -> None:
         """Torch path: the rows reworked in this layer computed once (every member's sinks and mask),
         then the members act in order; on the kernel path only the other rows come here."""
-        reworked = [row for row in rows if any(call.layer in s.route.rework for s in _plan(row))]
+        reworked = [
+            row for row in rows if any(call.layer in s.route.rework and not s.native for s in _plan(row))
+        ]
         lse = entropy = None
         if reworked:
             lse, entropy = self._attend(call, reworked)
@@ -213,8 +289,8 @@ class CompositeEngine(EngineMethod):
     def _members_act(
         self, call: LayerCall, rows: list[Row], lse: torch.Tensor | None, entropy: torch.Tensor | None
     ) -> None:
-        """Per member method, in order: ``after_kernel`` on the rows it reworks in this layer, ``run`` on
-        the rows it observes."""
+        """Per member method, in order: ``after_kernel`` on the rows it reworks in this layer by the kernel
+        protocol, ``run`` on the rows it observes or reworks with its own route."""
         for method, reworking, observing in self._acts(call, rows):
             if reworking:
                 assert lse is not None and entropy is not None
@@ -269,24 +345,28 @@ ACTS = "compose_acts"
 LANE_OF = "compose_lane_of"
 
 
-def _acts_of(rows: list[Row], layer: int | None) -> Acts:
+def _by_method(rows: list[Row]) -> list[list[MemberStep]]:
+    """The rows' member steps by method, in :data:`~vllm_halluguard.methods.ORDER`."""
+    steps: dict[str, list[MemberStep]] = {}
+    for row in rows:
+        for step in _plan(row):
+            steps.setdefault(step.method.name, []).append(step)
+    return [steps[name] for name in ORDER if name in steps]
+
+
+def _acts_of(rows: list[Row], layer: int | None, by_method: list[list[MemberStep]] | None = None) -> Acts:
     """The members' row lists of ``layer`` (``None``: a layer no member reworks)."""
     out: Acts = []
-    for name in ORDER:
+    for steps in _by_method(rows) if by_method is None else by_method:
         reworking: list[Row] = []
         observing: list[Row] = []
-        method: EngineMethod | None = None
-        for row in rows:
-            for step in _plan(row):
-                if step.method.name != name:
-                    continue
-                method = step.method
-                if layer is not None and layer in step.route.rework:
-                    reworking.append(step.row)
-                elif step.observes:
-                    observing.append(step.row)
-        if method is not None:
-            out.append((method, reworking, observing))
+        for step in steps:
+            reworks = layer is not None and layer in step.route.rework
+            if reworks and not step.native:
+                reworking.append(step.row)
+            elif step.observes or reworks:
+                observing.append(step.row)
+        out.append((steps[0].method, reworking, observing))
     return out
 
 
@@ -303,8 +383,9 @@ def _step_acts(plan: Any, rows: list[Row]) -> dict[int | None, Acts]:
         return same.setdefault((key, *(r.index for r in lst)), lst)
 
     out: dict[int | None, Acts] = {}
+    by_method = _by_method(rows)
     for layer in (None, *layers):
-        acts = _acts_of(rows, layer)
+        acts = _acts_of(rows, layer, by_method)
         out[layer] = [
             (m, shared(rw, f"{m.name}/rework"), shared(ob, f"{m.name}/observe")) for m, rw, ob in acts
         ]

@@ -33,7 +33,7 @@ from typing import Any, cast
 import torch
 
 from vllm_halluguard.engine import cache_io
-from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.base import KEPT_KEYS, NATIVE, Backend, EngineMethod, KeptKeys, Route, RowSpan
 from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.state import RequestState, Row
@@ -216,6 +216,8 @@ class KVSmoothEngine(EngineMethod):
         for g in t.by_layer.get(call.layer, ()):
             if deferred and not g.pending and _smooth_native(call, g):
                 continue
+            if g.kept is not None:
+                raise RuntimeError("kvsmooth: only the native CPU kernel takes a composition's key mask")
             if deferred:
                 defer(call, g)
                 continue
@@ -272,6 +274,9 @@ class Group:
     _keys: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
     _launch: dict[str, Any] | None = field(default=None, repr=False)
     lens: torch.Tensor | None = field(default=None, repr=False)  # [B] keys per row (the native kernel's)
+    #: Torch path: the key masks its compositions hand the rows (:class:`~vllm_halluguard.engine.base.
+    #: KeptKeys`): positions ``[B, N]`` (-1: none), kept ``[B, len(layers), N]`` and each layer's index.
+    kept: tuple[torch.Tensor, torch.Tensor, dict[int, int]] | None = field(default=None, repr=False)
 
     def launch_args(self) -> dict[str, Any]:
         """The config's and rows' arguments of :func:`~vllm_halluguard.kernels.kvsmooth_update.smooth_rows`
@@ -407,7 +412,40 @@ def _host_group(plan: Any, cfg: KVSmoothConfig, members: list[Row], bs: int) -> 
         min(pos) < s_max - 1, lens=host[9 * b :],
     )  # fmt: skip
     g._addresses[bs] = (per_row[:, 1], per_row[:, 2])
+    kept = [row.request.scratch.get(KEPT_KEYS) for row in members]
+    if any(k is not None for k in kept):
+        g.kept = _kept_table(kept, sorted(g.layers))
     return g
+
+
+def _kept_table(
+    kept: list[KeptKeys | None], layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    """:attr:`Group.kept` of the rows' key masks (a row without one, or a layer outside its mask's, keeps
+    every key): a few ops where every row's mask is a row of one batched decision covering ``layers``,
+    else row by row."""
+    at = {layer: j for j, layer in enumerate(layers)}
+    first = kept[0]
+    if first is not None and first.row is not None and all(
+        k is not None and k.keep is first.keep and k.index == first.index for k in kept
+    ) and all(layer in first.index for layer in layers):  # fmt: skip
+        rows = torch.tensor([cast(KeptKeys, k).row for k in kept])
+        sel = torch.tensor([first.index[layer] for layer in layers])
+        keep = first.keep.index_select(0, rows).index_select(1, sel)
+        return torch.stack([cast(KeptKeys, k).positions for k in kept]), keep, at
+    n = max(k.positions.numel() for k in kept if k is not None)
+    positions = torch.full((len(kept), n), -1, dtype=torch.long)
+    keep = torch.ones(len(kept), len(layers), n, dtype=torch.bool)
+    for b, k in enumerate(kept):
+        if k is None:
+            continue
+        m = k.positions.numel()
+        positions[b, :m] = k.positions
+        pairs = [(j, k.index[layer]) for j, layer in enumerate(layers) if layer in k.index]
+        if pairs:
+            mask = k.keep if k.row is None else k.keep[k.row]
+            keep[b, [j for j, _ in pairs], :m] = mask[[i for _, i in pairs]]
+    return positions, keep, at
 
 
 @functools.cache
@@ -447,10 +485,12 @@ def _smooth_native(call: LayerCall, g: Group) -> bool:
         g.lens = g.positions[:, 1] + 1
     buf = device_buffers(call.runtime, call.query.device)
     args = g.launch_args()
+    kept = None if g.kept is None else (g.kept[0], g.kept[1][:, g.kept[2][call.layer]])
     cpu_native.kvsmooth_layer(
         call.query, g.token, *views, g.table, g.lens, buf.queue, buf.count, g.slot, call.layer, g.first,
-        blocks, offsets, window=g.cfg.window, lo=args["lo"], hi=args["hi"], inclusive=args["inclusive"],
-        by_window=args["by_window"], entropy_of_mean=g.cfg.head_reduce == "entropy_of_mean", scale=call.scale,
+        blocks, offsets, kept=kept, window=g.cfg.window, lo=args["lo"], hi=args["hi"],
+        inclusive=args["inclusive"], by_window=args["by_window"],
+        entropy_of_mean=g.cfg.head_reduce == "entropy_of_mean", scale=call.scale,
     )  # fmt: skip
     return True
 

@@ -30,6 +30,7 @@ from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.registry import method_of, named
 from vllm_halluguard.engine.state import DeviceRows, Row, StepView, current, index_runs
+from vllm_halluguard.kernels import cpu_native
 
 #: ``triton`` makes the CPU engine rework mitigated rows with the Triton kernel (interpreted, with
 #: ``TRITON_INTERPRET=1``) instead of the torch path: the GPU code path, testable on CPU.
@@ -540,6 +541,7 @@ class BuilderMixin:
     #: Most query heads per rank the native kernel takes sinks for (``None``: no limit).
     _hg_sink_heads_max: int | None = None
     _hg_block_size: int = 0  # the KV cache spec's (0: the methods take the layer cache's)
+    _hg_cpu_native: bool = False  # the native CPU kernels serve the layers (``Backend.cpu_native``)
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]  # a mixin
@@ -550,9 +552,10 @@ class BuilderMixin:
         )
         self._hg_kernel = rework_engine() == "kernel"
         if not self._hg_kernel and torch.device(device).type == "cpu":
-            from vllm_halluguard.kernels import cpu_native
+            from vllm_halluguard.engine.cache_io import native_serves
 
             cpu_native.warm_up()  # built or loaded at start-up: serving never compiles
+            self._hg_cpu_native = native_serves(str(vllm_config.cache_config.cache_dtype))
         self._hg_block_size = int(getattr(kv_cache_spec, "block_size", 0))
         self._hg_num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 
@@ -575,6 +578,7 @@ class BuilderMixin:
             native_sinks=self._hg_sink_lane() and not isinstance(cm.causal, torch.Tensor),
             num_layers=runtime.num_layers,
             num_heads=self._hg_num_heads,
+            cpu_native=self._hg_cpu_native and cpu_native.enabled(),  # as the layers read it this step
         )
         verify = os.environ.get(VERIFY_ENV) == "1"
         # A plan builds several metadata per step. ``fast_build`` keeps each self-contained: FlashAttention

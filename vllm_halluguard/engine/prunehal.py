@@ -52,7 +52,16 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from vllm_halluguard.engine import cache_io, reclaim
-from vllm_halluguard.engine.base import NATIVE, Backend, EngineMethod, Route, RowSpan
+from vllm_halluguard.engine.base import (
+    NATIVE,
+    ROW_SINKS,
+    Backend,
+    EngineMethod,
+    KeptKeys,
+    Route,
+    RowSinks,
+    RowSpan,
+)
 from vllm_halluguard.engine.cache_io import CacheIO
 from vllm_halluguard.engine.cpu_cache import page_ids
 from vllm_halluguard.engine.images import visual_positions
@@ -284,6 +293,8 @@ def apply(call: LayerCall, row: Row) -> None:
     st: PruneState | None = state.scratch.get("prunehal")
     if st is None or cfg.is_noop() or st.visual.numel() == 0:
         return
+    if ROW_SINKS in state.scratch:
+        raise RuntimeError("prunehal: a composition's sinks need the batched torch path (apply_batch)")
     start, end, seq_len = call.span(row)
     pos = seq_len - 1
     i = st.index.get(call.layer)
@@ -343,7 +354,8 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     assert call.gather_batch is not None
     batch_rows = [row.index for row, _, _ in todo]
     seq_lens = [call.seq_lens[r] for r in batch_rows]
-    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i)]  # reworked: the output is ours
+    on = _sinks_on(todo, call.layer)  # a composition's sinks: those rows' output is ours too
+    masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i) or (on is not None and on[b])]
     pruned = bool(masked)
     torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
     if torch_path:  # the step's tables, made once (:func:`_torch_tables`)
@@ -376,7 +388,8 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         drop = torch.zeros(key_mask.shape[0], key_mask.shape[1] + 1, dtype=torch.uint8, device=device)
         drop.scatter_(1, torch.where(real, visual, key_mask.shape[1]), (~keep).to(torch.uint8))
         key_mask = key_mask & (drop[:, :-1] == 0)
-        out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask)
+        sinks = None if on is None else _layer_sinks(todo, on, hq)
+        out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask, sinks)
         if len(masked) < len(todo):  # the others keep the native kernel's output
             sel = torch.tensor(masked, device=device)
             out, last = out.index_select(0, sel), last.index_select(0, sel)
@@ -396,6 +409,31 @@ def _layer_keep(stacked: torch.Tensor | None, todo: list[tuple[Row, PruneState, 
     if stacked is not None and len(indices) == 1:
         return stacked[:, indices.pop()]
     return torch.nn.utils.rnn.pad_sequence([st.keep[i] for _, st, i in todo], batch_first=True)
+
+
+def _row_sinks(todo: list[tuple[Row, PruneState, int]]) -> list[RowSinks | None] | None:
+    """The rows' sinks handed over by their compositions (:class:`~vllm_halluguard.engine.base.RowSinks`,
+    native CPU path), or ``None`` where no row has any."""
+    found = [row.request.scratch.get(ROW_SINKS) for row, _, _ in todo]
+    return found if any(f is not None for f in found) else None
+
+
+def _sinks_on(todo: list[tuple[Row, PruneState, int]], layer: int) -> list[bool] | None:
+    """Which rows take sinks in ``layer`` (``None``: no row has any)."""
+    found = _row_sinks(todo)
+    if found is None:
+        return None
+    return [f is not None and (f.layers is None or layer in f.layers) for f in found]
+
+
+def _layer_sinks(todo: list[tuple[Row, PruneState, int]], on: list[bool], hq: int) -> torch.Tensor:
+    """The rows' sink logits ``[B, Hq]`` in a layer (``-inf`` where a row takes none there)."""
+    found = cast(list[RowSinks | None], _row_sinks(todo))
+    sinks = torch.full((len(todo), hq), float("-inf"))
+    for b, (f, used) in enumerate(zip(found, on, strict=True)):
+        if used and f is not None:
+            sinks[b] = f.sinks
+    return sinks
 
 
 @dataclass
@@ -448,6 +486,8 @@ class TorchGroup:
     #: the step: the rows' key counts [B] and, per layer index, which rows it writes [L, B].
     lens: torch.Tensor | None = None
     write: torch.Tensor | None = None
+    #: ``[B, L, Hq]`` fp32: the sink logits its compositions hand the rows, per layer index (``-inf``: none).
+    sinks: torch.Tensor | None = None
 
 
 def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
@@ -462,7 +502,7 @@ def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
         assert g.lens is not None and g.write is not None
         g.parts[i], g.stats[i] = cpu_native.prunehal_layer(
             call.query, t.last, *views, t.ids, g.lens, t.visual, g.keep, g.write, call.output, call.scale, i,
-            g.cfg.statistic,
+            g.cfg.statistic, sinks=g.sinks,
         )  # fmt: skip
         if call.layer == g.last_layer:
             _decide_torch(call.runtime, g)
@@ -482,7 +522,8 @@ def _torch_layer(call: LayerCall, t: TorchTables, g: TorchGroup) -> None:
         v = call.io.read_values(t.ids, t.s_max)
         if g.padded:
             v = v.masked_fill(~valid[:, :, None, None], 0)
-        out, _, probs = attention_rows_padded(q, k, v, call.scale, g.masks[:, i])
+        sinks = None if g.sinks is None else g.sinks[:, i]
+        out, _, probs = attention_rows_padded(q, k, v, call.scale, g.masks[:, i], sinks)
         last, select = t.last, g.select[i]
         if select is not None:  # the others keep the native kernel's output
             out, last = out.index_select(0, select), last.index_select(0, select)
@@ -579,7 +620,15 @@ def _torch_group(
     if cfg.granularity == "block":
         blocks = torch.stack([cast(torch.Tensor, st.groups) for st in sts])
     n, rows = len(sts[0].layers), len(sts)
-    masked = [[b for b, st in enumerate(sts) if not st.all_kept(i)] for i in range(n)]
+    found, sinks = _row_sinks(todo), None
+    on = [[False] * n for _ in sts]
+    if found is not None:  # a composition's sinks, in the layers they apply to
+        layers = sts[0].layers
+        on = [[f is not None and (f.layers is None or layer in f.layers) for layer in layers] for f in found]
+        hq = next(f for f in found if f is not None).sinks.numel()
+        per_row = torch.stack([torch.full((hq,), float("-inf")) if f is None else f.sinks for f in found])
+        sinks = torch.where(torch.tensor(on)[:, :, None], per_row[:, None, :], float("-inf"))
+    masked = [[b for b, st in enumerate(sts) if not st.all_kept(i) or on[b][i]] for i in range(n)]
     select = [torch.tensor(m, device=last.device) if 0 < len(m) < rows else None for m in masked]
     lens = write = None
     if native:
@@ -589,6 +638,7 @@ def _torch_group(
         cfg, sts, [s - row.request.prompt_len + 1 for s, (row, _, _) in zip(seq_lens, todo, strict=True)],
         dict(sts[0].index), sts[0].last_layer, keep, count, hist_sum, hist_n, blocks,
         max(st.num_groups for st in sts), masked, select, min(seq_lens) < s_max, lens=lens, write=write,
+        sinks=sinks,
     )  # fmt: skip
 
 
@@ -1151,6 +1201,24 @@ class PruneHalEngine(EngineMethod):
         if span.seq_len == row.request.prompt_len:
             return True
         return span.num_tokens == 1 and not backend.kernel
+
+    def kept_keys(self, row: Row) -> KeptKeys | None:
+        """The visual keys' masks as of the step's start, where the host knows a key pruned (or a decision
+        unread): the layers its torch route reworks."""
+        st = _state(row)
+        if st is None or not (st.pruned_layers or st.pending):
+            return None
+        if st.decided is not None:  # the row of its last batched decision, not taken yet (no op)
+            d, j = st.decided
+            return KeptKeys(st.visual, d.keep, st.index, j)
+        return KeptKeys(st.visual, st.keep, st.index)
+
+    def sink_layers(self, row: Row, span: RowSpan) -> frozenset[int]:
+        """Its layers, for a decode row (the batched torch path computes them with the sinks handed over)."""
+        st = _state(row)
+        if st is None or span.num_tokens != 1 or span.seq_len - 1 < row.request.prompt_len:
+            return frozenset()
+        return st.all_layers
 
     def needs_attention(self, row: Row, span: RowSpan) -> bool:
         """A request with image tokens, on the step that ends its prompt and on its decode steps."""

@@ -34,8 +34,13 @@ __all__ = ["RequestState", "Row", "Runtime", "StepView", "current", "sync_step",
 
 #: Lifecycle counters of :func:`worker_stats`; each engine method adds its own (``counters``).
 #: ``kernel_rows``: row-layers the Triton kernel computed; ``native_checked`` / ``native_mismatch``:
-#: native row-layers compared with a whole-batch native pass (``HALLUGUARD_VERIFY_NATIVE=1``).
-STAT_KEYS = ("admitted", "released", "preempted", "kernel_rows", "native_checked", "native_mismatch")
+#: native row-layers compared with a whole-batch native pass (``HALLUGUARD_VERIFY_NATIVE=1``);
+#: ``compose_member_routes``: composed rows whose members kept their own routes on the native CPU path,
+#: summed over steps (engine/compose.py).
+STAT_KEYS = (
+    "admitted", "released", "preempted", "kernel_rows", "native_checked", "native_mismatch",
+    "compose_member_routes",
+)  # fmt: skip
 #: Largest |difference| of a mismatching native row (``HALLUGUARD_VERIFY_NATIVE=1``).
 
 

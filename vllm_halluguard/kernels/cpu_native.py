@@ -189,12 +189,19 @@ void load_query(const torch::Tensor& query, int64_t token, int64_t head, float* 
 // PruneHal, one layer: see the Python wrapper.
 std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
     torch::Tensor query, torch::Tensor last, torch::Tensor k_view, torch::Tensor v_view, torch::Tensor ids,
-    torch::Tensor lens, torch::Tensor visual, torch::Tensor keep, torch::Tensor write, torch::Tensor output,
-    double scale, int64_t layer, bool mass) {
+    torch::Tensor lens, torch::Tensor visual, torch::Tensor keep, torch::Tensor write, torch::Tensor sinks,
+    torch::Tensor output, double scale, int64_t layer, bool mass) {
   TORCH_CHECK(keep.dim() == 3 && write.dim() == 2, "prunehal_layer: keep [B, L, Nv] and write [L, B]");
+  TORCH_CHECK(layer >= 0 && layer < keep.size(1) && layer < write.size(0), "prunehal_layer: layer index");
+  const bool has_sinks = sinks.numel() > 0;
+  TORCH_CHECK(!has_sinks || (sinks.dim() == 3 && sinks.scalar_type() == torch::kFloat32 &&
+                             sinks.size(0) == keep.size(0) && sinks.size(1) == keep.size(1) &&
+                             sinks.size(2) == query.size(1)),
+              "prunehal_layer: sinks [B, L, Hq] fp32");
   keep = keep.select(1, layer);
   write = write.select(0, layer);
-  for (auto* t : {&query, &last, &k_view, &v_view, &ids, &lens, &visual, &keep, &write, &output})
+  if (has_sinks) sinks = sinks.select(1, layer).contiguous();
+  for (auto* t : {&query, &last, &k_view, &v_view, &ids, &lens, &visual, &keep, &write, &sinks, &output})
     check_cpu(*t, "prunehal_layer's tensors");
   TORCH_CHECK(last.scalar_type() == torch::kLong && ids.scalar_type() == torch::kLong &&
               lens.scalar_type() == torch::kLong && visual.scalar_type() == torch::kLong,
@@ -217,6 +224,7 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
   const int64_t* vis_p = visual.data_ptr<int64_t>();
   const bool* keep_p = keep.data_ptr<bool>();
   const bool* write_p = write.data_ptr<bool>();
+  const float* sinks_p = has_sinks ? sinks.data_ptr<float>() : nullptr;
   int64_t s_max = 1;
   const int64_t tokens = std::min(query.size(0), output.size(0));
   for (int64_t b = 0; b < rows; ++b) {
@@ -247,7 +255,7 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
         for (int64_t gi = 0; gi < group; ++gi) {
           const int64_t h = kh * group + gi;
           float* p = probs.data() + gi * s_max;
-          softmax(p, len, allowed.data() + b * s_max);
+          const float lse = softmax(p, len, allowed.data() + b * s_max);
           float* st = per_head.data() + (b * hq + h) * nv;
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t pos = vis_p[b * nv + j];
@@ -255,8 +263,10 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
           }
           if (!write_p[b]) continue;
           weighted_values(p, vv, ids_p + b * nb, bs, kh, len, d, out.data());
+          // a sink logit takes its share of the mass: the keys keep exp(lse) / (exp(lse) + exp(sink))
+          const float share = has_sinks ? 1.f / (1.f + std::exp(sinks_p[b * hq + h] - lse)) : 1.f;
           scalar_t* o = output.data_ptr<scalar_t>() + last_p[b] * output.stride(0) + h * output.stride(1);
-          for (int64_t j = 0; j < d; ++j) o[j * output.stride(2)] = static_cast<scalar_t>(out[j]);
+          for (int64_t j = 0; j < d; ++j) o[j * output.stride(2)] = static_cast<scalar_t>(out[j] * share);
         }
       }
     });
@@ -331,10 +341,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> prunehal_
 void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_view, torch::Tensor v_view,
                     torch::Tensor ids, torch::Tensor lens, torch::Tensor queue, torch::Tensor count,
                     torch::Tensor slot, int64_t layer, torch::Tensor first, torch::Tensor blocks,
-                    torch::Tensor offsets, int64_t window, double lo, double hi, bool inclusive,
-                    bool by_window, bool entropy_of_mean, double scale) {
+                    torch::Tensor offsets, torch::Tensor visual, torch::Tensor keep, int64_t window,
+                    double lo, double hi, bool inclusive, bool by_window, bool entropy_of_mean,
+                    double scale) {
   for (auto* t : {&query, &token, &k_view, &v_view, &ids, &lens, &queue, &count, &slot, &first, &blocks,
-                  &offsets})
+                  &offsets, &visual, &keep})
     check_cpu(*t, "kvsmooth_layer's tensors");
   TORCH_CHECK(queue.scalar_type() == torch::kFloat32 && count.scalar_type() == torch::kLong &&
               queue.is_contiguous() && count.is_contiguous(), "kvsmooth_layer: FIFO dtypes");
@@ -355,6 +366,12 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
               blocks.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong &&
               (first.numel() == 0 || first.scalar_type() == torch::kBool), "kvsmooth_layer: index dtypes");
   const bool has_first = first.numel() > 0;
+  const bool masked = visual.numel() > 0;
+  TORCH_CHECK(!masked || (visual.dim() == 2 && visual.size(0) == rows &&
+                          visual.scalar_type() == torch::kLong && keep.sizes() == visual.sizes() &&
+                          keep.scalar_type() == torch::kBool),
+              "kvsmooth_layer: kept keys visual [B, N] int64 and keep [B, N] bool");
+  visual = visual.contiguous(); keep = keep.contiguous();
   const int64_t* tok_p = token.data_ptr<int64_t>();
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   const int64_t* lens_p = lens.data_ptr<int64_t>();
@@ -373,6 +390,20 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
                   "kvsmooth_layer: an EMA address is out of range");
     s_max = std::max(s_max, lens_p[b]);
   }
+  // another method's key mask (a composition): the keys at visual[b, j] >= 0 where !keep[b, j] are off
+  std::vector<char> allowed(masked ? rows * s_max : 0, 0);
+  if (masked) {
+    const int64_t n = visual.size(1);
+    const int64_t* vis_p = visual.data_ptr<int64_t>();
+    const bool* keep_p = keep.data_ptr<bool>();
+    for (int64_t b = 0; b < rows; ++b) {
+      std::fill_n(allowed.begin() + b * s_max, lens_p[b], 1);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = vis_p[b * n + j];
+        if (!keep_p[b * n + j] && pos >= 0 && pos < lens_p[b]) allowed[b * s_max + pos] = 0;
+      }
+    }
+  }
   // per (row, head): the probabilities (entropy of the mean) or the head's entropy (mean of entropies)
   std::vector<float> probs(entropy_of_mean ? rows * hq * s_max : 0), head_z(rows * hq, 0.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, query.scalar_type(), "kvsmooth_layer", [&] {
@@ -387,14 +418,15 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
         for (int64_t gi = 0; gi < group; ++gi)
           load_query<scalar_t>(query, tok_p[b], kh * group + gi, q.data() + gi * d, d);
         logits(q.data(), group, kv, ids_p + b * nb, bs, kh, len, d, static_cast<float>(scale), rows_p, s_max);
+        const char* on = masked ? allowed.data() + b * s_max : nullptr;
         for (int64_t gi = 0; gi < group; ++gi) {
           float* p = rows_p + gi * s_max;
           if (entropy_of_mean) {
-            softmax(p, len, nullptr);
+            softmax(p, len, on);
             continue;
           }
           std::copy(p, p + len, copy.begin());  // H = LSE - sum_s p_s l_s (no log per key)
-          const float lse = softmax(p, len, nullptr);
+          const float lse = softmax(p, len, on);
           float mean_logit = 0.f;
           for (int64_t s = 0; s < len; ++s) mean_logit += p[s] * copy[s];
           head_z[b * hq + kh * group + gi] = lse - mean_logit;
@@ -456,6 +488,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 _lock = threading.Lock()
 _module: Any = None
+#: Empty tensors for a kernel's absent optional argument.
+_NONE_B, _NONE_L, _NONE_F = (torch.empty(0, dtype=dt) for dt in (torch.bool, torch.long, torch.float32))
 _failed = False
 
 
@@ -532,14 +566,17 @@ def prunehal_layer(
     scale: float,
     layer: int,
     statistic: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer index ``layer`` of PruneHal for ``B`` single-token rows: row ``b`` is token ``last[b]`` of
     ``query [T, Hq, D]`` attending to its ``lens[b]`` keys in pages ``ids [B, n_blocks]`` of the
     ``[NB, BS, Hkv, D]`` views, with its visual keys at ``visual [B, Nv]`` masked where ``keep[b, layer]``
     (``keep [B, L, Nv]``) is False. Where ``write[layer, b]`` its attention output is written to
-    ``output[last[b]]``. Returns fp32 ``[B, Nv]``, the head mean of the probabilities on the visual keys
-    (zero on the pruned ones), and ``[B]``, their mean over the kept keys (``statistic="mean"``) or sum
-    (``"mass"``): :func:`~vllm_halluguard.methods.prunehal.scores_statistic`."""
+    ``output[last[b]]``, with the per-head sink logits ``sinks[b, layer]`` (``[B, L, Hq]`` fp32, ``-inf``:
+    none) taking their share of the mass (a composition's FarSight mode B). Returns fp32 ``[B, Nv]``, the
+    head mean of the probabilities on the visual keys (zero on the pruned ones; no sink), and ``[B]``,
+    their mean over the kept keys (``statistic="mean"``) or sum (``"mass"``):
+    :func:`~vllm_halluguard.methods.prunehal.scores_statistic`."""
     mod = _module if _module is not None else module()
     assert mod is not None, "the native CPU kernels are off or could not be built"
     return cast(
@@ -554,6 +591,7 @@ def prunehal_layer(
             visual,
             keep,
             write,
+            _NONE_F if sinks is None else sinks,
             output,
             scale,
             layer,
@@ -601,6 +639,7 @@ def kvsmooth_layer(
     blocks: torch.Tensor,
     offsets: torch.Tensor,
     *,
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None,
     window: int,
     lo: float,
     hi: float,
@@ -612,11 +651,14 @@ def kvsmooth_layer(
     """One KVSmooth layer of ``B`` decode rows (row ``b``: token ``token[b]``, ``lens[b]`` keys in pages
     ``ids``): the attention row's entropy, the push into FIFO ``queue[slot[b], layer, :window]`` (push
     count ``count[slot[b], layer]``), the rank lambda clipped to ``[lo, hi]`` (0 where ``first[b]``), and
-    the EMA of the K and V at cache ``(blocks[b, 1], offsets[b, 1])`` with those at ``[b, 0]``, in place."""
+    the EMA of the K and V at cache ``(blocks[b, 1], offsets[b, 1])`` with those at ``[b, 0]``, in place.
+    ``kept = (visual [B, N], keep [B, N])``: another method's key mask (a composition's PruneHal): the keys
+    at positions ``visual[b, j] >= 0`` where ``keep[b, j]`` is False are left out of the entropy."""
     mod = _module if _module is not None else module()
     assert mod is not None, "the native CPU kernels are off or could not be built"
-    none = torch.empty(0, dtype=torch.bool)
+    visual, keep = (_NONE_L, _NONE_B) if kept is None else kept
     mod.kvsmooth_layer(
-        query, token, k_view, v_view, ids, lens, queue, count, slot, layer, none if first is None else first,
-        blocks, offsets, window, lo, hi, inclusive, by_window, entropy_of_mean, scale,
+        query, token, k_view, v_view, ids, lens, queue, count, slot, layer,
+        _NONE_B if first is None else first, blocks, offsets, visual, keep, window, lo, hi, inclusive,
+        by_window, entropy_of_mean, scale,
     )  # fmt: skip
