@@ -418,12 +418,15 @@ def _row_sinks(todo: list[tuple[Row, PruneState, int]]) -> list[RowSinks | None]
     return found if any(f is not None for f in found) else None
 
 
+def _takes(sinks: RowSinks | None, layer: int) -> bool:
+    """Whether a row with ``sinks`` takes them in ``layer``."""
+    return sinks is not None and (sinks.layers is None or layer in sinks.layers)
+
+
 def _sinks_on(todo: list[tuple[Row, PruneState, int]], layer: int) -> list[bool] | None:
     """Which rows take sinks in ``layer`` (``None``: no row has any)."""
     found = _row_sinks(todo)
-    if found is None:
-        return None
-    return [f is not None and (f.layers is None or layer in f.layers) for f in found]
+    return None if found is None else [_takes(f, layer) for f in found]
 
 
 def _layer_sinks(todo: list[tuple[Row, PruneState, int]], on: list[bool], hq: int) -> torch.Tensor:
@@ -623,8 +626,7 @@ def _torch_group(
     found, sinks = _row_sinks(todo), None
     on = [[False] * n for _ in sts]
     if found is not None:  # a composition's sinks, in the layers they apply to
-        layers = sts[0].layers
-        on = [[f is not None and (f.layers is None or layer in f.layers) for layer in layers] for f in found]
+        on = [[_takes(f, layer) for layer in sts[0].layers] for f in found]
         hq = next(f for f in found if f is not None).sinks.numel()
         per_row = torch.stack([torch.full((hq,), float("-inf")) if f is None else f.sinks for f in found])
         sinks = torch.where(torch.tensor(on)[:, :, None], per_row[:, None, :], float("-inf"))
