@@ -107,7 +107,7 @@ class Decision:
     decision fills; on CUDA the copy is non-blocking and complete once ``event`` is."""
 
     step: int
-    fired: torch.Tensor
+    fired: torch.Tensor | list[bool]  # a host tensor, or (read at once on the host) a list
     keep: torch.Tensor
     event: Any = None  # torch.cuda.Event, or None where the tensors can be read at once
     row: int = 0
@@ -979,10 +979,11 @@ def _hand_out(
     learns it later (:class:`Decision`, read by :func:`collect`): from host buffers a copy queued behind
     the stream fills (:func:`queue_to_host`), or, without ``copy``, from the tensors as they are (on the
     host, where nothing writes them again). Host bookkeeping only: no tensor op per row."""
+    host_fired: torch.Tensor | list[bool]
     if copy:
         (host_fired, host_keep), event = queue_to_host(fired, done.keep)
-    else:
-        host_fired, host_keep, event = fired, done.keep, None
+    else:  # on the host: the vote read once here, not once per request
+        host_fired, host_keep, event = fired.tolist(), done.keep, None
     for j, st in enumerate(sts):
         st.decided = (done, j)
         st.pending.append(Decision(steps[j], host_fired, host_keep, event, j))
