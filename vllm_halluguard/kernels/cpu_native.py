@@ -178,6 +178,21 @@ void weighted_values(const float* __restrict__ p, const View<T>& v, const int64_
   }
 }
 
+// allowed[b * s_max + s]: the keys s < lens[b] of each row, with those at positions visual[b, j] >= 0
+// where !keep[b, j] off (visual and keep [rows, n]).
+std::vector<char> allowed_keys(const int64_t* lens, int64_t rows, int64_t s_max, const int64_t* visual,
+                               const bool* keep, int64_t n) {
+  std::vector<char> allowed(rows * s_max, 0);
+  for (int64_t b = 0; b < rows; ++b) {
+    std::fill_n(allowed.begin() + b * s_max, lens[b], 1);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = visual[b * n + j];
+      if (!keep[b * n + j] && pos >= 0 && pos < lens[b]) allowed[b * s_max + pos] = 0;
+    }
+  }
+  return allowed;
+}
+
 template <typename T>
 void load_query(const torch::Tensor& query, int64_t token, int64_t head, float* q, int64_t d) {
   const T* base = query.data_ptr<T>() + token * query.stride(0) + head * query.stride(1);
@@ -232,14 +247,7 @@ std::tuple<torch::Tensor, torch::Tensor> prunehal_layer(
     s_max = std::max(s_max, lens_p[b]);
   }
   // allowed keys per row: its length, the pruned visual keys off
-  std::vector<char> allowed(rows * s_max, 0);
-  for (int64_t b = 0; b < rows; ++b) {
-    std::fill_n(allowed.begin() + b * s_max, lens_p[b], 1);
-    for (int64_t j = 0; j < nv; ++j) {
-      const int64_t pos = vis_p[b * nv + j];
-      if (!keep_p[b * nv + j] && pos >= 0 && pos < lens_p[b]) allowed[b * s_max + pos] = 0;
-    }
-  }
+  const std::vector<char> allowed = allowed_keys(lens_p, rows, s_max, vis_p, keep_p, nv);
   std::vector<float> per_head(rows * hq * nv, 0.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, query.scalar_type(), "prunehal_layer", [&] {
     const View<scalar_t> kv(k_view), vv(v_view);
@@ -391,19 +399,10 @@ void kvsmooth_layer(torch::Tensor query, torch::Tensor token, torch::Tensor k_vi
     s_max = std::max(s_max, lens_p[b]);
   }
   // another method's key mask (a composition): the keys at visual[b, j] >= 0 where !keep[b, j] are off
-  std::vector<char> allowed(masked ? rows * s_max : 0, 0);
-  if (masked) {
-    const int64_t n = visual.size(1);
-    const int64_t* vis_p = visual.data_ptr<int64_t>();
-    const bool* keep_p = keep.data_ptr<bool>();
-    for (int64_t b = 0; b < rows; ++b) {
-      std::fill_n(allowed.begin() + b * s_max, lens_p[b], 1);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = vis_p[b * n + j];
-        if (!keep_p[b * n + j] && pos >= 0 && pos < lens_p[b]) allowed[b * s_max + pos] = 0;
-      }
-    }
-  }
+  std::vector<char> allowed;
+  if (masked)
+    allowed = allowed_keys(lens_p, rows, s_max, visual.data_ptr<int64_t>(), keep.data_ptr<bool>(),
+                           visual.size(1));
   // per (row, head): the probabilities (entropy of the mean) or the head's entropy (mean of entropies)
   std::vector<float> probs(entropy_of_mean ? rows * hq * s_max : 0), head_z(rows * hq, 0.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, query.scalar_type(), "kvsmooth_layer", [&] {
