@@ -354,7 +354,8 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
     assert call.gather_batch is not None
     batch_rows = [row.index for row, _, _ in todo]
     seq_lens = [call.seq_lens[r] for r in batch_rows]
-    on = _sinks_on(todo, call.layer)  # a composition's sinks: those rows' output is ours too
+    found = _row_sinks(todo)  # a composition's sinks: those rows' output is ours too
+    on = None if found is None else [_takes(f, call.layer) for f in found]
     masked = [b for b, (_, st, i) in enumerate(todo) if not st.all_kept(i) or (on is not None and on[b])]
     pruned = bool(masked)
     torch_path = call.plan is not None and getattr(call.plan, "rows", None) is None and call.io is not None
@@ -388,7 +389,7 @@ def apply_batch(call: LayerCall, rows: list[Row]) -> None:
         drop = torch.zeros(key_mask.shape[0], key_mask.shape[1] + 1, dtype=torch.uint8, device=device)
         drop.scatter_(1, torch.where(real, visual, key_mask.shape[1]), (~keep).to(torch.uint8))
         key_mask = key_mask & (drop[:, :-1] == 0)
-        sinks = None if on is None else _layer_sinks(todo, on, hq)
+        sinks = None if found is None or on is None else _layer_sinks(found, on, hq)
         out, _, probs = attention_rows_padded(q, k, v, call.scale, key_mask, sinks)
         if len(masked) < len(todo):  # the others keep the native kernel's output
             sel = torch.tensor(masked, device=device)
@@ -423,16 +424,10 @@ def _takes(sinks: RowSinks | None, layer: int) -> bool:
     return sinks is not None and (sinks.layers is None or layer in sinks.layers)
 
 
-def _sinks_on(todo: list[tuple[Row, PruneState, int]], layer: int) -> list[bool] | None:
-    """Which rows take sinks in ``layer`` (``None``: no row has any)."""
-    found = _row_sinks(todo)
-    return None if found is None else [_takes(f, layer) for f in found]
-
-
-def _layer_sinks(todo: list[tuple[Row, PruneState, int]], on: list[bool], hq: int) -> torch.Tensor:
-    """The rows' sink logits ``[B, Hq]`` in a layer (``-inf`` where a row takes none there)."""
-    found = cast(list[RowSinks | None], _row_sinks(todo))
-    sinks = torch.full((len(todo), hq), float("-inf"))
+def _layer_sinks(found: list[RowSinks | None], on: list[bool], hq: int) -> torch.Tensor:
+    """The rows' sink logits ``[B, Hq]`` in a layer (``found``: :func:`_row_sinks`; ``on``: which rows take
+    them there, :func:`_takes`; ``-inf`` elsewhere)."""
+    sinks = torch.full((len(found), hq), float("-inf"))
     for b, (f, used) in enumerate(zip(found, on, strict=True)):
         if used and f is not None:
             sinks[b] = f.sinks
