@@ -28,7 +28,8 @@ SUPPORTED = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 LAYOUTS: dict[str, Layout] = {"FLASH_ATTN": "hnd2d", "TRITON_ATTN": "hnd2d"}
 
 
-#: ``StepPlan.prepared`` key: whether the native CPU kernels serve this step (:func:`native_views`).
+#: ``StepPlan.prepared`` key: whether the native CPU kernels serve this step (:func:`native_views`): set by
+#: the builder from ``Backend.cpu_native`` (the routes' decision), else found once per step.
 NATIVE_KEY = "cpu_native"
 
 
@@ -249,7 +250,7 @@ def native_views(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     prepared = getattr(call.plan, "prepared", None)
     usable = None if prepared is None else prepared.get(NATIVE_KEY)
-    if usable is None:  # once per step
+    if usable is None:  # a plan not made by the builder (the step tests): once per step
         usable = native_serves()
         if prepared is not None:
             prepared[NATIVE_KEY] = usable

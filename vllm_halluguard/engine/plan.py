@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 import torch
 
 from vllm_halluguard.engine.base import Backend, Route, RowSpan
+from vllm_halluguard.engine.cache_io import NATIVE_KEY, native_serves
 from vllm_halluguard.engine.guards import VERIFY_ENV
 from vllm_halluguard.engine.layer import LayerCall
 from vllm_halluguard.engine.registry import method_of, named
@@ -341,6 +342,7 @@ def build_plan(
     plan.block_table, plan.slot_mapping = cm.block_table_tensor, cm.slot_mapping
     plan.quiet = _quiet_layers(by_method, backend.num_layers)
     plan.verify = verify
+    plan.prepared[NATIVE_KEY] = backend.cpu_native  # the layers' native CPU kernels follow the routes
     plan.block_size = block_size
     make_rows = queue_device_rows(cm, view, upload) if backend.kernel else None
     plan.in_sink_lanes = in_lanes
@@ -552,8 +554,6 @@ class BuilderMixin:
         )
         self._hg_kernel = rework_engine() == "kernel"
         if not self._hg_kernel and torch.device(device).type == "cpu":
-            from vllm_halluguard.engine.cache_io import native_serves
-
             cpu_native.warm_up()  # built or loaded at start-up: serving never compiles
             self._hg_cpu_native = native_serves(str(vllm_config.cache_config.cache_dtype))
         self._hg_block_size = int(getattr(kv_cache_spec, "block_size", 0))
